@@ -1,0 +1,365 @@
+//! The source's data-plane thread.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender};
+use tokio::sync::oneshot;
+
+use super::DataPlaneError;
+use crate::dirty::PageSet;
+use crate::link::{DataSender, TokenBucket};
+use crate::protocol::pages::{PageBatchBuilder, FLAG_POSTCOPY, FLAG_PULLED};
+use crate::protocol::{PageKind, BATCH_PAGES};
+use crate::vmm::Guest;
+
+/// Background push batches in post-copy are small so a pull waits behind at most one of them.
+const POSTCOPY_PUSH_BATCH: usize = 32;
+/// Pending pull requests the source accepts before the target must re-request.
+const PULL_QUEUE: usize = 65_536;
+
+/// What one job (a round, or a post-copy push) sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RoundStats {
+    /// Pages sent with their bytes.
+    pub full_pages: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+    /// Pages sent on demand (post-copy pulls, included in the two above).
+    pub pulled_pages: u64,
+    /// Frame bytes put on the link.
+    pub bytes: u64,
+    /// Wall time of the job.
+    pub elapsed: Duration,
+}
+
+impl RoundStats {
+    /// Pages sent, full and zero.
+    pub fn pages(&self) -> u64 {
+        self.full_pages + self.zero_pages
+    }
+
+    /// Bytes per second achieved.
+    pub fn bytes_per_sec(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.bytes as f64 / s
+        } else {
+            0.0
+        }
+    }
+
+    fn add(&mut self, o: &RoundStats) {
+        self.full_pages += o.full_pages;
+        self.zero_pages += o.zero_pages;
+        self.pulled_pages += o.pulled_pages;
+        self.bytes += o.bytes;
+    }
+}
+
+type Reply = oneshot::Sender<Result<RoundStats, DataPlaneError>>;
+
+enum Job {
+    Round {
+        round: u32,
+        pages: PageSet,
+        rate: Option<u64>,
+        reply: Reply,
+    },
+    Postcopy {
+        missing: PageSet,
+        reply: Reply,
+    },
+}
+
+/// Handle of the source's data-plane thread. Dropping it stops the thread.
+#[derive(Debug)]
+pub struct SourcePlane {
+    jobs: Option<Sender<Job>>,
+    pulls: Sender<u64>,
+    batches: Arc<AtomicU64>,
+    pulled: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Round { round, pages, .. } => write!(f, "Round({round}, {} pages)", pages.len()),
+            Job::Postcopy { missing, .. } => write!(f, "Postcopy({} pages)", missing.len()),
+        }
+    }
+}
+
+impl SourcePlane {
+    /// Starts the thread reading `guest`'s memory and sending on `link`.
+    pub fn spawn(guest: Arc<dyn Guest>, link: DataSender) -> Result<Self, DataPlaneError> {
+        let (jobs, job_rx) = channel::bounded::<Job>(4);
+        let (pulls, pull_rx) = channel::bounded::<u64>(PULL_QUEUE);
+        let batches = Arc::new(AtomicU64::new(0));
+        let pulled = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            stop: Arc::clone(&stop),
+            guest,
+            link,
+            batches: Arc::clone(&batches),
+            pulled_total: Arc::clone(&pulled),
+            pulls: pull_rx,
+        };
+        let thread = std::thread::Builder::new()
+            .name("migratory-send".into())
+            .spawn(move || worker.run(job_rx))
+            .map_err(|e| DataPlaneError::Spawn(e.to_string()))?;
+        Ok(Self {
+            jobs: Some(jobs),
+            pulls,
+            batches,
+            pulled,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the current job at the next batch boundary (cancel, abort).
+    pub fn abort(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Batches sent so far.
+    pub fn batches_sent(&self) -> u64 {
+        self.batches.load(Ordering::Acquire)
+    }
+
+    /// Pages pulled on demand so far.
+    pub fn pulled(&self) -> u64 {
+        self.pulled.load(Ordering::Relaxed)
+    }
+
+    fn submit(&self, job: Job) -> Result<(), DataPlaneError> {
+        self.jobs
+            .as_ref()
+            .ok_or(DataPlaneError::Stopped)?
+            .send(job)
+            .map_err(|_| DataPlaneError::Stopped)
+    }
+
+    /// Sends every page of `pages` as round `round`, at most at `rate` bytes per second.
+    pub async fn send_round(
+        &self,
+        round: u32,
+        pages: PageSet,
+        rate: Option<u64>,
+    ) -> Result<RoundStats, DataPlaneError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Round {
+            round,
+            pages,
+            rate,
+            reply,
+        })?;
+        rx.await.map_err(|_| DataPlaneError::Stopped)?
+    }
+
+    /// Starts pushing `missing` in the background while serving pulls first; the returned
+    /// receiver yields when every page has been sent once.
+    pub fn start_postcopy(
+        &self,
+        missing: PageSet,
+    ) -> Result<oneshot::Receiver<Result<RoundStats, DataPlaneError>>, DataPlaneError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Postcopy { missing, reply })?;
+        Ok(rx)
+    }
+
+    /// Queues a page the target's guest is waiting for. A full queue drops the request; the
+    /// target asks again.
+    pub fn pull(&self, page: u64) {
+        let _ = self.pulls.try_send(page);
+    }
+}
+
+impl Drop for SourcePlane {
+    fn drop(&mut self) {
+        self.abort();
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    stop: Arc<AtomicBool>,
+    guest: Arc<dyn Guest>,
+    link: DataSender,
+    batches: Arc<AtomicU64>,
+    pulled_total: Arc<AtomicU64>,
+    pulls: Receiver<u64>,
+}
+
+impl Worker {
+    fn run(self, jobs: Receiver<Job>) {
+        let mut pulling = false;
+        loop {
+            let job = if pulling {
+                // After the push ends, keep answering pulls (re-requests of pages in flight)
+                // until the migration drops us.
+                channel::select! {
+                    recv(jobs) -> j => match j { Ok(j) => j, Err(_) => return },
+                    recv(self.pulls) -> p => {
+                        if let Ok(p) = p {
+                            if self.send_pulled(p).is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                }
+            };
+            match job {
+                Job::Round {
+                    round,
+                    pages,
+                    rate,
+                    reply,
+                } => {
+                    let _ = reply.send(self.send_round(round, &pages, rate));
+                }
+                Job::Postcopy { missing, reply } => {
+                    pulling = true;
+                    let _ = reply.send(self.push(&missing));
+                }
+            }
+        }
+    }
+
+    fn check(&self, page: u64) -> Result<(), DataPlaneError> {
+        let pages = self.guest.memory().page_count();
+        if page >= pages {
+            return Err(DataPlaneError::PageOutOfRange { page, pages });
+        }
+        Ok(())
+    }
+
+    fn ship(
+        &self,
+        batch: PageBatchBuilder,
+        stats: &mut RoundStats,
+        pace: Option<&mut TokenBucket>,
+    ) -> Result<(), DataPlaneError> {
+        if self.stop.load(Ordering::Acquire) {
+            return Err(DataPlaneError::Stopped);
+        }
+        let frame = batch.finish();
+        if let Some(bucket) = pace {
+            let wait = bucket.take(frame.len() as u64);
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+        }
+        stats.bytes += frame.len() as u64;
+        self.link.send(frame).map_err(|_| DataPlaneError::LinkClosed)?;
+        self.batches.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    fn add(&self, batch: &mut PageBatchBuilder, page: u64, stats: &mut RoundStats) -> Result<(), DataPlaneError> {
+        self.check(page)?;
+        match batch
+            .add_from(self.guest.memory(), page)
+            .map_err(|_| DataPlaneError::PageOutOfRange {
+                page,
+                pages: self.guest.memory().page_count(),
+            })? {
+            PageKind::Full => stats.full_pages += 1,
+            PageKind::Zero => stats.zero_pages += 1,
+        }
+        Ok(())
+    }
+
+    fn send_round(&self, round: u32, pages: &PageSet, rate: Option<u64>) -> Result<RoundStats, DataPlaneError> {
+        let started = Instant::now();
+        let mut pace = rate.map(TokenBucket::new);
+        let mut stats = RoundStats::default();
+        let mut batch = PageBatchBuilder::new(round, 0);
+        for page in pages.iter() {
+            self.add(&mut batch, page, &mut stats)?;
+            if batch.len() >= BATCH_PAGES {
+                let full = std::mem::replace(&mut batch, PageBatchBuilder::new(round, 0));
+                self.ship(full, &mut stats, pace.as_mut())?;
+            }
+        }
+        if !batch.is_empty() {
+            self.ship(batch, &mut stats, pace.as_mut())?;
+        }
+        stats.elapsed = started.elapsed();
+        Ok(stats)
+    }
+
+    fn send_pulled(&self, page: u64) -> Result<RoundStats, DataPlaneError> {
+        let mut stats = RoundStats::default();
+        let mut batch = PageBatchBuilder::new(u32::MAX, FLAG_POSTCOPY | FLAG_PULLED);
+        self.add(&mut batch, page, &mut stats)?;
+        // Drain whatever else is already waiting into the same urgent batch.
+        while batch.len() < POSTCOPY_PUSH_BATCH {
+            match self.pulls.try_recv() {
+                Ok(p) => self.add(&mut batch, p, &mut stats)?,
+                Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        self.ship(batch, &mut stats, None)?;
+        stats.pulled_pages = n;
+        self.pulled_total.fetch_add(n, Ordering::Relaxed);
+        Ok(stats)
+    }
+
+    /// Pushes every missing page once, serving pulls first and continuing from just after the
+    /// most recent pull (guests fault near where they faulted last).
+    fn push(&self, missing: &PageSet) -> Result<RoundStats, DataPlaneError> {
+        let started = Instant::now();
+        let total = missing.universe();
+        let mut pending = missing.clone();
+        let mut left = pending.len();
+        let mut stats = RoundStats::default();
+        let mut cursor = 0u64;
+        while left > 0 {
+            while let Ok(p) = self.pulls.try_recv() {
+                let s = self.send_pulled(p)?;
+                stats.add(&s);
+                cursor = (p + 1) % total.max(1);
+                // A pulled page no longer needs pushing.
+                if pending.contains(p) {
+                    pending.remove(p);
+                    left -= 1;
+                }
+            }
+            let mut batch = PageBatchBuilder::new(u32::MAX, FLAG_POSTCOPY);
+            let mut scanned = 0u64;
+            while batch.len() < POSTCOPY_PUSH_BATCH && scanned < total && left > 0 {
+                let p = cursor;
+                cursor = (cursor + 1) % total;
+                scanned += 1;
+                if pending.contains(p) {
+                    pending.remove(p);
+                    left -= 1;
+                    self.add(&mut batch, p, &mut stats)?;
+                }
+            }
+            if !batch.is_empty() {
+                self.ship(batch, &mut stats, None)?;
+            }
+        }
+        stats.elapsed = started.elapsed();
+        Ok(stats)
+    }
+}

@@ -1,0 +1,159 @@
+//! The target's data-plane thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::DataPlaneError;
+use crate::link::DataReceiver;
+use crate::protocol::frame::frame_body;
+use crate::protocol::pages::FLAG_POSTCOPY;
+use crate::protocol::PageBatch;
+use crate::units::{PageIndex, PAGE_SIZE};
+use crate::vmm::Guest;
+
+/// Handle of the target's data-plane thread: applies batches, counts them, and records the
+/// digest of every page as received (the target side of verification).
+#[derive(Debug)]
+pub struct TargetPlane {
+    applied: watch::Receiver<u64>,
+    digests: Arc<Vec<AtomicU64>>,
+    error: Arc<Mutex<Option<DataPlaneError>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TargetPlane {
+    /// Starts the thread writing batches from `link` into `guest`'s memory.
+    pub fn spawn(guest: Arc<dyn Guest>, link: DataReceiver) -> Result<Self, DataPlaneError> {
+        let pages = guest.memory().page_count();
+        let digests: Arc<Vec<AtomicU64>> = Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
+        let (tx, applied) = watch::channel(0u64);
+        let error = Arc::new(Mutex::new(None));
+        let (d, e) = (Arc::clone(&digests), Arc::clone(&error));
+        let thread = std::thread::Builder::new()
+            .name("migratory-recv".into())
+            .spawn(move || {
+                if let Err(err) = apply_loop(guest.as_ref(), &link, &d, &tx) {
+                    *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                    // Wake anyone waiting on the count so they see the error.
+                    tx.send_modify(|_| {});
+                }
+            })
+            .map_err(|e| DataPlaneError::Spawn(e.to_string()))?;
+        Ok(Self {
+            applied,
+            digests,
+            error,
+            thread: Some(thread),
+        })
+    }
+
+    /// The error that stopped the thread, if any.
+    pub fn error(&self) -> Option<DataPlaneError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A receiver that changes whenever a batch is applied (or the plane fails).
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// Batches applied so far.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until at least `batches` batches are applied, or the plane fails.
+    pub async fn wait_applied(&self, batches: u64) -> Result<(), DataPlaneError> {
+        let mut rx = self.applied.clone();
+        loop {
+            if let Some(e) = self.error() {
+                return Err(e);
+            }
+            if *rx.borrow_and_update() >= batches {
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                return Err(self.error().unwrap_or(DataPlaneError::Stopped));
+            }
+        }
+    }
+
+    /// Digests of the pages as received, from `first` on, at most `max` of them.
+    pub fn received_digests(&self, first: u64, max: usize) -> Vec<u64> {
+        self.digests
+            .iter()
+            .skip(first as usize)
+            .take(max)
+            .map(|d| d.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// The digest recorded for `page` (0 if none arrived).
+    pub fn received_digest(&self, page: u64) -> u64 {
+        self.digests
+            .get(page as usize)
+            .map(|d| d.load(Ordering::Acquire))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TargetPlane {
+    fn drop(&mut self) {
+        // The thread ends when the link's data channel closes; the owner drops the link first.
+        if let Some(t) = self.thread.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn apply_loop(
+    guest: &dyn Guest,
+    link: &DataReceiver,
+    digests: &[AtomicU64],
+    applied: &watch::Sender<u64>,
+) -> Result<(), DataPlaneError> {
+    let memory = guest.memory();
+    let pages = memory.page_count();
+    let zero_digest = xxh3_64(&[0u8; PAGE_SIZE]);
+    while let Some(frame) = link.recv() {
+        let body = frame_body(&frame).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
+        let batch = PageBatch::decode(body).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
+        let postcopy = batch.flags & FLAG_POSTCOPY != 0;
+        for (page, data) in batch.pages() {
+            if page >= pages {
+                return Err(DataPlaneError::PageOutOfRange { page, pages });
+            }
+            // After activation the guest owns present pages: only a missing page is written,
+            // once, whichever of push and pull brings it first.
+            if postcopy && !guest.claim_page(page) {
+                continue;
+            }
+            let digest = match data {
+                Some(bytes) => {
+                    memory
+                        .write_page(PageIndex(page), bytes)
+                        .map_err(|_| DataPlaneError::PageOutOfRange { page, pages })?;
+                    xxh3_64(bytes)
+                }
+                None => {
+                    memory
+                        .zero_page(PageIndex(page))
+                        .map_err(|_| DataPlaneError::PageOutOfRange { page, pages })?;
+                    zero_digest
+                }
+            };
+            digests[page as usize].store(digest, Ordering::Release);
+            if postcopy {
+                guest.page_installed(page);
+            }
+        }
+        applied.send_modify(|n| *n += 1);
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! [`EngineHandle`]: what an embedding service holds.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::broadcast;
+
+use super::error::EngineError;
+use super::events::MigrationEvent;
+use super::host::HostUsage;
+use super::registry::{AddHost, Cancel, CreateVmIn, Engine, ListVmsIn, StartMigration, Subscribe, UsageOf, WaitReport};
+use super::report::MigrationReport;
+use super::request::{HostConfig, MigrationRequest, VmSpec};
+use crate::vm::VmInfo;
+
+/// Longest any single request to the engine may take before it fails with a timeout (creating
+/// a large VM fills its memory, hence the generous bound).
+const ASK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A started migration: its id and a subscription that sees every event from the first.
+#[derive(Debug)]
+pub struct StartedMigration {
+    /// Migration id.
+    pub id: u64,
+    /// Events in order, ending with [`MigrationEvent::Finished`].
+    pub events: broadcast::Receiver<MigrationEvent>,
+}
+
+#[derive(Debug)]
+struct EngineThread {
+    system: System,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.system.stop();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A handle on a running engine. Clone + Send + Sync; its async methods work from any tokio
+/// runtime (or any executor with a tokio context). The engine's actor system runs on its own
+/// thread and stops when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    addr: Addr<Engine>,
+    _thread: Arc<EngineThread>,
+}
+
+impl EngineHandle {
+    /// Starts an engine on its own thread.
+    pub fn start() -> Result<Self, EngineError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("migratory-engine".into())
+            .spawn(move || {
+                let system = System::new();
+                let addr = system.block_on(async { Engine::default().start() });
+                // The receiver waits for this; if it is gone there is nobody to serve.
+                if tx.send((addr, System::current())).is_err() {
+                    return;
+                }
+                let _ = system.run();
+            })
+            .map_err(|e| EngineError::Internal(format!("cannot start engine thread: {e}")))?;
+        let (addr, system) = rx.recv().map_err(|_| EngineError::EngineStopped)?;
+        Ok(Self {
+            addr,
+            _thread: Arc::new(EngineThread {
+                system,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    async fn ask<M>(&self, msg: M) -> Result<M::Result, EngineError>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        Engine: Handler<M>,
+    {
+        match tokio::time::timeout(ASK_TIMEOUT, self.addr.send(msg)).await {
+            Ok(r) => r.map_err(EngineError::from),
+            Err(_) => Err(EngineError::Timeout {
+                what: "engine".into(),
+                after_ms: ASK_TIMEOUT.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// Adds a host (with its sim backend).
+    pub async fn add_host(&self, config: HostConfig) -> Result<(), EngineError> {
+        self.ask(AddHost(config)).await?
+    }
+
+    /// Creates and starts a VM on `host`.
+    pub async fn create_vm(&self, host: &str, spec: VmSpec) -> Result<VmInfo, EngineError> {
+        self.ask(CreateVmIn {
+            host: host.to_string(),
+            spec,
+        })
+        .await?
+    }
+
+    /// The VMs on `host`.
+    pub async fn list_vms(&self, host: &str) -> Result<Vec<VmInfo>, EngineError> {
+        self.ask(ListVmsIn(host.to_string())).await?
+    }
+
+    /// One VM on `host`.
+    pub async fn vm_info(&self, host: &str, vm: &str) -> Result<VmInfo, EngineError> {
+        self.list_vms(host)
+            .await?
+            .into_iter()
+            .find(|v| v.config.id.0 == vm)
+            .ok_or_else(|| EngineError::UnknownVm {
+                host: host.to_string(),
+                vm: vm.to_string(),
+            })
+    }
+
+    /// Memory and VM count of `host`.
+    pub async fn host_usage(&self, host: &str) -> Result<HostUsage, EngineError> {
+        self.ask(UsageOf(host.to_string())).await?
+    }
+
+    /// Starts a migration.
+    pub async fn start_migration(&self, request: MigrationRequest) -> Result<StartedMigration, EngineError> {
+        let (id, events) = self.ask(StartMigration(request)).await??;
+        Ok(StartedMigration { id, events })
+    }
+
+    /// Subscribes to a running migration's events (from now on).
+    pub async fn subscribe(&self, id: u64) -> Result<broadcast::Receiver<MigrationEvent>, EngineError> {
+        self.ask(Subscribe(id)).await?
+    }
+
+    /// Cancels a migration before commitment; the VM keeps running on the source.
+    pub async fn cancel(&self, id: u64) -> Result<(), EngineError> {
+        self.ask(Cancel(id)).await?
+    }
+
+    /// Waits for a migration's report.
+    pub async fn report(&self, id: u64) -> Result<MigrationReport, EngineError> {
+        let rx = self.ask(WaitReport(id)).await??;
+        rx.await.map_err(|_| EngineError::EngineStopped)
+    }
+
+    /// Starts a migration and waits for its report.
+    pub async fn migrate(&self, request: MigrationRequest) -> Result<MigrationReport, EngineError> {
+        let started = self.start_migration(request).await?;
+        self.report(started.id).await
+    }
+}

@@ -1,0 +1,323 @@
+//! The Host actor: one per host; owns its backend, its VMs, admission and incoming links.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::error::EngineError;
+use super::receiver::{Receiver, ReceiverParams};
+use super::request::HostConfig;
+use crate::format::{MacAddr, NicConfig, VmConfig, VmId};
+use crate::link::LinkEnd;
+use crate::protocol::{AbortReason, Capabilities};
+use crate::units::PAGE_SIZE;
+use crate::vm::{GetVmInfo, Lifecycle, StopVm, Vm, VmInfo};
+use crate::vmm::sim::WorkloadSpec;
+use crate::vmm::{Backend, CreateVm, Guest, ReserveVm};
+
+/// A host: its sim backend, VMs, memory budget and capabilities.
+#[derive(Debug)]
+pub struct Host {
+    config: HostConfig,
+    backend: Addr<Backend>,
+    backend_arbiter: Arbiter,
+    vms: HashMap<String, (Addr<Vm>, u64)>,
+    committed_bytes: u64,
+}
+
+impl Host {
+    /// A host; its backend runs on its own arbiter thread so that filling or mapping guest
+    /// memory never blocks the engine's actors.
+    pub fn new(config: HostConfig) -> Self {
+        let backend_arbiter = Arbiter::new();
+        let layout = config.layout;
+        let backend = Backend::start_in_arbiter(&backend_arbiter.handle(), move |_| Backend::sim(layout));
+        Self {
+            config,
+            backend,
+            backend_arbiter,
+            vms: HashMap::new(),
+            committed_bytes: 0,
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            algorithms: self.config.algorithms.clone(),
+            format_versions: self.config.format_versions.clone(),
+            ..Capabilities::full(vec![self.config.layout])
+        }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        self.config.memory_budget_bytes.saturating_sub(self.committed_bytes)
+    }
+}
+
+impl Actor for Host {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        for (vm, _) in self.vms.values() {
+            vm.do_send(StopVm);
+        }
+        self.backend_arbiter.stop();
+    }
+}
+
+/// Create and start a VM on this host.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmInfo, EngineError>")]
+pub struct CreateVmOnHost {
+    /// VM id.
+    pub id: String,
+    /// RAM in bytes.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// NICs.
+    pub nics: u32,
+    /// Writer workload.
+    pub workload: WorkloadSpec,
+}
+
+impl Handler<CreateVmOnHost> for Host {
+    type Result = ResponseActFuture<Self, Result<VmInfo, EngineError>>;
+
+    fn handle(&mut self, msg: CreateVmOnHost, _: &mut Self::Context) -> Self::Result {
+        let config = VmConfig {
+            id: VmId(msg.id.clone()),
+            name: msg.id.clone(),
+            vcpus: msg.vcpus,
+            memory_bytes: msg.memory_bytes,
+            page_size: PAGE_SIZE as u32,
+            nics: (0..msg.nics)
+                .map(|i| NicConfig {
+                    id: format!("net{i}"),
+                    mac: MacAddr::local_from_seed(seed_of(&msg.id) ^ u64::from(i)),
+                })
+                .collect(),
+        };
+        let checked = config
+            .validate()
+            .map_err(EngineError::from)
+            .and_then(|_| self.admit(&config.id.0, config.memory_bytes));
+        if let Err(e) = checked {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        let bytes = config.memory_bytes;
+        let id = msg.id;
+        self.committed_bytes += bytes;
+        let create = self.backend.send(CreateVm {
+            config,
+            workload: msg.workload,
+        });
+        Box::pin(create.into_actor(self).map(move |res, act, _| {
+            let guest = match res {
+                Ok(Ok(g)) => g,
+                Ok(Err(e)) => {
+                    act.committed_bytes -= bytes;
+                    return Err(EngineError::Vm(e.to_string()));
+                }
+                Err(e) => {
+                    act.committed_bytes -= bytes;
+                    return Err(e.into());
+                }
+            };
+            let info = VmInfo {
+                config: guest.config().clone(),
+                state: Lifecycle::Running,
+                layout: guest.layout(),
+                stats: guest.stats(),
+            };
+            let vm = Vm::new(guest, Lifecycle::Running).start();
+            act.vms.insert(id, (vm, bytes));
+            Ok(info)
+        }))
+    }
+}
+
+impl Host {
+    fn admit(&self, id: &str, bytes: u64) -> Result<(), EngineError> {
+        if self.vms.contains_key(id) {
+            return Err(EngineError::DuplicateVm(id.to_string()));
+        }
+        if bytes > self.free_bytes() {
+            return Err(EngineError::InsufficientMemory {
+                host: self.config.name.clone(),
+                requested_bytes: bytes,
+                available_bytes: self.free_bytes(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn seed_of(s: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(s.as_bytes())
+}
+
+/// The VM actor of a VM on this host.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<Addr<Vm>>")]
+pub struct GetVm(pub String);
+
+impl Handler<GetVm> for Host {
+    type Result = Option<Addr<Vm>>;
+    fn handle(&mut self, msg: GetVm, _: &mut Self::Context) -> Self::Result {
+        self.vms.get(&msg.0).map(|(a, _)| a.clone())
+    }
+}
+
+/// Describe every VM on this host.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<VmInfo>")]
+pub struct ListVms;
+
+impl Handler<ListVms> for Host {
+    type Result = ResponseFuture<Vec<VmInfo>>;
+    fn handle(&mut self, _: ListVms, _: &mut Self::Context) -> Self::Result {
+        let vms: Vec<Addr<Vm>> = self.vms.values().map(|(a, _)| a.clone()).collect();
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(vms.len());
+            for vm in vms {
+                if let Ok(info) = vm.send(GetVmInfo).await {
+                    out.push(info);
+                }
+            }
+            out.sort_by(|a, b| a.config.id.0.cmp(&b.config.id.0));
+            out
+        })
+    }
+}
+
+/// Memory and VM counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostUsage {
+    /// Bytes held by VMs and reservations.
+    pub committed_bytes: u64,
+    /// VMs and reservations.
+    pub vms: usize,
+}
+
+/// How much of the host is in use.
+#[derive(Debug, Message)]
+#[rtype(result = "HostUsage")]
+pub struct GetHostUsage;
+
+impl Handler<GetHostUsage> for Host {
+    type Result = MessageResult<GetHostUsage>;
+    fn handle(&mut self, _: GetHostUsage, _: &mut Self::Context) -> Self::Result {
+        MessageResult(HostUsage {
+            committed_bytes: self.committed_bytes,
+            vms: self.vms.len(),
+        })
+    }
+}
+
+/// Admission and reservation for an incoming VM: the Receiver's reservation stage.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(Addr<Vm>, Arc<dyn Guest>), AbortReason>")]
+pub struct ReserveIncoming(pub VmConfig);
+
+impl Handler<ReserveIncoming> for Host {
+    type Result = ResponseActFuture<Self, Result<(Addr<Vm>, Arc<dyn Guest>), AbortReason>>;
+
+    fn handle(&mut self, msg: ReserveIncoming, _: &mut Self::Context) -> Self::Result {
+        let config = msg.0;
+        let bytes = config.memory_bytes;
+        let id = config.id.0.clone();
+        let admitted = config
+            .validate()
+            .map_err(|e| AbortReason::ReservationFailed { detail: e.to_string() })
+            .and_then(|_| {
+                self.admit(&id, bytes).map_err(|e| match e {
+                    EngineError::InsufficientMemory {
+                        requested_bytes,
+                        available_bytes,
+                        ..
+                    } => AbortReason::InsufficientMemory {
+                        requested_bytes,
+                        available_bytes,
+                    },
+                    other => AbortReason::ReservationFailed {
+                        detail: other.to_string(),
+                    },
+                })
+            });
+        if let Err(e) = admitted {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        self.committed_bytes += bytes;
+        let reserve = self.backend.send(ReserveVm { config });
+        Box::pin(reserve.into_actor(self).map(move |res, act, _| {
+            let guest = match res {
+                Ok(Ok(g)) => g,
+                other => {
+                    act.committed_bytes -= bytes;
+                    let detail = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    return Err(AbortReason::ReservationFailed { detail });
+                }
+            };
+            let vm = Vm::new(Arc::clone(&guest), Lifecycle::Incoming).start();
+            act.vms.insert(id, (vm.clone(), bytes));
+            Ok((vm, guest))
+        }))
+    }
+}
+
+/// Forget a VM: an incoming reservation released, or a VM that moved away. Stops its actor.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ReleaseVm(pub String);
+
+impl Handler<ReleaseVm> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: ReleaseVm, _: &mut Self::Context) {
+        if let Some((vm, bytes)) = self.vms.remove(&msg.0) {
+            self.committed_bytes -= bytes;
+            vm.do_send(StopVm);
+        }
+    }
+}
+
+/// A link from a peer arrives: start a Receiver for it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct AcceptLink {
+    /// This host's end of the link.
+    pub end: LinkEnd,
+    /// How the receiver behaves.
+    pub params: ReceiverParams,
+}
+
+impl Handler<AcceptLink> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: AcceptLink, ctx: &mut Self::Context) {
+        Receiver::new(
+            self.config.name.clone(),
+            ctx.address(),
+            self.capabilities(),
+            msg.end,
+            msg.params,
+        )
+        .start();
+    }
+}
+
+/// This host's capabilities.
+#[derive(Debug, Message)]
+#[rtype(result = "Capabilities")]
+pub struct GetCapabilities;
+
+impl Handler<GetCapabilities> for Host {
+    type Result = MessageResult<GetCapabilities>;
+    fn handle(&mut self, _: GetCapabilities, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.capabilities())
+    }
+}

@@ -1,0 +1,32 @@
+//! The engine: hosts, migrations and the handle embedders hold.
+//!
+//! * [`EngineHandle`]: start an engine, add hosts, create VMs, migrate, watch, cancel.
+//! * [`stage`]: the six stages (plus `pull`) and the one function that orders them.
+//! * [`policy`]: pure decisions (convergence, stall handling, rate, `auto`'s choice).
+//! * [`receiver_state`]: the target's protocol state machine, pure.
+//! * Actors: `Engine` (registry), `Host`, `Migration` (source side, runs [`source`]'s stages),
+//!   `Receiver` (target side).
+
+mod error;
+mod events;
+mod handle;
+pub mod host;
+pub mod migration;
+pub mod policy;
+pub mod receiver;
+pub mod receiver_state;
+pub mod registry;
+mod report;
+mod request;
+mod source;
+pub mod stage;
+pub mod verify;
+
+pub use error::{EngineError, Side};
+pub use events::MigrationEvent;
+pub use handle::{EngineHandle, StartedMigration};
+pub use host::HostUsage;
+pub use policy::{PolicyConfig, StallAction};
+pub use report::{DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation};
+pub use request::{HostConfig, MigrationRequest, VmSpec};
+pub use stage::Stage;

@@ -1,0 +1,184 @@
+//! The target's protocol state machine (pure): which message may come next, and what the
+//! receiver must do with it. The enum is consumed by value; an unexpected message is a typed
+//! error naming the state and the message.
+
+use crate::format::{DeviceState, VcpuState, VmConfig};
+use crate::protocol::{AbortReason, Algorithm, Capabilities, ControlMessage};
+
+/// Where the target is in the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReceiverState {
+    /// Waiting for `Hello`.
+    AwaitHello,
+    /// Negotiated; waiting for `Reserve`.
+    AwaitReserve,
+    /// Reserved; pages arrive; waiting for `RoundDone` or `Suspend`.
+    Receiving,
+    /// Source paused; waiting for `VcpuState`.
+    AwaitVcpus,
+    /// Waiting for `DeviceState`.
+    AwaitDevices {
+        /// vCPUs received.
+        vcpus: Vec<VcpuState>,
+    },
+    /// State loaded, `Prepared` sent; waiting for `Commit`.
+    AwaitCommit,
+    /// Activated; waiting for the source's `Complete`.
+    AwaitComplete,
+    /// Finished (completed or aborted).
+    Done,
+}
+
+impl ReceiverState {
+    /// Name for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReceiverState::AwaitHello => "await-hello",
+            ReceiverState::AwaitReserve => "await-reserve",
+            ReceiverState::Receiving => "receiving",
+            ReceiverState::AwaitVcpus => "await-vcpus",
+            ReceiverState::AwaitDevices { .. } => "await-devices",
+            ReceiverState::AwaitCommit => "await-commit",
+            ReceiverState::AwaitComplete => "await-complete",
+            ReceiverState::Done => "done",
+        }
+    }
+
+    /// True once the target owns the VM.
+    pub fn committed(&self) -> bool {
+        matches!(self, ReceiverState::AwaitComplete | ReceiverState::Done)
+    }
+}
+
+/// What the receiver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReceiverAction {
+    /// Check the source's capabilities and answer `Welcome` or `Refuse`.
+    Negotiate {
+        /// Source's capabilities.
+        capabilities: Capabilities,
+        /// Requested algorithm.
+        requested: Algorithm,
+    },
+    /// Reserve the VM and answer `Reserved` or `Abort`.
+    Reserve {
+        /// Its configuration.
+        config: VmConfig,
+    },
+    /// Nothing to do but note the progress.
+    NoteRound {
+        /// Batches sent so far.
+        batches_total: u64,
+    },
+    /// Wait for every batch, then arm demand paging for `missing`.
+    Suspend {
+        /// Final batch count.
+        batches_total: u64,
+        /// Missing-page bitmap bytes (empty unless post-copy).
+        missing: Vec<u8>,
+    },
+    /// Load state into the VM and answer `Prepared`.
+    LoadState {
+        /// vCPUs.
+        vcpus: Vec<VcpuState>,
+        /// Devices.
+        devices: Vec<DeviceState>,
+    },
+    /// Resume the VM, announce it, answer `Activated`.
+    Activate,
+    /// The source freed its copy: the VM is ours for good.
+    Finish,
+    /// The source aborted: release everything.
+    Aborted {
+        /// Why.
+        reason: AbortReason,
+    },
+}
+
+/// A message that may not come now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unexpected {message} in state {state}")]
+pub struct ReceiverError {
+    /// State name.
+    pub state: &'static str,
+    /// Message name.
+    pub message: &'static str,
+}
+
+impl ReceiverState {
+    /// The one transition function.
+    pub fn step(self, msg: ControlMessage) -> Result<(ReceiverState, ReceiverAction), ReceiverError> {
+        use ControlMessage as M;
+        use ReceiverAction as A;
+        use ReceiverState as S;
+        let out = match (self, msg) {
+            (_, M::Abort { reason }) => (S::Done, A::Aborted { reason }),
+            (
+                S::AwaitHello,
+                M::Hello {
+                    capabilities,
+                    requested,
+                    ..
+                },
+            ) => (
+                S::AwaitReserve,
+                A::Negotiate {
+                    capabilities,
+                    requested,
+                },
+            ),
+            (S::AwaitReserve, M::Reserve { config, .. }) => (S::Receiving, A::Reserve { config }),
+            (S::Receiving, M::RoundDone { batches_total, .. }) => (S::Receiving, A::NoteRound { batches_total }),
+            (S::Receiving, M::Suspend { batches_total, missing }) => {
+                (S::AwaitVcpus, A::Suspend { batches_total, missing })
+            }
+            (S::AwaitVcpus, M::VcpuState { vcpus }) => (S::AwaitDevices { vcpus }, A::NoteRound { batches_total: 0 }),
+            (S::AwaitDevices { vcpus }, M::DeviceState { devices }) => {
+                (S::AwaitCommit, A::LoadState { vcpus, devices })
+            }
+            (S::AwaitCommit, M::Commit) => (S::AwaitComplete, A::Activate),
+            (S::AwaitComplete, M::Complete) => (S::Done, A::Finish),
+            (state, msg) => {
+                return Err(ReceiverError {
+                    state: state.name(),
+                    message: msg.name(),
+                })
+            }
+        };
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::NativeLayout;
+
+    #[test]
+    fn test_out_of_order_messages_are_typed_errors() {
+        let err = ReceiverState::AwaitHello
+            .step(ControlMessage::Commit)
+            .expect_err("refused");
+        assert_eq!(
+            err,
+            ReceiverError {
+                state: "await-hello",
+                message: "Commit"
+            }
+        );
+        let (s, _) = ReceiverState::AwaitHello
+            .step(ControlMessage::Hello {
+                capabilities: Capabilities::full(vec![NativeLayout::Kvm]),
+                requested: Algorithm::Precopy,
+                vm: "v".into(),
+            })
+            .expect("hello");
+        assert!(s.clone().step(ControlMessage::Prepared).is_err());
+        assert!(matches!(
+            s.step(ControlMessage::Abort {
+                reason: AbortReason::Cancelled
+            }),
+            Ok((ReceiverState::Done, ReceiverAction::Aborted { .. }))
+        ));
+    }
+}

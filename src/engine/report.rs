@@ -1,0 +1,164 @@
+//! What a migration did: the report an embedder, the CLI's `--json` and later the HTTP API
+//! show. It is a boundary type, so it derives `Serialize` (the only engine type that does).
+
+use serde::Serialize;
+
+use super::stage::Stage;
+
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The VM runs on the target; the source copy is freed.
+    Completed,
+    /// The user cancelled before commitment; the VM runs on the source.
+    Cancelled,
+    /// The policy or the peer aborted before commitment; the VM runs on the source.
+    Aborted,
+    /// Something failed; see `error` and `vm_location`.
+    Failed,
+}
+
+impl Outcome {
+    /// Label value of `migratory_migrations_total{result}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Aborted => "aborted",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Where the VM is when the migration ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmLocation {
+    /// Running (or paused, as before) on the source.
+    Source,
+    /// Running on the target.
+    Target,
+    /// Paused on the source after `Commit` went out with no answer: the target may own it.
+    /// Nothing is resumed automatically, so no split brain can happen.
+    Undetermined,
+}
+
+/// One stage's figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageReport {
+    /// Stage name.
+    pub name: &'static str,
+    /// Seconds from the migration start to the stage start.
+    pub start_s: f64,
+    /// Duration in seconds.
+    pub duration_s: f64,
+    /// Pages sent during the stage.
+    pub pages: u64,
+    /// Bytes sent during the stage.
+    pub bytes: u64,
+}
+
+/// Pages by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PageCounts {
+    /// Full pages sent for the first time.
+    pub normal: u64,
+    /// Zero pages sent as markers.
+    pub zero: u64,
+    /// Pages sent again because they were dirtied.
+    pub retransmitted: u64,
+    /// Pages pulled on demand (post-copy).
+    pub pulled: u64,
+}
+
+/// The cost model's expectation, beside the outcome.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PredictionReport {
+    /// Algorithm the prediction is for.
+    pub algorithm: String,
+    /// Expected downtime.
+    pub downtime_s: f64,
+    /// Expected total time.
+    pub total_s: f64,
+    /// What the prediction was based on.
+    pub basis: String,
+}
+
+/// A decision the policy took during the migration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DecisionReport {
+    /// Round after which it was taken.
+    pub after_round: u32,
+    /// What was decided.
+    pub action: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The full account of one migration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MigrationReport {
+    /// Migration id.
+    pub id: u64,
+    /// VM id.
+    pub vm: String,
+    /// Source host.
+    pub source: String,
+    /// Target host.
+    pub target: String,
+    /// Source backend's native layout.
+    pub source_layout: String,
+    /// Target backend's native layout.
+    pub target_layout: String,
+    /// Algorithm asked for.
+    pub requested: String,
+    /// Algorithm that ran (e.g. what `auto` chose, or `postcopy` after a stall switch).
+    pub algorithm: String,
+    /// Outcome.
+    pub result: Outcome,
+    /// Error text when not completed.
+    pub error: Option<String>,
+    /// Where the VM is.
+    pub vm_location: VmLocation,
+    /// Stages in the order they ran.
+    pub stages: Vec<StageReport>,
+    /// Pages by kind.
+    pub pages: PageCounts,
+    /// Bytes put on the link.
+    pub bytes_sent: u64,
+    /// Pre-copy rounds (round 0 included).
+    pub rounds: u32,
+    /// Pause on the source to resume on the target.
+    pub downtime_s: f64,
+    /// Start to end.
+    pub total_s: f64,
+    /// Bytes sent over total time.
+    pub throughput_bytes_per_s: f64,
+    /// The prediction the decision was based on.
+    pub predicted: Option<PredictionReport>,
+    /// Policy decisions (stop, switch, abort) with reasons.
+    pub decisions: Vec<DecisionReport>,
+    /// True if the target's memory equals the source's at pause and vCPU state matches.
+    pub verified: bool,
+    /// Pages whose content differs (at most 64 listed).
+    pub mismatched_pages: Vec<u64>,
+    /// Post-copy faults the target guest took.
+    pub postcopy_faults: u64,
+    /// Mean post-copy fault latency.
+    pub mean_fault_latency_s: f64,
+    /// Time spent verifying after activation (not part of any stage).
+    pub verification_s: f64,
+}
+
+impl MigrationReport {
+    /// The figures of one stage, if it ran.
+    pub fn stage(&self, stage: Stage) -> Option<&StageReport> {
+        self.stages.iter().find(|s| s.name == stage.name())
+    }
+
+    /// Stage names in order.
+    pub fn stage_names(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.name).collect()
+    }
+}

@@ -1,0 +1,115 @@
+//! What an embedder asks for: hosts, VMs and migrations, with sane defaults.
+
+use std::time::Duration;
+
+use super::policy::PolicyConfig;
+use crate::format::NativeLayout;
+use crate::link::{Keepalive, Shaping};
+use crate::protocol::Algorithm;
+use crate::vmm::sim::WorkloadSpec;
+
+/// A host to add to the engine.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Unique name.
+    pub name: String,
+    /// Native layout of the host's sim backend.
+    pub layout: NativeLayout,
+    /// Memory budget for VMs, in bytes.
+    pub memory_budget_bytes: u64,
+    /// Algorithms the host offers (all by default).
+    pub algorithms: Vec<Algorithm>,
+    /// Common-format versions the host reads and writes.
+    pub format_versions: Vec<u32>,
+}
+
+impl HostConfig {
+    /// A host offering every algorithm with a 64 GiB budget.
+    pub fn new(name: impl Into<String>, layout: NativeLayout) -> Self {
+        Self {
+            name: name.into(),
+            layout,
+            memory_budget_bytes: 64 << 30,
+            algorithms: Algorithm::ALL.to_vec(),
+            format_versions: vec![crate::format::FORMAT_VERSION],
+        }
+    }
+}
+
+/// A VM to create.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Id, unique in the engine.
+    pub id: String,
+    /// RAM in bytes (a multiple of 4 KiB).
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// NICs (their MACs are derived from the id).
+    pub nics: u32,
+    /// The writer workload.
+    pub workload: WorkloadSpec,
+}
+
+impl VmSpec {
+    /// An idle VM of `memory_bytes` with 2 vCPUs and one NIC.
+    pub fn new(id: impl Into<String>, memory_bytes: u64) -> Self {
+        Self {
+            id: id.into(),
+            memory_bytes,
+            vcpus: 2,
+            nics: 1,
+            workload: WorkloadSpec::idle(),
+        }
+    }
+}
+
+/// A migration to start.
+#[derive(Debug, Clone)]
+pub struct MigrationRequest {
+    /// The VM.
+    pub vm: String,
+    /// Host it runs on.
+    pub source: String,
+    /// Host it goes to.
+    pub target: String,
+    /// Algorithm (or `auto`).
+    pub algorithm: Algorithm,
+    /// Policy limits.
+    pub policy: PolicyConfig,
+    /// Shaping of the link between the two (in-process) hosts.
+    pub shaping: Shaping,
+    /// Keepalive of the control link.
+    pub keepalive: Keepalive,
+    /// Bound on any single wait for the peer (a reply, a stage step).
+    pub step_timeout: Duration,
+    /// Verify memory and vCPU state after the move.
+    pub verify: bool,
+    /// Algorithms the source side offers for this migration (all by default); narrowing it
+    /// exercises negotiation.
+    pub offer: Vec<Algorithm>,
+}
+
+impl MigrationRequest {
+    /// A pre-copy migration with default policy, unshaped link, verification on.
+    pub fn new(vm: impl Into<String>, source: impl Into<String>, target: impl Into<String>) -> Self {
+        Self {
+            vm: vm.into(),
+            source: source.into(),
+            target: target.into(),
+            algorithm: Algorithm::Precopy,
+            policy: PolicyConfig::default(),
+            shaping: Shaping::default(),
+            keepalive: Keepalive::default(),
+            step_timeout: Duration::from_secs(60),
+            verify: true,
+            offer: Algorithm::ALL.to_vec(),
+        }
+    }
+
+    /// Sets the algorithm.
+    pub fn algorithm(mut self, a: Algorithm) -> Self {
+        self.algorithm = a;
+        self
+    }
+}

@@ -1,0 +1,948 @@
+//! The source side's run of one migration: the stages in order, the chosen algorithm, and
+//! the rollback that keeps the VM on the source when anything fails before commitment.
+//!
+//! It runs as a future inside the [`super::migration::Migration`] actor's context. Control goes
+//! through the Link actor, dirty logging through the DirtyTracker actor, pause and state
+//! through the Vm actor; pages go through the [`SourcePlane`] thread.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::error::{EngineError, Side};
+use super::events::MigrationEvent;
+use super::policy::{self, CostInputs, Decision, RoundContext};
+use super::report::{DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation};
+use super::request::MigrationRequest;
+use super::stage::{Stage, StageMachine};
+use super::verify;
+use crate::clock::{self, Instant};
+use crate::dataplane::{RoundStats, SourcePlane};
+use crate::dirty::{CollectDirtyPages, DirtyTracker, PageSet, StartDirtyLog, StopDirtyLog};
+use crate::link::{CloseLink, Link, LinkEnd, LinkEvent, SendControl};
+use crate::protocol::negotiation::{negotiate, Pool};
+use crate::protocol::{AbortReason, Algorithm, Capabilities, ControlMessage};
+use crate::telemetry::metric;
+use crate::units::PAGE_SIZE;
+use crate::vm::{EndOutgoing, PauseVm, ResumeVm, SaveVmState, Vm};
+use crate::vmm::Guest;
+
+/// Everything a source run needs, handed over by the engine.
+#[derive(Debug)]
+pub(crate) struct SourceSetup {
+    pub id: u64,
+    pub req: MigrationRequest,
+    pub vm: Addr<Vm>,
+    pub guest: Arc<dyn Guest>,
+    pub end: LinkEnd,
+    pub caps: Capabilities,
+    pub events: broadcast::Sender<MigrationEvent>,
+    pub cancel: watch::Receiver<bool>,
+    pub committed: Arc<AtomicBool>,
+    /// What earlier migrations on this engine measured.
+    pub measured: Arc<Mutex<Measured>>,
+}
+
+/// Figures measured by earlier migrations (moving averages), used for predictions before this
+/// migration has measured its own.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Measured {
+    /// Fixed switchover cost: downtime minus the final pages' transfer.
+    pub switchover: Option<Duration>,
+    /// Link bandwidth, bytes per second.
+    pub bandwidth: Option<f64>,
+}
+
+fn ewma(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |o| o * 0.7 + new * 0.3)
+}
+
+/// Why a run stopped early.
+#[derive(Debug)]
+enum Fail {
+    Cancelled,
+    Aborted { side: Side, reason: AbortReason },
+    Negotiation(crate::protocol::NegotiationError),
+    Link(String),
+    Protocol(String),
+    Local(String),
+    Timeout(&'static str),
+}
+
+impl Fail {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Fail::Cancelled => Outcome::Cancelled,
+            Fail::Aborted { .. } | Fail::Negotiation(_) => Outcome::Aborted,
+            _ => Outcome::Failed,
+        }
+    }
+
+    /// What the target is told.
+    fn reason_for_peer(&self) -> Option<AbortReason> {
+        Some(match self {
+            Fail::Cancelled => AbortReason::Cancelled,
+            Fail::Aborted {
+                side: Side::Source,
+                reason,
+            } => reason.clone(),
+            Fail::Aborted { side: Side::Target, .. } => return None,
+            Fail::Negotiation(e) => e.clone().into(),
+            Fail::Link(_) => return None,
+            Fail::Protocol(d) => AbortReason::ProtocolViolation { detail: d.clone() },
+            Fail::Local(d) => AbortReason::SourceFailed { detail: d.clone() },
+            Fail::Timeout(stage) => AbortReason::Timeout {
+                stage: stage.to_string(),
+                after_ms: 0,
+            },
+        })
+    }
+
+    fn into_error(self, stage: Option<Stage>, id: u64) -> EngineError {
+        let stage_name = stage.map(|s| s.name()).unwrap_or("start").to_string();
+        match self {
+            Fail::Cancelled => EngineError::Aborted {
+                side: Side::Source,
+                reason: AbortReason::Cancelled,
+            },
+            Fail::Aborted { side, reason } => EngineError::Aborted { side, reason },
+            Fail::Negotiation(e) => EngineError::Negotiation(e),
+            Fail::Link(detail) => EngineError::Link {
+                stage: stage_name,
+                detail,
+            },
+            Fail::Protocol(d) => EngineError::Protocol(d),
+            Fail::Local(d) => EngineError::Internal(format!("migration {id}: {d}")),
+            Fail::Timeout(s) => EngineError::Timeout {
+                what: format!("target in {s}"),
+                after_ms: 0,
+            },
+        }
+    }
+}
+
+fn local<E: std::fmt::Display>(e: E) -> Fail {
+    Fail::Local(e.to_string())
+}
+
+/// How the pre-copy phase ended.
+enum AfterPrecopy {
+    StopAndCopy,
+    Postcopy,
+}
+
+pub(crate) struct SourceRun {
+    s: SourceSetup,
+    link: Option<Addr<Link>>,
+    inbox: Option<mpsc::UnboundedReceiver<LinkEvent>>,
+    plane: Option<SourcePlane>,
+    tracker: Option<Addr<DirtyTracker>>,
+    machine: StageMachine,
+    current: Option<Stage>,
+    started: Instant,
+    stage_started: Instant,
+    stage_pages: u64,
+    stage_bytes: u64,
+    stages: Vec<StageReport>,
+    pages: PageCounts,
+    bytes: u64,
+    rounds: u32,
+    decisions: Vec<DecisionReport>,
+    predicted: Option<PredictionReport>,
+    algorithm: Algorithm,
+    paused_at: Option<Instant>,
+    downtime: Option<Duration>,
+    paused_by_us: bool,
+    activated: bool,
+    first_pass_done: bool,
+    remaining_gauge: f64,
+    bandwidth: f64,
+    rtt: Duration,
+    target_layout: String,
+    verified: bool,
+    mismatched: Vec<u64>,
+    faults: (u64, f64),
+    verification: Duration,
+}
+
+impl std::fmt::Debug for SourceRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceRun")
+            .field("id", &self.s.id)
+            .field("stage", &self.current)
+            .finish()
+    }
+}
+
+impl SourceRun {
+    pub fn new(s: SourceSetup) -> Self {
+        let now = clock::now();
+        let algorithm = s.req.algorithm;
+        Self {
+            s,
+            link: None,
+            inbox: None,
+            plane: None,
+            tracker: None,
+            machine: StageMachine::Idle,
+            current: None,
+            started: now,
+            stage_started: now,
+            stage_pages: 0,
+            stage_bytes: 0,
+            stages: Vec::new(),
+            pages: PageCounts::default(),
+            bytes: 0,
+            rounds: 0,
+            decisions: Vec::new(),
+            predicted: None,
+            algorithm,
+            paused_at: None,
+            downtime: None,
+            paused_by_us: false,
+            activated: false,
+            first_pass_done: false,
+            remaining_gauge: 0.0,
+            bandwidth: 0.0,
+            rtt: Duration::ZERO,
+            target_layout: String::new(),
+            verified: false,
+            mismatched: Vec::new(),
+            faults: (0, 0.0),
+            verification: Duration::ZERO,
+        }
+    }
+
+    /// Runs the migration to its end and returns the report.
+    pub async fn run(mut self) -> MigrationReport {
+        metrics::gauge!(metric::MIGRATIONS_IN_PROGRESS).increment(1.0);
+        let result = self.drive().await;
+        let (outcome, error, location) = match result {
+            Ok(()) => (Outcome::Completed, None, VmLocation::Target),
+            Err(fail) => self.fail(fail).await,
+        };
+        self.close_stage();
+        if let Some(link) = self.link.take() {
+            link.do_send(CloseLink);
+        }
+        self.plane = None;
+        metrics::gauge!(metric::MIGRATIONS_IN_PROGRESS).decrement(1.0);
+        self.set_remaining(0);
+        for g in [
+            metric::DIRTY_RATE_PAGES_PER_SECOND,
+            metric::LINK_THROUGHPUT_BYTES_PER_SECOND,
+            metric::EXPECTED_DOWNTIME_SECONDS,
+        ] {
+            metrics::gauge!(g).set(0.0);
+        }
+        self.report(outcome, error, location)
+    }
+
+    // ---- stages and bookkeeping ----
+
+    fn enter(&mut self, stage: Stage) -> Result<(), Fail> {
+        self.close_stage();
+        self.machine = self.machine.enter(stage).map_err(|e| Fail::Local(e.to_string()))?;
+        self.current = Some(stage);
+        self.stage_started = clock::now();
+        self.stage_pages = 0;
+        self.stage_bytes = 0;
+        let _ = self.s.events.send(MigrationEvent::StageStarted { stage });
+        Ok(())
+    }
+
+    fn close_stage(&mut self) {
+        if let Some(stage) = self.current.take() {
+            let duration = clock::now().duration_since(self.stage_started);
+            self.stages.push(StageReport {
+                name: stage.name(),
+                start_s: self.stage_started.duration_since(self.started).as_secs_f64(),
+                duration_s: duration.as_secs_f64(),
+                pages: self.stage_pages,
+                bytes: self.stage_bytes,
+            });
+            metrics::histogram!(
+                metric::STAGE_DURATION_SECONDS,
+                "stage" => stage.name(),
+                "algorithm" => self.s.req.algorithm.name()
+            )
+            .record(duration.as_secs_f64());
+            let _ = self.s.events.send(MigrationEvent::StageCompleted { stage, duration });
+        }
+    }
+
+    fn set_remaining(&mut self, pages: u64) {
+        let v = pages as f64;
+        metrics::gauge!(metric::REMAINING_PAGES).increment(v - self.remaining_gauge);
+        self.remaining_gauge = v;
+    }
+
+    fn account(&mut self, stats: &RoundStats) {
+        let pushed_full = stats.full_pages;
+        let pushed_zero = stats.zero_pages;
+        let pulled = stats.pulled_pages;
+        let pushed = (pushed_full + pushed_zero).saturating_sub(pulled);
+        if self.first_pass_done {
+            self.pages.retransmitted += pushed;
+            metrics::counter!(metric::PAGES_SENT_TOTAL, "kind" => "retransmitted").increment(pushed);
+        } else {
+            // A pass over pages never sent before; pulls are counted apart.
+            let zero = pushed_zero.min(pushed);
+            let normal = pushed - zero;
+            self.pages.normal += normal;
+            self.pages.zero += zero;
+            metrics::counter!(metric::PAGES_SENT_TOTAL, "kind" => "normal").increment(normal);
+            metrics::counter!(metric::PAGES_SENT_TOTAL, "kind" => "zero").increment(zero);
+        }
+        self.pages.pulled += pulled;
+        metrics::counter!(metric::PAGES_SENT_TOTAL, "kind" => "pulled").increment(pulled);
+        self.bytes += stats.bytes;
+        metrics::counter!(metric::BYTES_SENT_TOTAL).increment(stats.bytes);
+        self.stage_pages += stats.pages();
+        self.stage_bytes += stats.bytes;
+    }
+
+    fn decide(&mut self, action: &str, reason: &str) {
+        self.decisions.push(DecisionReport {
+            after_round: self.rounds.saturating_sub(1),
+            action: action.to_string(),
+            reason: reason.to_string(),
+        });
+        let _ = self.s.events.send(MigrationEvent::Decision {
+            action: action.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+
+    fn fixed_switchover(&self, state_bytes: u64) -> Duration {
+        let measured = self.measured().switchover;
+        // Before any switchover was measured: two round trips (state/prepared, commit/activated)
+        // plus the state over the bandwidth.
+        let bw = if self.bandwidth > 0.0 {
+            self.bandwidth
+        } else {
+            self.measured().bandwidth.unwrap_or(1e9)
+        };
+        let estimate = self.rtt * 2 + policy::transfer_time(state_bytes.div_ceil(PAGE_SIZE as u64), bw);
+        measured.unwrap_or(estimate)
+    }
+
+    // ---- control plane ----
+
+    async fn send(&self, msg: ControlMessage) -> Result<(), Fail> {
+        let link = self.link.as_ref().ok_or_else(|| Fail::Link("no link".into()))?;
+        match link.send(SendControl(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Fail::Link(e.to_string())),
+            Err(e) => Err(Fail::Link(e.to_string())),
+        }
+    }
+
+    fn cancellable(&self) -> bool {
+        !self.s.committed.load(Ordering::Acquire)
+    }
+
+    /// The next control message from the target, with the step timeout and, before
+    /// commitment, the user's cancel. Page requests are served on the way.
+    async fn recv(&mut self) -> Result<ControlMessage, Fail> {
+        let deadline = clock::now() + self.s.req.step_timeout;
+        loop {
+            let cancellable = self.cancellable();
+            let mut cancel = self.s.cancel.clone();
+            let inbox = self.inbox.as_mut().ok_or_else(|| Fail::Link("no link".into()))?;
+            let ev = tokio::select! {
+                ev = inbox.recv() => ev,
+                _ = cancel.wait_for(|c| *c), if cancellable => return Err(Fail::Cancelled),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Fail::Timeout(self.current.map(|s| s.name()).unwrap_or("start")))
+                }
+            };
+            match ev {
+                Some(LinkEvent::Received(ControlMessage::PageRequest { pages })) => {
+                    if let Some(plane) = &self.plane {
+                        for p in pages {
+                            plane.pull(p);
+                        }
+                    }
+                }
+                Some(LinkEvent::Received(ControlMessage::Abort { reason })) => {
+                    return Err(Fail::Aborted {
+                        side: Side::Target,
+                        reason,
+                    })
+                }
+                Some(LinkEvent::Received(ControlMessage::Refuse { reason })) => {
+                    return Err(Fail::Aborted {
+                        side: Side::Target,
+                        reason,
+                    })
+                }
+                Some(LinkEvent::Received(m)) => return Ok(m),
+                Some(LinkEvent::Lost(e)) => return Err(Fail::Link(e.to_string())),
+                None => return Err(Fail::Link("link actor stopped".into())),
+            }
+        }
+    }
+
+    async fn expect(&mut self, want: &'static str) -> Result<ControlMessage, Fail> {
+        let m = self.recv().await?;
+        if m.name() == want {
+            Ok(m)
+        } else {
+            Err(Fail::Protocol(format!("expected {want}, got {}", m.name())))
+        }
+    }
+
+    /// Runs a data-plane job, abandoning it on cancel (the plane stops at the next batch).
+    async fn with_cancel<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, crate::dataplane::DataPlaneError>>,
+    ) -> Result<T, Fail> {
+        let mut cancel = self.s.cancel.clone();
+        let cancellable = self.cancellable();
+        tokio::select! {
+            r = fut => r.map_err(|e| Fail::Link(e.to_string())),
+            _ = cancel.wait_for(|c| *c), if cancellable => {
+                if let Some(p) = &self.plane {
+                    p.abort();
+                }
+                Err(Fail::Cancelled)
+            }
+        }
+    }
+
+    async fn vm_call<M>(&self, msg: M) -> Result<M::Result, Fail>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        Vm: Handler<M>,
+    {
+        self.s.vm.send(msg).await.map_err(local)
+    }
+
+    // ---- the stages ----
+
+    async fn drive(&mut self) -> Result<(), Fail> {
+        let pool = self.premigration().await?;
+        self.reservation().await?;
+        let plane = SourcePlane::spawn(Arc::clone(&self.s.guest), self.s.end.data_tx.clone()).map_err(local)?;
+        self.plane = Some(plane);
+        match self.algorithm {
+            Algorithm::StopAndCopy => {
+                let all = PageSet::full(self.s.guest.memory().page_count());
+                self.predict_up_front(all.len());
+                self.stop_and_copy(all).await
+            }
+            Algorithm::Postcopy => {
+                let all = PageSet::full(self.s.guest.memory().page_count());
+                self.predict_up_front(all.len());
+                self.postcopy(all).await
+            }
+            Algorithm::Precopy | Algorithm::Hybrid | Algorithm::Auto => {
+                let (after, dirty) = self.precopy(&pool).await?;
+                match after {
+                    AfterPrecopy::StopAndCopy => self.stop_and_copy(dirty).await,
+                    AfterPrecopy::Postcopy => self.postcopy(dirty).await,
+                }
+            }
+        }
+    }
+
+    async fn premigration(&mut self) -> Result<Pool, Fail> {
+        self.enter(Stage::Premigration)?;
+        let (owner_tx, inbox) = mpsc::unbounded_channel();
+        let control = std::mem::replace(
+            &mut self.s.end.control,
+            crate::link::ControlChannel {
+                tx: mpsc::channel(1).0,
+                rx: mpsc::channel(1).1,
+                latency: Duration::ZERO,
+            },
+        );
+        self.link = Some(Link::new(control, owner_tx, self.s.req.keepalive).start());
+        self.inbox = Some(inbox);
+        let sent = clock::now();
+        self.send(ControlMessage::Hello {
+            capabilities: self.s.caps.clone(),
+            requested: self.s.req.algorithm,
+            vm: self.s.guest.config().id.0.clone(),
+        })
+        .await?;
+        let (version, target_caps) = match self.expect("Welcome").await? {
+            ControlMessage::Welcome { version, capabilities } => (version, capabilities),
+            other => return Err(Fail::Protocol(format!("expected Welcome, got {}", other.name()))),
+        };
+        self.rtt = clock::now().duration_since(sent);
+        self.target_layout = target_caps
+            .layouts
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let pool = negotiate(&self.s.caps, &target_caps, self.s.req.algorithm).map_err(Fail::Negotiation)?;
+        if pool.version != version {
+            return Err(Fail::Protocol(format!(
+                "target chose protocol version {version}, expected {}",
+                pool.version
+            )));
+        }
+        Ok(pool)
+    }
+
+    async fn reservation(&mut self) -> Result<(), Fail> {
+        self.enter(Stage::Reservation)?;
+        self.send(ControlMessage::Reserve {
+            config: self.s.guest.config().clone(),
+            algorithm: self.s.req.algorithm,
+        })
+        .await?;
+        self.expect("Reserved").await?;
+        Ok(())
+    }
+
+    async fn send_round(&mut self, round: u32, pages: PageSet, rate: Option<u64>) -> Result<RoundStats, Fail> {
+        let plane = self.plane.as_ref().ok_or_else(|| Fail::Local("no data plane".into()))?;
+        let stats = self.with_cancel(plane.send_round(round, pages, rate)).await?;
+        self.account(&stats);
+        Ok(stats)
+    }
+
+    async fn precopy(&mut self, pool: &Pool) -> Result<(AfterPrecopy, PageSet), Fail> {
+        self.enter(Stage::Precopy)?;
+        let tracker = DirtyTracker::new(Arc::clone(&self.s.guest) as Arc<dyn crate::dirty::DirtyLogSource>).start();
+        tracker.send(StartDirtyLog).await.map_err(local)?.map_err(local)?;
+        self.tracker = Some(tracker.clone());
+        let pages_total = self.s.guest.memory().page_count();
+        let cfg = self.s.req.policy;
+        let mut to_send = PageSet::full(pages_total);
+        let mut history: Vec<u64> = Vec::new();
+        let mut last_dirty_rate_bytes = 0.0;
+        let precopy_started = clock::now();
+        loop {
+            let round = self.rounds;
+            let rate = policy::round_rate(&cfg, round, last_dirty_rate_bytes);
+            let round_started = clock::now();
+            let stats = self.send_round(round, to_send, rate).await?;
+            self.rounds += 1;
+            self.first_pass_done = true;
+            let batches_total = self.plane.as_ref().map(|p| p.batches_sent()).unwrap_or(0);
+            self.send(ControlMessage::RoundDone { round, batches_total }).await?;
+            let dirty = tracker.send(CollectDirtyPages).await.map_err(local)?.map_err(local)?;
+            let round_time = clock::now().duration_since(round_started).as_secs_f64().max(1e-6);
+            let dirty_rate = dirty.len() as f64 / round_time;
+            last_dirty_rate_bytes = dirty_rate * PAGE_SIZE as f64;
+            if stats.bytes > 0 {
+                self.bandwidth = stats.bytes_per_sec().max(1.0);
+            }
+            let remaining = dirty.len();
+            let fixed = self.fixed_switchover(4096);
+            let expected = policy::predicted_downtime(remaining, self.bandwidth, fixed);
+            self.set_remaining(remaining);
+            metrics::gauge!(metric::DIRTY_RATE_PAGES_PER_SECOND).set(dirty_rate);
+            metrics::gauge!(metric::LINK_THROUGHPUT_BYTES_PER_SECOND).set(self.bandwidth);
+            metrics::gauge!(metric::EXPECTED_DOWNTIME_SECONDS).set(expected.as_secs_f64());
+            let _ = self.s.events.send(MigrationEvent::RoundCompleted {
+                round,
+                pages_sent: stats.pages(),
+                remaining_pages: remaining,
+                dirty_pages_per_sec: dirty_rate,
+                bytes_per_sec: self.bandwidth,
+                expected_downtime: expected,
+            });
+            if round == 0 && self.s.req.algorithm == Algorithm::Auto {
+                let inputs = CostInputs {
+                    remaining_pages: remaining,
+                    dirty_pages_per_sec: dirty_rate,
+                    working_set_pages: remaining.max(1),
+                    bandwidth_bytes_per_sec: self.bandwidth,
+                    fixed_switchover: fixed,
+                };
+                let concrete: Vec<Algorithm> = pool
+                    .algorithms
+                    .iter()
+                    .copied()
+                    .filter(|a| *a != Algorithm::Auto)
+                    .collect();
+                let (choice, options) = policy::choose_algorithm(&cfg, &concrete, &inputs);
+                let elapsed = clock::now().duration_since(self.started);
+                self.predicted = Some(PredictionReport {
+                    algorithm: choice.algorithm.name().to_string(),
+                    downtime_s: choice.downtime.as_secs_f64(),
+                    total_s: (elapsed + choice.total).as_secs_f64(),
+                    basis: format!(
+                        "round 0: dirty rate {:.0} pages/s, bandwidth {:.1} MB/s, fixed switchover {:.2} ms; options: {}",
+                        dirty_rate,
+                        self.bandwidth / 1e6,
+                        fixed.as_secs_f64() * 1e3,
+                        options
+                            .iter()
+                            .map(|p| format!(
+                                "{} {:.1} ms down / {:.2} s total{}",
+                                p.algorithm,
+                                p.downtime.as_secs_f64() * 1e3,
+                                p.total.as_secs_f64(),
+                                if p.converges { "" } else { " (does not converge)" }
+                            ))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                });
+                self.algorithm = choice.algorithm;
+                self.decide(
+                    &format!("auto chose {}", choice.algorithm),
+                    "lowest predicted total time within the downtime limit",
+                );
+                match choice.algorithm {
+                    Algorithm::Postcopy => return Ok((AfterPrecopy::Postcopy, dirty)),
+                    Algorithm::StopAndCopy => return Ok((AfterPrecopy::StopAndCopy, dirty)),
+                    _ => {}
+                }
+            }
+            let ctx = RoundContext {
+                algorithm: if self.s.req.algorithm == Algorithm::Auto {
+                    Algorithm::Auto
+                } else {
+                    self.algorithm
+                },
+                rounds_done: self.rounds,
+                remaining_pages: remaining,
+                history: &history,
+                bandwidth_bytes_per_sec: self.bandwidth,
+                fixed_switchover: fixed,
+                elapsed: clock::now().duration_since(precopy_started),
+                postcopy_in_pool: pool.offers(Algorithm::Postcopy) || pool.offers(Algorithm::Hybrid),
+            };
+            let decision = policy::decide_round(&cfg, &ctx);
+            history.push(remaining);
+            match decision {
+                Decision::Continue => to_send = dirty,
+                Decision::StopAndCopy {
+                    reason,
+                    predicted_downtime,
+                    forced,
+                } => {
+                    let action = if forced {
+                        "forced stop-and-copy"
+                    } else {
+                        "stop-and-copy"
+                    };
+                    self.decide(
+                        action,
+                        &format!(
+                            "{} (predicted downtime {:.1} ms)",
+                            reason.describe(),
+                            predicted_downtime.as_secs_f64() * 1e3
+                        ),
+                    );
+                    if self.predicted.is_none() || self.algorithm == Algorithm::Precopy {
+                        let elapsed = clock::now().duration_since(self.started);
+                        self.predicted = Some(PredictionReport {
+                            algorithm: self.algorithm.name().to_string(),
+                            downtime_s: predicted_downtime.as_secs_f64(),
+                            total_s: (elapsed + predicted_downtime).as_secs_f64(),
+                            basis: format!(
+                                "after round {round}: {remaining} pages at {:.1} MB/s plus {:.2} ms fixed switchover",
+                                self.bandwidth / 1e6,
+                                fixed.as_secs_f64() * 1e3
+                            ),
+                        });
+                    }
+                    return Ok((AfterPrecopy::StopAndCopy, dirty));
+                }
+                Decision::SwitchToPostcopy { reason } => {
+                    self.decide("switch to post-copy", reason.describe());
+                    if self.s.req.algorithm != Algorithm::Hybrid {
+                        self.algorithm = Algorithm::Postcopy;
+                    }
+                    return Ok((AfterPrecopy::Postcopy, dirty));
+                }
+                Decision::Abort {
+                    reason,
+                    predicted_downtime,
+                } => {
+                    let detail = format!(
+                        "{}; stop-and-copy would take {:.1} ms, over the {:.0} ms ceiling",
+                        reason.describe(),
+                        predicted_downtime.as_secs_f64() * 1e3,
+                        cfg.downtime_ceiling.as_secs_f64() * 1e3
+                    );
+                    self.decide("abort", &detail);
+                    return Err(Fail::Aborted {
+                        side: Side::Source,
+                        reason: AbortReason::NotConverging { detail },
+                    });
+                }
+            }
+        }
+    }
+
+    /// Pauses the VM (the start of downtime) and takes the final dirty set.
+    async fn pause_and_collect(&mut self, mut pages: PageSet) -> Result<PageSet, Fail> {
+        self.vm_call(PauseVm).await?.map_err(local)?;
+        self.paused_at = Some(clock::now());
+        self.paused_by_us = true;
+        if let Some(tracker) = self.tracker.take() {
+            let last = tracker.send(CollectDirtyPages).await.map_err(local)?.map_err(local)?;
+            pages.union_with(&last);
+            let _ = tracker.send(StopDirtyLog).await;
+        }
+        self.set_remaining(pages.len());
+        Ok(pages)
+    }
+
+    async fn send_state(&mut self, missing: Vec<u8>) -> Result<(), Fail> {
+        let batches_total = self.plane.as_ref().map(|p| p.batches_sent()).unwrap_or(0);
+        self.send(ControlMessage::Suspend { batches_total, missing }).await?;
+        let (vcpus, devices) = self.vm_call(SaveVmState).await?.map_err(local)?;
+        self.send(ControlMessage::VcpuState { vcpus }).await?;
+        self.send(ControlMessage::DeviceState { devices }).await?;
+        Ok(())
+    }
+
+    fn commit(&mut self) {
+        self.s.committed.store(true, Ordering::Release);
+    }
+
+    fn measured(&self) -> Measured {
+        *self.s.measured.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_switchover(&self, final_pages_time: Duration) {
+        let mut m = self.s.measured.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = self.downtime {
+            let fixed = d.saturating_sub(final_pages_time).as_secs_f64();
+            m.switchover = Some(Duration::from_secs_f64(ewma(
+                m.switchover.map(|s| s.as_secs_f64()),
+                fixed,
+            )));
+        }
+        if self.bandwidth > 0.0 {
+            m.bandwidth = Some(ewma(m.bandwidth, self.bandwidth));
+        }
+    }
+
+    /// The prediction of an algorithm that decides at once (stop-and-copy, post-copy), from
+    /// what earlier migrations measured; none on an engine's first migration.
+    fn predict_up_front(&mut self, pages: u64) {
+        let Some(bw) = self.measured().bandwidth else { return };
+        let fixed = self.fixed_switchover(4096);
+        let transfer = policy::transfer_time(pages, bw);
+        let (down, total) = match self.algorithm {
+            Algorithm::Postcopy => (fixed, fixed + transfer),
+            _ => (transfer + fixed, transfer + fixed),
+        };
+        let elapsed = clock::now().duration_since(self.started);
+        self.predicted = Some(PredictionReport {
+            algorithm: self.algorithm.name().to_string(),
+            downtime_s: down.as_secs_f64(),
+            total_s: (elapsed + total).as_secs_f64(),
+            basis: format!(
+                "{pages} pages at {:.1} MB/s (earlier migrations) plus {:.2} ms fixed switchover",
+                bw / 1e6,
+                fixed.as_secs_f64() * 1e3
+            ),
+        });
+    }
+
+    async fn stop_and_copy(&mut self, pages: PageSet) -> Result<(), Fail> {
+        self.enter(Stage::Stopcopy)?;
+        let pages = self.pause_and_collect(pages).await?;
+        let final_started = clock::now();
+        let rate = self.s.req.policy.rate_cap;
+        let round = self.rounds;
+        let stats = self.send_round(round, pages, rate).await?;
+        let final_time = clock::now().duration_since(final_started);
+        if stats.bytes > 0 && self.bandwidth == 0.0 {
+            self.bandwidth = stats.bytes_per_sec();
+        }
+        self.first_pass_done = true;
+        self.set_remaining(0);
+        self.send_state(Vec::new()).await?;
+        self.enter(Stage::Commitment)?;
+        self.expect("Prepared").await?;
+        // The point of no return: from here the target owns the VM.
+        self.commit();
+        self.send(ControlMessage::Commit).await?;
+        self.enter(Stage::Activation)?;
+        self.expect("Activated").await?;
+        self.activated = true;
+        self.downtime = self.paused_at.map(|t| clock::now().duration_since(t));
+        self.record_switchover(final_time);
+        self.verify_and_release().await
+    }
+
+    async fn postcopy(&mut self, missing: PageSet) -> Result<(), Fail> {
+        self.enter(Stage::Stopcopy)?;
+        let missing = self.pause_and_collect(missing).await?;
+        self.send_state(missing.to_bytes()).await?;
+        self.expect("Prepared").await?;
+        self.enter(Stage::Activation)?;
+        self.commit();
+        self.send(ControlMessage::Commit).await?;
+        self.expect("Activated").await?;
+        self.activated = true;
+        self.downtime = self.paused_at.map(|t| clock::now().duration_since(t));
+        self.record_switchover(Duration::ZERO);
+        self.enter(Stage::Pull)?;
+        let plane = self.plane.as_ref().ok_or_else(|| Fail::Local("no data plane".into()))?;
+        let mut pushed = plane.start_postcopy(missing).map_err(local)?;
+        let mut push_stats = None;
+        loop {
+            tokio::select! {
+                r = &mut pushed, if push_stats.is_none() => {
+                    let stats = r.map_err(local)?.map_err(|e| Fail::Link(e.to_string()))?;
+                    push_stats = Some(stats);
+                }
+                m = self.recv() => {
+                    match m? {
+                        ControlMessage::Complete => break,
+                        other => return Err(Fail::Protocol(format!("expected Complete, got {}", other.name()))),
+                    }
+                }
+            }
+        }
+        if let Some(stats) = push_stats {
+            self.account(&stats);
+        }
+        self.enter(Stage::Commitment)?;
+        self.verify_and_release().await
+    }
+
+    /// Compares page digests with the target's, then frees the source copy and completes.
+    async fn verify_and_release(&mut self) -> Result<(), Fail> {
+        // Pre-copy's activation ends when the target runs; verification is not part of it.
+        if self.current == Some(Stage::Activation) {
+            self.close_stage();
+        }
+        let verify_started = clock::now();
+        let guest = Arc::clone(&self.s.guest);
+        let source = tokio::task::spawn_blocking(move || verify::digests(guest.as_ref()))
+            .await
+            .map_err(local)?;
+        let mut target = Vec::with_capacity(source.len());
+        let memory_mismatches;
+        loop {
+            match self.expect("Digests").await? {
+                ControlMessage::Digests {
+                    first_page,
+                    digests,
+                    last,
+                    memory_mismatches: mm,
+                    faults,
+                    fault_wait_s,
+                } => {
+                    if first_page != target.len() as u64 || target.len() + digests.len() > source.len() {
+                        return Err(Fail::Protocol(format!(
+                            "digests from page {first_page} ({} of them) do not follow the {} received",
+                            digests.len(),
+                            target.len()
+                        )));
+                    }
+                    target.extend_from_slice(&digests);
+                    if last {
+                        memory_mismatches = mm;
+                        let mean = if faults > 0 { fault_wait_s / faults as f64 } else { 0.0 };
+                        self.faults = (faults, mean);
+                        break;
+                    }
+                }
+                other => return Err(Fail::Protocol(format!("expected Digests, got {}", other.name()))),
+            }
+        }
+        let mut mismatched = verify::compare(&source, &target);
+        mismatched.extend(memory_mismatches);
+        mismatched.sort_unstable();
+        mismatched.dedup();
+        mismatched.truncate(super::receiver::MAX_LISTED_MISMATCHES);
+        self.verified = mismatched.is_empty() && target.len() == source.len();
+        self.verification = clock::now().duration_since(verify_started);
+        self.mismatched = mismatched;
+        // The target holds every page and runs: free the source copy.
+        self.vm_call(EndOutgoing { moved: true }).await?.map_err(local)?;
+        self.paused_by_us = false;
+        self.send(ControlMessage::Complete).await?;
+        self.machine = self.machine.finish().map_err(|e| Fail::Local(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Rolls back before commitment; after it, leaves the VM where the protocol says it is.
+    async fn fail(&mut self, fail: Fail) -> (Outcome, Option<String>, VmLocation) {
+        let committed = !self.cancellable();
+        if let Some(plane) = &self.plane {
+            plane.abort();
+        }
+        if let Some(reason) = fail.reason_for_peer() {
+            if !matches!(fail, Fail::Link(_)) {
+                let _ = self.send(ControlMessage::Abort { reason }).await;
+            }
+        }
+        if let Some(tracker) = self.tracker.take() {
+            let _ = tracker.send(StopDirtyLog).await;
+        }
+        let outcome = fail.outcome();
+        let stage = self.current;
+        let error = fail.into_error(stage, self.s.id).to_string();
+        let location = if !committed {
+            // Before commitment the source copy is the only one: run it again.
+            if self.paused_by_us {
+                let _ = self.s.vm.send(ResumeVm).await;
+            }
+            let _ = self.s.vm.send(EndOutgoing { moved: false }).await;
+            VmLocation::Source
+        } else if self.activated {
+            VmLocation::Target
+        } else {
+            // Commit went out and no answer came: the target may run the VM. Keep this copy
+            // paused; resuming it could make two.
+            VmLocation::Undetermined
+        };
+        (if committed { Outcome::Failed } else { outcome }, Some(error), location)
+    }
+
+    fn report(&mut self, result: Outcome, error: Option<String>, vm_location: VmLocation) -> MigrationReport {
+        let total = clock::now().duration_since(self.started);
+        let downtime = self.downtime.unwrap_or(Duration::ZERO);
+        let alg_label = self.s.req.algorithm.name();
+        metrics::counter!(metric::MIGRATIONS_TOTAL, "algorithm" => alg_label, "result" => result.label()).increment(1);
+        if result == Outcome::Completed {
+            metrics::histogram!(metric::DOWNTIME_SECONDS, "algorithm" => alg_label).record(downtime.as_secs_f64());
+            metrics::histogram!(metric::TOTAL_TIME_SECONDS, "algorithm" => alg_label).record(total.as_secs_f64());
+            metrics::histogram!(metric::PRECOPY_ROUNDS).record(f64::from(self.rounds));
+        }
+        let faults = self.faults;
+        MigrationReport {
+            id: self.s.id,
+            vm: self.s.guest.config().id.0.clone(),
+            source: self.s.req.source.clone(),
+            target: self.s.req.target.clone(),
+            source_layout: self.s.guest.layout().to_string(),
+            target_layout: self.target_layout.clone(),
+            requested: self.s.req.algorithm.name().to_string(),
+            algorithm: self.algorithm.name().to_string(),
+            result,
+            error,
+            vm_location,
+            stages: std::mem::take(&mut self.stages),
+            pages: self.pages,
+            bytes_sent: self.bytes,
+            rounds: self.rounds,
+            downtime_s: downtime.as_secs_f64(),
+            total_s: total.as_secs_f64(),
+            throughput_bytes_per_s: if total.as_secs_f64() > 0.0 {
+                self.bytes as f64 / total.as_secs_f64()
+            } else {
+                0.0
+            },
+            predicted: self.predicted.clone(),
+            decisions: std::mem::take(&mut self.decisions),
+            verified: self.verified,
+            mismatched_pages: std::mem::take(&mut self.mismatched),
+            postcopy_faults: faults.0,
+            mean_fault_latency_s: faults.1,
+            verification_s: self.verification.as_secs_f64(),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Two link ends joined in one process: the demo's and most tests' link.
+
+use std::sync::{Arc, Mutex};
+
+use crossbeam::channel;
+
+use super::{
+    ControlChannel, DataReceiver, DataSender, LinkEnd, Shaping, TokenBucket, CONTROL_CHANNEL_FRAMES,
+    DATA_CHANNEL_FRAMES,
+};
+
+/// A connected pair of link ends with the given shaping in each direction.
+pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
+    let (c_ab_tx, c_ab_rx) = tokio::sync::mpsc::channel(CONTROL_CHANNEL_FRAMES);
+    let (c_ba_tx, c_ba_rx) = tokio::sync::mpsc::channel(CONTROL_CHANNEL_FRAMES);
+    let (d_ab_tx, d_ab_rx) = channel::bounded(DATA_CHANNEL_FRAMES);
+    let (d_ba_tx, d_ba_rx) = channel::bounded(DATA_CHANNEL_FRAMES);
+    let budget = || {
+        shaping
+            .bandwidth_bytes_per_sec
+            .map(|r| Arc::new(Mutex::new(TokenBucket::new(r))))
+    };
+    let a = LinkEnd {
+        control: ControlChannel {
+            tx: c_ab_tx,
+            rx: c_ba_rx,
+            latency: shaping.latency,
+        },
+        data_tx: DataSender {
+            tx: d_ab_tx,
+            budget: budget(),
+            latency: shaping.latency,
+        },
+        data_rx: DataReceiver { rx: d_ba_rx },
+    };
+    let b = LinkEnd {
+        control: ControlChannel {
+            tx: c_ba_tx,
+            rx: c_ab_rx,
+            latency: shaping.latency,
+        },
+        data_tx: DataSender {
+            tx: d_ba_tx,
+            budget: budget(),
+            latency: shaping.latency,
+        },
+        data_rx: DataReceiver { rx: d_ab_rx },
+    };
+    (a, b)
+}

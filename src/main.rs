@@ -1,0 +1,261 @@
+//! The `migratory` command line: a live-migration demo on the embedded `sim` backend.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+use migratory::engine::{
+    EngineHandle, HostConfig, MigrationEvent, MigrationReport, MigrationRequest, PolicyConfig, StallAction, VmSpec,
+};
+use migratory::format::NativeLayout;
+use migratory::link::Shaping;
+use migratory::protocol::Algorithm;
+use migratory::units::ByteSize;
+use migratory::vmm::sim::{Pattern, WorkloadSpec};
+
+#[derive(Debug, Parser)]
+#[command(name = "migratory", version, about = "Live VM migration engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Migrate a running sim VM between two in-process hosts and print what happened.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1GiB")]
+    memory: ByteSize,
+    /// stop-and-copy, precopy, postcopy, hybrid or auto.
+    #[arg(long, default_value = "precopy")]
+    algorithm: Algorithm,
+    /// Guest dirtying rate (bytes of pages per second; 0 = idle).
+    #[arg(long, default_value = "100MB")]
+    dirty_rate: ByteSize,
+    /// Working set the writer dirties (the hot set for `hot-set`).
+    #[arg(long, default_value = "64MiB")]
+    working_set: ByteSize,
+    /// uniform, hot-set or sequential.
+    #[arg(long, default_value = "hot-set")]
+    pattern: Pattern,
+    /// Fraction of pages that start out zero.
+    #[arg(long, default_value_t = 0.1)]
+    zero_fraction: f64,
+    /// Native layout of the source host's backend.
+    #[arg(long, default_value = "xen-hvm")]
+    source_layout: NativeLayout,
+    /// Native layout of the target host's backend.
+    #[arg(long, default_value = "kvm")]
+    target_layout: NativeLayout,
+    /// Link bandwidth cap (e.g. 1GB for 1 GB/s); unlimited by default.
+    #[arg(long)]
+    bandwidth: Option<ByteSize>,
+    /// One-way link latency in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    latency_ms: f64,
+    /// Downtime the switchover may take, in milliseconds.
+    #[arg(long, default_value_t = 300.0)]
+    downtime_limit_ms: f64,
+    /// What a pre-copy stall turns into: auto, postcopy, force-stop-and-copy, abort.
+    #[arg(long, default_value = "auto")]
+    on_stall: StallAction,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Print the Prometheus exposition of the engine's metrics after the report.
+    #[arg(long)]
+    print_metrics: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Demo(args) => demo(args),
+    }
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    let recorder = PrometheusBuilder::new().install_recorder();
+    let prometheus = match recorder {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("migratory: metrics disabled: {e}");
+            None
+        }
+    };
+    migratory::telemetry::describe_all();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("migratory: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run_demo(&args));
+    match result {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("migratory: cannot encode report: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print_report(&report);
+            }
+            if args.print_metrics {
+                if let Some(p) = prometheus {
+                    println!("{}", p.render());
+                }
+            }
+            if report.result == migratory::engine::Outcome::Completed && report.verified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("migratory: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine::EngineError> {
+    let engine = EngineHandle::start()?;
+    engine.add_host(HostConfig::new("source", args.source_layout)).await?;
+    engine.add_host(HostConfig::new("target", args.target_layout)).await?;
+    let workload = WorkloadSpec {
+        rate_bytes_per_sec: args.dirty_rate.0,
+        working_set_bytes: args.working_set.0,
+        pattern: args.pattern,
+        zero_fraction: args.zero_fraction,
+        seed: 42,
+    };
+    let spec = VmSpec {
+        workload,
+        ..VmSpec::new("demo-vm", args.memory.0)
+    };
+    if !args.json {
+        eprintln!(
+            "creating a {} sim VM on `source` ({}), writer {} at {}/s over {}...",
+            args.memory, args.source_layout, args.pattern, args.dirty_rate, args.working_set
+        );
+    }
+    engine.create_vm("source", spec).await?;
+    let mut req = MigrationRequest::new("demo-vm", "source", "target").algorithm(args.algorithm);
+    req.shaping = Shaping {
+        bandwidth_bytes_per_sec: args.bandwidth.map(|b| b.0),
+        latency: Duration::from_secs_f64(args.latency_ms.max(0.0) / 1e3),
+    };
+    req.policy = PolicyConfig {
+        downtime_limit: Duration::from_secs_f64(args.downtime_limit_ms.max(0.0) / 1e3),
+        on_stall: args.on_stall,
+        ..PolicyConfig::default()
+    };
+    let mut started = engine.start_migration(req).await?;
+    loop {
+        match started.events.recv().await {
+            Ok(MigrationEvent::Finished(report)) => return Ok(*report),
+            Ok(ev) if !args.json => print_event(&ev),
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return engine.report(started.id).await,
+        }
+    }
+}
+
+fn print_event(ev: &MigrationEvent) {
+    match ev {
+        MigrationEvent::StageStarted { stage } => eprintln!("  -> {stage}"),
+        MigrationEvent::RoundCompleted {
+            round,
+            pages_sent,
+            remaining_pages,
+            bytes_per_sec,
+            expected_downtime,
+            ..
+        } => eprintln!(
+            "     round {round}: sent {pages_sent} pages at {:.0} MB/s, {remaining_pages} dirty, expected downtime {:.1} ms",
+            bytes_per_sec / 1e6,
+            expected_downtime.as_secs_f64() * 1e3
+        ),
+        MigrationEvent::Decision { action, reason } => eprintln!("     decision: {action} ({reason})"),
+        MigrationEvent::NetworkAnnounced { nic, mac, host } => eprintln!("     {host} announced {nic} {mac}"),
+        MigrationEvent::TargetStopped { reason } => eprintln!("     target: {reason}"),
+        _ => {}
+    }
+}
+
+fn print_report(r: &MigrationReport) {
+    println!();
+    println!(
+        "migration {} of {}: {} -> {} ({} -> {}), algorithm {} (requested {})",
+        r.id, r.vm, r.source, r.target, r.source_layout, r.target_layout, r.algorithm, r.requested
+    );
+    println!(
+        "{:<14} {:>10} {:>12} {:>10} {:>12}",
+        "stage", "start ms", "duration ms", "pages", "MiB"
+    );
+    for s in &r.stages {
+        println!(
+            "{:<14} {:>10.2} {:>12.2} {:>10} {:>12.1}",
+            s.name,
+            s.start_s * 1e3,
+            s.duration_s * 1e3,
+            s.pages,
+            s.bytes as f64 / (1 << 20) as f64
+        );
+    }
+    println!();
+    println!(
+        "result          {:?}{}",
+        r.result,
+        r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+    );
+    println!("vm runs on      {:?}", r.vm_location);
+    println!("total time      {:.3} s", r.total_s);
+    println!("downtime        {:.2} ms", r.downtime_s * 1e3);
+    println!("throughput      {:.1} MB/s", r.throughput_bytes_per_s / 1e6);
+    println!("rounds          {}", r.rounds);
+    println!(
+        "pages           normal {}, zero {}, retransmitted {}, pulled {}",
+        r.pages.normal, r.pages.zero, r.pages.retransmitted, r.pages.pulled
+    );
+    if let Some(p) = &r.predicted {
+        println!(
+            "predicted       {}: downtime {:.2} ms, total {:.3} s ({})",
+            p.algorithm,
+            p.downtime_s * 1e3,
+            p.total_s,
+            p.basis
+        );
+    }
+    for d in &r.decisions {
+        println!(
+            "decision        after round {}: {} ({})",
+            d.after_round, d.action, d.reason
+        );
+    }
+    if r.postcopy_faults > 0 {
+        println!(
+            "post-copy       {} faults, mean latency {:.1} us",
+            r.postcopy_faults,
+            r.mean_fault_latency_s * 1e6
+        );
+    }
+    if r.verified {
+        println!("verified        true: target memory equals source memory at pause; vCPU state identical");
+    } else {
+        println!("verified        false: pages differ: {:?}", r.mismatched_pages);
+    }
+}

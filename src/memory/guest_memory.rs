@@ -1,0 +1,271 @@
+//! An anonymous, private mapping that holds a guest's RAM.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::units::{PageIndex, PAGE_SIZE};
+
+/// Errors of guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The size is zero or not a whole number of pages.
+    #[error("guest memory size {bytes} is not a non-zero multiple of {PAGE_SIZE}")]
+    BadSize {
+        /// The size asked for.
+        bytes: u64,
+    },
+    /// mmap refused the mapping.
+    #[error("mmap of {bytes} bytes failed: {source}")]
+    Map {
+        /// The size asked for.
+        bytes: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A page index outside the mapping.
+    #[error("page {index} is outside guest memory of {pages} pages")]
+    OutOfRange {
+        /// The page asked for.
+        index: u64,
+        /// Pages in the mapping.
+        pages: u64,
+    },
+}
+
+/// A guest's RAM: an anonymous mapping shared by the guest's own threads (the workload or
+/// vCPUs) and the VMM's threads (data plane, digests).
+///
+/// Like the memory of a real VM, it is written by the guest while the VMM reads it; torn reads of
+/// a page being written are expected and harmless, because the write marks the page dirty and
+/// the page is sent again in a later round or after the pause.
+#[derive(Debug)]
+pub struct GuestMemory {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value for its whole life; every access goes
+// through raw pointers with bounds checked against `len`, and concurrent access from several
+// threads is the intended use (see the type's doc on racing readers and writers).
+unsafe impl Send for GuestMemory {}
+// SAFETY: as for Send; no method hands out a Rust reference into the mapping that outlives the
+// call.
+unsafe impl Sync for GuestMemory {}
+
+impl GuestMemory {
+    /// Maps `bytes` of zeroed, private, anonymous memory. Pages are committed on first touch.
+    pub fn new(bytes: u64) -> Result<Self, MemoryError> {
+        if bytes == 0 || bytes % PAGE_SIZE as u64 != 0 || bytes > isize::MAX as u64 {
+            return Err(MemoryError::BadSize { bytes });
+        }
+        let len = bytes as usize;
+        // SAFETY: a fresh anonymous mapping with no address hint aliases nothing; the result is
+        // checked for MAP_FAILED before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                bytes,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Map {
+            bytes,
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(Self { base, len })
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a mapping has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of pages.
+    pub fn page_count(&self) -> u64 {
+        (self.len / PAGE_SIZE) as u64
+    }
+
+    fn page_ptr(&self, index: PageIndex) -> Result<*mut u8, MemoryError> {
+        if index.0 >= self.page_count() {
+            return Err(MemoryError::OutOfRange {
+                index: index.0,
+                pages: self.page_count(),
+            });
+        }
+        // SAFETY: index < page_count, so the offset stays inside the mapping.
+        Ok(unsafe { self.base.as_ptr().add(index.0 as usize * PAGE_SIZE) })
+    }
+
+    /// Copies page `index` into `dst` (exactly one page long).
+    pub fn read_page(&self, index: PageIndex, dst: &mut [u8]) -> Result<(), MemoryError> {
+        let src = self.page_ptr(index)?;
+        assert_eq!(dst.len(), PAGE_SIZE, "read_page needs a page-sized buffer");
+        // SAFETY: src is a whole page inside the mapping, dst is a distinct page-sized buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// Overwrites page `index` with `src` (exactly one page long).
+    pub fn write_page(&self, index: PageIndex, src: &[u8]) -> Result<(), MemoryError> {
+        let dst = self.page_ptr(index)?;
+        assert_eq!(src.len(), PAGE_SIZE, "write_page needs a page-sized buffer");
+        // SAFETY: dst is a whole page inside the mapping, src a distinct page-sized buffer.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// Fills page `index` with zeros.
+    pub fn zero_page(&self, index: PageIndex) -> Result<(), MemoryError> {
+        let dst = self.page_ptr(index)?;
+        // SAFETY: dst is a whole page inside the mapping.
+        unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE) };
+        Ok(())
+    }
+
+    /// Runs `f` over a momentary view of page `index`. The view may change under `f` if the
+    /// guest writes concurrently; callers use it for scans and digests whose staleness is
+    /// covered by dirty tracking.
+    fn with_page<R>(&self, index: PageIndex, f: impl FnOnce(&[u8]) -> R) -> Result<R, MemoryError> {
+        let p = self.page_ptr(index)?;
+        // SAFETY: p is a whole page inside the mapping; the slice does not escape `f`.
+        let page = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
+        Ok(f(page))
+    }
+
+    /// True if the page holds only zeros.
+    pub fn page_is_zero(&self, index: PageIndex) -> Result<bool, MemoryError> {
+        self.with_page(index, is_zero)
+    }
+
+    /// A 64-bit digest of the page's bytes.
+    pub fn page_digest(&self, index: PageIndex) -> Result<u64, MemoryError> {
+        self.with_page(index, xxh3_64)
+    }
+
+    /// Atomically stores one 64-bit word at `word` (0..512) of page `index`: the unit of a
+    /// simulated guest write.
+    pub fn store_word(&self, index: PageIndex, word: usize, value: u64) -> Result<(), MemoryError> {
+        let p = self.page_ptr(index)?;
+        let word = word % (PAGE_SIZE / 8);
+        // SAFETY: the page start is page-aligned (mmap is), so p + 8*word is 8-byte aligned and
+        // inside the page; AtomicU64 has the layout of u64.
+        let cell = unsafe { &*(p.add(word * 8) as *const AtomicU64) };
+        cell.store(value, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fills memory with non-zero pseudo-random content, leaving about `zero_fraction` of the
+    /// pages zero, deterministically from `seed`.
+    pub fn fill_pseudo_random(&self, seed: u64, zero_fraction: f64) -> Result<(), MemoryError> {
+        let zero_per_million = (zero_fraction.clamp(0.0, 1.0) * 1_000_000.0) as u64;
+        let mut rng = SplitMix64::new(seed);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        for i in 0..self.page_count() {
+            if rng.next() % 1_000_000 < zero_per_million {
+                continue; // fresh anonymous memory is already zero
+            }
+            for chunk in buf.chunks_exact_mut(8) {
+                // `| 1` keeps every word non-zero so a data page is never mistaken for zero.
+                chunk.copy_from_slice(&(rng.next() | 1).to_le_bytes());
+            }
+            self.write_page(PageIndex(i), &buf)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: base/len are exactly the mapping made in `new`, unmapped once, here.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// True if every byte of `page` is zero; word-wise for speed.
+pub(crate) fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && tail.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0)
+}
+
+/// A tiny deterministic generator (SplitMix64) for guest content and workload choices; no
+/// cryptographic quality needed.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 pseudo-random bits.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_fill_leaves_requested_zero_fraction() {
+        let m = GuestMemory::new(1024 * PAGE_SIZE as u64).expect("map");
+        m.fill_pseudo_random(7, 0.25).expect("fill");
+        let zeros = (0..m.page_count())
+            .filter(|&i| m.page_is_zero(PageIndex(i)).expect("in range"))
+            .count();
+        assert!((180..330).contains(&zeros), "zero pages: {zeros}");
+    }
+
+    #[test]
+    fn test_page_round_trip_and_digest() {
+        let m = GuestMemory::new(4 * PAGE_SIZE as u64).expect("map");
+        let page: Vec<u8> = (0..PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+        m.write_page(PageIndex(2), &page).expect("write");
+        let mut out = vec![0; PAGE_SIZE];
+        m.read_page(PageIndex(2), &mut out).expect("read");
+        assert_eq!(out, page);
+        assert_eq!(m.page_digest(PageIndex(2)).expect("digest"), xxh3_64(&page));
+        assert!(m.page_is_zero(PageIndex(1)).expect("zero"));
+        m.store_word(PageIndex(1), 3, 9).expect("store");
+        assert!(!m.page_is_zero(PageIndex(1)).expect("zero"));
+    }
+
+    #[test]
+    fn test_rejects_out_of_range_and_bad_sizes() {
+        assert!(matches!(GuestMemory::new(0), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(GuestMemory::new(100), Err(MemoryError::BadSize { .. })));
+        let m = GuestMemory::new(PAGE_SIZE as u64).expect("map");
+        assert!(matches!(
+            m.page_digest(PageIndex(1)),
+            Err(MemoryError::OutOfRange { index: 1, pages: 1 })
+        ));
+    }
+}

@@ -1,0 +1,361 @@
+//! Control messages and the types they carry.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::negotiation::Capabilities;
+use crate::format::{DeviceState, VcpuState, VmConfig};
+
+/// A migration algorithm of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// Pause, send everything, activate.
+    StopAndCopy,
+    /// Iterative rounds while the guest runs, then a short stop-and-copy.
+    Precopy,
+    /// Activate on the target at once, pull missing pages on fault, push the rest.
+    Postcopy,
+    /// A bounded number of pre-copy rounds, then post-copy.
+    Hybrid,
+    /// Choose from the negotiated pool with the cost model.
+    Auto,
+}
+
+impl Algorithm {
+    /// Every algorithm, in a stable order.
+    pub const ALL: [Algorithm; 5] = [
+        Algorithm::StopAndCopy,
+        Algorithm::Precopy,
+        Algorithm::Postcopy,
+        Algorithm::Hybrid,
+        Algorithm::Auto,
+    ];
+
+    /// The name used in reports and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::StopAndCopy => "stop-and-copy",
+            Algorithm::Precopy => "precopy",
+            Algorithm::Postcopy => "postcopy",
+            Algorithm::Hybrid => "hybrid",
+            Algorithm::Auto => "auto",
+        }
+    }
+
+    /// True if the algorithm ends with demand paging on the target.
+    pub fn is_postcopy_family(self) -> bool {
+        matches!(self, Algorithm::Postcopy | Algorithm::Hybrid)
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stop-and-copy" | "stopcopy" => Ok(Algorithm::StopAndCopy),
+            "precopy" | "pre-copy" => Ok(Algorithm::Precopy),
+            "postcopy" | "post-copy" => Ok(Algorithm::Postcopy),
+            "hybrid" => Ok(Algorithm::Hybrid),
+            "auto" => Ok(Algorithm::Auto),
+            other => Err(format!(
+                "unknown algorithm {other:?} (stop-and-copy, precopy, postcopy, hybrid, auto)"
+            )),
+        }
+    }
+}
+
+/// Why a migration was aborted; carried both ways so each side learns the other's reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum AbortReason {
+    /// The user cancelled.
+    #[error("cancelled by the user")]
+    Cancelled,
+    /// No common protocol version.
+    #[error(
+        "protocol version mismatch: source speaks {source_min}..={source_max}, target {target_min}..={target_max}"
+    )]
+    VersionMismatch {
+        /// Oldest version the source speaks.
+        source_min: u32,
+        /// Newest version the source speaks.
+        source_max: u32,
+        /// Oldest version the target speaks.
+        target_min: u32,
+        /// Newest version the target speaks.
+        target_max: u32,
+    },
+    /// The target cannot read the source's common-format version.
+    #[error("common format version {offered} not supported (target reads {supported:?})")]
+    FormatVersion {
+        /// Version the source writes.
+        offered: u32,
+        /// Versions the target reads.
+        supported: Vec<u32>,
+    },
+    /// The requested algorithm or compression is outside the common pool.
+    #[error("negotiation failed: {detail}")]
+    Negotiation {
+        /// What each side offers.
+        detail: String,
+    },
+    /// The target host has not enough free memory.
+    #[error("reservation refused: {requested_bytes} bytes requested, {available_bytes} available")]
+    InsufficientMemory {
+        /// Bytes asked for.
+        requested_bytes: u64,
+        /// Bytes free in the target's budget.
+        available_bytes: u64,
+    },
+    /// The target refused or failed the reservation for another reason.
+    #[error("reservation failed: {detail}")]
+    ReservationFailed {
+        /// The backend's words.
+        detail: String,
+    },
+    /// The target could not load vCPU or device state.
+    #[error("target could not load state: {detail}")]
+    StateLoadFailed {
+        /// The backend's words.
+        detail: String,
+    },
+    /// The peer broke the protocol.
+    #[error("protocol violation: {detail}")]
+    ProtocolViolation {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The source failed (backend, tracker).
+    #[error("source failed: {detail}")]
+    SourceFailed {
+        /// What failed.
+        detail: String,
+    },
+    /// The target failed for a reason not listed above.
+    #[error("target failed: {detail}")]
+    TargetFailed {
+        /// What failed.
+        detail: String,
+    },
+    /// Pre-copy stalled and the policy chose to abort.
+    #[error("pre-copy did not converge: {detail}")]
+    NotConverging {
+        /// The policy's reason.
+        detail: String,
+    },
+    /// A step took longer than its bound.
+    #[error("timed out in {stage} after {after_ms} ms")]
+    Timeout {
+        /// Stage name.
+        stage: String,
+        /// Milliseconds waited.
+        after_ms: u64,
+    },
+}
+
+/// A control message. Field names are kept on the wire (MessagePack maps), so adding a field
+/// with `#[serde(default)]` is a compatible change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum ControlMessage {
+    /// Source opens: what it speaks and offers, and which algorithm it wants.
+    Hello {
+        /// Source's capabilities.
+        capabilities: Capabilities,
+        /// The requested algorithm (may be `auto`).
+        requested: Algorithm,
+        /// The VM that will come.
+        vm: String,
+    },
+    /// Target accepts and states its own capabilities and the version chosen.
+    Welcome {
+        /// Protocol version both will speak.
+        version: u32,
+        /// Target's capabilities.
+        capabilities: Capabilities,
+    },
+    /// Target refuses the connection.
+    Refuse {
+        /// Why.
+        reason: AbortReason,
+    },
+    /// Reserve resources for the VM.
+    Reserve {
+        /// The VM's configuration.
+        config: VmConfig,
+        /// The algorithm that will run.
+        algorithm: Algorithm,
+    },
+    /// Reservation made.
+    Reserved,
+    /// A round of page batches has been sent.
+    RoundDone {
+        /// Round number (0 is the full pass).
+        round: u32,
+        /// Batches sent since the start of the migration.
+        batches_total: u64,
+    },
+    /// The source has paused; the last batches are out.
+    Suspend {
+        /// Batches sent since the start, the final count before state follows.
+        batches_total: u64,
+        /// Post-copy: the bitmap of pages the target does not have yet (little-endian words).
+        #[serde(with = "serde_bytes_compat")]
+        missing: Vec<u8>,
+    },
+    /// vCPU state in the common format.
+    VcpuState {
+        /// One per vCPU.
+        vcpus: Vec<VcpuState>,
+    },
+    /// Device state in the common format.
+    DeviceState {
+        /// Named, versioned blobs.
+        devices: Vec<DeviceState>,
+    },
+    /// Target has a consistent image and loaded state.
+    Prepared,
+    /// Source hands ownership to the target.
+    Commit,
+    /// Target resumed the VM.
+    Activated,
+    /// Post-copy: pages the target's guest is waiting for.
+    PageRequest {
+        /// Page indices, most urgent first.
+        pages: Vec<u64>,
+    },
+    /// Post-copy, target to source: every page is present. Source to target: the source copy
+    /// is freed, the migration is over.
+    Complete,
+    /// Target's digests of the pages as received, for verification.
+    Digests {
+        /// First page these digests cover.
+        first_page: u64,
+        /// One digest per page.
+        digests: Vec<u64>,
+        /// True on the last part.
+        last: bool,
+        /// On the last part: pages the target guest has not written since activation whose
+        /// memory differs from what was received (a local write-path check), at most 64.
+        #[serde(default)]
+        memory_mismatches: Vec<u64>,
+        /// On the last part: post-copy faults the target guest took, and their summed wait.
+        #[serde(default)]
+        faults: u64,
+        /// Seconds the faults waited in all.
+        #[serde(default)]
+        fault_wait_s: f64,
+    },
+    /// Either side gives up.
+    Abort {
+        /// Why.
+        reason: AbortReason,
+    },
+    /// Liveness probe; any frame counts as a sign of life.
+    Ping {
+        /// Sequence number.
+        seq: u64,
+    },
+}
+
+impl ControlMessage {
+    /// The message's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ControlMessage::Hello { .. } => "Hello",
+            ControlMessage::Welcome { .. } => "Welcome",
+            ControlMessage::Refuse { .. } => "Refuse",
+            ControlMessage::Reserve { .. } => "Reserve",
+            ControlMessage::Reserved => "Reserved",
+            ControlMessage::RoundDone { .. } => "RoundDone",
+            ControlMessage::Suspend { .. } => "Suspend",
+            ControlMessage::VcpuState { .. } => "VcpuState",
+            ControlMessage::DeviceState { .. } => "DeviceState",
+            ControlMessage::Prepared => "Prepared",
+            ControlMessage::Commit => "Commit",
+            ControlMessage::Activated => "Activated",
+            ControlMessage::PageRequest { .. } => "PageRequest",
+            ControlMessage::Complete => "Complete",
+            ControlMessage::Digests { .. } => "Digests",
+            ControlMessage::Abort { .. } => "Abort",
+            ControlMessage::Ping { .. } => "Ping",
+        }
+    }
+}
+
+/// Byte vectors as MessagePack binary rather than an array of integers.
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::{decode_control, encode_control, frame_body};
+
+    #[test]
+    fn test_messages_round_trip() {
+        for m in [
+            ControlMessage::Suspend {
+                batches_total: 3,
+                missing: vec![1, 2, 3],
+            },
+            ControlMessage::Abort {
+                reason: AbortReason::InsufficientMemory {
+                    requested_bytes: 10,
+                    available_bytes: 5,
+                },
+            },
+            ControlMessage::PageRequest { pages: vec![5, 9] },
+            ControlMessage::Commit,
+        ] {
+            let f = encode_control(&m).expect("encode");
+            let back = decode_control(&frame_body(&f).expect("body")).expect("decode");
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn test_algorithm_names_parse_back() {
+        for a in Algorithm::ALL {
+            assert_eq!(a.name().parse::<Algorithm>(), Ok(a));
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The migration protocol: what crosses a link between a source and a target.
+//!
+//! ```text
+//!  source (Migration)                         target (Receiver)
+//!  premigration   Hello{versions, caps} ───────▶
+//!                 ◀─────── Welcome{version, caps} | Refuse{reason}
+//!  reservation    Reserve{config, algorithm} ──▶ admission, backend reserves
+//!                 ◀──────────────────── Reserved | Abort{reason}
+//!  precopy        [page batches on the data plane] RoundDone{round, batches} ...
+//!  stopcopy       (source paused) last batches, Suspend{batches, missing}, VcpuState, DeviceState ─▶
+//!                 ◀──────────────────── Prepared  (every page applied, state loaded)
+//!  commitment     Commit ─────────────────────▶ (the target owns the VM from here)
+//!  activation     ◀──────────────────── Activated (target resumed, MACs announced)
+//!  pull           ◀── PageRequest{pages} (post-copy), pages pushed and pulled ...
+//!                 ◀──────────────────── Complete (post-copy: target holds every page)
+//!                 ◀──────────────────── Digests{received} (verification)
+//!                 Complete ───────────────────▶ (source has freed its copy)
+//!  any time       Abort{reason} both ways; Ping both ways for liveness
+//! ```
+//! In post-copy and hybrid, `Commit`/`Activated` come right after `Prepared` and the
+//! commitment stage ends when the target holds every page. Control frames are a 4-byte
+//! big-endian length, a tag byte and a MessagePack body; page batches are a tag byte, a small
+//! binary header and raw page bytes (see [`pages`]).
+
+pub mod frame;
+pub mod message;
+pub mod negotiation;
+pub mod pages;
+
+pub use frame::{FrameError, MAX_FRAME_LEN};
+pub use message::{AbortReason, Algorithm, ControlMessage};
+pub use negotiation::{Capabilities, Compression, NegotiationError, Pool, PROTOCOL_VERSION};
+pub use pages::{PageBatch, PageKind, BATCH_PAGES};

@@ -1,0 +1,68 @@
+//! Metric names (prefix `migratory_`, base units in the name).
+
+/// Counter: finished migrations, by `algorithm` and `result`.
+pub const MIGRATIONS_TOTAL: &str = "migratory_migrations_total";
+/// Counter: pages sent, by `kind` (normal, zero, retransmitted, pulled).
+pub const PAGES_SENT_TOTAL: &str = "migratory_pages_sent_total";
+/// Counter: bytes put on links by migrations (page payloads and headers).
+pub const BYTES_SENT_TOTAL: &str = "migratory_bytes_sent_total";
+/// Counter: post-copy faults taken by target guests.
+pub const POSTCOPY_FAULTS_TOTAL: &str = "migratory_postcopy_faults_total";
+/// Counter: injected faults, by `kind`.
+pub const FAULTS_INJECTED_TOTAL: &str = "migratory_faults_injected_total";
+/// Histogram: duration of each stage, by `stage` and `algorithm`.
+pub const STAGE_DURATION_SECONDS: &str = "migratory_stage_duration_seconds";
+/// Histogram: downtime (pause on the source to resume on the target), by `algorithm`.
+pub const DOWNTIME_SECONDS: &str = "migratory_downtime_seconds";
+/// Histogram: total migration time, by `algorithm`.
+pub const TOTAL_TIME_SECONDS: &str = "migratory_total_time_seconds";
+/// Histogram: pre-copy rounds per migration.
+pub const PRECOPY_ROUNDS: &str = "migratory_precopy_rounds";
+/// Histogram: how long a post-copy fault waited for its page.
+pub const POSTCOPY_FAULT_LATENCY_SECONDS: &str = "migratory_postcopy_fault_latency_seconds";
+/// Gauge: migrations running now.
+pub const MIGRATIONS_IN_PROGRESS: &str = "migratory_migrations_in_progress";
+/// Gauge: pages still to send, summed over running migrations.
+pub const REMAINING_PAGES: &str = "migratory_remaining_pages";
+/// Gauge: measured dirty rate of the last round.
+pub const DIRTY_RATE_PAGES_PER_SECOND: &str = "migratory_dirty_rate_pages_per_second";
+/// Gauge: measured link throughput of the last round.
+pub const LINK_THROUGHPUT_BYTES_PER_SECOND: &str = "migratory_link_throughput_bytes_per_second";
+/// Gauge: downtime the policy expects if it stopped now.
+pub const EXPECTED_DOWNTIME_SECONDS: &str = "migratory_expected_downtime_seconds";
+
+/// Registers units and help texts with whatever recorder is installed.
+pub fn describe_all() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(MIGRATIONS_TOTAL, "Finished migrations by algorithm and result");
+    describe_counter!(PAGES_SENT_TOTAL, "Pages sent by kind");
+    describe_counter!(BYTES_SENT_TOTAL, Unit::Bytes, "Bytes sent by migrations");
+    describe_counter!(POSTCOPY_FAULTS_TOTAL, "Post-copy faults taken on targets");
+    describe_counter!(FAULTS_INJECTED_TOTAL, "Injected faults by kind");
+    describe_histogram!(
+        STAGE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of each migration stage"
+    );
+    describe_histogram!(
+        DOWNTIME_SECONDS,
+        Unit::Seconds,
+        "Pause on the source to resume on the target"
+    );
+    describe_histogram!(TOTAL_TIME_SECONDS, Unit::Seconds, "Total migration time");
+    describe_histogram!(PRECOPY_ROUNDS, "Pre-copy rounds per migration");
+    describe_histogram!(
+        POSTCOPY_FAULT_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Wait of a post-copy fault"
+    );
+    describe_gauge!(MIGRATIONS_IN_PROGRESS, "Migrations running now");
+    describe_gauge!(REMAINING_PAGES, "Pages still to send");
+    describe_gauge!(DIRTY_RATE_PAGES_PER_SECOND, "Dirty rate measured in the last round");
+    describe_gauge!(LINK_THROUGHPUT_BYTES_PER_SECOND, "Link throughput of the last round");
+    describe_gauge!(
+        EXPECTED_DOWNTIME_SECONDS,
+        Unit::Seconds,
+        "Downtime expected if the migration stopped now"
+    );
+}

@@ -1,0 +1,116 @@
+//! The narrow interface every backend's VM offers the engine.
+
+use std::sync::Arc;
+
+use crate::dirty::{DirtyLogSource, PageSet};
+use crate::format::{DeviceState, NativeError, NativeLayout, VcpuState, VmConfig};
+use crate::memory::{GuestMemory, MemoryError};
+
+/// Errors of a backend or its guest.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// Guest memory failed.
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// Converting vCPU state between the native layout and the common format failed.
+    #[error("vCPU state conversion ({layout}): {source}")]
+    Conversion {
+        /// The backend's native layout.
+        layout: NativeLayout,
+        /// What the converter said.
+        source: NativeError,
+    },
+    /// The state handed to the guest does not fit it.
+    #[error("state does not fit this VM: {detail}")]
+    StateMismatch {
+        /// What does not fit.
+        detail: String,
+    },
+    /// A device blob the backend does not know, or of a version it cannot load.
+    #[error("device {name} version {version} is not supported")]
+    UnsupportedDevice {
+        /// Device name.
+        name: String,
+        /// Blob version.
+        version: u32,
+    },
+    /// A device blob that does not parse.
+    #[error("device {name}: malformed state ({len} bytes)")]
+    MalformedDevice {
+        /// Device name.
+        name: String,
+        /// Blob length.
+        len: usize,
+    },
+    /// The operation needs the guest in another state.
+    #[error("guest is {actual}, operation needs {needed}")]
+    WrongState {
+        /// What the guest is.
+        actual: &'static str,
+        /// What the operation needs.
+        needed: &'static str,
+    },
+    /// The backend's thread could not be started.
+    #[error("could not start guest thread: {0}")]
+    Thread(std::io::Error),
+    /// An injected or simulated backend failure.
+    #[error("backend failure: {0}")]
+    Failed(String),
+}
+
+/// Where a post-copy target reports pages its guest touched before they arrived.
+pub type FaultSink = tokio::sync::mpsc::UnboundedSender<u64>;
+
+/// Counters a guest keeps about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GuestStats {
+    /// Guest writes (simulated stores or guest-reported progress) since creation on this host.
+    pub writes: u64,
+    /// Post-copy faults taken.
+    pub faults: u64,
+    /// Sum of post-copy fault latencies, in seconds.
+    pub fault_wait_s: f64,
+}
+
+/// One VM as its backend runs it. Methods are quick (microseconds to a few milliseconds) and
+/// thread-safe; bulk work (page copies) is done by callers on data-plane threads through
+/// [`Guest::memory`].
+pub trait Guest: DirtyLogSource + Send + Sync + std::fmt::Debug {
+    /// The VM's configuration.
+    fn config(&self) -> &VmConfig;
+    /// The backend's native vCPU layout.
+    fn layout(&self) -> NativeLayout;
+    /// Guest RAM.
+    fn memory(&self) -> &GuestMemory;
+    /// Starts or resumes the guest.
+    fn resume(&self) -> Result<(), VmmError>;
+    /// Stops the guest; when this returns no guest write is in flight.
+    fn pause(&self) -> Result<(), VmmError>;
+    /// True while the guest runs.
+    fn is_running(&self) -> bool;
+    /// vCPU state, converted from the native layout to the common format. Guest paused.
+    fn save_vcpus(&self) -> Result<Vec<VcpuState>, VmmError>;
+    /// Loads vCPU state, converting from the common format to the native layout.
+    fn load_vcpus(&self, vcpus: &[VcpuState]) -> Result<(), VmmError>;
+    /// Device state as named, versioned blobs. Guest paused.
+    fn save_devices(&self) -> Result<Vec<DeviceState>, VmmError>;
+    /// Loads device state.
+    fn load_devices(&self, devices: &[DeviceState]) -> Result<(), VmmError>;
+    /// Post-copy: marks `missing` as not yet present; a guest access to one of them waits for
+    /// [`Guest::page_installed`] and is reported once to `faults`.
+    fn begin_demand_paging(&self, missing: &PageSet, faults: FaultSink) -> Result<(), VmmError>;
+    /// Claims a missing page for installation; false if it is present or being installed (a
+    /// duplicate push or pull), in which case the caller must not write it.
+    fn claim_page(&self, page: u64) -> bool;
+    /// Marks a claimed page as written and wakes any access waiting for it.
+    fn page_installed(&self, page: u64);
+    /// Pages still missing (post-copy), 0 otherwise.
+    fn missing_pages(&self) -> u64;
+    /// Counters.
+    fn stats(&self) -> GuestStats;
+    /// Stops every guest thread for good; memory is freed when the last reference drops.
+    fn shutdown(&self);
+}
+
+/// A shared guest.
+pub type GuestRef = Arc<dyn Guest>;

@@ -1,0 +1,14 @@
+//! Backends: the hypervisor side of a VM.
+//!
+//! The engine codes against [`Guest`] (one running or incoming VM) and the [`Backend`] actor
+//! (one hypervisor on a host). The `sim` backend is a synthetic guest with real memory and a
+//! writer workload; it runs everywhere and is the default for demos, tests and fault injection.
+//! A backend keeps vCPU state in its own native layout and converts to and from the common
+//! format at the boundary, so that the engine never sees a native structure.
+
+mod backend;
+mod guest;
+pub mod sim;
+
+pub use backend::{Backend, CreateVm, DestroyGuest, ReserveVm};
+pub use guest::{FaultSink, Guest, GuestRef, GuestStats, VmmError};

@@ -1,0 +1,9 @@
+//! Integration tests of the engine through its public API: one binary, one module per area.
+
+mod common;
+
+mod algorithms;
+mod cancel;
+mod embed;
+mod negotiation;
+mod stall;
