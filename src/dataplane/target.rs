@@ -1,14 +1,15 @@
 //! The target's data-plane thread.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::DataPlaneError;
-use crate::link::DataReceiver;
+use crate::link::{DataReceiver, DataRecv};
 use crate::protocol::frame::frame_body;
 use crate::protocol::pages::FLAG_POSTCOPY;
 use crate::protocol::PageBatch;
@@ -22,8 +23,12 @@ pub struct TargetPlane {
     applied: watch::Receiver<u64>,
     digests: Arc<Vec<AtomicU64>>,
     error: Arc<Mutex<Option<DataPlaneError>>>,
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// How often the apply loop looks up from an idle link to check for a stop request.
+const STOP_POLL: Duration = Duration::from_millis(20);
 
 impl TargetPlane {
     /// Starts the thread writing batches from `link` into `guest`'s memory.
@@ -32,11 +37,12 @@ impl TargetPlane {
         let digests: Arc<Vec<AtomicU64>> = Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
         let (tx, applied) = watch::channel(0u64);
         let error = Arc::new(Mutex::new(None));
-        let (d, e) = (Arc::clone(&digests), Arc::clone(&error));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, e, halt) = (Arc::clone(&digests), Arc::clone(&error), Arc::clone(&stop));
         let thread = std::thread::Builder::new()
             .name("migratory-recv".into())
             .spawn(move || {
-                if let Err(err) = apply_loop(guest.as_ref(), &link, &d, &tx) {
+                if let Err(err) = apply_loop(guest.as_ref(), &link, &d, &tx, &halt) {
                     *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
                     // Wake anyone waiting on the count so they see the error.
                     tx.send_modify(|_| {});
@@ -47,6 +53,7 @@ impl TargetPlane {
             applied,
             digests,
             error,
+            stop,
             thread: Some(thread),
         })
     }
@@ -103,11 +110,11 @@ impl TargetPlane {
 
 impl Drop for TargetPlane {
     fn drop(&mut self) {
-        // The thread ends when the link's data channel closes; the owner drops the link first.
+        // Joined here, so that once the plane is gone nothing writes into guest memory that a
+        // host may be about to release.
+        self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
-            if t.is_finished() {
-                let _ = t.join();
-            }
+            let _ = t.join();
         }
     }
 }
@@ -117,11 +124,20 @@ fn apply_loop(
     link: &DataReceiver,
     digests: &[AtomicU64],
     applied: &watch::Sender<u64>,
+    stop: &AtomicBool,
 ) -> Result<(), DataPlaneError> {
     let memory = guest.memory();
     let pages = memory.page_count();
     let zero_digest = xxh3_64(&[0u8; PAGE_SIZE]);
-    while let Some(frame) = link.recv() {
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let frame = match link.recv_timeout(STOP_POLL) {
+            DataRecv::Frame(f) => f,
+            DataRecv::Idle => continue,
+            DataRecv::Closed => return Ok(()),
+        };
         let body = frame_body(&frame).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
         let batch = PageBatch::decode(body).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
         let postcopy = batch.flags & FLAG_POSTCOPY != 0;
@@ -155,5 +171,4 @@ fn apply_loop(
         }
         applied.send_modify(|n| *n += 1);
     }
-    Ok(())
 }

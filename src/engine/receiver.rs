@@ -146,8 +146,13 @@ impl TargetRun {
         fault_rx: &mut mpsc::UnboundedReceiver<u64>,
     ) -> Exit {
         let mut applied = None;
+        let mut progress: Option<tokio::sync::watch::Receiver<u64>> = None;
+        let mut progress_done = false;
+        let mut deadline = clock::now() + self.params.step_timeout;
         loop {
-            let deadline = clock::now() + self.params.step_timeout;
+            if progress.is_none() && !progress_done {
+                progress = self.plane.as_ref().map(|p| p.watch());
+            }
             let msg = tokio::select! {
                 ev = inbox.recv() => match ev {
                     Some(LinkEvent::Received(m)) => m,
@@ -169,11 +174,26 @@ impl TargetRun {
                 }
                 changed = wait_changed(&mut applied), if self.pulling => {
                     if !changed {
-                        return self.plane_failure();
+                        let exit = self.plane_failure();
+                        return prefer_peer_abort(exit, inbox, self.params.keepalive.timeout).await;
                     }
                     if let Err(e) = self.check_pull_done().await {
                         return e;
                     }
+                    continue;
+                }
+                moved = wait_changed(&mut progress), if !self.pulling && progress.is_some() => {
+                    if !moved {
+                        if let Some(e) = self.plane.as_ref().and_then(|p| p.error()) {
+                            return Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() });
+                        }
+                        // The source closed its data channel; the control link says why.
+                        progress_done = true;
+                        progress = None;
+                        continue;
+                    }
+                    // Pages arriving are progress: a long round is not a silent peer.
+                    deadline = clock::now() + self.params.step_timeout;
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline), if !self.pulling => {
@@ -183,6 +203,7 @@ impl TargetRun {
                     });
                 }
             };
+            deadline = clock::now() + self.params.step_timeout;
             let state = std::mem::replace(&mut self.state, ReceiverState::Done);
             let (next, action) = match state.step(msg) {
                 Ok(x) => x,
@@ -213,7 +234,7 @@ impl TargetRun {
                 ReceiverAction::Aborted { reason } => return Exit::PeerAborted(reason),
             };
             if let Err(e) = result {
-                return prefer_peer_abort(e, inbox);
+                return prefer_peer_abort(e, inbox, self.params.keepalive.timeout).await;
             }
         }
     }
@@ -410,6 +431,8 @@ impl TargetRun {
             Exit::PeerAborted(reason) => Some(format!("source aborted: {reason}")),
             Exit::LinkLost(e) => Some(format!("link lost: {e}")),
         };
+        // Stop the data plane before anything is released: it writes into guest memory.
+        self.plane = None;
         if let Some((vm, guest)) = self.vm.take() {
             if self.committed {
                 if guest.missing_pages() > 0 {
@@ -429,18 +452,22 @@ impl TargetRun {
     }
 }
 
-/// A send that failed because the source closed the link may have raced the source's `Abort`:
-/// if that is waiting in the inbox, its reason is the real one.
-fn prefer_peer_abort(exit: Exit, inbox: &mut mpsc::UnboundedReceiver<LinkEvent>) -> Exit {
+/// A failure that comes from the source closing the link may have overtaken the source's
+/// `Abort` (the data channel and a failed send see the close at once; the Abort frame carries
+/// the link's latency). The Link delivers every queued frame before it reports the loss, so
+/// reading the inbox to its end finds the Abort if there is one.
+async fn prefer_peer_abort(exit: Exit, inbox: &mut mpsc::UnboundedReceiver<LinkEvent>, bound: Duration) -> Exit {
     if !matches!(exit, Exit::LinkLost(_)) {
         return exit;
     }
-    while let Ok(ev) = inbox.try_recv() {
-        if let LinkEvent::Received(ControlMessage::Abort { reason }) = ev {
-            return Exit::PeerAborted(reason);
+    let deadline = clock::now() + bound;
+    loop {
+        match tokio::time::timeout_at(deadline, inbox.recv()).await {
+            Ok(Some(LinkEvent::Received(ControlMessage::Abort { reason }))) => return Exit::PeerAborted(reason),
+            Ok(Some(LinkEvent::Received(_))) => {}
+            Ok(Some(LinkEvent::Lost(_))) | Ok(None) | Err(_) => return exit,
         }
     }
-    exit
 }
 
 async fn wait_changed(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {

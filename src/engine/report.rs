@@ -39,6 +39,9 @@ pub enum VmLocation {
     Source,
     /// Running on the target.
     Target,
+    /// Post-copy cut short: the target owns and runs the VM but still lacks pages that only the
+    /// source's paused copy holds; the source keeps that copy and never resumes it.
+    TargetAwaitingPages,
     /// Paused on the source after `Commit` went out with no answer: the target may own it.
     /// Nothing is resumed automatically, so no split brain can happen.
     Undetermined,

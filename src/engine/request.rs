@@ -83,15 +83,14 @@ pub struct MigrationRequest {
     pub keepalive: Keepalive,
     /// Bound on any single wait for the peer (a reply, a stage step).
     pub step_timeout: Duration,
-    /// Verify memory and vCPU state after the move.
-    pub verify: bool,
     /// Algorithms the source side offers for this migration (all by default); narrowing it
     /// exercises negotiation.
     pub offer: Vec<Algorithm>,
 }
 
 impl MigrationRequest {
-    /// A pre-copy migration with default policy, unshaped link, verification on.
+    /// A pre-copy migration with default policy and an unshaped link. Every migration is
+    /// verified (page digests and vCPU state).
     pub fn new(vm: impl Into<String>, source: impl Into<String>, target: impl Into<String>) -> Self {
         Self {
             vm: vm.into(),
@@ -102,7 +101,6 @@ impl MigrationRequest {
             shaping: Shaping::default(),
             keepalive: Keepalive::default(),
             step_timeout: Duration::from_secs(60),
-            verify: true,
             offer: Algorithm::ALL.to_vec(),
         }
     }

@@ -166,6 +166,7 @@ pub(crate) struct SourceRun {
     mismatched: Vec<u64>,
     faults: (u64, f64),
     verification: Duration,
+    pulling: bool,
 }
 
 impl std::fmt::Debug for SourceRun {
@@ -213,6 +214,7 @@ impl SourceRun {
             mismatched: Vec::new(),
             faults: (0, 0.0),
             verification: Duration::ZERO,
+            pulling: false,
         }
     }
 
@@ -348,14 +350,20 @@ impl SourceRun {
     /// The next control message from the target, with the step timeout and, before
     /// commitment, the user's cancel. Page requests are served on the way.
     async fn recv(&mut self) -> Result<ControlMessage, Fail> {
-        let deadline = clock::now() + self.s.req.step_timeout;
+        // In pull the wait spans the whole background push; the keepalive bounds a dead peer.
+        let deadline = if self.pulling {
+            clock::now() + Duration::from_secs(365 * 24 * 3600)
+        } else {
+            clock::now() + self.s.req.step_timeout
+        };
         loop {
             let cancellable = self.cancellable();
             let mut cancel = self.s.cancel.clone();
             let inbox = self.inbox.as_mut().ok_or_else(|| Fail::Link("no link".into()))?;
             let ev = tokio::select! {
-                ev = inbox.recv() => ev,
+                biased;
                 _ = cancel.wait_for(|c| *c), if cancellable => return Err(Fail::Cancelled),
+                ev = inbox.recv() => ev,
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(Fail::Timeout(self.current.map(|s| s.name()).unwrap_or("start")))
                 }
@@ -681,9 +689,10 @@ impl SourceRun {
 
     /// Pauses the VM (the start of downtime) and takes the final dirty set.
     async fn pause_and_collect(&mut self, mut pages: PageSet) -> Result<PageSet, Fail> {
+        let was_running = self.s.guest.is_running();
         self.vm_call(PauseVm).await?.map_err(local)?;
         self.paused_at = Some(clock::now());
-        self.paused_by_us = true;
+        self.paused_by_us = was_running;
         if let Some(tracker) = self.tracker.take() {
             let last = tracker.send(CollectDirtyPages).await.map_err(local)?.map_err(local)?;
             pages.union_with(&last);
@@ -702,8 +711,14 @@ impl SourceRun {
         Ok(())
     }
 
-    fn commit(&mut self) {
+    /// The point of no return. A cancel acknowledged before this instant wins (the Migration
+    /// actor and this run share a thread, so nothing slips between the check and the store).
+    fn commit(&mut self) -> Result<(), Fail> {
+        if *self.s.cancel.borrow() {
+            return Err(Fail::Cancelled);
+        }
         self.s.committed.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn measured(&self) -> Measured {
@@ -764,7 +779,7 @@ impl SourceRun {
         self.enter(Stage::Commitment)?;
         self.expect("Prepared").await?;
         // The point of no return: from here the target owns the VM.
-        self.commit();
+        self.commit()?;
         self.send(ControlMessage::Commit).await?;
         self.enter(Stage::Activation)?;
         self.expect("Activated").await?;
@@ -780,13 +795,14 @@ impl SourceRun {
         self.send_state(missing.to_bytes()).await?;
         self.expect("Prepared").await?;
         self.enter(Stage::Activation)?;
-        self.commit();
+        self.commit()?;
         self.send(ControlMessage::Commit).await?;
         self.expect("Activated").await?;
         self.activated = true;
         self.downtime = self.paused_at.map(|t| clock::now().duration_since(t));
         self.record_switchover(Duration::ZERO);
         self.enter(Stage::Pull)?;
+        self.pulling = true;
         let plane = self.plane.as_ref().ok_or_else(|| Fail::Local("no data plane".into()))?;
         let mut pushed = plane.start_postcopy(missing).map_err(local)?;
         let mut push_stats = None;
@@ -804,6 +820,7 @@ impl SourceRun {
                 }
             }
         }
+        self.pulling = false;
         if let Some(stats) = push_stats {
             self.account(&stats);
         }
@@ -875,7 +892,8 @@ impl SourceRun {
             plane.abort();
         }
         if let Some(reason) = fail.reason_for_peer() {
-            if !matches!(fail, Fail::Link(_)) {
+            // After commitment the target owns the VM: an Abort could only make it drop it.
+            if !matches!(fail, Fail::Link(_)) && !committed {
                 let _ = self.send(ControlMessage::Abort { reason }).await;
             }
         }
@@ -892,8 +910,12 @@ impl SourceRun {
             }
             let _ = self.s.vm.send(EndOutgoing { moved: false }).await;
             VmLocation::Source
-        } else if self.activated {
+        } else if self.activated && !self.pulling {
             VmLocation::Target
+        } else if self.activated {
+            // Post-copy cut short: the target runs the VM but lacks pages only this paused
+            // copy holds. Keep it; never resume it.
+            VmLocation::TargetAwaitingPages
         } else {
             // Commit went out and no answer came: the target may run the VM. Keep this copy
             // paused; resuming it could make two.

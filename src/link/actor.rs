@@ -98,7 +98,8 @@ impl Actor for Link {
                         if t.due > now {
                             tokio::time::sleep(t.due - now).await;
                         }
-                        if me.try_send(FrameArrived(t.frame)).is_err() {
+                        // Awaiting the mailbox gives backpressure instead of dropping frames.
+                        if me.send(FrameArrived(t.frame)).await.is_err() {
                             return;
                         }
                     }

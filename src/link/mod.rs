@@ -12,6 +12,7 @@ mod shaper;
 
 pub use actor::{CloseLink, Keepalive, Link, LinkEvent, SendControl};
 pub use inproc::pair;
+
 pub use shaper::{Shaping, TokenBucket};
 
 use std::sync::{Arc, Mutex};
@@ -109,6 +110,35 @@ impl DataReceiver {
             std::thread::sleep(t.due - now);
         }
         Some(t.frame)
+    }
+}
+
+/// What a bounded wait on a [`DataReceiver`] gave.
+#[derive(Debug)]
+pub enum DataRecv {
+    /// A frame.
+    Frame(Bytes),
+    /// Nothing within the wait.
+    Idle,
+    /// The peer is gone.
+    Closed,
+}
+
+impl DataReceiver {
+    /// Like [`DataReceiver::recv`], but gives up after `wait` so the caller can check for a
+    /// stop request.
+    pub fn recv_timeout(&self, wait: Duration) -> DataRecv {
+        match self.rx.recv_timeout(wait) {
+            Ok(t) => {
+                let now = Instant::now();
+                if t.due > now {
+                    std::thread::sleep(t.due - now);
+                }
+                DataRecv::Frame(t.frame)
+            }
+            Err(channel::RecvTimeoutError::Timeout) => DataRecv::Idle,
+            Err(channel::RecvTimeoutError::Disconnected) => DataRecv::Closed,
+        }
     }
 }
 

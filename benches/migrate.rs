@@ -1,0 +1,69 @@
+//! In-process sim -> sim migration throughput as a ratio to single-thread memcpy of the same
+//! bytes, measured in the same run (DESIGN.md target: >= 0.5).
+//!
+//! `cargo bench --bench migrate` (set MIGRATORY_BENCH_MIB to change the VM size).
+
+use std::time::Instant;
+
+use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmSpec};
+use migratory::format::NativeLayout;
+use migratory::protocol::Algorithm;
+use migratory::vmm::sim::WorkloadSpec;
+
+fn memcpy_bytes_per_sec(bytes: usize) -> f64 {
+    let src: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8 | 1).collect();
+    let mut dst = vec![0u8; bytes];
+    dst.copy_from_slice(&src); // fault the pages in first
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    bytes as f64 / best
+}
+
+fn main() {
+    let mib: u64 = std::env::var("MIGRATORY_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let bytes = mib << 20;
+    let memcpy = memcpy_bytes_per_sec(bytes as usize);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let report = rt.block_on(async {
+        let e = EngineHandle::start().expect("engine");
+        e.add_host(HostConfig::new("a", NativeLayout::XenHvm))
+            .await
+            .expect("host");
+        e.add_host(HostConfig::new("b", NativeLayout::Kvm)).await.expect("host");
+        let spec = VmSpec {
+            workload: WorkloadSpec {
+                zero_fraction: 0.0,
+                ..WorkloadSpec::idle()
+            },
+            ..VmSpec::new("bench", bytes)
+        };
+        e.create_vm("a", spec).await.expect("create");
+        let req = MigrationRequest::new("bench", "a", "b").algorithm(Algorithm::StopAndCopy);
+        e.migrate(req).await.expect("migrate")
+    });
+    assert_eq!(report.result, Outcome::Completed);
+    let stop = report
+        .stages
+        .iter()
+        .find(|s| s.name == "stopcopy")
+        .map(|s| s.duration_s)
+        .unwrap_or(report.total_s);
+    let engine = report.bytes_sent as f64 / stop;
+    println!("memcpy (1 thread)        {:>10.1} MB/s", memcpy / 1e6);
+    println!(
+        "in-process migration     {:>10.1} MB/s (stop-and-copy stage, {mib} MiB idle VM)",
+        engine / 1e6
+    );
+    println!("ratio                    {:>10.2} (target >= 0.50)", engine / memcpy);
+}
