@@ -121,10 +121,10 @@ impl Actor for Link {
             act.ping_seq += 1;
             let ping = ControlMessage::Ping { seq: act.ping_seq };
             match encode_control(&ping) {
+                // A closed peer is reported by the reader once it has delivered every frame
+                // still queued (an Abort among them), never from here ahead of them.
                 Ok(f) => {
-                    if let Err(LinkError::Closed) = act.send_frame(f) {
-                        act.lose(LinkError::Closed, ctx);
-                    }
+                    let _ = act.send_frame(f);
                 }
                 Err(e) => act.lose(LinkError::BadFrame(e.to_string()), ctx),
             }
