@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::DataPlaneError;
 use crate::dirty::PageSet;
-use crate::link::{DataSender, TokenBucket};
+use crate::link::{DataSender, FramePool, TokenBucket};
 use crate::protocol::pages::{PageBatchBuilder, FLAG_POSTCOPY, FLAG_PULLED};
 use crate::protocol::{PageKind, BATCH_PAGES};
 use crate::vmm::Guest;
@@ -96,13 +96,14 @@ impl std::fmt::Debug for Job {
 
 impl SourcePlane {
     /// Starts the thread reading `guest`'s memory and sending on `link`.
-    pub fn spawn(guest: Arc<dyn Guest>, link: DataSender) -> Result<Self, DataPlaneError> {
+    pub fn spawn(guest: Arc<dyn Guest>, link: DataSender, pool: FramePool) -> Result<Self, DataPlaneError> {
         let (jobs, job_rx) = channel::bounded::<Job>(4);
         let (pulls, pull_rx) = channel::bounded::<u64>(PULL_QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
         let pulled = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            pool,
             stop: Arc::clone(&stop),
             guest,
             link,
@@ -193,6 +194,7 @@ impl Drop for SourcePlane {
 }
 
 struct Worker {
+    pool: FramePool,
     stop: Arc<AtomicBool>,
     guest: Arc<dyn Guest>,
     link: DataSender,
@@ -240,6 +242,10 @@ impl Worker {
                 }
             }
         }
+    }
+
+    fn batch(&self, round: u32, flags: u8) -> PageBatchBuilder {
+        PageBatchBuilder::with_buffer(self.pool.take(), round, flags)
     }
 
     fn check(&self, page: u64) -> Result<(), DataPlaneError> {
@@ -290,11 +296,11 @@ impl Worker {
         let started = Instant::now();
         let mut pace = rate.map(TokenBucket::new);
         let mut stats = RoundStats::default();
-        let mut batch = PageBatchBuilder::new(round, 0);
+        let mut batch = self.batch(round, 0);
         for page in pages.iter() {
             self.add(&mut batch, page, &mut stats)?;
             if batch.len() >= BATCH_PAGES {
-                let full = std::mem::replace(&mut batch, PageBatchBuilder::new(round, 0));
+                let full = std::mem::replace(&mut batch, self.batch(round, 0));
                 self.ship(full, &mut stats, pace.as_mut())?;
             }
         }
@@ -307,7 +313,7 @@ impl Worker {
 
     fn send_pulled(&self, page: u64) -> Result<RoundStats, DataPlaneError> {
         let mut stats = RoundStats::default();
-        let mut batch = PageBatchBuilder::new(u32::MAX, FLAG_POSTCOPY | FLAG_PULLED);
+        let mut batch = self.batch(u32::MAX, FLAG_POSTCOPY | FLAG_PULLED);
         self.add(&mut batch, page, &mut stats)?;
         // Drain whatever else is already waiting into the same urgent batch.
         while batch.len() < POSTCOPY_PUSH_BATCH {
@@ -343,7 +349,7 @@ impl Worker {
                     left -= 1;
                 }
             }
-            let mut batch = PageBatchBuilder::new(u32::MAX, FLAG_POSTCOPY);
+            let mut batch = self.batch(u32::MAX, FLAG_POSTCOPY);
             let mut scanned = 0u64;
             while batch.len() < POSTCOPY_PUSH_BATCH && scanned < total && left > 0 {
                 let p = cursor;

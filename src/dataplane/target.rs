@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::DataPlaneError;
-use crate::link::{DataReceiver, DataRecv};
+use crate::link::{DataReceiver, DataRecv, FramePool};
 use crate::protocol::frame::frame_body;
 use crate::protocol::pages::FLAG_POSTCOPY;
 use crate::protocol::PageBatch;
@@ -32,7 +32,7 @@ const STOP_POLL: Duration = Duration::from_millis(20);
 
 impl TargetPlane {
     /// Starts the thread writing batches from `link` into `guest`'s memory.
-    pub fn spawn(guest: Arc<dyn Guest>, link: DataReceiver) -> Result<Self, DataPlaneError> {
+    pub fn spawn(guest: Arc<dyn Guest>, link: DataReceiver, pool: FramePool) -> Result<Self, DataPlaneError> {
         let pages = guest.memory().page_count();
         let digests: Arc<Vec<AtomicU64>> = Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
         let (tx, applied) = watch::channel(0u64);
@@ -42,7 +42,7 @@ impl TargetPlane {
         let thread = std::thread::Builder::new()
             .name("migratory-recv".into())
             .spawn(move || {
-                if let Err(err) = apply_loop(guest.as_ref(), &link, &d, &tx, &halt) {
+                if let Err(err) = apply_loop(guest.as_ref(), &link, &pool, &d, &tx, &halt) {
                     *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
                     // Wake anyone waiting on the count so they see the error.
                     tx.send_modify(|_| {});
@@ -122,6 +122,7 @@ impl Drop for TargetPlane {
 fn apply_loop(
     guest: &dyn Guest,
     link: &DataReceiver,
+    pool: &FramePool,
     digests: &[AtomicU64],
     applied: &watch::Sender<u64>,
     stop: &AtomicBool,
@@ -169,6 +170,8 @@ fn apply_loop(
                 guest.page_installed(page);
             }
         }
+        drop(batch);
+        pool.give(frame);
         applied.send_modify(|n| *n += 1);
     }
 }

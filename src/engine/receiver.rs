@@ -18,7 +18,7 @@ use super::receiver_state::{ReceiverAction, ReceiverState};
 use crate::clock;
 use crate::dataplane::TargetPlane;
 use crate::dirty::PageSet;
-use crate::link::{CloseLink, DataReceiver, Keepalive, Link, LinkEnd, LinkEvent, SendControl};
+use crate::link::{CloseLink, DataReceiver, FramePool, Keepalive, Link, LinkEnd, LinkEvent, SendControl};
 use crate::protocol::negotiation::{accept_hello, negotiate};
 use crate::protocol::{AbortReason, Capabilities, ControlMessage};
 use crate::units::{PageIndex, PAGE_SIZE};
@@ -120,7 +120,7 @@ impl TargetRun {
         let (owner_tx, mut inbox) = mpsc::unbounded_channel();
         let link = Link::new(end.control, owner_tx, self.params.keepalive).start();
         self.link = Some(link.clone());
-        let data_rx = end.data_rx;
+        let data_rx = (end.data_rx, end.pool);
         // The data sender of this end is unused: pages only flow source to target.
         drop(end.data_tx);
         let (fault_tx, mut fault_rx) = mpsc::unbounded_channel::<u64>();
@@ -141,7 +141,7 @@ impl TargetRun {
     async fn drive(
         &mut self,
         inbox: &mut mpsc::UnboundedReceiver<LinkEvent>,
-        mut data_rx: Option<DataReceiver>,
+        mut data_rx: Option<(DataReceiver, FramePool)>,
         fault_tx: mpsc::UnboundedSender<u64>,
         fault_rx: &mut mpsc::UnboundedReceiver<u64>,
     ) -> Exit {
@@ -274,14 +274,15 @@ impl TargetRun {
         }
     }
 
-    async fn reserve(&mut self, config: crate::format::VmConfig, data_rx: DataReceiver) -> Result<(), Exit> {
+    async fn reserve(&mut self, config: crate::format::VmConfig, data: (DataReceiver, FramePool)) -> Result<(), Exit> {
+        let (data_rx, pool) = data;
         let (vm, guest) = match self.host.send(ReserveIncoming(config)).await {
             Ok(Ok(x)) => x,
             Ok(Err(reason)) => return Err(Exit::Fail(reason)),
             Err(e) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
         };
         self.vm = Some((vm, Arc::clone(&guest)));
-        let plane = TargetPlane::spawn(guest, data_rx)
+        let plane = TargetPlane::spawn(guest, data_rx, pool)
             .map_err(|e| Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }))?;
         self.plane = Some(plane);
         self.send(ControlMessage::Reserved).await

@@ -436,7 +436,12 @@ impl SourceRun {
     async fn drive(&mut self) -> Result<(), Fail> {
         let pool = self.premigration().await?;
         self.reservation().await?;
-        let plane = SourcePlane::spawn(Arc::clone(&self.s.guest), self.s.end.data_tx.clone()).map_err(local)?;
+        let plane = SourcePlane::spawn(
+            Arc::clone(&self.s.guest),
+            self.s.end.data_tx.clone(),
+            self.s.end.pool.clone(),
+        )
+        .map_err(local)?;
         self.plane = Some(plane);
         match self.algorithm {
             Algorithm::StopAndCopy => {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam::channel;
 
 use super::{
-    ControlChannel, DataReceiver, DataSender, LinkEnd, Shaping, TokenBucket, CONTROL_CHANNEL_FRAMES,
+    ControlChannel, DataReceiver, FramePool, DataSender, LinkEnd, Shaping, TokenBucket, CONTROL_CHANNEL_FRAMES,
     DATA_CHANNEL_FRAMES,
 };
 
@@ -20,6 +20,8 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
             .bandwidth_bytes_per_sec
             .map(|r| Arc::new(Mutex::new(TokenBucket::new(r))))
     };
+    // Frames cross from one end to the other, so both recycle into one pool.
+    let pool = FramePool::new();
     let a = LinkEnd {
         control: ControlChannel {
             tx: c_ab_tx,
@@ -32,6 +34,7 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
             latency: shaping.latency,
         },
         data_rx: DataReceiver { rx: d_ba_rx },
+        pool: pool.clone(),
     };
     let b = LinkEnd {
         control: ControlChannel {
@@ -45,6 +48,7 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
             latency: shaping.latency,
         },
         data_rx: DataReceiver { rx: d_ab_rx },
+        pool,
     };
     (a, b)
 }

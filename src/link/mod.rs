@@ -8,11 +8,12 @@
 
 mod actor;
 mod inproc;
+mod pool;
 mod shaper;
 
 pub use actor::{CloseLink, Keepalive, Link, LinkEvent, SendControl};
 pub use inproc::pair;
-
+pub use pool::FramePool;
 pub use shaper::{Shaping, TokenBucket};
 
 use std::sync::{Arc, Mutex};
@@ -151,4 +152,6 @@ pub struct LinkEnd {
     pub data_tx: DataSender,
     /// Page batches in.
     pub data_rx: DataReceiver,
+    /// Where page frame buffers are taken from and given back.
+    pub pool: FramePool,
 }

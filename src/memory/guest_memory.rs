@@ -57,6 +57,17 @@ unsafe impl Sync for GuestMemory {}
 impl GuestMemory {
     /// Maps `bytes` of zeroed, private, anonymous memory. Pages are committed on first touch.
     pub fn new(bytes: u64) -> Result<Self, MemoryError> {
+        Self::map(bytes, false)
+    }
+
+    /// Maps `bytes` and commits every page now (MAP_POPULATE): what a reservation wants, so
+    /// that a host that cannot back the VM fails at reservation, and pages arriving later do
+    /// not each pay a page fault on the receive path.
+    pub fn new_populated(bytes: u64) -> Result<Self, MemoryError> {
+        Self::map(bytes, true)
+    }
+
+    fn map(bytes: u64, populate: bool) -> Result<Self, MemoryError> {
         if bytes == 0 || bytes % PAGE_SIZE as u64 != 0 || bytes > isize::MAX as u64 {
             return Err(MemoryError::BadSize { bytes });
         }
@@ -68,7 +79,9 @@ impl GuestMemory {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | if populate { libc::MAP_POPULATE } else { libc::MAP_NORESERVE },
                 -1,
                 0,
             )
@@ -146,6 +159,11 @@ impl GuestMemory {
         // SAFETY: p is a whole page inside the mapping; the slice does not escape `f`.
         let page = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
         Ok(f(page))
+    }
+
+    /// Appends page `index` to `buf`: the one copy from guest memory into a frame.
+    pub fn append_page(&self, index: PageIndex, buf: &mut bytes::BytesMut) -> Result<(), MemoryError> {
+        self.with_page(index, |page| buf.extend_from_slice(page))
     }
 
     /// True if the page holds only zeros.

@@ -18,6 +18,8 @@ pub const BATCH_PAGES: usize = 256;
 
 const HEADER_LEN: usize = 1 + 1 + 4 + 2 + 2;
 const ENTRY_LEN: usize = 9;
+/// Bytes of the largest batch frame.
+pub const FRAME_CAPACITY: usize = 4 + HEADER_LEN + BATCH_PAGES * (PAGE_SIZE + ENTRY_LEN);
 
 /// Batch flag: pages sent after activation (post-copy push or pull); the target installs them
 /// only where still missing.
@@ -47,7 +49,13 @@ pub struct PageBatchBuilder {
 impl PageBatchBuilder {
     /// An empty batch for `round` with `flags`.
     pub fn new(round: u32, flags: u8) -> Self {
-        let mut buf = BytesMut::with_capacity(4 + HEADER_LEN + BATCH_PAGES * (PAGE_SIZE + ENTRY_LEN));
+        Self::with_buffer(BytesMut::new(), round, flags)
+    }
+
+    /// An empty batch built in `buf` (a recycled frame buffer; its contents are discarded).
+    pub fn with_buffer(mut buf: BytesMut, round: u32, flags: u8) -> Self {
+        buf.clear();
+        buf.reserve(FRAME_CAPACITY);
         buf.put_bytes(0, 4 + HEADER_LEN);
         Self {
             buf,
@@ -76,8 +84,7 @@ impl PageBatchBuilder {
     /// Copies page `index` from `memory` into the batch; returns its kind.
     pub fn add_from(&mut self, memory: &GuestMemory, index: u64) -> Result<PageKind, MemoryError> {
         let start = self.buf.len();
-        self.buf.put_bytes(0, PAGE_SIZE);
-        memory.read_page(PageIndex(index), &mut self.buf[start..])?;
+        memory.append_page(PageIndex(index), &mut self.buf)?;
         let kind = if crate::memory::is_zero(&self.buf[start..]) {
             self.buf.truncate(start);
             PageKind::Zero

@@ -66,7 +66,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SimGuest {
     /// Creates a guest with memory filled per `workload` (paused; call [`Guest::resume`]).
     pub fn create(config: VmConfig, layout: NativeLayout, workload: WorkloadSpec) -> Result<Self, VmmError> {
-        let guest = Self::build(config, layout, workload)?;
+        let memory = GuestMemory::new(config.memory_bytes)?;
+        let guest = Self::build(config, layout, workload, memory)?;
         guest
             .inner
             .memory
@@ -75,12 +76,13 @@ impl SimGuest {
     }
 
     /// Creates an empty (all-zero) guest that waits for incoming state: a reservation.
+    /// Its memory is committed up front (see [`GuestMemory::new_populated`]).
     pub fn reserve(config: VmConfig, layout: NativeLayout) -> Result<Self, VmmError> {
-        Self::build(config, layout, WorkloadSpec::idle())
+        let memory = GuestMemory::new_populated(config.memory_bytes)?;
+        Self::build(config, layout, WorkloadSpec::idle(), memory)
     }
 
-    fn build(config: VmConfig, layout: NativeLayout, workload: WorkloadSpec) -> Result<Self, VmmError> {
-        let memory = GuestMemory::new(config.memory_bytes)?;
+    fn build(config: VmConfig, layout: NativeLayout, workload: WorkloadSpec, memory: GuestMemory) -> Result<Self, VmmError> {
         let pages = memory.page_count();
         let vcpus = (0..config.vcpus)
             .map(|i| NativeVcpu::from_common(layout, &VcpuState::initial_long_mode(i)))
