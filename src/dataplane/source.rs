@@ -262,6 +262,18 @@ impl Worker {
         stats: &mut RoundStats,
         pace: Option<&mut TokenBucket>,
     ) -> Result<(), DataPlaneError> {
+        self.ship_on(batch, stats, pace, false)
+    }
+
+    /// Sends a finished batch; `urgent` batches (pulls) take the lane that never queues behind
+    /// bulk frames.
+    fn ship_on(
+        &self,
+        batch: PageBatchBuilder,
+        stats: &mut RoundStats,
+        pace: Option<&mut TokenBucket>,
+        urgent: bool,
+    ) -> Result<(), DataPlaneError> {
         if self.stop.load(Ordering::Acquire) {
             return Err(DataPlaneError::Stopped);
         }
@@ -273,7 +285,12 @@ impl Worker {
             }
         }
         stats.bytes += frame.len() as u64;
-        self.link.send(frame).map_err(|_| DataPlaneError::LinkClosed)?;
+        let sent = if urgent {
+            self.link.send_urgent(frame)
+        } else {
+            self.link.send(frame)
+        };
+        sent.map_err(|_| DataPlaneError::LinkClosed)?;
         self.batches.fetch_add(1, Ordering::Release);
         Ok(())
     }
@@ -323,7 +340,7 @@ impl Worker {
             }
         }
         let n = batch.len() as u64;
-        self.ship(batch, &mut stats, None)?;
+        self.ship_on(batch, &mut stats, None, true)?;
         stats.pulled_pages = n;
         self.pulled_total.fetch_add(n, Ordering::Relaxed);
         Ok(stats)

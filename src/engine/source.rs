@@ -747,7 +747,13 @@ impl SourceRun {
     /// The prediction of an algorithm that decides at once (stop-and-copy, post-copy), from
     /// what earlier migrations measured; none on an engine's first migration.
     fn predict_up_front(&mut self, pages: u64) {
-        let Some(bw) = self.measured().bandwidth else { return };
+        // Earlier migrations' measured bandwidth, else the link's configured cap.
+        let configured = self.s.req.shaping.bandwidth_bytes_per_sec.map(|b| b as f64);
+        let (bw, source) = match (self.measured().bandwidth, configured) {
+            (Some(b), _) => (b, "earlier migrations"),
+            (None, Some(b)) => (b, "the link's configured cap"),
+            (None, None) => return,
+        };
         let fixed = self.fixed_switchover(4096);
         let transfer = policy::transfer_time(pages, bw);
         let (down, total) = match self.algorithm {
@@ -760,7 +766,7 @@ impl SourceRun {
             downtime_s: down.as_secs_f64(),
             total_s: (elapsed + total).as_secs_f64(),
             basis: format!(
-                "{pages} pages at {:.1} MB/s (earlier migrations) plus {:.2} ms fixed switchover",
+                "{pages} pages at {:.1} MB/s ({source}) plus {:.2} ms fixed switchover",
                 bw / 1e6,
                 fixed.as_secs_f64() * 1e3
             ),

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use crossbeam::channel;
 
 use super::{
-    ControlChannel, DataReceiver, FramePool, DataSender, LinkEnd, Shaping, TokenBucket, CONTROL_CHANNEL_FRAMES,
-    DATA_CHANNEL_FRAMES,
+    ControlChannel, DataReceiver, DataSender, FramePool, LinkEnd, Shaping, TokenBucket, CONTROL_CHANNEL_FRAMES,
+    DATA_CHANNEL_FRAMES, URGENT_CHANNEL_FRAMES,
 };
 
 /// A connected pair of link ends with the given shaping in each direction.
@@ -15,6 +15,8 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
     let (c_ba_tx, c_ba_rx) = tokio::sync::mpsc::channel(CONTROL_CHANNEL_FRAMES);
     let (d_ab_tx, d_ab_rx) = channel::bounded(DATA_CHANNEL_FRAMES);
     let (d_ba_tx, d_ba_rx) = channel::bounded(DATA_CHANNEL_FRAMES);
+    let (u_ab_tx, u_ab_rx) = channel::bounded(URGENT_CHANNEL_FRAMES);
+    let (u_ba_tx, u_ba_rx) = channel::bounded(URGENT_CHANNEL_FRAMES);
     let budget = || {
         shaping
             .bandwidth_bytes_per_sec
@@ -30,10 +32,14 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
         },
         data_tx: DataSender {
             tx: d_ab_tx,
+            urgent: u_ab_tx,
             budget: budget(),
             latency: shaping.latency,
         },
-        data_rx: DataReceiver { rx: d_ba_rx },
+        data_rx: DataReceiver {
+            rx: d_ba_rx,
+            urgent: u_ba_rx,
+        },
         pool: pool.clone(),
     };
     let b = LinkEnd {
@@ -44,10 +50,14 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
         },
         data_tx: DataSender {
             tx: d_ba_tx,
+            urgent: u_ba_tx,
             budget: budget(),
             latency: shaping.latency,
         },
-        data_rx: DataReceiver { rx: d_ab_rx },
+        data_rx: DataReceiver {
+            rx: d_ab_rx,
+            urgent: u_ab_rx,
+        },
         pool,
     };
     (a, b)

@@ -69,49 +69,56 @@ pub struct ControlChannel {
     pub latency: Duration,
 }
 
-/// Sends page batch frames to the peer, shaped by the link's shared bandwidth budget.
+/// Frames in flight on the urgent lane (post-copy pulls).
+pub const URGENT_CHANNEL_FRAMES: usize = 64;
+
+/// Sends page batch frames to the peer, shaped by the link's shared bandwidth budget. Two
+/// lanes: bulk frames, and urgent frames (post-copy pulls) that never queue behind bulk ones,
+/// as QEMU's post-copy preempt channel does.
 #[derive(Debug, Clone)]
 pub struct DataSender {
     tx: channel::Sender<Timed>,
+    urgent: channel::Sender<Timed>,
     budget: Option<Arc<Mutex<TokenBucket>>>,
     latency: Duration,
 }
 
 impl DataSender {
-    /// Sends one frame, waiting for bandwidth tokens and channel space. Runs on a data-plane
-    /// thread, never on an actor. Fails if the peer is gone.
-    pub fn send(&self, frame: Bytes) -> Result<(), LinkError> {
+    fn pace(&self, bytes: usize) {
         if let Some(b) = &self.budget {
-            let wait = b.lock().unwrap_or_else(|p| p.into_inner()).take(frame.len() as u64);
+            let wait = b.lock().unwrap_or_else(|p| p.into_inner()).take(bytes as u64);
             if !wait.is_zero() {
                 std::thread::sleep(wait);
             }
         }
-        self.tx
-            .send(Timed {
-                due: Instant::now() + self.latency,
-                frame,
-            })
-            .map_err(|_| LinkError::Closed)
+    }
+
+    fn timed(&self, frame: Bytes) -> Timed {
+        Timed {
+            due: Instant::now() + self.latency,
+            frame,
+        }
+    }
+
+    /// Sends one bulk frame, waiting for bandwidth tokens and channel space. Runs on a
+    /// data-plane thread, never on an actor. Fails if the peer is gone.
+    pub fn send(&self, frame: Bytes) -> Result<(), LinkError> {
+        self.pace(frame.len());
+        self.tx.send(self.timed(frame)).map_err(|_| LinkError::Closed)
+    }
+
+    /// Sends one urgent frame ahead of queued bulk frames; it still counts against the budget.
+    pub fn send_urgent(&self, frame: Bytes) -> Result<(), LinkError> {
+        self.pace(frame.len());
+        self.urgent.send(self.timed(frame)).map_err(|_| LinkError::Closed)
     }
 }
 
-/// Receives page batch frames from the peer.
+/// Receives page batch frames from the peer, urgent ones first.
 #[derive(Debug, Clone)]
 pub struct DataReceiver {
     rx: channel::Receiver<Timed>,
-}
-
-impl DataReceiver {
-    /// The next frame, delivered no earlier than its due instant; `None` once the peer is gone.
-    pub fn recv(&self) -> Option<Bytes> {
-        let t = self.rx.recv().ok()?;
-        let now = Instant::now();
-        if t.due > now {
-            std::thread::sleep(t.due - now);
-        }
-        Some(t.frame)
-    }
+    urgent: channel::Receiver<Timed>,
 }
 
 /// What a bounded wait on a [`DataReceiver`] gave.
@@ -126,10 +133,20 @@ pub enum DataRecv {
 }
 
 impl DataReceiver {
-    /// Like [`DataReceiver::recv`], but gives up after `wait` so the caller can check for a
-    /// stop request.
+    /// The next frame (an urgent one if any is waiting), delivered no earlier than its due
+    /// instant; gives up after `wait` so the caller can check for a stop request.
     pub fn recv_timeout(&self, wait: Duration) -> DataRecv {
-        match self.rx.recv_timeout(wait) {
+        let got = match self.urgent.try_recv() {
+            Ok(t) => Ok(t),
+            Err(_) => {
+                channel::select! {
+                    recv(self.urgent) -> t => t.map_err(|_| ()),
+                    recv(self.rx) -> t => t.map_err(|_| ()),
+                    default(wait) => return DataRecv::Idle,
+                }
+            }
+        };
+        match got {
             Ok(t) => {
                 let now = Instant::now();
                 if t.due > now {
@@ -137,8 +154,8 @@ impl DataReceiver {
                 }
                 DataRecv::Frame(t.frame)
             }
-            Err(channel::RecvTimeoutError::Timeout) => DataRecv::Idle,
-            Err(channel::RecvTimeoutError::Disconnected) => DataRecv::Closed,
+            // One lane closed means the peer dropped its sender: both go together.
+            Err(()) => DataRecv::Closed,
         }
     }
 }

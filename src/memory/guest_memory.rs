@@ -81,7 +81,11 @@ impl GuestMemory {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE
                     | libc::MAP_ANONYMOUS
-                    | if populate { libc::MAP_POPULATE } else { libc::MAP_NORESERVE },
+                    | if populate {
+                        libc::MAP_POPULATE
+                    } else {
+                        libc::MAP_NORESERVE
+                    },
                 -1,
                 0,
             )

@@ -82,7 +82,12 @@ impl SimGuest {
         Self::build(config, layout, WorkloadSpec::idle(), memory)
     }
 
-    fn build(config: VmConfig, layout: NativeLayout, workload: WorkloadSpec, memory: GuestMemory) -> Result<Self, VmmError> {
+    fn build(
+        config: VmConfig,
+        layout: NativeLayout,
+        workload: WorkloadSpec,
+        memory: GuestMemory,
+    ) -> Result<Self, VmmError> {
         let pages = memory.page_count();
         let vcpus = (0..config.vcpus)
             .map(|i| NativeVcpu::from_common(layout, &VcpuState::initial_long_mode(i)))
