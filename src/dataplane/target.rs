@@ -130,6 +130,9 @@ fn apply_loop(
     let memory = guest.memory();
     let pages = memory.page_count();
     let zero_digest = xxh3_64(&[0u8; PAGE_SIZE]);
+    // Batches of different rounds may overtake each other on parallel streams: a page is
+    // written only by a batch of its latest round seen so far.
+    let mut page_round = vec![0u32; pages as usize];
     loop {
         if stop.load(Ordering::Acquire) {
             return Ok(());
@@ -148,8 +151,16 @@ fn apply_loop(
             }
             // After activation the guest owns present pages: only a missing page is written,
             // once, whichever of push and pull brings it first.
-            if postcopy && !guest.claim_page(page) {
-                continue;
+            if postcopy {
+                if !guest.claim_page(page) {
+                    continue;
+                }
+            } else {
+                let seen = &mut page_round[page as usize];
+                if batch.round < *seen {
+                    continue;
+                }
+                *seen = batch.round;
             }
             let digest = match data {
                 Some(bytes) => {

@@ -10,7 +10,9 @@ use tokio::sync::broadcast;
 use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::HostUsage;
-use super::registry::{AddHost, Cancel, CreateVmIn, Engine, ListVmsIn, StartMigration, Subscribe, UsageOf, WaitReport};
+use super::registry::{
+    AddHost, Cancel, CreateVmIn, Engine, ListVmsIn, ListenAddress, StartMigration, Subscribe, UsageOf, WaitReport,
+};
 use super::report::MigrationReport;
 use super::request::{HostConfig, MigrationRequest, VmSpec};
 use crate::vm::VmInfo;
@@ -122,6 +124,11 @@ impl EngineHandle {
                 host: host.to_string(),
                 vm: vm.to_string(),
             })
+    }
+
+    /// The address `host` accepts TCP migrations on, if it listens.
+    pub async fn listen_address(&self, host: &str) -> Result<Option<std::net::SocketAddr>, EngineError> {
+        self.ask(ListenAddress(host.to_string())).await
     }
 
     /// Memory and VM count of `host`.

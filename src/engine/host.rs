@@ -1,6 +1,7 @@
 //! The Host actor: one per host; owns its backend, its VMs, admission and incoming links.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -9,7 +10,7 @@ use super::error::EngineError;
 use super::receiver::{Receiver, ReceiverParams};
 use super::request::HostConfig;
 use crate::format::{MacAddr, NicConfig, VmConfig, VmId};
-use crate::link::LinkEnd;
+use crate::link::{tcp, Keepalive, LinkEnd};
 use crate::protocol::{AbortReason, Capabilities};
 use crate::units::PAGE_SIZE;
 use crate::vm::{GetVmInfo, Lifecycle, StopVm, Vm, VmInfo};
@@ -24,12 +25,14 @@ pub struct Host {
     backend_arbiter: Arbiter,
     vms: HashMap<String, (Addr<Vm>, u64)>,
     committed_bytes: u64,
+    listener: Option<tokio::net::TcpListener>,
+    rejected: Arc<AtomicU64>,
 }
 
 impl Host {
     /// A host; its backend runs on its own arbiter thread so that filling or mapping guest
     /// memory never blocks the engine's actors.
-    pub fn new(config: HostConfig) -> Self {
+    pub fn new(config: HostConfig, listener: Option<tokio::net::TcpListener>) -> Self {
         let backend_arbiter = Arbiter::new();
         let layout = config.layout;
         let backend = Backend::start_in_arbiter(&backend_arbiter.handle(), move |_| Backend::sim(layout));
@@ -39,6 +42,8 @@ impl Host {
             backend_arbiter,
             vms: HashMap::new(),
             committed_bytes: 0,
+            listener,
+            rejected: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -57,6 +62,29 @@ impl Host {
 
 impl Actor for Host {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(listener) = self.listener.take() {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            ctx.spawn(tcp::serve(listener, tx, Arc::clone(&self.rejected)).into_actor(self));
+            let me = ctx.address();
+            ctx.spawn(
+                async move {
+                    while let Some(end) = rx.recv().await {
+                        me.do_send(AcceptLink {
+                            end,
+                            params: ReceiverParams {
+                                keepalive: Keepalive::default(),
+                                step_timeout: std::time::Duration::from_secs(60),
+                                events: None,
+                            },
+                        });
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
 
     fn stopped(&mut self, _: &mut Self::Context) {
         for (vm, _) in self.vms.values() {
@@ -199,6 +227,8 @@ pub struct HostUsage {
     pub committed_bytes: u64,
     /// VMs and reservations.
     pub vms: usize,
+    /// TCP connections refused before they became a link (bad preamble, too slow).
+    pub rejected_connections: u64,
 }
 
 /// How much of the host is in use.
@@ -212,6 +242,7 @@ impl Handler<GetHostUsage> for Host {
         MessageResult(HostUsage {
             committed_bytes: self.committed_bytes,
             vms: self.vms.len(),
+            rejected_connections: self.rejected.load(Ordering::Relaxed),
         })
     }
 }

@@ -38,6 +38,7 @@ struct Running {
 #[derive(Debug, Default)]
 pub struct Engine {
     hosts: HashMap<String, Addr<Host>>,
+    addresses: HashMap<String, std::net::SocketAddr>,
     running: HashMap<u64, Running>,
     finished: VecDeque<MigrationReport>,
     next_id: u64,
@@ -57,7 +58,7 @@ impl Engine {
     }
 }
 
-/// Add a host.
+/// Add a host; binds its TCP listener if it has one.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), EngineError>")]
 pub struct AddHost(pub HostConfig);
@@ -69,8 +70,35 @@ impl Handler<AddHost> for Engine {
             return Err(EngineError::DuplicateHost(msg.0.name));
         }
         let name = msg.0.name.clone();
-        self.hosts.insert(name, Host::new(msg.0).start());
+        let listener = match msg.0.listen {
+            Some(addr) => {
+                let bind = || -> std::io::Result<tokio::net::TcpListener> {
+                    let l = std::net::TcpListener::bind(addr)?;
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                };
+                let l = bind().map_err(|e| EngineError::Internal(format!("cannot listen on {addr}: {e}")))?;
+                if let Ok(a) = l.local_addr() {
+                    self.addresses.insert(name.clone(), a);
+                }
+                Some(l)
+            }
+            None => None,
+        };
+        self.hosts.insert(name, Host::new(msg.0, listener).start());
         Ok(())
+    }
+}
+
+/// The address a host accepts TCP migrations on.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<std::net::SocketAddr>")]
+pub struct ListenAddress(pub String);
+
+impl Handler<ListenAddress> for Engine {
+    type Result = Option<std::net::SocketAddr>;
+    fn handle(&mut self, msg: ListenAddress, _: &mut Self::Context) -> Self::Result {
+        self.addresses.get(&msg.0).copied()
     }
 }
 
@@ -139,12 +167,19 @@ impl Handler<StartMigration> for Engine {
 
     fn handle(&mut self, msg: StartMigration, ctx: &mut Self::Context) -> Self::Result {
         let req = msg.0;
-        let hosts = self.host(&req.source).and_then(|s| Ok((s, self.host(&req.target)?)));
+        let hosts = self.host(&req.source).and_then(|s| {
+            let target = match req.target_addr {
+                Some(_) => None,
+                None => Some(self.host(&req.target)?),
+            };
+            Ok((s, target))
+        });
         self.next_id += 1;
         let id = self.next_id;
         let me = ctx.address().recipient();
         let measured = Arc::clone(&self.measured);
         let (vm_id, source_name, offer) = (req.vm.clone(), req.source.clone(), req.offer.clone());
+        let (target_addr, streams, bandwidth) = (req.target_addr, req.streams, req.shaping.bandwidth_bytes_per_sec);
         let prepare = async move {
             let (source, target) = hosts?;
             let vm = source.send(GetVm(vm_id.clone())).await?.ok_or(EngineError::UnknownVm {
@@ -155,27 +190,57 @@ impl Handler<StartMigration> for Engine {
             vm.send(BeginOutgoing)
                 .await?
                 .map_err(|e| EngineError::Vm(e.to_string()))?;
-            let guest = vm.send(GetGuest).await?;
-            let mut caps = source.send(GetCapabilities).await?;
+            // From here every failure hands the VM back before returning.
+            let taken = async {
+                let guest = vm.send(GetGuest).await?;
+                let caps = source.send(GetCapabilities).await?;
+                let tcp_end = match target_addr {
+                    Some(addr) => Some(crate::link::tcp::connect(addr, streams, bandwidth).await.map_err(|e| {
+                        EngineError::Link {
+                            stage: "premigration".into(),
+                            detail: format!("cannot connect to {addr}: {e}"),
+                        }
+                    })?),
+                    None => None,
+                };
+                Ok::<_, EngineError>((guest, caps, tcp_end))
+            };
+            let (guest, mut caps, tcp_end) = match taken.await {
+                Ok(x) => x,
+                Err(e) => {
+                    vm.do_send(EndOutgoing { moved: false });
+                    return Err(e);
+                }
+            };
             caps.algorithms.retain(|a| offer.contains(a));
-            Ok::<_, EngineError>((vm, guest, caps, source, target))
+            Ok::<_, EngineError>((vm, guest, caps, source, target, tcp_end))
         };
         Box::pin(prepare.into_actor(self).map(move |prepared, act, _| {
-            let (vm, guest, caps, source, target) = prepared?;
+            let (vm, guest, caps, source, target, tcp_end) = prepared?;
             let (events, rx) = broadcast::channel(EVENT_BUFFER);
-            let (source_end, target_end) = link::pair(req.shaping);
-            target.do_send(AcceptLink {
-                end: target_end,
-                params: ReceiverParams {
-                    keepalive: req.keepalive,
-                    step_timeout: req.step_timeout,
-                    events: Some(events.clone()),
-                },
-            });
-            if !target.connected() {
-                vm.do_send(EndOutgoing { moved: false });
-                return Err(EngineError::UnknownHost(req.target.clone()));
-            }
+            let source_end = match (tcp_end, target) {
+                (Some(end), _) => end,
+                (None, Some(target)) => {
+                    let (source_end, target_end) = link::pair(req.shaping);
+                    target.do_send(AcceptLink {
+                        end: target_end,
+                        params: ReceiverParams {
+                            keepalive: req.keepalive,
+                            step_timeout: req.step_timeout,
+                            events: Some(events.clone()),
+                        },
+                    });
+                    if !target.connected() {
+                        vm.do_send(EndOutgoing { moved: false });
+                        return Err(EngineError::UnknownHost(req.target.clone()));
+                    }
+                    source_end
+                }
+                (None, None) => {
+                    vm.do_send(EndOutgoing { moved: false });
+                    return Err(EngineError::UnknownHost(req.target.clone()));
+                }
+            };
             let setup = SourceSetup {
                 id,
                 req,

@@ -21,6 +21,9 @@ pub struct HostConfig {
     pub algorithms: Vec<Algorithm>,
     /// Common-format versions the host reads and writes.
     pub format_versions: Vec<u32>,
+    /// Address to accept migrations on over TCP (port 0 picks one; see
+    /// [`super::EngineHandle::listen_address`]). `None`: in-process links only.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl HostConfig {
@@ -32,6 +35,7 @@ impl HostConfig {
             memory_budget_bytes: 64 << 30,
             algorithms: Algorithm::ALL.to_vec(),
             format_versions: vec![crate::format::FORMAT_VERSION],
+            listen: None,
         }
     }
 }
@@ -86,6 +90,11 @@ pub struct MigrationRequest {
     /// Algorithms the source side offers for this migration (all by default); narrowing it
     /// exercises negotiation.
     pub offer: Vec<Algorithm>,
+    /// Reach the target over TCP at this address instead of in-process; `target` is then only
+    /// a label.
+    pub target_addr: Option<std::net::SocketAddr>,
+    /// Parallel TCP data streams (1..=16).
+    pub streams: u8,
 }
 
 impl MigrationRequest {
@@ -102,6 +111,8 @@ impl MigrationRequest {
             keepalive: Keepalive::default(),
             step_timeout: Duration::from_secs(60),
             offer: Algorithm::ALL.to_vec(),
+            target_addr: None,
+            streams: 2,
         }
     }
 

@@ -832,9 +832,24 @@ impl SourceRun {
             }
         }
         self.pulling = false;
-        if let Some(stats) = push_stats {
-            self.account(&stats);
-        }
+        // The target can hold every page before the push job has reported: wait for its figures.
+        let stats = match push_stats {
+            Some(s) => s,
+            None => tokio::time::timeout(self.s.req.step_timeout, pushed)
+                .await
+                .map_err(|_| Fail::Timeout("pull"))?
+                .map_err(local)?
+                .map_err(|e| Fail::Link(e.to_string()))?,
+        };
+        self.account(&stats);
+        // Pulls answered after the push ended are counted by the plane alone.
+        let late = self
+            .plane
+            .as_ref()
+            .map_or(0, |p| p.pulled())
+            .saturating_sub(stats.pulled_pages);
+        self.pages.pulled += late;
+        metrics::counter!(metric::PAGES_SENT_TOTAL, "kind" => "pulled").increment(late);
         self.enter(Stage::Commitment)?;
         self.verify_and_release().await
     }

@@ -39,6 +39,7 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
         data_rx: DataReceiver {
             rx: d_ba_rx,
             urgent: u_ba_rx,
+            _alive: None,
         },
         pool: pool.clone(),
     };
@@ -57,6 +58,7 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
         data_rx: DataReceiver {
             rx: d_ab_rx,
             urgent: u_ab_rx,
+            _alive: None,
         },
         pool,
     };

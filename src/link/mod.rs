@@ -10,6 +10,7 @@ mod actor;
 mod inproc;
 mod pool;
 mod shaper;
+pub mod tcp;
 
 pub use actor::{CloseLink, Keepalive, Link, LinkEvent, SendControl};
 pub use inproc::pair;
@@ -119,6 +120,8 @@ impl DataSender {
 pub struct DataReceiver {
     rx: channel::Receiver<Timed>,
     urgent: channel::Receiver<Timed>,
+    /// Held while anyone receives; socket readers stop when the last clone is gone.
+    _alive: Option<Arc<()>>,
 }
 
 /// What a bounded wait on a [`DataReceiver`] gave.

@@ -7,3 +7,4 @@ mod cancel;
 mod embed;
 mod negotiation;
 mod stall;
+mod tcp;

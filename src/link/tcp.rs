@@ -1,0 +1,438 @@
+//! TCP links: one ordered control connection and N data connections per migration.
+//!
+//! Every connection opens with a preamble (`MIGRLINK`, version, link id, role, stream count)
+//! so the listener can group a link's connections. Control frames are bridged by two tokio
+//! tasks into the same channels an in-process link uses; page frames are written and read by
+//! one blocking thread per direction per stream, straight from and into pooled buffers. Every
+//! length is checked against [`MAX_FRAME_LEN`] before a buffer is sized.
+//!
+//! Page batches of one migration may arrive out of order across streams; the target's data
+//! plane applies a page only if its round is not older than the one already applied.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::BufMut;
+use crossbeam::channel;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::{
+    ControlChannel, DataReceiver, DataSender, FramePool, LinkEnd, Timed, TokenBucket, CONTROL_CHANNEL_FRAMES,
+    DATA_CHANNEL_FRAMES, URGENT_CHANNEL_FRAMES,
+};
+use crate::protocol::frame::{MAX_FRAME_LEN, TAG_PAGES};
+use crate::protocol::pages::FLAG_PULLED;
+
+const PREAMBLE_MAGIC: &[u8; 8] = b"MIGRLINK";
+const PREAMBLE_VERSION: u8 = 1;
+const PREAMBLE_LEN: usize = 8 + 1 + 8 + 1 + 1;
+/// Most data streams one link may open.
+pub const MAX_STREAMS: u8 = 16;
+/// A connection must send its preamble within this.
+const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A link's connections must all arrive within this of the first.
+const ASSEMBLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Links being assembled at once; beyond this the oldest is dropped.
+const MAX_PENDING_LINKS: usize = 64;
+/// How often a blocked data-stream reader looks up to see whether its consumer is gone.
+const READ_POLL: Duration = Duration::from_millis(200);
+
+/// Errors of TCP links.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpLinkError {
+    /// A socket operation failed.
+    #[error("tcp: {0}")]
+    Io(#[from] io::Error),
+    /// A connection opened with something that is not a valid preamble.
+    #[error("bad link preamble: {detail}")]
+    BadPreamble {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The stream count is out of range.
+    #[error("{streams} data streams requested, 1..={limit} allowed")]
+    Streams {
+        /// Asked for.
+        streams: u8,
+        /// The limit.
+        limit: u8,
+    },
+    /// A deadline passed.
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Preamble {
+    link_id: u64,
+    role: u8,
+    streams: u8,
+}
+
+impl Preamble {
+    fn encode(self) -> [u8; PREAMBLE_LEN] {
+        let mut out = [0u8; PREAMBLE_LEN];
+        out[..8].copy_from_slice(PREAMBLE_MAGIC);
+        out[8] = PREAMBLE_VERSION;
+        out[9..17].copy_from_slice(&self.link_id.to_be_bytes());
+        out[17] = self.role;
+        out[18] = self.streams;
+        out
+    }
+
+    fn decode(b: &[u8; PREAMBLE_LEN]) -> Result<Self, TcpLinkError> {
+        let bad = |detail: String| TcpLinkError::BadPreamble { detail };
+        if &b[..8] != PREAMBLE_MAGIC {
+            return Err(bad(format!("magic {:02x?}", &b[..8])));
+        }
+        if b[8] != PREAMBLE_VERSION {
+            return Err(bad(format!("version {} (speak {PREAMBLE_VERSION})", b[8])));
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&b[9..17]);
+        let (role, streams) = (b[17], b[18]);
+        if streams == 0 || streams > MAX_STREAMS || role > streams {
+            return Err(bad(format!("role {role} of {streams} streams")));
+        }
+        Ok(Self {
+            link_id: u64::from_be_bytes(id),
+            role,
+            streams,
+        })
+    }
+}
+
+fn link_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let seed = nanos ^ (u64::from(std::process::id()) << 32) ^ COUNTER.fetch_add(1, Ordering::Relaxed);
+    crate::memory::SplitMix64::new(seed).next()
+}
+
+/// Opens a link to `addr` with `streams` data connections, shaped to `bandwidth` bytes per
+/// second if given.
+pub async fn connect(addr: SocketAddr, streams: u8, bandwidth: Option<u64>) -> Result<LinkEnd, TcpLinkError> {
+    if streams == 0 || streams > MAX_STREAMS {
+        return Err(TcpLinkError::Streams {
+            streams,
+            limit: MAX_STREAMS,
+        });
+    }
+    let id = link_id();
+    let mut control = TcpStream::connect(addr).await?;
+    control.set_nodelay(true)?;
+    control
+        .write_all(
+            &Preamble {
+                link_id: id,
+                role: 0,
+                streams,
+            }
+            .encode(),
+        )
+        .await?;
+    let mut data = Vec::with_capacity(streams as usize);
+    for role in 1..=streams {
+        let mut s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        s.write_all(
+            &Preamble {
+                link_id: id,
+                role,
+                streams,
+            }
+            .encode(),
+        )
+        .await?;
+        data.push(s.into_std()?);
+    }
+    build_end(control, data, bandwidth)
+}
+
+/// Accepts links on `listener` and hands each assembled [`LinkEnd`] to `links`. Runs until
+/// `links` is closed. Connections that do not open with a valid preamble in time are dropped
+/// and counted in the returned error tally.
+pub async fn serve(listener: TcpListener, links: mpsc::Sender<LinkEnd>, rejected: Arc<std::sync::atomic::AtomicU64>) {
+    let (arrived_tx, mut arrived) = mpsc::channel::<(Preamble, TcpStream)>(256);
+    let accept = async {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let tx = arrived_tx.clone();
+            let rejected = Arc::clone(&rejected);
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let mut buf = [0u8; PREAMBLE_LEN];
+                let read = tokio::time::timeout(PREAMBLE_TIMEOUT, stream.read_exact(&mut buf)).await;
+                match read.map(|r| r.map(|_| Preamble::decode(&buf))) {
+                    Ok(Ok(Ok(p))) => {
+                        let _ = tx.send((p, stream)).await;
+                    }
+                    _ => {
+                        rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    };
+    let assemble = async {
+        let mut pending: HashMap<u64, PendingLink> = HashMap::new();
+        while let Some((p, stream)) = arrived.recv().await {
+            let now = tokio::time::Instant::now();
+            pending.retain(|_, (t, _, _)| now.duration_since(*t) < ASSEMBLY_TIMEOUT);
+            if !pending.contains_key(&p.link_id) && pending.len() >= MAX_PENDING_LINKS {
+                if let Some(oldest) = pending.iter().min_by_key(|(_, (t, _, _))| *t).map(|(k, _)| *k) {
+                    pending.remove(&oldest);
+                }
+            }
+            let entry = pending
+                .entry(p.link_id)
+                .or_insert_with(|| (now, None, (0..p.streams).map(|_| None).collect()));
+            if entry.2.len() != p.streams as usize {
+                pending.remove(&p.link_id);
+                rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            if p.role == 0 {
+                entry.1 = Some(stream);
+            } else {
+                entry.2[p.role as usize - 1] = Some(stream);
+            }
+            let complete = entry.1.is_some() && entry.2.iter().all(Option::is_some);
+            if complete {
+                if let Some((_, Some(control), data)) = pending.remove(&p.link_id) {
+                    let data: Result<Vec<std::net::TcpStream>, io::Error> =
+                        data.into_iter().flatten().map(|s| s.into_std()).collect();
+                    let end = data
+                        .map_err(TcpLinkError::from)
+                        .and_then(|d| build_end(control, d, None));
+                    match end {
+                        Ok(end) => {
+                            if links.send(end).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => {
+                            rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = assemble => {}
+    }
+}
+
+/// A link being assembled: when its first connection came, its control connection, its data
+/// connections by role.
+type PendingLink = (tokio::time::Instant, Option<TcpStream>, Vec<Option<TcpStream>>);
+
+fn build_end(
+    control: TcpStream,
+    data: Vec<std::net::TcpStream>,
+    bandwidth: Option<u64>,
+) -> Result<LinkEnd, TcpLinkError> {
+    let (ctl_read, ctl_write) = control.into_split();
+    let (out_tx, out_rx) = mpsc::channel::<Timed>(CONTROL_CHANNEL_FRAMES);
+    let (in_tx, in_rx) = mpsc::channel::<Timed>(CONTROL_CHANNEL_FRAMES);
+    tokio::spawn(control_writer(ctl_write, out_rx));
+    tokio::spawn(control_reader(ctl_read, in_tx));
+
+    let pool = FramePool::new();
+    let (bulk_tx, bulk_rx) = channel::bounded::<Timed>(DATA_CHANNEL_FRAMES);
+    let (urg_tx, urg_rx) = channel::bounded::<Timed>(URGENT_CHANNEL_FRAMES);
+    let (in_bulk_tx, in_bulk_rx) = channel::bounded::<Timed>(DATA_CHANNEL_FRAMES);
+    let (in_urg_tx, in_urg_rx) = channel::bounded::<Timed>(URGENT_CHANNEL_FRAMES);
+    let alive = Arc::new(());
+    for (i, stream) in data.into_iter().enumerate() {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(READ_POLL))?;
+        let reader = stream.try_clone()?;
+        let (b, u, p) = (bulk_rx.clone(), urg_rx.clone(), pool.clone());
+        std::thread::Builder::new()
+            .name(format!("migratory-tx{i}"))
+            .spawn(move || data_writer(stream, &b, &u, &p))?;
+        let (b, u, p, a) = (
+            in_bulk_tx.clone(),
+            in_urg_tx.clone(),
+            pool.clone(),
+            Arc::downgrade(&alive),
+        );
+        std::thread::Builder::new()
+            .name(format!("migratory-rx{i}"))
+            .spawn(move || data_reader(reader, &b, &u, &p, &a))?;
+    }
+    Ok(LinkEnd {
+        control: ControlChannel {
+            tx: out_tx,
+            rx: in_rx,
+            latency: Duration::ZERO,
+        },
+        data_tx: DataSender {
+            tx: bulk_tx,
+            urgent: urg_tx,
+            budget: bandwidth.map(|r| Arc::new(Mutex::new(TokenBucket::new(r)))),
+            latency: Duration::ZERO,
+        },
+        data_rx: DataReceiver {
+            rx: in_bulk_rx,
+            urgent: in_urg_rx,
+            _alive: Some(alive),
+        },
+        pool,
+    })
+}
+
+async fn control_writer(mut w: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Timed>) {
+    while let Some(t) = rx.recv().await {
+        if w.write_all(&t.frame).await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+async fn control_reader(mut r: tokio::net::tcp::OwnedReadHalf, tx: mpsc::Sender<Timed>) {
+    loop {
+        let mut len = [0u8; 4];
+        if r.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let n = u32::from_be_bytes(len) as usize;
+        // Checked before the buffer exists: a hostile length costs nothing.
+        if n == 0 || n > MAX_FRAME_LEN {
+            return;
+        }
+        let mut frame = bytes::BytesMut::with_capacity(4 + n);
+        frame.put_slice(&len);
+        frame.resize(4 + n, 0);
+        if r.read_exact(&mut frame[4..]).await.is_err() {
+            return;
+        }
+        let t = Timed {
+            due: std::time::Instant::now(),
+            frame: frame.freeze(),
+        };
+        if tx.send(t).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn data_writer(
+    mut s: std::net::TcpStream,
+    bulk: &channel::Receiver<Timed>,
+    urgent: &channel::Receiver<Timed>,
+    pool: &FramePool,
+) {
+    loop {
+        let next = match urgent.try_recv() {
+            Ok(t) => Ok(t),
+            Err(_) => channel::select! {
+                recv(urgent) -> t => t,
+                recv(bulk) -> t => t,
+            },
+        };
+        let Ok(t) = next else { break };
+        if s.write_all(&t.frame).is_err() {
+            break;
+        }
+        pool.give(t.frame);
+    }
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+/// Reads into `buf` completely; `Ok(false)` if the consumer went away or the peer closed.
+fn read_full(s: &mut std::net::TcpStream, buf: &mut [u8], alive: &Weak<()>) -> io::Result<bool> {
+    let mut at = 0;
+    while at < buf.len() {
+        match s.read(&mut buf[at..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => at += n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if alive.upgrade().is_none() {
+                    return Ok(false);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+fn data_reader(
+    mut s: std::net::TcpStream,
+    bulk: &channel::Sender<Timed>,
+    urgent: &channel::Sender<Timed>,
+    pool: &FramePool,
+    alive: &Weak<()>,
+) {
+    loop {
+        let mut len = [0u8; 4];
+        if !matches!(read_full(&mut s, &mut len, alive), Ok(true)) {
+            break;
+        }
+        let n = u32::from_be_bytes(len) as usize;
+        if !(2..=MAX_FRAME_LEN).contains(&n) {
+            break;
+        }
+        let mut buf = pool.take();
+        buf.clear();
+        buf.put_slice(&len);
+        buf.resize(4 + n, 0);
+        if !matches!(read_full(&mut s, &mut buf[4..], alive), Ok(true)) {
+            break;
+        }
+        if buf[4] != TAG_PAGES {
+            break;
+        }
+        let lane = if buf[5] & FLAG_PULLED != 0 { urgent } else { bulk };
+        let t = Timed {
+            due: std::time::Instant::now(),
+            frame: buf.freeze(),
+        };
+        if lane.send(t).is_err() {
+            break;
+        }
+    }
+    // Only our reading side: the same socket may still carry frames the other way.
+    let _ = s.shutdown(std::net::Shutdown::Read);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_preamble_round_trip_and_rejects() {
+        let p = Preamble {
+            link_id: 42,
+            role: 2,
+            streams: 4,
+        };
+        assert_eq!(Preamble::decode(&p.encode()).expect("valid"), p);
+        let mut bad = p.encode();
+        bad[0] = b'X';
+        assert!(Preamble::decode(&bad).is_err());
+        let mut bad = p.encode();
+        bad[17] = 9; // role beyond the stream count
+        assert!(Preamble::decode(&bad).is_err());
+        let mut bad = p.encode();
+        bad[18] = 0;
+        assert!(Preamble::decode(&bad).is_err());
+    }
+}
