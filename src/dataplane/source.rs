@@ -96,13 +96,20 @@ impl std::fmt::Debug for Job {
 
 impl SourcePlane {
     /// Starts the thread reading `guest`'s memory and sending on `link`.
-    pub fn spawn(guest: Arc<dyn Guest>, link: DataSender, pool: FramePool) -> Result<Self, DataPlaneError> {
+    /// `sent_bytes` is raised by every frame put on the link (live progress).
+    pub fn spawn(
+        guest: Arc<dyn Guest>,
+        link: DataSender,
+        pool: FramePool,
+        sent_bytes: Arc<AtomicU64>,
+    ) -> Result<Self, DataPlaneError> {
         let (jobs, job_rx) = channel::bounded::<Job>(4);
         let (pulls, pull_rx) = channel::bounded::<u64>(PULL_QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
         let pulled = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            sent_bytes,
             pool,
             stop: Arc::clone(&stop),
             guest,
@@ -194,6 +201,7 @@ impl Drop for SourcePlane {
 }
 
 struct Worker {
+    sent_bytes: Arc<AtomicU64>,
     pool: FramePool,
     stop: Arc<AtomicBool>,
     guest: Arc<dyn Guest>,
@@ -284,7 +292,8 @@ impl Worker {
                 std::thread::sleep(wait);
             }
         }
-        stats.bytes += frame.len() as u64;
+        let stats_len = frame.len() as u64;
+        stats.bytes += stats_len;
         let sent = if urgent {
             self.link.send_urgent(frame)
         } else {
@@ -292,6 +301,7 @@ impl Worker {
         };
         sent.map_err(|_| DataPlaneError::LinkClosed)?;
         self.batches.fetch_add(1, Ordering::Release);
+        self.sent_bytes.fetch_add(stats_len, Ordering::Relaxed);
         Ok(())
     }
 

@@ -10,8 +10,10 @@ use tokio::sync::broadcast;
 use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::HostUsage;
+use super::progress::MigrationStatus;
 use super::registry::{
-    AddHost, Cancel, CreateVmIn, Engine, ListVmsIn, ListenAddress, StartMigration, Subscribe, UsageOf, WaitReport,
+    AddHost, BeginShutdown, Cancel, CreateVmIn, DeleteVmIn, Engine, GetStatus, ListStatus, ListVmsIn, ListenAddress,
+    StartMigration, Subscribe, UsageOf, WaitReport,
 };
 use super::report::MigrationReport;
 use super::request::{HostConfig, MigrationRequest, VmSpec};
@@ -156,6 +158,48 @@ impl EngineHandle {
     pub async fn report(&self, id: u64) -> Result<MigrationReport, EngineError> {
         let rx = self.ask(WaitReport(id)).await??;
         rx.await.map_err(|_| EngineError::EngineStopped)
+    }
+
+    /// Status of a queued, running or recently finished migration.
+    pub async fn status(&self, id: u64) -> Result<MigrationStatus, EngineError> {
+        self.ask(GetStatus(id)).await?
+    }
+
+    /// Status of every queued, running and remembered migration.
+    pub async fn list_migrations(&self) -> Result<Vec<MigrationStatus>, EngineError> {
+        self.ask(ListStatus).await
+    }
+
+    /// Deletes a VM that is not being migrated.
+    pub async fn delete_vm(&self, host: &str, vm: &str) -> Result<(), EngineError> {
+        self.ask(DeleteVmIn {
+            host: host.to_string(),
+            vm: vm.to_string(),
+        })
+        .await?
+    }
+
+    /// Graceful shutdown: queued migrations are dropped, running ones cancelled (those past
+    /// commitment run to their end), incoming ones aborted unless past commitment. Returns once
+    /// nothing runs, or after `grace`, with the number still running.
+    pub async fn shutdown(&self, grace: Duration) -> Result<usize, EngineError> {
+        let ids = self.ask(BeginShutdown).await?;
+        for id in &ids {
+            // Refused for a migration past commitment: it finishes on its own.
+            let _ = self.cancel(*id).await;
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        for id in ids {
+            if let Ok(Ok(rx)) = self.ask(WaitReport(id)).await {
+                let _ = tokio::time::timeout_at(deadline, rx).await;
+            }
+        }
+        Ok(self
+            .list_migrations()
+            .await?
+            .iter()
+            .filter(|m| m.status == super::Phase::Active)
+            .count())
     }
 
     /// Starts a migration and waits for its report.

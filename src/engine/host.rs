@@ -7,7 +7,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::error::EngineError;
-use super::receiver::{Receiver, ReceiverParams};
+use super::receiver::{AbortIncoming, Receiver, ReceiverParams};
 use super::request::HostConfig;
 use crate::format::{MacAddr, NicConfig, VmConfig, VmId};
 use crate::link::{tcp, Keepalive, LinkEnd};
@@ -27,6 +27,7 @@ pub struct Host {
     committed_bytes: u64,
     listener: Option<tokio::net::TcpListener>,
     rejected: Arc<AtomicU64>,
+    receivers: Vec<Addr<Receiver>>,
 }
 
 impl Host {
@@ -44,6 +45,7 @@ impl Host {
             committed_bytes: 0,
             listener,
             rejected: Arc::new(AtomicU64::new(0)),
+            receivers: Vec::new(),
         }
     }
 
@@ -77,6 +79,7 @@ impl Actor for Host {
                                 keepalive: Keepalive::default(),
                                 step_timeout: std::time::Duration::from_secs(60),
                                 events: None,
+                                refuse: None,
                             },
                         });
                     }
@@ -330,7 +333,29 @@ pub struct AcceptLink {
 impl Handler<AcceptLink> for Host {
     type Result = ();
     fn handle(&mut self, msg: AcceptLink, ctx: &mut Self::Context) {
-        Receiver::new(
+        self.receivers.retain(|r| r.connected());
+        if self.receivers.len() >= self.config.max_incoming.max(1) {
+            // Over the cap: answer the source's Hello with a typed refusal, then hang up.
+            let params = ReceiverParams {
+                refuse: Some(AbortReason::TargetFailed {
+                    detail: format!(
+                        "host {} is at its cap of {} incoming migrations",
+                        self.config.name, self.config.max_incoming
+                    ),
+                }),
+                ..msg.params
+            };
+            Receiver::new(
+                self.config.name.clone(),
+                ctx.address(),
+                self.capabilities(),
+                msg.end,
+                params,
+            )
+            .start();
+            return;
+        }
+        let r = Receiver::new(
             self.config.name.clone(),
             ctx.address(),
             self.capabilities(),
@@ -338,6 +363,54 @@ impl Handler<AcceptLink> for Host {
             msg.params,
         )
         .start();
+        self.receivers.push(r);
+    }
+}
+
+/// Abort every incoming migration that is not past commitment (shutdown).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct AbortAllIncoming;
+
+impl Handler<AbortAllIncoming> for Host {
+    type Result = ();
+    fn handle(&mut self, _: AbortAllIncoming, _: &mut Self::Context) {
+        for r in &self.receivers {
+            r.do_send(AbortIncoming);
+        }
+    }
+}
+
+/// Delete a VM that is not being migrated.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct DeleteVm(pub String);
+
+impl Handler<DeleteVm> for Host {
+    type Result = ResponseActFuture<Self, Result<(), EngineError>>;
+    fn handle(&mut self, msg: DeleteVm, _: &mut Self::Context) -> Self::Result {
+        let Some((vm, _)) = self.vms.get(&msg.0).cloned() else {
+            let err = EngineError::UnknownVm {
+                host: self.config.name.clone(),
+                vm: msg.0,
+            };
+            return Box::pin(fut::ready(Err(err)));
+        };
+        let id = msg.0;
+        Box::pin(vm.send(GetVmInfo).into_actor(self).map(move |info, act, _| {
+            let info = info?;
+            if matches!(info.state, Lifecycle::Outgoing { .. } | Lifecycle::Incoming) {
+                return Err(EngineError::Vm(format!(
+                    "VM {id:?} is {}: cancel its migration first",
+                    info.state
+                )));
+            }
+            if let Some((vm, bytes)) = act.vms.remove(&id) {
+                act.committed_bytes -= bytes;
+                vm.do_send(StopVm);
+            }
+            Ok(())
+        }))
     }
 }
 

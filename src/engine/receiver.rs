@@ -42,19 +42,25 @@ pub struct ReceiverParams {
     /// Where to publish network announcements (in-process migrations share the source's
     /// event stream).
     pub events: Option<broadcast::Sender<MigrationEvent>>,
+    /// Refuse the migration at `Hello` with this reason (the host is at its cap).
+    pub refuse: Option<AbortReason>,
 }
 
 /// The target side of one migration.
 #[derive(Debug)]
 pub struct Receiver {
     setup: Option<TargetRun>,
+    abort: tokio::sync::watch::Sender<bool>,
 }
 
 impl Receiver {
     /// A receiver on `host` for the link `end`.
     pub fn new(host_name: String, host: Addr<Host>, caps: Capabilities, end: LinkEnd, params: ReceiverParams) -> Self {
+        let (abort, abort_rx) = tokio::sync::watch::channel(false);
         Self {
+            abort,
             setup: Some(TargetRun {
+                abort: abort_rx,
                 host_name,
                 host,
                 caps,
@@ -69,6 +75,18 @@ impl Receiver {
                 committed: false,
             }),
         }
+    }
+}
+
+/// Abort this incoming migration unless it is past commitment (host shutdown).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct AbortIncoming;
+
+impl Handler<AbortIncoming> for Receiver {
+    type Result = ();
+    fn handle(&mut self, _: AbortIncoming, _: &mut Self::Context) {
+        self.abort.send_replace(true);
     }
 }
 
@@ -108,6 +126,7 @@ struct TargetRun {
     postcopy: bool,
     pulling: bool,
     committed: bool,
+    abort: tokio::sync::watch::Receiver<bool>,
 }
 
 fn violation(detail: impl Into<String>) -> Exit {
@@ -153,7 +172,12 @@ impl TargetRun {
             if progress.is_none() && !progress_done {
                 progress = self.plane.as_ref().map(|p| p.watch());
             }
+            let mut abort = self.abort.clone();
+            let committed = self.committed;
             let msg = tokio::select! {
+                _ = abort.wait_for(|a| *a), if !committed => {
+                    return Exit::Fail(AbortReason::TargetFailed { detail: "target host is shutting down".into() });
+                }
                 ev = inbox.recv() => match ev {
                     Some(LinkEvent::Received(m)) => m,
                     Some(LinkEvent::Lost(e)) => return Exit::LinkLost(e.to_string()),
@@ -257,6 +281,10 @@ impl TargetRun {
     }
 
     async fn negotiate(&mut self, source: &Capabilities, requested: crate::protocol::Algorithm) -> Result<(), Exit> {
+        if let Some(reason) = self.params.refuse.clone() {
+            self.send(ControlMessage::Refuse { reason }).await?;
+            return Err(Exit::Clean);
+        }
         let checked =
             accept_hello(source, &self.caps).and_then(|v| negotiate(source, &self.caps, requested).map(|_| v));
         match checked {

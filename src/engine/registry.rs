@@ -10,14 +10,16 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::{
-    AcceptLink, CreateVmOnHost, GetCapabilities, GetHostUsage, GetVm, Host, HostUsage, ListVms, ReleaseVm,
+    AbortAllIncoming, AcceptLink, CreateVmOnHost, DeleteVm, GetCapabilities, GetHostUsage, GetVm, Host, HostUsage,
+    ListVms, ReleaseVm,
 };
 use super::migration::{CancelMigration, Migration, MigrationFinished};
+use super::progress::{MigrationStatus, Phase, Progress};
 use super::receiver::ReceiverParams;
-use super::report::{MigrationReport, VmLocation};
+use super::report::{MigrationReport, Outcome, VmLocation};
 use super::request::{HostConfig, MigrationRequest, VmSpec};
 use super::source::{Measured, SourceSetup};
-use crate::link;
+use crate::link::{self, TokenBucket};
 use crate::vm::{BeginOutgoing, EndOutgoing, GetGuest, VmInfo};
 
 /// Finished reports kept for queries; older ones are dropped so a long-running service stays
@@ -28,21 +30,37 @@ const EVENT_BUFFER: usize = 1024;
 
 #[derive(Debug)]
 struct Running {
-    addr: Addr<Migration>,
-    source: Addr<Host>,
+    addr: Option<Addr<Migration>>,
+    /// True once it holds a slot (launching or running), false while queued.
+    started: bool,
+    source: String,
+    vm: String,
+    to: String,
+    algorithm: String,
+    progress: Arc<Progress>,
     events: broadcast::Sender<MigrationEvent>,
     waiters: Vec<oneshot::Sender<MigrationReport>>,
+}
+
+/// A migration waiting for a slot under its source host's cap.
+#[derive(Debug)]
+struct Queued {
+    id: u64,
+    req: MigrationRequest,
 }
 
 /// Registry of hosts and migrations.
 #[derive(Debug, Default)]
 pub struct Engine {
     hosts: HashMap<String, Addr<Host>>,
+    host_configs: HashMap<String, HostConfig>,
     addresses: HashMap<String, std::net::SocketAddr>,
     running: HashMap<u64, Running>,
+    queue: VecDeque<Queued>,
     finished: VecDeque<MigrationReport>,
     next_id: u64,
     measured: Arc<Mutex<Measured>>,
+    budgets: HashMap<String, Arc<Mutex<TokenBucket>>>,
 }
 
 impl Actor for Engine {
@@ -85,6 +103,11 @@ impl Handler<AddHost> for Engine {
             }
             None => None,
         };
+        if let Some(rate) = msg.0.bandwidth_budget_bytes_per_sec {
+            self.budgets
+                .insert(name.clone(), Arc::new(Mutex::new(TokenBucket::new(rate))));
+        }
+        self.host_configs.insert(name.clone(), msg.0.clone());
         self.hosts.insert(name, Host::new(msg.0, listener).start());
         Ok(())
     }
@@ -158,6 +181,7 @@ impl Handler<UsageOf> for Engine {
 }
 
 /// Start a migration; returns its id and a subscription that sees every event from the first.
+/// Beyond the source host's cap on concurrent outgoing migrations it is queued.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(u64, broadcast::Receiver<MigrationEvent>), EngineError>")]
 pub struct StartMigration(pub MigrationRequest);
@@ -167,6 +191,114 @@ impl Handler<StartMigration> for Engine {
 
     fn handle(&mut self, msg: StartMigration, ctx: &mut Self::Context) -> Self::Result {
         let req = msg.0;
+        if let Err(e) = self.host(&req.source) {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let (events, rx) = broadcast::channel(EVENT_BUFFER);
+        self.running.insert(
+            id,
+            Running {
+                addr: None,
+                started: false,
+                source: req.source.clone(),
+                vm: req.vm.clone(),
+                to: req
+                    .target_addr
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| req.target.clone()),
+                algorithm: req.algorithm.name().to_string(),
+                progress: Arc::new(Progress::default()),
+                events,
+                waiters: Vec::new(),
+            },
+        );
+        if self.active_from(&req.source) >= self.cap_of(&req.source) {
+            self.queue.push_back(Queued { id, req });
+            return Box::pin(fut::ready(Ok((id, rx))));
+        }
+        if let Some(r) = self.running.get_mut(&id) {
+            r.started = true;
+        }
+        Box::pin(self.launch(id, req, ctx).map(move |r, act, _| match r {
+            Ok(()) => Ok((id, rx)),
+            Err(e) => {
+                act.running.remove(&id);
+                Err(e)
+            }
+        }))
+    }
+}
+
+impl Engine {
+    fn active_from(&self, host: &str) -> usize {
+        self.running.values().filter(|r| r.source == host && r.started).count()
+    }
+
+    fn cap_of(&self, host: &str) -> usize {
+        self.host_configs
+            .get(host)
+            .map_or(usize::MAX, |c| c.max_outgoing.max(1))
+    }
+
+    /// Starts the next queued migrations of `host` while it has free slots.
+    fn launch_queued(&mut self, host: &str, ctx: &mut Context<Self>) {
+        while self.active_from(host) < self.cap_of(host) {
+            let Some(pos) = self.queue.iter().position(|q| q.req.source == host) else {
+                return;
+            };
+            let Some(q) = self.queue.remove(pos) else { return };
+            let id = q.id;
+            // Mark the slot taken before the launch completes, so the loop counts it.
+            if let Some(r) = self.running.get_mut(&id) {
+                r.started = true;
+            }
+            let launch = self.launch(id, q.req, ctx);
+            ctx.spawn(launch.map(move |r, act, ctx| {
+                if let Err(e) = r {
+                    act.fail_start(id, Outcome::Failed, e.to_string(), ctx);
+                }
+            }));
+        }
+    }
+
+    /// Ends a migration that never ran (its launch failed, or it was cancelled in the queue):
+    /// subscribers and waiters get a report all the same.
+    fn fail_start(&mut self, id: u64, outcome: Outcome, error: String, ctx: &mut Context<Self>) {
+        if let Some(r) = self.running.get(&id) {
+            let report = MigrationReport::not_started(id, &r.vm, &r.source, &r.to, &r.algorithm, outcome, error);
+            self.finish(report, ctx);
+        }
+    }
+
+    fn finish(&mut self, report: MigrationReport, ctx: &mut Context<Self>) {
+        if let Some(r) = self.running.remove(&report.id) {
+            if report.vm_location == VmLocation::Target {
+                // The source copy is gone; its host forgets the VM and its memory.
+                if let Some(host) = self.hosts.get(&r.source) {
+                    host.do_send(ReleaseVm(report.vm.clone()));
+                }
+            }
+            let _ = r.events.send(MigrationEvent::Finished(Box::new(report.clone())));
+            for w in r.waiters {
+                let _ = w.send(report.clone());
+            }
+            self.launch_queued(&r.source, ctx);
+        }
+        self.finished.push_back(report);
+        while self.finished.len() > REPORT_HISTORY {
+            self.finished.pop_front();
+        }
+    }
+
+    /// Takes the VM, opens the link and starts the Migration actor for `id`.
+    fn launch(
+        &mut self,
+        id: u64,
+        req: MigrationRequest,
+        ctx: &mut Context<Self>,
+    ) -> impl ActorFuture<Self, Output = Result<(), EngineError>> + use<> {
         let hosts = self.host(&req.source).and_then(|s| {
             let target = match req.target_addr {
                 Some(_) => None,
@@ -174,12 +306,12 @@ impl Handler<StartMigration> for Engine {
             };
             Ok((s, target))
         });
-        self.next_id += 1;
-        let id = self.next_id;
         let me = ctx.address().recipient();
         let measured = Arc::clone(&self.measured);
+        let budget = self.budgets.get(&req.source).cloned();
         let (vm_id, source_name, offer) = (req.vm.clone(), req.source.clone(), req.offer.clone());
         let (target_addr, streams, bandwidth) = (req.target_addr, req.streams, req.shaping.bandwidth_bytes_per_sec);
+        let shared_budget = budget.clone();
         let prepare = async move {
             let (source, target) = hosts?;
             let vm = source.send(GetVm(vm_id.clone())).await?.ok_or(EngineError::UnknownVm {
@@ -195,12 +327,14 @@ impl Handler<StartMigration> for Engine {
                 let guest = vm.send(GetGuest).await?;
                 let caps = source.send(GetCapabilities).await?;
                 let tcp_end = match target_addr {
-                    Some(addr) => Some(crate::link::tcp::connect(addr, streams, bandwidth).await.map_err(|e| {
-                        EngineError::Link {
-                            stage: "premigration".into(),
-                            detail: format!("cannot connect to {addr}: {e}"),
-                        }
-                    })?),
+                    Some(addr) => Some(
+                        crate::link::tcp::connect(addr, streams, bandwidth, shared_budget)
+                            .await
+                            .map_err(|e| EngineError::Link {
+                                stage: "premigration".into(),
+                                detail: format!("cannot connect to {addr}: {e}"),
+                            })?,
+                    ),
                     None => None,
                 };
                 Ok::<_, EngineError>((guest, caps, tcp_end))
@@ -213,21 +347,26 @@ impl Handler<StartMigration> for Engine {
                 }
             };
             caps.algorithms.retain(|a| offer.contains(a));
-            Ok::<_, EngineError>((vm, guest, caps, source, target, tcp_end))
+            Ok::<_, EngineError>((vm, guest, caps, target, tcp_end))
         };
-        Box::pin(prepare.into_actor(self).map(move |prepared, act, _| {
-            let (vm, guest, caps, source, target, tcp_end) = prepared?;
-            let (events, rx) = broadcast::channel(EVENT_BUFFER);
+        prepare.into_actor(self).map(move |prepared, act, _| {
+            let (vm, guest, caps, target, tcp_end) = prepared?;
+            let Some(entry) = act.running.get_mut(&id) else {
+                vm.do_send(EndOutgoing { moved: false });
+                return Err(EngineError::UnknownMigration(id));
+            };
+            let events = entry.events.clone();
             let source_end = match (tcp_end, target) {
                 (Some(end), _) => end,
                 (None, Some(target)) => {
-                    let (source_end, target_end) = link::pair(req.shaping);
+                    let (source_end, target_end) = link::pair_with_budget(req.shaping, budget);
                     target.do_send(AcceptLink {
                         end: target_end,
                         params: ReceiverParams {
                             keepalive: req.keepalive,
                             step_timeout: req.step_timeout,
                             events: Some(events.clone()),
+                            refuse: None,
                         },
                     });
                     if !target.connected() {
@@ -248,44 +387,22 @@ impl Handler<StartMigration> for Engine {
                 guest,
                 end: source_end,
                 caps,
-                events: events.clone(),
+                events,
                 cancel: watch::channel(false).1,
                 committed: Arc::new(AtomicBool::new(false)),
                 measured,
+                progress: Arc::clone(&entry.progress),
             };
-            let addr = Migration::new(setup, me).start();
-            act.running.insert(
-                id,
-                Running {
-                    addr,
-                    source,
-                    events,
-                    waiters: Vec::new(),
-                },
-            );
-            Ok((id, rx))
-        }))
+            entry.addr = Some(Migration::new(setup, me).start());
+            Ok(())
+        })
     }
 }
 
 impl Handler<MigrationFinished> for Engine {
     type Result = ();
-    fn handle(&mut self, msg: MigrationFinished, _: &mut Self::Context) {
-        let report = *msg.0;
-        if let Some(r) = self.running.remove(&report.id) {
-            if report.vm_location == VmLocation::Target {
-                // The source copy is gone; its host forgets the VM and its memory.
-                r.source.do_send(ReleaseVm(report.vm.clone()));
-            }
-            let _ = r.events.send(MigrationEvent::Finished(Box::new(report.clone())));
-            for w in r.waiters {
-                let _ = w.send(report.clone());
-            }
-        }
-        self.finished.push_back(report);
-        while self.finished.len() > REPORT_HISTORY {
-            self.finished.pop_front();
-        }
+    fn handle(&mut self, msg: MigrationFinished, ctx: &mut Self::Context) {
+        self.finish(*msg.0, ctx);
     }
 }
 
@@ -311,16 +428,75 @@ pub struct Cancel(pub u64);
 
 impl Handler<Cancel> for Engine {
     type Result = ResponseFuture<Result<(), EngineError>>;
-    fn handle(&mut self, msg: Cancel, _: &mut Self::Context) -> Self::Result {
-        let addr = self.running.get(&msg.0).map(|r| r.addr.clone());
-        let finished = self.finished.iter().any(|r| r.id == msg.0);
+    fn handle(&mut self, msg: Cancel, ctx: &mut Self::Context) -> Self::Result {
+        let id = msg.0;
+        if let Some(pos) = self.queue.iter().position(|q| q.id == id) {
+            self.queue.remove(pos);
+            self.fail_start(id, Outcome::Cancelled, "cancelled while queued".into(), ctx);
+            return Box::pin(async { Ok(()) });
+        }
+        let addr = self.running.get(&id).map(|r| r.addr.clone());
+        let finished = self.finished.iter().any(|r| r.id == id);
         Box::pin(async move {
             match addr {
-                Some(a) => a.send(CancelMigration).await?,
-                None if finished => Err(EngineError::TooLateToCancel(msg.0)),
-                None => Err(EngineError::UnknownMigration(msg.0)),
+                Some(Some(a)) => a.send(CancelMigration).await?,
+                // Launching: the link is being opened; the caller may retry in a moment.
+                Some(None) => Err(EngineError::Internal(format!(
+                    "migration {id} is starting; retry the cancel"
+                ))),
+                None if finished => Err(EngineError::TooLateToCancel(id)),
+                None => Err(EngineError::UnknownMigration(id)),
             }
         })
+    }
+}
+
+/// Status of one migration (queued, running, or among the last finished).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<MigrationStatus, EngineError>")]
+pub struct GetStatus(pub u64);
+
+impl Handler<GetStatus> for Engine {
+    type Result = Result<MigrationStatus, EngineError>;
+    fn handle(&mut self, msg: GetStatus, _: &mut Self::Context) -> Self::Result {
+        self.status_of(msg.0).ok_or(EngineError::UnknownMigration(msg.0))
+    }
+}
+
+/// Status of every queued, running and remembered migration, by id.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<MigrationStatus>")]
+pub struct ListStatus;
+
+impl Handler<ListStatus> for Engine {
+    type Result = MessageResult<ListStatus>;
+    fn handle(&mut self, _: ListStatus, _: &mut Self::Context) -> Self::Result {
+        let mut ids: Vec<u64> = self.running.keys().copied().collect();
+        ids.extend(self.finished.iter().map(|r| r.id));
+        ids.sort_unstable();
+        ids.dedup();
+        MessageResult(ids.into_iter().filter_map(|id| self.status_of(id)).collect())
+    }
+}
+
+impl Engine {
+    fn status_of(&self, id: u64) -> Option<MigrationStatus> {
+        if let Some(r) = self.running.get(&id) {
+            let phase = if r.started { Phase::Active } else { Phase::Queued };
+            return Some(MigrationStatus::live(
+                id,
+                &r.vm,
+                &r.to,
+                &r.algorithm,
+                phase,
+                &r.progress,
+            ));
+        }
+        self.finished
+            .iter()
+            .rev()
+            .find(|r| r.id == id)
+            .map(MigrationStatus::ended)
     }
 }
 
@@ -341,5 +517,43 @@ impl Handler<WaitReport> for Engine {
             return Err(EngineError::UnknownMigration(msg.0));
         }
         Ok(rx)
+    }
+}
+
+/// Delete a VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct DeleteVmIn {
+    /// Host name.
+    pub host: String,
+    /// VM id.
+    pub vm: String,
+}
+
+impl Handler<DeleteVmIn> for Engine {
+    type Result = ResponseFuture<Result<(), EngineError>>;
+    fn handle(&mut self, msg: DeleteVmIn, _: &mut Self::Context) -> Self::Result {
+        let host = self.host(&msg.host);
+        Box::pin(async move { host?.send(DeleteVm(msg.vm)).await? })
+    }
+}
+
+/// Start a shutdown: drop the queue, abort incoming migrations on every host; returns the ids
+/// of running outgoing migrations for the caller to cancel and wait for.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<u64>")]
+pub struct BeginShutdown;
+
+impl Handler<BeginShutdown> for Engine {
+    type Result = MessageResult<BeginShutdown>;
+    fn handle(&mut self, _: BeginShutdown, ctx: &mut Self::Context) -> Self::Result {
+        let queued: Vec<u64> = self.queue.drain(..).map(|q| q.id).collect();
+        for id in queued {
+            self.fail_start(id, Outcome::Cancelled, "cancelled by shutdown while queued".into(), ctx);
+        }
+        for host in self.hosts.values() {
+            host.do_send(AbortAllIncoming);
+        }
+        MessageResult(self.running.keys().copied().collect())
     }
 }

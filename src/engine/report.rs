@@ -155,6 +155,46 @@ pub struct MigrationReport {
 }
 
 impl MigrationReport {
+    /// The report of a migration that never ran: cancelled in its queue, or whose start failed
+    /// before the VM was taken. The VM stays where it was.
+    pub fn not_started(
+        id: u64,
+        vm: &str,
+        source: &str,
+        target: &str,
+        algorithm: &str,
+        result: Outcome,
+        error: String,
+    ) -> Self {
+        Self {
+            id,
+            vm: vm.to_string(),
+            source: source.to_string(),
+            target: target.to_string(),
+            source_layout: String::new(),
+            target_layout: String::new(),
+            requested: algorithm.to_string(),
+            algorithm: algorithm.to_string(),
+            result,
+            error: Some(error),
+            vm_location: VmLocation::Source,
+            stages: Vec::new(),
+            pages: PageCounts::default(),
+            bytes_sent: 0,
+            rounds: 0,
+            downtime_s: 0.0,
+            total_s: 0.0,
+            throughput_bytes_per_s: 0.0,
+            predicted: None,
+            decisions: Vec::new(),
+            verified: false,
+            mismatched_pages: Vec::new(),
+            postcopy_faults: 0,
+            mean_fault_latency_s: 0.0,
+            verification_s: 0.0,
+        }
+    }
+
     /// The figures of one stage, if it ran.
     pub fn stage(&self, stage: Stage) -> Option<&StageReport> {
         self.stages.iter().find(|s| s.name == stage.name())

@@ -24,6 +24,12 @@ pub struct HostConfig {
     /// Address to accept migrations on over TCP (port 0 picks one; see
     /// [`super::EngineHandle::listen_address`]). `None`: in-process links only.
     pub listen: Option<std::net::SocketAddr>,
+    /// Outgoing migrations running at once; more are queued.
+    pub max_outgoing: usize,
+    /// Incoming migrations running at once; more are refused with a typed reason.
+    pub max_incoming: usize,
+    /// One bandwidth budget shared by all the host's outgoing migrations (bytes/s).
+    pub bandwidth_budget_bytes_per_sec: Option<u64>,
 }
 
 impl HostConfig {
@@ -36,6 +42,9 @@ impl HostConfig {
             algorithms: Algorithm::ALL.to_vec(),
             format_versions: vec![crate::format::FORMAT_VERSION],
             listen: None,
+            max_outgoing: 4,
+            max_incoming: 4,
+            bandwidth_budget_bytes_per_sec: None,
         }
     }
 }

@@ -44,6 +44,8 @@ pub(crate) struct SourceSetup {
     pub committed: Arc<AtomicBool>,
     /// What earlier migrations on this engine measured.
     pub measured: Arc<Mutex<Measured>>,
+    /// Live progress for status queries.
+    pub progress: Arc<super::progress::Progress>,
 }
 
 /// Figures measured by earlier migrations (moving averages), used for predictions before this
@@ -249,6 +251,7 @@ impl SourceRun {
         self.close_stage();
         self.machine = self.machine.enter(stage).map_err(|e| Fail::Local(e.to_string()))?;
         self.current = Some(stage);
+        self.s.progress.set_stage(stage);
         self.stage_started = clock::now();
         self.stage_pages = 0;
         self.stage_bytes = 0;
@@ -279,6 +282,7 @@ impl SourceRun {
     fn set_remaining(&mut self, pages: u64) {
         let v = pages as f64;
         metrics::gauge!(metric::REMAINING_PAGES).increment(v - self.remaining_gauge);
+        self.s.progress.set_remaining(pages);
         self.remaining_gauge = v;
     }
 
@@ -440,6 +444,7 @@ impl SourceRun {
             Arc::clone(&self.s.guest),
             self.s.end.data_tx.clone(),
             self.s.end.pool.clone(),
+            Arc::clone(&self.s.progress.sent_bytes),
         )
         .map_err(local)?;
         self.plane = Some(plane);
@@ -557,6 +562,9 @@ impl SourceRun {
             metrics::gauge!(metric::DIRTY_RATE_PAGES_PER_SECOND).set(dirty_rate);
             metrics::gauge!(metric::LINK_THROUGHPUT_BYTES_PER_SECOND).set(self.bandwidth);
             metrics::gauge!(metric::EXPECTED_DOWNTIME_SECONDS).set(expected.as_secs_f64());
+            self.s
+                .progress
+                .set_round(round, remaining, dirty_rate, self.bandwidth, expected.as_secs_f64());
             let _ = self.s.events.send(MigrationEvent::RoundCompleted {
                 round,
                 pages_sent: stats.pages(),

@@ -11,17 +11,25 @@ use super::{
 
 /// A connected pair of link ends with the given shaping in each direction.
 pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
+    pair_with_budget(shaping, None)
+}
+
+/// Like [`pair`], with the first end's sends also charged to `budget` (its host's bandwidth
+/// budget, shared with the host's other migrations).
+pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>>) -> (LinkEnd, LinkEnd) {
     let (c_ab_tx, c_ab_rx) = tokio::sync::mpsc::channel(CONTROL_CHANNEL_FRAMES);
     let (c_ba_tx, c_ba_rx) = tokio::sync::mpsc::channel(CONTROL_CHANNEL_FRAMES);
     let (d_ab_tx, d_ab_rx) = channel::bounded(DATA_CHANNEL_FRAMES);
     let (d_ba_tx, d_ba_rx) = channel::bounded(DATA_CHANNEL_FRAMES);
     let (u_ab_tx, u_ab_rx) = channel::bounded(URGENT_CHANNEL_FRAMES);
     let (u_ba_tx, u_ba_rx) = channel::bounded(URGENT_CHANNEL_FRAMES);
-    let budget = || {
+    let cap = || {
         shaping
             .bandwidth_bytes_per_sec
             .map(|r| Arc::new(Mutex::new(TokenBucket::new(r))))
     };
+    let mut a_budgets: Vec<_> = cap().into_iter().collect();
+    a_budgets.extend(budget);
     // Frames cross from one end to the other, so both recycle into one pool.
     let pool = FramePool::new();
     let a = LinkEnd {
@@ -33,7 +41,7 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
         data_tx: DataSender {
             tx: d_ab_tx,
             urgent: u_ab_tx,
-            budget: budget(),
+            budgets: a_budgets,
             latency: shaping.latency,
         },
         data_rx: DataReceiver {
@@ -52,7 +60,7 @@ pub fn pair(shaping: Shaping) -> (LinkEnd, LinkEnd) {
         data_tx: DataSender {
             tx: d_ba_tx,
             urgent: u_ba_tx,
-            budget: budget(),
+            budgets: cap().into_iter().collect(),
             latency: shaping.latency,
         },
         data_rx: DataReceiver {

@@ -13,7 +13,7 @@ mod shaper;
 pub mod tcp;
 
 pub use actor::{CloseLink, Keepalive, Link, LinkEvent, SendControl};
-pub use inproc::pair;
+pub use inproc::{pair, pair_with_budget};
 pub use pool::FramePool;
 pub use shaper::{Shaping, TokenBucket};
 
@@ -80,17 +80,21 @@ pub const URGENT_CHANNEL_FRAMES: usize = 64;
 pub struct DataSender {
     tx: channel::Sender<Timed>,
     urgent: channel::Sender<Timed>,
-    budget: Option<Arc<Mutex<TokenBucket>>>,
+    /// The link's own cap, and the host's budget shared by all its migrations.
+    budgets: Vec<Arc<Mutex<TokenBucket>>>,
     latency: Duration,
 }
 
 impl DataSender {
     fn pace(&self, bytes: usize) {
-        if let Some(b) = &self.budget {
-            let wait = b.lock().unwrap_or_else(|p| p.into_inner()).take(bytes as u64);
-            if !wait.is_zero() {
-                std::thread::sleep(wait);
-            }
+        let wait = self
+            .budgets
+            .iter()
+            .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).take(bytes as u64))
+            .max()
+            .unwrap_or_default();
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
         }
     }
 

@@ -119,8 +119,13 @@ fn link_id() -> u64 {
 }
 
 /// Opens a link to `addr` with `streams` data connections, shaped to `bandwidth` bytes per
-/// second if given.
-pub async fn connect(addr: SocketAddr, streams: u8, bandwidth: Option<u64>) -> Result<LinkEnd, TcpLinkError> {
+/// second if given, and charged to a host's shared `budget` if given.
+pub async fn connect(
+    addr: SocketAddr,
+    streams: u8,
+    bandwidth: Option<u64>,
+    budget: Option<Arc<Mutex<TokenBucket>>>,
+) -> Result<LinkEnd, TcpLinkError> {
     if streams == 0 || streams > MAX_STREAMS {
         return Err(TcpLinkError::Streams {
             streams,
@@ -155,7 +160,12 @@ pub async fn connect(addr: SocketAddr, streams: u8, bandwidth: Option<u64>) -> R
         .await?;
         data.push(s.into_std()?);
     }
-    build_end(control, data, bandwidth)
+    let mut budgets: Vec<_> = bandwidth
+        .map(|r| Arc::new(Mutex::new(TokenBucket::new(r))))
+        .into_iter()
+        .collect();
+    budgets.extend(budget);
+    build_end(control, data, budgets)
 }
 
 /// Accepts links on `listener` and hands each assembled [`LinkEnd`] to `links`. Runs until
@@ -215,7 +225,7 @@ pub async fn serve(listener: TcpListener, links: mpsc::Sender<LinkEnd>, rejected
                         data.into_iter().flatten().map(|s| s.into_std()).collect();
                     let end = data
                         .map_err(TcpLinkError::from)
-                        .and_then(|d| build_end(control, d, None));
+                        .and_then(|d| build_end(control, d, Vec::new()));
                     match end {
                         Ok(end) => {
                             if links.send(end).await.is_err() {
@@ -243,7 +253,7 @@ type PendingLink = (tokio::time::Instant, Option<TcpStream>, Vec<Option<TcpStrea
 fn build_end(
     control: TcpStream,
     data: Vec<std::net::TcpStream>,
-    bandwidth: Option<u64>,
+    budgets: Vec<Arc<Mutex<TokenBucket>>>,
 ) -> Result<LinkEnd, TcpLinkError> {
     let (ctl_read, ctl_write) = control.into_split();
     let (out_tx, out_rx) = mpsc::channel::<Timed>(CONTROL_CHANNEL_FRAMES);
@@ -284,7 +294,7 @@ fn build_end(
         data_tx: DataSender {
             tx: bulk_tx,
             urgent: urg_tx,
-            budget: bandwidth.map(|r| Arc::new(Mutex::new(TokenBucket::new(r)))),
+            budgets,
             latency: Duration::ZERO,
         },
         data_rx: DataReceiver {
