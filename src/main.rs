@@ -1,5 +1,8 @@
 //! The `migratory` command line: a live-migration demo on the embedded `sim` backend.
 
+mod cli;
+mod daemon;
+
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -26,6 +29,10 @@ struct Cli {
 enum Command {
     /// Migrate a running sim VM between two in-process hosts and print what happened.
     Demo(DemoArgs),
+    /// Run a host: accept migrations over TCP and serve the HTTP control API.
+    Serve(daemon::ServeArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -78,6 +85,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => demo(args),
+        Command::Serve(args) => daemon::serve(args),
+        Command::Client(cmd) => cli::run_client(cmd),
     }
 }
 

@@ -68,6 +68,7 @@ impl Actor for Host {
     fn started(&mut self, ctx: &mut Self::Context) {
         if let Some(listener) = self.listener.take() {
             let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            let key = self.config.cluster_key.clone();
             ctx.spawn(tcp::serve(listener, tx, Arc::clone(&self.rejected)).into_actor(self));
             let me = ctx.address();
             ctx.spawn(
@@ -80,6 +81,7 @@ impl Actor for Host {
                                 step_timeout: std::time::Duration::from_secs(60),
                                 events: None,
                                 refuse: None,
+                                key: key.clone(),
                             },
                         });
                     }

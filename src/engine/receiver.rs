@@ -19,6 +19,7 @@ use crate::clock;
 use crate::dataplane::TargetPlane;
 use crate::dirty::PageSet;
 use crate::link::{CloseLink, DataReceiver, FramePool, Keepalive, Link, LinkEnd, LinkEvent, SendControl};
+use crate::protocol::auth::{self, ClusterKey};
 use crate::protocol::negotiation::{accept_hello, negotiate};
 use crate::protocol::{AbortReason, Capabilities, ControlMessage};
 use crate::units::{PageIndex, PAGE_SIZE};
@@ -44,6 +45,8 @@ pub struct ReceiverParams {
     pub events: Option<broadcast::Sender<MigrationEvent>>,
     /// Refuse the migration at `Hello` with this reason (the host is at its cap).
     pub refuse: Option<AbortReason>,
+    /// The host's cluster key: when set, the source must prove it before `Reserve`.
+    pub key: Option<ClusterKey>,
 }
 
 /// The target side of one migration.
@@ -73,6 +76,9 @@ impl Receiver {
                 postcopy: false,
                 pulling: false,
                 committed: false,
+                authenticated: false,
+                nonce: Vec::new(),
+                source_nonce: Vec::new(),
             }),
         }
     }
@@ -127,6 +133,9 @@ struct TargetRun {
     pulling: bool,
     committed: bool,
     abort: tokio::sync::watch::Receiver<bool>,
+    authenticated: bool,
+    nonce: Vec<u8>,
+    source_nonce: Vec<u8>,
 }
 
 fn violation(detail: impl Into<String>) -> Exit {
@@ -238,7 +247,14 @@ impl TargetRun {
                 ReceiverAction::Negotiate {
                     capabilities,
                     requested,
-                } => self.negotiate(&capabilities, requested).await,
+                    nonce,
+                } => self.negotiate(&capabilities, requested, nonce).await,
+                ReceiverAction::Authenticate { proof } => self.authenticate(&proof),
+                ReceiverAction::Reserve { .. } if self.params.key.is_some() && !self.authenticated => {
+                    Err(Exit::Fail(AbortReason::Unauthenticated {
+                        detail: "Reserve before a valid Authenticate".into(),
+                    }))
+                }
                 ReceiverAction::Reserve { config } => match data_rx.take() {
                     Some(rx) => self.reserve(config, rx).await,
                     None => Err(violation("second reservation")),
@@ -280,7 +296,27 @@ impl TargetRun {
             .ok_or_else(|| violation("no reservation yet"))
     }
 
-    async fn negotiate(&mut self, source: &Capabilities, requested: crate::protocol::Algorithm) -> Result<(), Exit> {
+    fn authenticate(&mut self, proof: &[u8]) -> Result<(), Exit> {
+        let Some(key) = &self.params.key else {
+            // No key here: nothing to check, the proof is ignored.
+            return Ok(());
+        };
+        if key.verify(auth::SOURCE, &self.nonce, &self.source_nonce, proof) {
+            self.authenticated = true;
+            Ok(())
+        } else {
+            Err(Exit::Fail(AbortReason::Unauthenticated {
+                detail: "the source's proof does not match this host's cluster key".into(),
+            }))
+        }
+    }
+
+    async fn negotiate(
+        &mut self,
+        source: &Capabilities,
+        requested: crate::protocol::Algorithm,
+        source_nonce: Vec<u8>,
+    ) -> Result<(), Exit> {
         if let Some(reason) = self.params.refuse.clone() {
             self.send(ControlMessage::Refuse { reason }).await?;
             return Err(Exit::Clean);
@@ -289,9 +325,29 @@ impl TargetRun {
             accept_hello(source, &self.caps).and_then(|v| negotiate(source, &self.caps, requested).map(|_| v));
         match checked {
             Ok(version) => {
+                let proof = match &self.params.key {
+                    Some(key) => {
+                        if source_nonce.len() != auth::NONCE_LEN {
+                            self.send(ControlMessage::Refuse {
+                                reason: AbortReason::Unauthenticated {
+                                    detail: "this host requires a cluster key; the source offered none".into(),
+                                },
+                            })
+                            .await?;
+                            return Err(Exit::Clean);
+                        }
+                        self.nonce = auth::nonce()
+                            .map_err(|e| Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }))?;
+                        key.prove(auth::TARGET, &source_nonce, &self.nonce)
+                    }
+                    None => Vec::new(),
+                };
+                self.source_nonce = source_nonce;
                 self.send(ControlMessage::Welcome {
                     version,
                     capabilities: self.caps.clone(),
+                    nonce: self.nonce.clone(),
+                    proof,
                 })
                 .await
             }

@@ -59,6 +59,13 @@ pub enum ReceiverAction {
         capabilities: Capabilities,
         /// Requested algorithm.
         requested: Algorithm,
+        /// The source's nonce.
+        nonce: Vec<u8>,
+    },
+    /// Check the source's proof of the cluster key.
+    Authenticate {
+        /// The proof.
+        proof: Vec<u8>,
     },
     /// Reserve the VM and answer `Reserved` or `Abort`.
     Reserve {
@@ -118,6 +125,7 @@ impl ReceiverState {
                 M::Hello {
                     capabilities,
                     requested,
+                    nonce,
                     ..
                 },
             ) => (
@@ -125,8 +133,10 @@ impl ReceiverState {
                 A::Negotiate {
                     capabilities,
                     requested,
+                    nonce,
                 },
             ),
+            (S::AwaitReserve, M::Authenticate { proof }) => (S::AwaitReserve, A::Authenticate { proof }),
             (S::AwaitReserve, M::Reserve { config, .. }) => (S::Receiving, A::Reserve { config }),
             (S::Receiving, M::RoundDone { batches_total, .. }) => (S::Receiving, A::NoteRound { batches_total }),
             (S::Receiving, M::Suspend { batches_total, missing }) => {
@@ -171,6 +181,7 @@ mod tests {
                 capabilities: Capabilities::full(vec![NativeLayout::Kvm]),
                 requested: Algorithm::Precopy,
                 vm: "v".into(),
+                nonce: Vec::new(),
             })
             .expect("hello");
         assert!(s.clone().step(ControlMessage::Prepared).is_err());

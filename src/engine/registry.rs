@@ -356,6 +356,8 @@ impl Engine {
                 return Err(EngineError::UnknownMigration(id));
             };
             let events = entry.events.clone();
+            let target_key = act.host_configs.get(&req.target).and_then(|c| c.cluster_key.clone());
+            let source_key = act.host_configs.get(&req.source).and_then(|c| c.cluster_key.clone());
             let source_end = match (tcp_end, target) {
                 (Some(end), _) => end,
                 (None, Some(target)) => {
@@ -367,6 +369,7 @@ impl Engine {
                             step_timeout: req.step_timeout,
                             events: Some(events.clone()),
                             refuse: None,
+                            key: target_key,
                         },
                     });
                     if !target.connected() {
@@ -392,6 +395,7 @@ impl Engine {
                 committed: Arc::new(AtomicBool::new(false)),
                 measured,
                 progress: Arc::clone(&entry.progress),
+                key: source_key,
             };
             entry.addr = Some(Migration::new(setup, me).start());
             Ok(())

@@ -30,6 +30,9 @@ pub struct HostConfig {
     pub max_incoming: usize,
     /// One bandwidth budget shared by all the host's outgoing migrations (bytes/s).
     pub bandwidth_budget_bytes_per_sec: Option<u64>,
+    /// The cluster key both ends of a migration must prove (HMAC challenge-response); `None`
+    /// accepts and opens unauthenticated migrations.
+    pub cluster_key: Option<crate::protocol::auth::ClusterKey>,
 }
 
 impl HostConfig {
@@ -45,6 +48,7 @@ impl HostConfig {
             max_outgoing: 4,
             max_incoming: 4,
             bandwidth_budget_bytes_per_sec: None,
+            cluster_key: None,
         }
     }
 }

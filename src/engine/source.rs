@@ -23,6 +23,7 @@ use crate::clock::{self, Instant};
 use crate::dataplane::{RoundStats, SourcePlane};
 use crate::dirty::{CollectDirtyPages, DirtyTracker, PageSet, StartDirtyLog, StopDirtyLog};
 use crate::link::{CloseLink, Link, LinkEnd, LinkEvent, SendControl};
+use crate::protocol::auth;
 use crate::protocol::negotiation::{negotiate, Pool};
 use crate::protocol::{AbortReason, Algorithm, Capabilities, ControlMessage};
 use crate::telemetry::metric;
@@ -46,6 +47,8 @@ pub(crate) struct SourceSetup {
     pub measured: Arc<Mutex<Measured>>,
     /// Live progress for status queries.
     pub progress: Arc<super::progress::Progress>,
+    /// The source host's cluster key.
+    pub key: Option<crate::protocol::auth::ClusterKey>,
 }
 
 /// Figures measured by earlier migrations (moving averages), used for predictions before this
@@ -483,16 +486,39 @@ impl SourceRun {
         self.link = Some(Link::new(control, owner_tx, self.s.req.keepalive).start());
         self.inbox = Some(inbox);
         let sent = clock::now();
+        let my_nonce = match &self.s.key {
+            Some(_) => auth::nonce().map_err(local)?,
+            None => Vec::new(),
+        };
         self.send(ControlMessage::Hello {
             capabilities: self.s.caps.clone(),
             requested: self.s.req.algorithm,
             vm: self.s.guest.config().id.0.clone(),
+            nonce: my_nonce.clone(),
         })
         .await?;
-        let (version, target_caps) = match self.expect("Welcome").await? {
-            ControlMessage::Welcome { version, capabilities } => (version, capabilities),
+        let (version, target_caps, their_nonce, proof) = match self.expect("Welcome").await? {
+            ControlMessage::Welcome {
+                version,
+                capabilities,
+                nonce,
+                proof,
+            } => (version, capabilities, nonce, proof),
             other => return Err(Fail::Protocol(format!("expected Welcome, got {}", other.name()))),
         };
+        if let Some(key) = &self.s.key {
+            // The target proves the key first; only then does this side reveal its own proof.
+            if !key.verify(auth::TARGET, &my_nonce, &their_nonce, &proof) {
+                return Err(Fail::Aborted {
+                    side: Side::Source,
+                    reason: AbortReason::Unauthenticated {
+                        detail: "the target's proof does not match this host's cluster key".into(),
+                    },
+                });
+            }
+            let proof = key.prove(auth::SOURCE, &their_nonce, &my_nonce);
+            self.send(ControlMessage::Authenticate { proof }).await?;
+        }
         self.rtt = clock::now().duration_since(sent);
         self.target_layout = target_caps
             .layouts

@@ -108,6 +108,12 @@ pub enum AbortReason {
         /// What each side offers.
         detail: String,
     },
+    /// A side could not prove it holds the cluster key.
+    #[error("authentication failed: {detail}")]
+    Unauthenticated {
+        /// What was wrong (never the key).
+        detail: String,
+    },
     /// The target host has not enough free memory.
     #[error("reservation refused: {requested_bytes} bytes requested, {available_bytes} available")]
     InsufficientMemory {
@@ -175,6 +181,9 @@ pub enum ControlMessage {
         requested: Algorithm,
         /// The VM that will come.
         vm: String,
+        /// Fresh nonce the target's proof must cover (empty when the source has no key).
+        #[serde(default, with = "serde_bytes_compat")]
+        nonce: Vec<u8>,
     },
     /// Target accepts and states its own capabilities and the version chosen.
     Welcome {
@@ -182,6 +191,19 @@ pub enum ControlMessage {
         version: u32,
         /// Target's capabilities.
         capabilities: Capabilities,
+        /// Fresh nonce the source's proof must cover (empty when the target has no key).
+        #[serde(default, with = "serde_bytes_compat")]
+        nonce: Vec<u8>,
+        /// HMAC proof that the target holds the cluster key (empty without a key).
+        #[serde(default, with = "serde_bytes_compat")]
+        proof: Vec<u8>,
+    },
+    /// The source's proof that it holds the cluster key; required before `Reserve` by a target
+    /// that has one.
+    Authenticate {
+        /// HMAC proof over the target's and the source's nonces.
+        #[serde(with = "serde_bytes_compat")]
+        proof: Vec<u8>,
     },
     /// Target refuses the connection.
     Refuse {
@@ -273,6 +295,7 @@ impl ControlMessage {
         match self {
             ControlMessage::Hello { .. } => "Hello",
             ControlMessage::Welcome { .. } => "Welcome",
+            ControlMessage::Authenticate { .. } => "Authenticate",
             ControlMessage::Refuse { .. } => "Refuse",
             ControlMessage::Reserve { .. } => "Reserve",
             ControlMessage::Reserved => "Reserved",

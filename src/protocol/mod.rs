@@ -22,6 +22,7 @@
 //! big-endian length, a tag byte and a MessagePack body; page batches are a tag byte, a small
 //! binary header and raw page bytes (see [`pages`]).
 
+pub mod auth;
 pub mod frame;
 pub mod message;
 pub mod negotiation;

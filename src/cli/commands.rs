@@ -1,0 +1,689 @@
+//! What each client subcommand sends to the daemon and how its answer is printed.
+//!
+//! Every command returns the text for stdout instead of printing it, so `run_client` owns the
+//! output streams and the tests read exactly what a user would see. Responses are decoded into
+//! small structs holding only the fields shown; the daemon may send more, and `--json` passes
+//! everything through untouched.
+
+use std::fmt;
+use std::thread;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use migratory::units::ByteSize;
+
+use super::client::{path_segment, require_success, ApiClient, ClientError};
+use super::{ApiArgs, ClientCommand, CreateVmArgs, MigrateArgs, VmAction};
+
+/// How often `migrate --wait` asks for the migration's status.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The request failed or the daemon refused it.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A 2xx answer whose JSON does not have the expected shape.
+    #[error("unexpected {what} from the daemon")]
+    UnexpectedResponse {
+        /// What the answer should have been.
+        what: &'static str,
+        /// How it differs.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `migrate --wait` saw the migration end other than completed.
+    #[error("migration {id} ended {status}{}", error_suffix(.error))]
+    NotCompleted {
+        /// The migration.
+        id: u64,
+        /// How it ended.
+        status: MigrationState,
+        /// The daemon's reason, if it gave one.
+        error: Option<String>,
+        /// The final status line, still owed to stdout.
+        summary: String,
+    },
+}
+
+impl CommandError {
+    /// Text that belongs on stdout even though the command failed.
+    pub fn stdout(&self) -> Option<&str> {
+        match self {
+            CommandError::NotCompleted { summary, .. } => Some(summary),
+            _ => None,
+        }
+    }
+}
+
+fn error_suffix(error: &Option<String>) -> String {
+    error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+}
+
+/// Where a migration is in its life, as the daemon reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Accepted, not started yet.
+    Queued,
+    /// Running.
+    Active,
+    /// Done; the target owns the VM.
+    Completed,
+    /// Stopped by a cancel before commitment; the VM still runs on the source.
+    Cancelled,
+    /// Stopped by the policy or the peer before commitment.
+    Aborted,
+    /// Failed.
+    Failed,
+}
+
+impl MigrationState {
+    fn name(self) -> &'static str {
+        match self {
+            MigrationState::Queued => "queued",
+            MigrationState::Active => "active",
+            MigrationState::Completed => "completed",
+            MigrationState::Cancelled => "cancelled",
+            MigrationState::Aborted => "aborted",
+            MigrationState::Failed => "failed",
+        }
+    }
+
+    fn is_finished(self) -> bool {
+        !matches!(self, MigrationState::Queued | MigrationState::Active)
+    }
+}
+
+impl fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One entry of `GET /vms`, and the answer to `POST /vms`.
+#[derive(Debug, Deserialize)]
+struct VmInfo {
+    id: String,
+    state: Option<String>,
+    memory_bytes: Option<u64>,
+    vcpus: Option<u64>,
+    layout: Option<String>,
+    /// Guest stores so far.
+    writes: Option<u64>,
+}
+
+/// The answer to `POST /migrations`.
+#[derive(Debug, Deserialize)]
+struct MigrationStarted {
+    id: u64,
+}
+
+/// The fields of a migration status object that the client shows.
+#[derive(Debug, Deserialize)]
+struct MigrationStatus {
+    id: u64,
+    vm: Option<String>,
+    to: Option<String>,
+    algorithm: Option<String>,
+    status: MigrationState,
+    stage: Option<String>,
+    round: Option<u64>,
+    transferred_bytes: Option<u64>,
+    remaining_pages: Option<u64>,
+    throughput_bytes_per_sec: Option<f64>,
+    expected_downtime_s: Option<f64>,
+    error: Option<String>,
+    report: Option<Value>,
+}
+
+/// Runs `cmd` and returns what to print on stdout.
+pub fn execute(cmd: ClientCommand) -> Result<String, CommandError> {
+    match cmd {
+        ClientCommand::Vm {
+            action: VmAction::Create(args),
+        } => create_vm(&connect(&args.api)?, &args),
+        ClientCommand::Vm {
+            action: VmAction::List { json, api },
+        } => list_vms(&connect(&api)?, json),
+        ClientCommand::Vm {
+            action: VmAction::Delete { id, api },
+        } => delete_vm(&connect(&api)?, &id),
+        ClientCommand::Migrate(args) => migrate(&connect(&args.api)?, &args, POLL_INTERVAL),
+        ClientCommand::Status { id, json, api } => status(&connect(&api)?, id, json),
+        ClientCommand::Cancel { id, api } => cancel(&connect(&api)?, id),
+    }
+}
+
+fn connect(api: &ApiArgs) -> Result<ApiClient, CommandError> {
+    Ok(ApiClient::new(&api.base_url())?)
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, value: Value) -> Result<T, CommandError> {
+    serde_json::from_value(value).map_err(|source| CommandError::UnexpectedResponse { what, source })
+}
+
+fn create_vm(client: &ApiClient, args: &CreateVmArgs) -> Result<String, CommandError> {
+    let body = json!({
+        "id": args.id,
+        "memory_bytes": args.memory.0,
+        "vcpus": args.vcpus,
+        "dirty_rate_bytes_per_sec": args.dirty_rate.0,
+        "working_set_bytes": args.working_set.0,
+        "pattern": args.pattern.to_string(),
+    });
+    let vm: VmInfo = decode("VM", require_success(client.post("/vms", Some(&body))?)?)?;
+    Ok(format!(
+        "created VM {}: {}, {}, {} vCPUs, layout {}\n",
+        clean(&vm.id),
+        opt(vm.state.as_deref()),
+        vm.memory_bytes
+            .map_or_else(|| "-".to_string(), |b| ByteSize(b).to_string()),
+        opt(vm.vcpus),
+        opt(vm.layout.as_deref()),
+    ))
+}
+
+fn list_vms(client: &ApiClient, raw: bool) -> Result<String, CommandError> {
+    let value = require_success(client.get("/vms", None)?)?;
+    if raw {
+        return Ok(format!("{value:#}\n"));
+    }
+    let vms: Vec<VmInfo> = decode("VM list", value)?;
+    if vms.is_empty() {
+        return Ok("no VMs\n".to_string());
+    }
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            vec![
+                clean(&vm.id),
+                opt(vm.state.as_deref()),
+                vm.memory_bytes
+                    .map_or_else(|| "-".to_string(), |b| ByteSize(b).to_string()),
+                opt(vm.vcpus),
+                opt(vm.layout.as_deref()),
+                opt(vm.writes),
+            ]
+        })
+        .collect();
+    Ok(render_table(
+        &[
+            ("id", Align::Left),
+            ("state", Align::Left),
+            ("memory", Align::Right),
+            ("vcpus", Align::Right),
+            ("layout", Align::Left),
+            ("writes", Align::Right),
+        ],
+        &rows,
+    ))
+}
+
+fn delete_vm(client: &ApiClient, id: &str) -> Result<String, CommandError> {
+    require_success(client.delete(&format!("/vms/{}", path_segment(id)), None)?)?;
+    Ok(format!("deleted VM {}\n", clean(id)))
+}
+
+fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<String, CommandError> {
+    let body = json!({
+        "vm": args.vm,
+        "to": args.to,
+        "algorithm": args.algorithm.name(),
+        "streams": args.streams,
+        "bandwidth_bytes_per_sec": args.bandwidth.map(|b| b.0),
+        "downtime_limit_ms": args.downtime_limit_ms,
+    });
+    let started: MigrationStarted = decode(
+        "migration id",
+        require_success(client.post("/migrations", Some(&body))?)?,
+    )?;
+    if !args.wait {
+        return Ok(format!(
+            "migration {} started: {} -> {} ({})\n",
+            started.id,
+            clean(&args.vm),
+            args.to,
+            args.algorithm
+        ));
+    }
+    let last = wait_until_finished(client, started.id, poll)?;
+    let summary = format!("{}\n", summary_line(&last));
+    if last.status == MigrationState::Completed {
+        Ok(summary)
+    } else {
+        Err(CommandError::NotCompleted {
+            id: last.id,
+            status: last.status,
+            error: last.error,
+            summary,
+        })
+    }
+}
+
+fn get_status(client: &ApiClient, id: u64) -> Result<MigrationStatus, CommandError> {
+    decode(
+        "migration status",
+        require_success(client.get(&format!("/migrations/{id}"), None)?)?,
+    )
+}
+
+/// Polls until the migration is completed, cancelled, aborted or failed. No deadline of its own:
+/// a migration may legitimately run for hours, and each request has the client's timeout.
+fn wait_until_finished(client: &ApiClient, id: u64, poll: Duration) -> Result<MigrationStatus, CommandError> {
+    loop {
+        let status = get_status(client, id)?;
+        if status.status.is_finished() {
+            return Ok(status);
+        }
+        thread::sleep(poll);
+    }
+}
+
+/// One line saying how a migration ended, with the report's figures when the daemon sent one.
+fn summary_line(s: &MigrationStatus) -> String {
+    let mut line = format!(
+        "migration {} {}: {} -> {}",
+        s.id,
+        s.status,
+        opt(s.vm.as_deref()),
+        opt(s.to.as_deref())
+    );
+    if let Some(algorithm) = &s.algorithm {
+        line.push_str(&format!(" ({})", clean(algorithm)));
+    }
+    if let Some(round) = s.round {
+        line.push_str(&format!(", {round} round{}", if round == 1 { "" } else { "s" }));
+    }
+    if let Some(bytes) = s.transferred_bytes {
+        line.push_str(&format!(", {} MiB sent", mib(bytes)));
+    }
+    let report_f64 = |key| s.report.as_ref().and_then(|r| r.get(key)).and_then(Value::as_f64);
+    if let Some(downtime_s) = report_f64("downtime_s") {
+        line.push_str(&format!(", downtime {:.1} ms", downtime_s * 1e3));
+    }
+    if let Some(total_s) = report_f64("total_s") {
+        line.push_str(&format!(", total {total_s:.3} s"));
+    }
+    if let Some(verified) = s
+        .report
+        .as_ref()
+        .and_then(|r| r.get("verified"))
+        .and_then(Value::as_bool)
+    {
+        line.push_str(if verified { ", verified" } else { ", NOT verified" });
+    }
+    if let Some(error) = &s.error {
+        line.push_str(&format!(": {}", clean(error)));
+    }
+    line
+}
+
+fn status(client: &ApiClient, id: Option<u64>, raw: bool) -> Result<String, CommandError> {
+    let value = match id {
+        Some(id) => require_success(client.get(&format!("/migrations/{id}"), None)?)?,
+        None => require_success(client.get("/migrations", None)?)?,
+    };
+    if raw {
+        return Ok(format!("{value:#}\n"));
+    }
+    let migrations: Vec<MigrationStatus> = match id {
+        Some(_) => vec![decode("migration status", value)?],
+        None => decode("migration list", value)?,
+    };
+    if migrations.is_empty() {
+        return Ok("no migrations\n".to_string());
+    }
+    let rows: Vec<Vec<String>> = migrations
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                opt(m.vm.as_deref()),
+                m.status.to_string(),
+                opt(m.stage.as_deref()),
+                opt(m.round),
+                m.transferred_bytes.map_or_else(|| "-".to_string(), mib),
+                opt(m.remaining_pages),
+                m.throughput_bytes_per_sec
+                    .map_or_else(|| "-".to_string(), |b| format!("{:.1}", b / 1e6)),
+                m.expected_downtime_s
+                    .map_or_else(|| "-".to_string(), |s| format!("{:.1}", s * 1e3)),
+            ]
+        })
+        .collect();
+    let mut out = render_table(
+        &[
+            ("id", Align::Right),
+            ("vm", Align::Left),
+            ("status", Align::Left),
+            ("stage", Align::Left),
+            ("round", Align::Right),
+            ("sent MiB", Align::Right),
+            ("remaining pages", Align::Right),
+            ("MB/s", Align::Right),
+            ("exp. downtime ms", Align::Right),
+        ],
+        &rows,
+    );
+    for m in &migrations {
+        if let Some(error) = &m.error {
+            out.push_str(&format!("migration {}: {}\n", m.id, clean(error)));
+        }
+    }
+    Ok(out)
+}
+
+fn cancel(client: &ApiClient, id: u64) -> Result<String, CommandError> {
+    require_success(client.post(&format!("/migrations/{id}/cancel"), None)?)?;
+    Ok(format!("cancel requested for migration {id}\n"))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Daemon text with control characters blanked, so a hostile or odd name cannot break the table.
+fn clean(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// The value, or `-` when the daemon sent none.
+fn opt<T: fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| clean(&v.to_string()))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// Columns padded to their widest cell, two spaces apart, header first.
+fn render_table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+    let header: Vec<String> = columns.iter().map(|(name, _)| name.to_string()).collect();
+    let mut widths: Vec<usize> = vec![0; columns.len()];
+    for row in std::iter::once(&header).chain(rows) {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(columns)
+            .zip(&widths)
+            .map(|((cell, (_, align)), &width)| match align {
+                Align::Left => format!("{cell:<width$}"),
+                Align::Right => format!("{cell:>width$}"),
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::client::test_server::{json_response, FakeServer};
+    use super::*;
+    use migratory::protocol::Algorithm;
+    use migratory::vmm::sim::Pattern;
+
+    fn api(server: &FakeServer) -> ApiArgs {
+        ApiArgs {
+            api: Some(server.url()),
+        }
+    }
+
+    fn migrate_args(server: &FakeServer, wait: bool) -> MigrateArgs {
+        MigrateArgs {
+            vm: "vm1".to_string(),
+            to: "127.0.0.1:7001".to_string(),
+            algorithm: Algorithm::Precopy,
+            streams: 2,
+            bandwidth: None,
+            downtime_limit_ms: 300.0,
+            wait,
+            api: api(server),
+        }
+    }
+
+    fn sent_json(server: &FakeServer) -> (String, Value) {
+        let seen = server.next_request();
+        let line = seen.head.lines().next().unwrap_or_default().to_string();
+        let body = if seen.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&seen.body).expect("the client sent JSON")
+        };
+        (line, body)
+    }
+
+    const STATUS_ACTIVE: &str = r#"{"id": 3, "vm": "vm1", "to": "127.0.0.1:7001", "algorithm": "precopy",
+        "status": "active", "stage": "precopy", "round": 2, "transferred_bytes": 157286400,
+        "remaining_pages": 1200, "dirty_pages_per_sec": 10.0, "throughput_bytes_per_sec": 1250000000.0,
+        "expected_downtime_s": 0.0123, "error": null, "report": null}"#;
+
+    #[test]
+    fn test_vm_create_sends_the_spec_and_prints_the_vm() {
+        let server = FakeServer::start(vec![json_response(
+            201,
+            r#"{"id": "vm1", "state": "running", "memory_bytes": 268435456, "vcpus": 2, "layout": "kvm", "writes": null}"#,
+        )]);
+        let cmd = ClientCommand::Vm {
+            action: VmAction::Create(CreateVmArgs {
+                id: "vm1".to_string(),
+                memory: ByteSize(256 << 20),
+                vcpus: 2,
+                dirty_rate: ByteSize(0),
+                working_set: ByteSize(64 << 20),
+                pattern: Pattern::HotSet,
+                api: api(&server),
+            }),
+        };
+        let out = execute(cmd).unwrap();
+        assert_eq!(out, "created VM vm1: running, 256.0 MiB, 2 vCPUs, layout kvm\n");
+        let (line, body) = sent_json(&server);
+        assert_eq!(line, "POST /vms HTTP/1.1");
+        assert_eq!(
+            body,
+            json!({"id": "vm1", "memory_bytes": 268435456, "vcpus": 2, "dirty_rate_bytes_per_sec": 0,
+                   "working_set_bytes": 67108864, "pattern": "hot-set"})
+        );
+    }
+
+    #[test]
+    fn test_vm_list_prints_an_aligned_table_or_raw_json() {
+        let list = r#"[{"id": "vm1", "state": "running", "memory_bytes": 268435456, "vcpus": 2, "layout": "kvm", "writes": 0},
+                       {"id": "big-vm", "state": "paused", "memory_bytes": 4294967296, "vcpus": 16, "layout": "xen-hvm", "writes": 1234567}]"#;
+        let server = FakeServer::start(vec![json_response(200, list), json_response(200, list)]);
+        let client = ApiClient::new(&server.url()).unwrap();
+        assert_eq!(
+            list_vms(&client, false).unwrap(),
+            "id      state       memory  vcpus  layout    writes\n\
+             vm1     running  256.0 MiB      2  kvm            0\n\
+             big-vm  paused    4.00 GiB     16  xen-hvm  1234567\n"
+        );
+        let raw = list_vms(&client, true).unwrap();
+        let parsed: Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(parsed, serde_json::from_str::<Value>(list).unwrap());
+    }
+
+    #[test]
+    fn test_vm_delete_escapes_the_id_and_accepts_204() {
+        let server = FakeServer::start(vec![b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()]);
+        let cmd = ClientCommand::Vm {
+            action: VmAction::Delete {
+                id: "a/b".to_string(),
+                api: api(&server),
+            },
+        };
+        assert_eq!(execute(cmd).unwrap(), "deleted VM a/b\n");
+        assert_eq!(sent_json(&server).0, "DELETE /vms/a%2Fb HTTP/1.1");
+    }
+
+    #[test]
+    fn test_migrate_sends_the_request_and_prints_the_id() {
+        let server = FakeServer::start(vec![json_response(202, r#"{"id": 3}"#)]);
+        let mut args = migrate_args(&server, false);
+        args.bandwidth = Some(ByteSize(1_000_000_000));
+        let out = execute(ClientCommand::Migrate(args)).unwrap();
+        assert_eq!(out, "migration 3 started: vm1 -> 127.0.0.1:7001 (precopy)\n");
+        let (line, body) = sent_json(&server);
+        assert_eq!(line, "POST /migrations HTTP/1.1");
+        assert_eq!(
+            body,
+            json!({"vm": "vm1", "to": "127.0.0.1:7001", "algorithm": "precopy", "streams": 2,
+                   "bandwidth_bytes_per_sec": 1000000000u64, "downtime_limit_ms": 300.0})
+        );
+    }
+
+    #[test]
+    fn test_migrate_wait_polls_until_completed() {
+        let done = r#"{"id": 3, "vm": "vm1", "to": "127.0.0.1:7001", "algorithm": "precopy", "status": "completed",
+            "stage": "activation", "round": 4, "transferred_bytes": 314572800, "remaining_pages": 0,
+            "throughput_bytes_per_sec": null, "expected_downtime_s": null, "error": null,
+            "report": {"downtime_s": 0.0125, "total_s": 1.5, "verified": true}}"#;
+        let server = FakeServer::start(vec![
+            json_response(202, r#"{"id": 3}"#),
+            json_response(200, STATUS_ACTIVE),
+            json_response(200, done),
+        ]);
+        let client = ApiClient::new(&server.url()).unwrap();
+        let out = migrate(&client, &migrate_args(&server, true), Duration::from_millis(1)).unwrap();
+        assert_eq!(
+            out,
+            "migration 3 completed: vm1 -> 127.0.0.1:7001 (precopy), 4 rounds, 300.0 MiB sent, \
+             downtime 12.5 ms, total 1.500 s, verified\n"
+        );
+        assert_eq!(sent_json(&server).0, "POST /migrations HTTP/1.1");
+        assert_eq!(sent_json(&server).0, "GET /migrations/3 HTTP/1.1");
+        assert_eq!(sent_json(&server).0, "GET /migrations/3 HTTP/1.1");
+    }
+
+    #[test]
+    fn test_migrate_wait_fails_unless_completed() {
+        let aborted = r#"{"id": 3, "vm": "vm1", "to": "127.0.0.1:7001", "algorithm": "precopy", "status": "aborted",
+            "error": "pre-copy stalled"}"#;
+        let server = FakeServer::start(vec![json_response(202, r#"{"id": 3}"#), json_response(200, aborted)]);
+        let client = ApiClient::new(&server.url()).unwrap();
+        let err = migrate(&client, &migrate_args(&server, true), Duration::from_millis(1)).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                CommandError::NotCompleted {
+                    id: 3,
+                    status: MigrationState::Aborted,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "migration 3 ended aborted: pre-copy stalled");
+        assert_eq!(
+            err.stdout(),
+            Some("migration 3 aborted: vm1 -> 127.0.0.1:7001 (precopy): pre-copy stalled\n")
+        );
+    }
+
+    #[test]
+    fn test_status_of_one_migration_prints_its_figures() {
+        let server = FakeServer::start(vec![json_response(200, STATUS_ACTIVE)]);
+        let client = ApiClient::new(&server.url()).unwrap();
+        assert_eq!(
+            status(&client, Some(3), false).unwrap(),
+            "id  vm   status  stage    round  sent MiB  remaining pages    MB/s  exp. downtime ms\n\
+             \x203  vm1  active  precopy      2     150.0             1200  1250.0              12.3\n"
+        );
+        assert_eq!(sent_json(&server).0, "GET /migrations/3 HTTP/1.1");
+    }
+
+    #[test]
+    fn test_status_of_all_shows_nulls_errors_and_empty_lists() {
+        let list = r#"[{"id": 1, "vm": "vm1", "status": "failed", "error": "link lost"},
+                       {"id": 12, "vm": null, "status": "queued"}]"#;
+        let server = FakeServer::start(vec![json_response(200, list), json_response(200, "[]")]);
+        let client = ApiClient::new(&server.url()).unwrap();
+        assert_eq!(
+            status(&client, None, false).unwrap(),
+            "id  vm   status  stage  round  sent MiB  remaining pages  MB/s  exp. downtime ms\n\
+             \x201  vm1  failed  -          -         -                -     -                 -\n\
+             12  -    queued  -          -         -                -     -                 -\n\
+             migration 1: link lost\n"
+        );
+        assert_eq!(sent_json(&server).0, "GET /migrations HTTP/1.1");
+        assert_eq!(status(&client, None, false).unwrap(), "no migrations\n");
+    }
+
+    #[test]
+    fn test_cancel_posts_to_the_cancel_path() {
+        let server = FakeServer::start(vec![json_response(200, "{}")]);
+        let out = execute(ClientCommand::Cancel {
+            id: 7,
+            api: api(&server),
+        })
+        .unwrap();
+        assert_eq!(out, "cancel requested for migration 7\n");
+        assert_eq!(
+            sent_json(&server),
+            ("POST /migrations/7/cancel HTTP/1.1".to_string(), Value::Null)
+        );
+    }
+
+    #[test]
+    fn test_refusal_surfaces_the_daemon_error_text() {
+        let server = FakeServer::start(vec![json_response(404, r#"{"error": "no migration 9"}"#)]);
+        let cmd = ClientCommand::Status {
+            id: Some(9),
+            json: false,
+            api: api(&server),
+        };
+        let err = execute(cmd).unwrap_err();
+        assert_eq!(
+            super::super::error_line(&err),
+            "migratory: daemon refused: no migration 9"
+        );
+    }
+
+    #[test]
+    fn test_response_of_the_wrong_shape_is_unexpected() {
+        let server = FakeServer::start(vec![json_response(200, r#"{"id": 3, "status": "teleporting"}"#)]);
+        let client = ApiClient::new(&server.url()).unwrap();
+        let err = status(&client, Some(3), false).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CommandError::UnexpectedResponse {
+                    what: "migration status",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn test_unreachable_daemon_error_names_the_url() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cmd = ClientCommand::Cancel {
+            id: 1,
+            api: ApiArgs {
+                api: Some(format!("http://127.0.0.1:{port}")),
+            },
+        };
+        let line = super::super::error_line(&execute(cmd).unwrap_err());
+        let prefix = format!("migratory: cannot connect to http://127.0.0.1:{port}/migrations/1/cancel: ");
+        assert!(line.starts_with(&prefix), "{line}");
+    }
+}

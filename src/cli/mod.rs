@@ -1,0 +1,317 @@
+//! The command-line client of the daemon's HTTP/JSON control API.
+//!
+//! `migratory vm create|list|delete`, `migratory migrate`, `migratory status` and
+//! `migratory cancel` each send one request (or, with `migrate --wait`, a request and then a
+//! status poll) to the daemon at `--api URL` (else `$MIGRATORY_API`, else [`DEFAULT_API`]) and
+//! print the answer for a human, or as raw JSON with `--json` where a script wants it.
+//!
+//! * [`client`]: the blocking HTTP/1.1 transport and its errors; reach for it to add a request.
+//! * [`commands`]: what each subcommand sends and how its answer is printed.
+//!
+//! Errors end as exactly one `migratory: <message>` line on stderr and a failure exit status, so
+//! scripts can rely on stdout holding only results.
+
+mod client;
+mod commands;
+
+use std::error::Error;
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use migratory::protocol::Algorithm;
+use migratory::units::ByteSize;
+use migratory::vmm::sim::Pattern;
+
+/// Where the daemon listens when neither `--api` nor `$MIGRATORY_API` says otherwise.
+pub const DEFAULT_API: &str = "http://127.0.0.1:8000";
+
+/// The environment variable read when `--api` is absent.
+const API_ENV: &str = "MIGRATORY_API";
+
+/// Which daemon to talk to; flattened into every client subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// Base URL of the daemon's control API, http://HOST:PORT[/prefix] [env: MIGRATORY_API]
+    /// [default: http://127.0.0.1:8000].
+    // Read by hand: clap's `env` feature is not enabled, and one variable does not justify it.
+    #[arg(long, value_name = "URL")]
+    pub api: Option<String>,
+}
+
+impl ApiArgs {
+    /// The base URL: `--api`, else `$MIGRATORY_API`, else [`DEFAULT_API`].
+    fn base_url(&self) -> String {
+        resolve_api(self.api.as_deref(), std::env::var(API_ENV).ok())
+    }
+}
+
+/// `flag`, else a non-empty `env`, else [`DEFAULT_API`].
+fn resolve_api(flag: Option<&str>, env: Option<String>) -> String {
+    match (flag, env) {
+        (Some(url), _) => url.to_string(),
+        (None, Some(url)) if !url.trim().is_empty() => url,
+        (None, _) => DEFAULT_API.to_string(),
+    }
+}
+
+/// The subcommands that drive a running daemon through its control API.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClientCommand {
+    /// Create, list or delete VMs on the daemon's host.
+    Vm {
+        /// What to do with VMs.
+        #[command(subcommand)]
+        action: VmAction,
+    },
+    /// Start a live migration of a VM to a peer host.
+    Migrate(MigrateArgs),
+    /// Show one migration, or all of them.
+    Status {
+        /// The migration to show; all of them when absent.
+        id: Option<u64>,
+        /// Print the daemon's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Cancel a migration (it takes effect only before commitment).
+    Cancel {
+        /// The migration to cancel.
+        id: u64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `migratory vm ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum VmAction {
+    /// Create a sim VM on the daemon's host.
+    Create(CreateVmArgs),
+    /// List the VMs on the daemon's host.
+    List {
+        /// Print the daemon's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a VM from the daemon's host.
+    Delete {
+        /// The VM to delete.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// `migratory vm create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateVmArgs {
+    /// Name of the new VM.
+    pub id: String,
+    /// Guest RAM.
+    #[arg(long, default_value = "256MiB")]
+    pub memory: ByteSize,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: u32,
+    /// Guest dirtying rate (bytes of pages per second; 0 = idle).
+    #[arg(long, default_value = "0")]
+    pub dirty_rate: ByteSize,
+    /// Working set the writer dirties (the hot set for `hot-set`).
+    #[arg(long, default_value = "64MiB")]
+    pub working_set: ByteSize,
+    /// uniform, hot-set or sequential.
+    #[arg(long, default_value = "hot-set")]
+    pub pattern: Pattern,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `migratory migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The VM to migrate.
+    pub vm: String,
+    /// The peer host's migration listener.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer)]
+    pub to: String,
+    /// stop-and-copy, precopy, postcopy, hybrid or auto.
+    #[arg(long, default_value = "precopy")]
+    pub algorithm: Algorithm,
+    /// Parallel data streams (1 to 255).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..))]
+    pub streams: u8,
+    /// Bandwidth cap (e.g. 1GB for 1 GB/s); unlimited by default.
+    #[arg(long)]
+    pub bandwidth: Option<ByteSize>,
+    /// Downtime the switchover may take, in milliseconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub downtime_limit_ms: f64,
+    /// Poll until the migration ends, print its final line, and exit non-zero unless it completed.
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Accepts `HOST:PORT` (`[v6]:PORT` too); the daemon resolves the host.
+fn parse_peer(s: &str) -> Result<String, String> {
+    let bad = || format!("{s:?} is not HOST:PORT");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains(char::is_whitespace) || !port.parse::<u16>().is_ok_and(|p| p != 0) {
+        return Err(bad());
+    }
+    Ok(s.to_string())
+}
+
+/// Runs one client subcommand against the daemon. Prints the result on stdout; on any failure
+/// prints one `migratory: <message>` line on stderr and returns [`ExitCode::FAILURE`].
+pub fn run_client(cmd: ClientCommand) -> ExitCode {
+    match commands::execute(cmd) {
+        Ok(text) => print_stdout(&text),
+        Err(err) => {
+            // `migrate --wait` that did not complete still owes stdout its final line.
+            if let Some(text) = err.stdout() {
+                if print_stdout(text) != ExitCode::SUCCESS {
+                    return ExitCode::FAILURE;
+                }
+            }
+            eprintln!("{}", error_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_stdout(text: &str) -> ExitCode {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migratory: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `migratory: ` and the error with its sources, flattened to a single line because callers
+/// (and scripts) count on exactly one line per failure, even if the daemon's text had newlines.
+fn error_line(err: &dyn Error) -> String {
+    let mut line = format!("migratory: {err}");
+    let mut source = err.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct TestCli {
+        #[command(subcommand)]
+        cmd: ClientCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<ClientCommand, clap::Error> {
+        TestCli::try_parse_from(std::iter::once("migratory").chain(args.iter().copied())).map(|c| c.cmd)
+    }
+
+    #[test]
+    fn test_command_definitions_are_consistent() {
+        TestCli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_migrate_defaults_and_flags_parse() {
+        let cmd = parse(&["migrate", "vm1", "--to", "127.0.0.1:7001"]).unwrap();
+        let ClientCommand::Migrate(args) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(args.vm, "vm1");
+        assert_eq!(args.to, "127.0.0.1:7001");
+        assert_eq!(args.algorithm, Algorithm::Precopy);
+        assert_eq!((args.streams, args.bandwidth, args.downtime_limit_ms), (2, None, 300.0));
+        assert!(!args.wait && args.api.api.is_none());
+
+        let cmd = parse(&[
+            "migrate",
+            "vm1",
+            "--to",
+            "[::1]:7001",
+            "--algorithm",
+            "auto",
+            "--bandwidth",
+            "1GB",
+            "--wait",
+            "--api",
+            "http://h:1",
+        ])
+        .unwrap();
+        let ClientCommand::Migrate(args) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(args.algorithm, Algorithm::Auto);
+        assert_eq!(args.bandwidth, Some(ByteSize(1_000_000_000)));
+        assert!(args.wait);
+        assert_eq!(args.api.api.as_deref(), Some("http://h:1"));
+    }
+
+    #[test]
+    fn test_bad_arguments_are_rejected() {
+        for bad in [
+            &["migrate", "vm1"][..],
+            &["migrate", "vm1", "--to", "nohost"],
+            &["migrate", "vm1", "--to", ":7001"],
+            &["migrate", "vm1", "--to", "h:0"],
+            &["migrate", "vm1", "--to", "h:1", "--algorithm", "teleport"],
+            &["migrate", "vm1", "--to", "h:1", "--streams", "0"],
+            &["migrate", "vm1", "--to", "h:1", "--streams", "256"],
+            &["vm", "create", "vm1", "--memory", "lots"],
+            &["vm", "create", "vm1", "--pattern", "zigzag"],
+            &["status", "three"],
+            &["cancel"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn test_vm_create_defaults_parse() {
+        let cmd = parse(&["vm", "create", "vm1"]).unwrap();
+        let ClientCommand::Vm {
+            action: VmAction::Create(args),
+        } = cmd
+        else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(args.id, "vm1");
+        assert_eq!((args.memory, args.vcpus), (ByteSize(256 << 20), 2));
+        assert_eq!((args.dirty_rate, args.working_set), (ByteSize(0), ByteSize(64 << 20)));
+        assert_eq!(args.pattern, Pattern::HotSet);
+    }
+
+    #[test]
+    fn test_api_flag_wins_over_env_which_wins_over_default() {
+        assert_eq!(resolve_api(Some("http://a:1"), Some("http://b:2".into())), "http://a:1");
+        assert_eq!(resolve_api(None, Some("http://b:2".into())), "http://b:2");
+        assert_eq!(resolve_api(None, Some(" ".into())), DEFAULT_API);
+        assert_eq!(resolve_api(None, None), DEFAULT_API);
+    }
+
+    #[test]
+    fn test_error_line_is_one_line_with_sources() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer\nsecond line")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_line(&err), "migratory: outer second line: inner");
+    }
+}
