@@ -3,8 +3,10 @@
 mod common;
 
 mod algorithms;
+mod auth;
 mod cancel;
 mod embed;
+mod fuzz;
 mod negotiation;
 mod stall;
 mod tcp;
