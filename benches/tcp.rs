@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmSpec};
 use migratory::format::NativeLayout;
+use migratory::link::tls::TlsSetup;
 use migratory::protocol::Algorithm;
 use migratory::vmm::sim::WorkloadSpec;
 
@@ -43,6 +44,25 @@ fn plain_tcp_bytes_per_sec(bytes: u64) -> f64 {
     got as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Two host identities signed by one fresh CA (certificates made at run time).
+fn tls_pair() -> (Option<TlsSetup>, Option<TlsSetup>) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    let ca_key = KeyPair::generate().expect("key");
+    let ca_pem = ca.self_signed(&ca_key).expect("ca").pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let one = || {
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("key");
+        let cert = p.signed_by(&key, &issuer).expect("cert");
+        TlsSetup::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), ca_pem.as_bytes()).ok()
+    };
+    (one(), one())
+}
+
 fn main() {
     let mib: u64 = std::env::var("MIGRATORY_BENCH_MIB")
         .ok()
@@ -55,14 +75,21 @@ fn main() {
         .expect("runtime");
     println!("{mib} MiB idle VM, stop-and-copy over loopback TCP");
     println!("{:<22} {:>12} {:>8}", "", "MB/s", "ratio");
-    for streams in [1u8, 2, 4] {
+    for (streams, tls) in [(1u8, false), (2, false), (4, false), (2, true)] {
         let baseline = plain_tcp_bytes_per_sec(bytes);
         let report = rt.block_on(async {
+            let (src_tls, dst_tls) = if tls { tls_pair() } else { (None, None) };
             let src = EngineHandle::start().expect("engine");
-            src.add_host(HostConfig::new("a", NativeLayout::XenHvm)).await.expect("host");
+            src.add_host(HostConfig {
+                tls: src_tls,
+                ..HostConfig::new("a", NativeLayout::XenHvm)
+            })
+            .await
+            .expect("host");
             let dst = EngineHandle::start().expect("engine");
             dst.add_host(HostConfig {
                 listen: Some("127.0.0.1:0".parse().expect("addr")),
+                tls: dst_tls,
                 ..HostConfig::new("b", NativeLayout::Kvm)
             })
             .await
@@ -89,10 +116,15 @@ fn main() {
             .map(|s| s.duration_s)
             .unwrap_or(report.total_s);
         let mig = report.bytes_sent as f64 / stage;
-        println!("{:<22} {:>12.1} {:>8}", format!("plain TCP copy"), baseline / 1e6, "1.00");
+        println!(
+            "{:<22} {:>12.1} {:>8}",
+            format!("plain TCP copy"),
+            baseline / 1e6,
+            "1.00"
+        );
         println!(
             "{:<22} {:>12.1} {:>8.2}   (target >= 0.80; verified {})",
-            format!("migration, {streams} stream(s)"),
+            format!("migration, {streams} stream(s){}", if tls { ", TLS" } else { "" }),
             mig / 1e6,
             mig / baseline,
             report.verified

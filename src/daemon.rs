@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use migratory::engine::{EngineError, EngineHandle, HostConfig, MigrationRequest, VmSpec};
 use migratory::format::NativeLayout;
+use migratory::link::tls::TlsSetup;
 use migratory::protocol::auth::ClusterKey;
 use migratory::protocol::Algorithm;
 use migratory::units::ByteSize;
@@ -52,6 +53,16 @@ pub struct ServeArgs {
     /// migrations are unauthenticated).
     #[arg(long)]
     cluster_key_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain of this host: with --tls-key and --tls-ca, every stream of every
+    /// migration runs over TLS with mutual authentication.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of this host.
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<std::path::PathBuf>,
+    /// PEM certificate of the cluster CA that signs every host.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 struct State {
@@ -88,6 +99,10 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
     if key.is_none() {
         eprintln!("migratory: warning: no cluster key; migrations are not authenticated");
     }
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(c), Some(k), Some(ca)) => Some(TlsSetup::from_pem_files(c, k, ca).map_err(|e| e.to_string())?),
+        _ => None,
+    };
     let engine = EngineHandle::start().map_err(|e| e.to_string())?;
     let host = HostConfig {
         listen: Some(args.listen),
@@ -96,6 +111,7 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         max_incoming: args.max_incoming,
         bandwidth_budget_bytes_per_sec: args.bandwidth_budget.map(|b| b.0),
         cluster_key: key,
+        tls,
         ..HostConfig::new(args.name.clone(), args.layout)
     };
     engine.add_host(host).await.map_err(|e| e.to_string())?;

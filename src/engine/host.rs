@@ -69,7 +69,8 @@ impl Actor for Host {
         if let Some(listener) = self.listener.take() {
             let (tx, mut rx) = tokio::sync::mpsc::channel(16);
             let key = self.config.cluster_key.clone();
-            ctx.spawn(tcp::serve(listener, tx, Arc::clone(&self.rejected)).into_actor(self));
+            let tls = self.config.tls.clone();
+            ctx.spawn(tcp::serve(listener, tx, Arc::clone(&self.rejected), tls).into_actor(self));
             let me = ctx.address();
             ctx.spawn(
                 async move {

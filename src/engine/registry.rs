@@ -312,6 +312,7 @@ impl Engine {
         let (vm_id, source_name, offer) = (req.vm.clone(), req.source.clone(), req.offer.clone());
         let (target_addr, streams, bandwidth) = (req.target_addr, req.streams, req.shaping.bandwidth_bytes_per_sec);
         let shared_budget = budget.clone();
+        let tls = self.host_configs.get(&req.source).and_then(|c| c.tls.clone());
         let prepare = async move {
             let (source, target) = hosts?;
             let vm = source.send(GetVm(vm_id.clone())).await?.ok_or(EngineError::UnknownVm {
@@ -328,7 +329,7 @@ impl Engine {
                 let caps = source.send(GetCapabilities).await?;
                 let tcp_end = match target_addr {
                     Some(addr) => Some(
-                        crate::link::tcp::connect(addr, streams, bandwidth, shared_budget)
+                        crate::link::tcp::connect(addr, streams, bandwidth, shared_budget, tls.as_ref())
                             .await
                             .map_err(|e| EngineError::Link {
                                 stage: "premigration".into(),

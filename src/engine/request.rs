@@ -33,6 +33,8 @@ pub struct HostConfig {
     /// The cluster key both ends of a migration must prove (HMAC challenge-response); `None`
     /// accepts and opens unauthenticated migrations.
     pub cluster_key: Option<crate::protocol::auth::ClusterKey>,
+    /// TLS with mutual authentication for every stream, both ways; `None` is plain TCP.
+    pub tls: Option<crate::link::tls::TlsSetup>,
 }
 
 impl HostConfig {
@@ -49,6 +51,7 @@ impl HostConfig {
             max_incoming: 4,
             bandwidth_budget_bytes_per_sec: None,
             cluster_key: None,
+            tls: None,
         }
     }
 }

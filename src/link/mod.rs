@@ -11,6 +11,7 @@ mod inproc;
 mod pool;
 mod shaper;
 pub mod tcp;
+pub mod tls;
 
 pub use actor::{CloseLink, Keepalive, Link, LinkEvent, SendControl};
 pub use inproc::{pair, pair_with_budget};

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use super::tls::TlsSetup;
 use super::{
     ControlChannel, DataReceiver, DataSender, FramePool, LinkEnd, Timed, TokenBucket, CONTROL_CHANNEL_FRAMES,
     DATA_CHANNEL_FRAMES, URGENT_CHANNEL_FRAMES,
@@ -118,13 +119,43 @@ fn link_id() -> u64 {
     crate::memory::SplitMix64::new(seed).next()
 }
 
+/// A connection on its way to a link: its handshake (TLS) is done and its preamble exchanged.
+enum Conn {
+    Plain(TcpStream),
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+async fn open(addr: SocketAddr, preamble: Preamble, tls: Option<&TlsSetup>) -> Result<Conn, TcpLinkError> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    match tls {
+        None => {
+            let mut tcp = tcp;
+            tcp.write_all(&preamble.encode()).await?;
+            Ok(Conn::Plain(tcp))
+        }
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
+            let mut s = tokio::time::timeout(PREAMBLE_TIMEOUT, connector.connect(name, tcp))
+                .await
+                .map_err(|_| TcpLinkError::Timeout("TLS handshake"))??;
+            s.write_all(&preamble.encode()).await?;
+            s.flush().await?;
+            Ok(Conn::TlsClient(Box::new(s)))
+        }
+    }
+}
+
 /// Opens a link to `addr` with `streams` data connections, shaped to `bandwidth` bytes per
-/// second if given, and charged to a host's shared `budget` if given.
+/// second if given, charged to a host's shared `budget` if given, over TLS if `tls` is given.
 pub async fn connect(
     addr: SocketAddr,
     streams: u8,
     bandwidth: Option<u64>,
     budget: Option<Arc<Mutex<TokenBucket>>>,
+    tls: Option<&TlsSetup>,
 ) -> Result<LinkEnd, TcpLinkError> {
     if streams == 0 || streams > MAX_STREAMS {
         return Err(TcpLinkError::Streams {
@@ -133,32 +164,15 @@ pub async fn connect(
         });
     }
     let id = link_id();
-    let mut control = TcpStream::connect(addr).await?;
-    control.set_nodelay(true)?;
-    control
-        .write_all(
-            &Preamble {
-                link_id: id,
-                role: 0,
-                streams,
-            }
-            .encode(),
-        )
-        .await?;
+    let preamble = |role| Preamble {
+        link_id: id,
+        role,
+        streams,
+    };
+    let control = open(addr, preamble(0), tls).await?;
     let mut data = Vec::with_capacity(streams as usize);
     for role in 1..=streams {
-        let mut s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        s.write_all(
-            &Preamble {
-                link_id: id,
-                role,
-                streams,
-            }
-            .encode(),
-        )
-        .await?;
-        data.push(s.into_std()?);
+        data.push(open(addr, preamble(role), tls).await?);
     }
     let mut budgets: Vec<_> = bandwidth
         .map(|r| Arc::new(Mutex::new(TokenBucket::new(r))))
@@ -171,8 +185,14 @@ pub async fn connect(
 /// Accepts links on `listener` and hands each assembled [`LinkEnd`] to `links`. Runs until
 /// `links` is closed. Connections that do not open with a valid preamble in time are dropped
 /// and counted in the returned error tally.
-pub async fn serve(listener: TcpListener, links: mpsc::Sender<LinkEnd>, rejected: Arc<std::sync::atomic::AtomicU64>) {
-    let (arrived_tx, mut arrived) = mpsc::channel::<(Preamble, TcpStream)>(256);
+pub async fn serve(
+    listener: TcpListener,
+    links: mpsc::Sender<LinkEnd>,
+    rejected: Arc<std::sync::atomic::AtomicU64>,
+    tls: Option<TlsSetup>,
+) {
+    let (arrived_tx, mut arrived) = mpsc::channel::<(Preamble, Conn)>(256);
+    let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server));
     let accept = async {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -180,14 +200,37 @@ pub async fn serve(listener: TcpListener, links: mpsc::Sender<LinkEnd>, rejected
             };
             let tx = arrived_tx.clone();
             let rejected = Arc::clone(&rejected);
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let mut stream = stream;
-                let mut buf = [0u8; PREAMBLE_LEN];
-                let read = tokio::time::timeout(PREAMBLE_TIMEOUT, stream.read_exact(&mut buf)).await;
-                match read.map(|r| r.map(|_| Preamble::decode(&buf))) {
-                    Ok(Ok(Ok(p))) => {
-                        let _ = tx.send((p, stream)).await;
-                    }
+                // Handshake and preamble share one deadline: a silent or slow peer costs a task
+                // for at most that long.
+                let greeted = tokio::time::timeout(PREAMBLE_TIMEOUT, async move {
+                    let _ = stream.set_nodelay(true);
+                    let mut buf = [0u8; PREAMBLE_LEN];
+                    let conn = match acceptor {
+                        None => {
+                            let mut s = stream;
+                            s.read_exact(&mut buf).await?;
+                            Conn::Plain(s)
+                        }
+                        Some(a) => {
+                            let mut s = a.accept(stream).await?;
+                            s.read_exact(&mut buf).await?;
+                            Conn::TlsServer(Box::new(s))
+                        }
+                    };
+                    Ok::<_, io::Error>((buf, conn))
+                })
+                .await;
+                match greeted {
+                    Ok(Ok((buf, conn))) => match Preamble::decode(&buf) {
+                        Ok(p) => {
+                            let _ = tx.send((p, conn)).await;
+                        }
+                        Err(_) => {
+                            rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    },
                     _ => {
                         rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -221,11 +264,7 @@ pub async fn serve(listener: TcpListener, links: mpsc::Sender<LinkEnd>, rejected
             let complete = entry.1.is_some() && entry.2.iter().all(Option::is_some);
             if complete {
                 if let Some((_, Some(control), data)) = pending.remove(&p.link_id) {
-                    let data: Result<Vec<std::net::TcpStream>, io::Error> =
-                        data.into_iter().flatten().map(|s| s.into_std()).collect();
-                    let end = data
-                        .map_err(TcpLinkError::from)
-                        .and_then(|d| build_end(control, d, Vec::new()));
+                    let end = build_end(control, data.into_iter().flatten().collect(), Vec::new());
                     match end {
                         Ok(end) => {
                             if links.send(end).await.is_err() {
@@ -248,18 +287,16 @@ pub async fn serve(listener: TcpListener, links: mpsc::Sender<LinkEnd>, rejected
 
 /// A link being assembled: when its first connection came, its control connection, its data
 /// connections by role.
-type PendingLink = (tokio::time::Instant, Option<TcpStream>, Vec<Option<TcpStream>>);
+type PendingLink = (tokio::time::Instant, Option<Conn>, Vec<Option<Conn>>);
 
-fn build_end(
-    control: TcpStream,
-    data: Vec<std::net::TcpStream>,
-    budgets: Vec<Arc<Mutex<TokenBucket>>>,
-) -> Result<LinkEnd, TcpLinkError> {
-    let (ctl_read, ctl_write) = control.into_split();
+fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>>>) -> Result<LinkEnd, TcpLinkError> {
     let (out_tx, out_rx) = mpsc::channel::<Timed>(CONTROL_CHANNEL_FRAMES);
     let (in_tx, in_rx) = mpsc::channel::<Timed>(CONTROL_CHANNEL_FRAMES);
-    tokio::spawn(control_writer(ctl_write, out_rx));
-    tokio::spawn(control_reader(ctl_read, in_tx));
+    match control {
+        Conn::Plain(s) => spawn_control(s, out_rx, in_tx),
+        Conn::TlsClient(s) => spawn_control(*s, out_rx, in_tx),
+        Conn::TlsServer(s) => spawn_control(*s, out_rx, in_tx),
+    }
 
     let pool = FramePool::new();
     let (bulk_tx, bulk_rx) = channel::bounded::<Timed>(DATA_CHANNEL_FRAMES);
@@ -267,23 +304,59 @@ fn build_end(
     let (in_bulk_tx, in_bulk_rx) = channel::bounded::<Timed>(DATA_CHANNEL_FRAMES);
     let (in_urg_tx, in_urg_rx) = channel::bounded::<Timed>(URGENT_CHANNEL_FRAMES);
     let alive = Arc::new(());
-    for (i, stream) in data.into_iter().enumerate() {
-        stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(READ_POLL))?;
-        let reader = stream.try_clone()?;
+    for (i, conn) in data.into_iter().enumerate() {
         let (b, u, p) = (bulk_rx.clone(), urg_rx.clone(), pool.clone());
-        std::thread::Builder::new()
-            .name(format!("migratory-tx{i}"))
-            .spawn(move || data_writer(stream, &b, &u, &p))?;
-        let (b, u, p, a) = (
+        let (ib, iu, ip, a) = (
             in_bulk_tx.clone(),
             in_urg_tx.clone(),
             pool.clone(),
             Arc::downgrade(&alive),
         );
-        std::thread::Builder::new()
-            .name(format!("migratory-rx{i}"))
-            .spawn(move || data_reader(reader, &b, &u, &p, &a))?;
+        let writer = std::thread::Builder::new().name(format!("migratory-tx{i}"));
+        let reader = std::thread::Builder::new().name(format!("migratory-rx{i}"));
+        match conn {
+            Conn::Plain(s) => {
+                let s = s.into_std()?;
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(READ_POLL))?;
+                let mut r = s.try_clone()?;
+                let mut w = s;
+                writer.spawn(move || {
+                    data_writer(&mut w, &b, &u, &p);
+                    let _ = w.shutdown(std::net::Shutdown::Write);
+                })?;
+                reader.spawn(move || {
+                    data_reader(&mut r, &ib, &iu, &ip, &a);
+                    // Only our reading side: the same socket may still carry frames the other way.
+                    let _ = r.shutdown(std::net::Shutdown::Read);
+                })?;
+            }
+            // Over TLS a data connection carries pages one way, source to target: the
+            // connecting side only writes it, the accepting side only reads it.
+            Conn::TlsClient(s) => {
+                let (tcp, tls) = (*s).into_inner();
+                let tcp = tcp.into_std()?;
+                tcp.set_nonblocking(false)?;
+                let mut w = rustls::StreamOwned::new(tls, tcp);
+                writer.spawn(move || {
+                    data_writer(&mut w, &b, &u, &p);
+                    w.conn.send_close_notify();
+                    let _ = w.flush();
+                    let _ = w.sock.shutdown(std::net::Shutdown::Write);
+                })?;
+            }
+            Conn::TlsServer(s) => {
+                let (tcp, tls) = (*s).into_inner();
+                let tcp = tcp.into_std()?;
+                tcp.set_nonblocking(false)?;
+                tcp.set_read_timeout(Some(READ_POLL))?;
+                let mut r = rustls::StreamOwned::new(tls, tcp);
+                reader.spawn(move || {
+                    data_reader(&mut r, &ib, &iu, &ip, &a);
+                    let _ = r.sock.shutdown(std::net::Shutdown::Both);
+                })?;
+            }
+        }
     }
     Ok(LinkEnd {
         control: ControlChannel {
@@ -306,7 +379,17 @@ fn build_end(
     })
 }
 
-async fn control_writer(mut w: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Timed>) {
+fn spawn_control<S>(stream: S, out: mpsc::Receiver<Timed>, inbound: mpsc::Sender<Timed>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    tokio::spawn(control_writer(w, out));
+    tokio::spawn(control_reader(r, inbound));
+}
+
+async fn control_writer<W: tokio::io::AsyncWrite>(w: tokio::io::WriteHalf<W>, mut rx: mpsc::Receiver<Timed>) {
+    let mut w = w;
     while let Some(t) = rx.recv().await {
         if w.write_all(&t.frame).await.is_err() {
             return;
@@ -315,7 +398,8 @@ async fn control_writer(mut w: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Re
     let _ = w.shutdown().await;
 }
 
-async fn control_reader(mut r: tokio::net::tcp::OwnedReadHalf, tx: mpsc::Sender<Timed>) {
+async fn control_reader<R: tokio::io::AsyncRead>(r: tokio::io::ReadHalf<R>, tx: mpsc::Sender<Timed>) {
+    let mut r = r;
     loop {
         let mut len = [0u8; 4];
         if r.read_exact(&mut len).await.is_err() {
@@ -342,8 +426,8 @@ async fn control_reader(mut r: tokio::net::tcp::OwnedReadHalf, tx: mpsc::Sender<
     }
 }
 
-fn data_writer(
-    mut s: std::net::TcpStream,
+fn data_writer<W: Write>(
+    s: &mut W,
     bulk: &channel::Receiver<Timed>,
     urgent: &channel::Receiver<Timed>,
     pool: &FramePool,
@@ -362,11 +446,11 @@ fn data_writer(
         }
         pool.give(t.frame);
     }
-    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.flush();
 }
 
 /// Reads into `buf` completely; `Ok(false)` if the consumer went away or the peer closed.
-fn read_full(s: &mut std::net::TcpStream, buf: &mut [u8], alive: &Weak<()>) -> io::Result<bool> {
+fn read_full<R: Read>(s: &mut R, buf: &mut [u8], alive: &Weak<()>) -> io::Result<bool> {
     let mut at = 0;
     while at < buf.len() {
         match s.read(&mut buf[at..]) {
@@ -384,8 +468,8 @@ fn read_full(s: &mut std::net::TcpStream, buf: &mut [u8], alive: &Weak<()>) -> i
     Ok(true)
 }
 
-fn data_reader(
-    mut s: std::net::TcpStream,
+fn data_reader<R: Read>(
+    s: &mut R,
     bulk: &channel::Sender<Timed>,
     urgent: &channel::Sender<Timed>,
     pool: &FramePool,
@@ -393,7 +477,7 @@ fn data_reader(
 ) {
     loop {
         let mut len = [0u8; 4];
-        if !matches!(read_full(&mut s, &mut len, alive), Ok(true)) {
+        if !matches!(read_full(s, &mut len, alive), Ok(true)) {
             break;
         }
         let n = u32::from_be_bytes(len) as usize;
@@ -404,7 +488,7 @@ fn data_reader(
         buf.clear();
         buf.put_slice(&len);
         buf.resize(4 + n, 0);
-        if !matches!(read_full(&mut s, &mut buf[4..], alive), Ok(true)) {
+        if !matches!(read_full(s, &mut buf[4..], alive), Ok(true)) {
             break;
         }
         if buf[4] != TAG_PAGES {
@@ -419,8 +503,6 @@ fn data_reader(
             break;
         }
     }
-    // Only our reading side: the same socket may still carry frames the other way.
-    let _ = s.shutdown(std::net::Shutdown::Read);
 }
 
 #[cfg(test)]

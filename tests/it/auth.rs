@@ -34,7 +34,10 @@ async fn setup(src_key: Option<ClusterKey>, dst_key: Option<ClusterKey>) -> Engi
 
 async fn assert_refused(src_key: Option<ClusterKey>, dst_key: Option<ClusterKey>) -> String {
     let e = setup(src_key, dst_key).await;
-    let report = e.migrate(MigrationRequest::new("vm", "src", "dst")).await.expect("report");
+    let report = e
+        .migrate(MigrationRequest::new("vm", "src", "dst"))
+        .await
+        .expect("report");
     assert_eq!(report.result, Outcome::Aborted, "{:?}", report.error);
     assert_eq!(report.vm_location, VmLocation::Source);
     assert!(report.stage(migratory::engine::Stage::Stopcopy).is_none());
@@ -47,7 +50,10 @@ async fn assert_refused(src_key: Option<ClusterKey>, dst_key: Option<ClusterKey>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_same_key_migrates() {
     let e = setup(key("sixteen byte key, shared"), key("sixteen byte key, shared")).await;
-    let report = e.migrate(MigrationRequest::new("vm", "src", "dst")).await.expect("report");
+    let report = e
+        .migrate(MigrationRequest::new("vm", "src", "dst"))
+        .await
+        .expect("report");
     assert_eq!(report.result, Outcome::Completed, "{:?}", report.error);
     assert!(report.verified);
 }

@@ -46,11 +46,8 @@ proptest! {
         let mut d = FrameDecoder::new();
         for c in &chunks {
             d.feed(c);
-            loop {
-                match d.next_body() {
-                    Ok(Some(body)) => prop_assert!(body.len() <= MAX_FRAME_LEN),
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(body)) = d.next_body() {
+                prop_assert!(body.len() <= MAX_FRAME_LEN);
             }
         }
     }

@@ -10,3 +10,4 @@ mod fuzz;
 mod negotiation;
 mod stall;
 mod tcp;
+mod tls;
