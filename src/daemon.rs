@@ -81,6 +81,14 @@ pub fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     migratory::telemetry::describe_all();
+    // Logs go to stderr, filtered by RUST_LOG (default: info).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let system = actix_web::rt::System::new();
     match system.block_on(run(args, metrics)) {
         Ok(()) => ExitCode::SUCCESS,

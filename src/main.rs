@@ -100,6 +100,13 @@ fn demo(args: DemoArgs) -> ExitCode {
         }
     };
     migratory::telemetry::describe_all();
+    // The demo prints its own progress; logs only when asked for with RUST_LOG.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

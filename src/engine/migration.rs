@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::error::EngineError;
 use super::report::MigrationReport;
@@ -42,7 +43,17 @@ impl Actor for Migration {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         if let Some(run) = self.run.take() {
-            ctx.spawn(run.run().into_actor(self).map(|report, act, ctx| {
+            // One span per migration; stage events inside it carry its id, VM and algorithm.
+            let span = run.span();
+            ctx.spawn(run.run().instrument(span).into_actor(self).map(|report, act, ctx| {
+                tracing::info!(
+                    id = report.id,
+                    result = report.result.label(),
+                    downtime_ms = report.downtime_s * 1e3,
+                    total_s = report.total_s,
+                    verified = report.verified,
+                    "migration finished"
+                );
                 act.on_finish.do_send(MigrationFinished(Box::new(report)));
                 ctx.stop();
             }));

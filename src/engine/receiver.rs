@@ -531,6 +531,15 @@ impl TargetRun {
         }
         self.plane = None;
         // After the release above, so a listener that then asks the host sees it done.
+        if let Some(why) = &why {
+            if why.contains("authentication failed") || why.contains("requires a cluster key") {
+                tracing::warn!(host = %self.host_name, reason = %why, "refused an unauthenticated migration");
+            } else {
+                tracing::info!(host = %self.host_name, reason = %why, committed = self.committed, "incoming migration ended early");
+            }
+        } else {
+            tracing::info!(host = %self.host_name, "incoming migration completed");
+        }
         if let (Some(why), Some(events)) = (why, &self.params.events) {
             let _ = events.send(MigrationEvent::TargetStopped { reason: why });
         }

@@ -223,6 +223,17 @@ impl SourceRun {
         }
     }
 
+    /// The tracing span of this migration.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "migration",
+            id = self.s.id,
+            vm = %self.s.guest.config().id,
+            algorithm = self.s.req.algorithm.name(),
+            to = %self.s.req.target
+        )
+    }
+
     /// Runs the migration to its end and returns the report.
     pub async fn run(mut self) -> MigrationReport {
         metrics::gauge!(metric::MIGRATIONS_IN_PROGRESS).increment(1.0);
@@ -258,6 +269,7 @@ impl SourceRun {
         self.stage_started = clock::now();
         self.stage_pages = 0;
         self.stage_bytes = 0;
+        tracing::info!(stage = stage.name(), "stage started");
         let _ = self.s.events.send(MigrationEvent::StageStarted { stage });
         Ok(())
     }
@@ -278,6 +290,11 @@ impl SourceRun {
                 "algorithm" => self.s.req.algorithm.name()
             )
             .record(duration.as_secs_f64());
+            tracing::info!(
+                stage = stage.name(),
+                duration_ms = duration.as_secs_f64() * 1e3,
+                "stage completed"
+            );
             let _ = self.s.events.send(MigrationEvent::StageCompleted { stage, duration });
         }
     }
