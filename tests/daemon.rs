@@ -1,1 +1,913 @@
+//! The `migratory` binary end to end: real `migratory serve` daemons in separate processes,
+//! driven only through the CLI client (`vm create|list|delete`, `migrate`, `status`), with
+//! faults injected from outside (SIGSTOP, SIGTERM, hostile TCP peers, wrong cluster keys).
+//!
+//! Every daemon lives in a [`Daemon`] whose `Drop` kills and reaps it, so no process outlives
+//! its test. Tests wait on conditions with [`wait_until`] (one [`TIMEOUT`], short polling),
+//! never on fixed sleeps.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_migratory");
+
+/// The bound on every wait unless a test states a tighter one.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a condition is re-checked.
+const POLL: Duration = Duration::from_millis(50);
+
+const MIB: u64 = 1 << 20;
+
+/// Re-checks `probe` every [`POLL`] until it returns `Ok` or `timeout` passes; then panics with
+/// what was being waited for and the probe's last description of what it saw.
+fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => thread::sleep(POLL),
+        }
+    }
+}
+
+/// A name no other test (or earlier run) uses.
+fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn send_signal(pid: u32, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) touches no memory of this process; `pid` is a child we spawned and have
+    // not reaped yet (Daemon owns the Child until Drop), so the pid cannot have been reused.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemons
+
+/// One `migratory serve` process, killed (SIGKILL) and reaped on drop.
+struct Daemon {
+    name: String,
+    child: Child,
+    /// Where it accepts migrations.
+    migration_addr: SocketAddr,
+    /// Base URL of its control API.
+    api: String,
+    /// Every stderr line so far, drained by a thread so the pipe never fills.
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    /// Starts `migratory serve` on ephemeral ports and waits for its ready line.
+    fn start(name: &str, layout: &str, extra: &[&str]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--name",
+                name,
+                "--layout",
+                layout,
+            ])
+            .args(extra)
+            .env_remove("MIGRATORY_CLUSTER_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {BIN} serve: {e}"));
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (lines_tx, lines) = mpsc::channel::<String>();
+        let log = Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut pipe = BufReader::new(pipe);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match pipe.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                log.lock().unwrap_or_else(|p| p.into_inner()).push(line.clone());
+                // Nobody listens once the ready line was found; keep draining regardless.
+                let _ = lines_tx.send(line);
+            }
+        });
+        let prefix = format!("migratory: host {name} serving migrations on ");
+        let deadline = Instant::now() + TIMEOUT;
+        let ready = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(&prefix) {
+                        break rest.to_string();
+                    }
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    panic!(
+                        "daemon {name} never printed its ready line ({e:?}; exit {status:?}); stderr:\n{}",
+                        stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+                    );
+                }
+            }
+        };
+        let (migration, api) = ready
+            .split_once(", API on ")
+            .unwrap_or_else(|| panic!("unexpected ready line tail {ready:?}"));
+        let migration_addr = migration
+            .parse()
+            .unwrap_or_else(|e| panic!("migration address {migration:?}: {e}"));
+        assert!(api.starts_with("http://"), "API address {api:?}");
+        Daemon {
+            name: name.to_string(),
+            child,
+            migration_addr,
+            api: api.to_string(),
+            stderr,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        send_signal(self.pid(), signal);
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let name = self.name.clone();
+        wait_until(&format!("daemon {name} to exit"), timeout, || {
+            match self.child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("still running".into()),
+                Err(e) => Err(format!("try_wait: {e}")),
+            }
+        })
+    }
+
+    fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory in bytes, from /proc/PID/statm.
+    fn resident_bytes(&self) -> u64 {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid())).expect("read statm");
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("malformed statm {statm:?}"));
+        // SAFETY: sysconf only reads a configuration value.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        pages * u64::try_from(page_size).expect("positive page size")
+    }
+
+    // --- the CLI against this daemon ---
+
+    /// Runs a client subcommand with `--api` pointing here.
+    fn cli(&self, args: &[&str]) -> Run {
+        self.spawn_cli(args).finish()
+    }
+
+    fn spawn_cli(&self, args: &[&str]) -> PendingRun {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--api", &self.api]);
+        PendingRun::spawn(&all)
+    }
+
+    /// Creates a VM with a running writer and waits until the writer has stored something.
+    fn create_vm(&self, id: &str, memory: &str) {
+        let run = self.cli(&[
+            "vm",
+            "create",
+            id,
+            "--memory",
+            memory,
+            "--dirty-rate",
+            "20MB",
+            "--working-set",
+            "2MiB",
+        ]);
+        run.assert_success();
+        let expected = format!("created VM {id}: running, ");
+        assert!(run.stdout.starts_with(&expected), "{}", run.describe());
+        wait_until(
+            &format!("the writer of {id} on {}", self.name),
+            TIMEOUT,
+            || match self.vm(id) {
+                Some(vm) if vm["writes"].as_u64().unwrap_or(0) > 0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    }
+
+    /// `vm list --json`.
+    fn vms(&self) -> Vec<Value> {
+        let run = self.cli(&["vm", "list", "--json"]);
+        run.assert_success();
+        match serde_json::from_str(&run.stdout) {
+            Ok(Value::Array(vms)) => vms,
+            other => panic!("vm list --json is not a JSON array ({other:?}): {}", run.describe()),
+        }
+    }
+
+    fn vm(&self, id: &str) -> Option<Value> {
+        self.vms().into_iter().find(|v| v["id"] == id)
+    }
+
+    /// Asserts the VM is on this host, running, in `layout`.
+    fn assert_runs(&self, id: &str, layout: &str) {
+        let vms = self.vms();
+        let vm = vms
+            .iter()
+            .find(|v| v["id"] == id)
+            .unwrap_or_else(|| panic!("VM {id} is not on {}; its VMs: {vms:?}", self.name));
+        assert_eq!(vm["state"], "running", "VM {id} on {}: {vm}", self.name);
+        assert_eq!(vm["layout"], layout, "VM {id} on {}: {vm}", self.name);
+    }
+
+    /// Starts a migration without `--wait`; returns its id.
+    fn start_migration(&self, vm: &str, to: &Daemon, extra: &[&str]) -> u64 {
+        let to = to.migration_addr.to_string();
+        let mut args = vec!["migrate", vm, "--to", &to];
+        args.extend(extra);
+        let run = self.cli(&args);
+        run.assert_success();
+        parse_started(&run)
+    }
+
+    /// `status ID --json`.
+    fn status(&self, id: u64) -> Value {
+        let run = self.cli(&["status", &id.to_string(), "--json"]);
+        run.assert_success();
+        serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", run.describe()))
+    }
+
+    /// Polls the migration's status until it has ended; returns the final status.
+    fn wait_finished(&self, id: u64, timeout: Duration) -> Value {
+        wait_until(&format!("migration {id} on {} to end", self.name), timeout, || {
+            let s = self.status(id);
+            if is_finished(&s) {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        })
+    }
+
+    /// Waits until the migration is active and has put bytes on the link.
+    fn wait_moving(&self, id: u64) -> Value {
+        wait_until(&format!("migration {id} to move bytes"), TIMEOUT, || {
+            let s = self.status(id);
+            if s["status"] == "active" && s["transferred_bytes"].as_u64().unwrap_or(0) > 0 {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGKILL works on a stopped process too; an already exited one just gets reaped.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_finished(status: &Value) -> bool {
+    !matches!(status["status"].as_str(), Some("queued" | "active"))
+}
+
+/// `migration N started: ...` -> N.
+fn parse_started(run: &Run) -> u64 {
+    run.stdout
+        .strip_prefix("migration ")
+        .and_then(|rest| rest.split_once(" started: "))
+        .and_then(|(id, _)| id.parse().ok())
+        .unwrap_or_else(|| panic!("no migration id in the output: {}", run.describe()))
+}
+
+/// The id from the final line of `migrate --wait`: `migration N <status>: ...`.
+fn parse_final_id(run: &Run) -> u64 {
+    run.stdout
+        .strip_prefix("migration ")
+        .and_then(|rest| rest.split_once(' '))
+        .and_then(|(id, _)| id.parse().ok())
+        .unwrap_or_else(|| panic!("no migration id in the output: {}", run.describe()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLI runs
+
+/// A finished CLI run.
+struct Run {
+    args: Vec<String>,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn describe(&self) -> String {
+        format!(
+            "`migratory {}` exited {}\n--- stdout:\n{}--- stderr:\n{}",
+            self.args.join(" "),
+            self.status,
+            self.stdout,
+            self.stderr
+        )
+    }
+
+    fn assert_success(&self) {
+        assert!(self.status.success(), "{}", self.describe());
+    }
+}
+
+/// A CLI process still running, its output drained by two threads.
+struct PendingRun {
+    args: Vec<String>,
+    child: Child,
+    stdout: thread::JoinHandle<String>,
+    stderr: thread::JoinHandle<String>,
+}
+
+impl PendingRun {
+    fn spawn(args: &[&str]) -> PendingRun {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env_remove("MIGRATORY_API")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {BIN} {args:?}: {e}"));
+        let drain = |mut pipe: Box<dyn Read + Send>| {
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                String::from_utf8_lossy(&buf).into_owned()
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+        let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+        PendingRun {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits (at most [`TIMEOUT`]) for the process to exit and collects its output.
+    fn finish(mut self) -> Run {
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(POLL / 5),
+                outcome => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!(
+                        "`migratory {}` did not exit within {TIMEOUT:?} ({outcome:?}); stderr: {}",
+                        self.args.join(" "),
+                        self.stderr.join().unwrap_or_default()
+                    );
+                }
+            }
+        };
+        Run {
+            args: self.args,
+            status,
+            stdout: self.stdout.join().unwrap_or_default(),
+            stderr: self.stderr.join().unwrap_or_default(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small fixtures
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(unique("migratory-daemon-test"));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    /// Writes a fresh random-looking cluster key file (48 bytes of text).
+    fn key_file(&self, name: &str) -> PathBuf {
+        let path = self.0.join(name);
+        let key = format!("key-{name}-{}", unique("k"));
+        assert!(key.len() >= 16);
+        std::fs::write(&path, format!("{key}\n")).expect("write key file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn path_arg(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// SplitMix64, enough to vary the garbage.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// A link preamble: `MIGRLINK`, version, link id, role, stream count.
+fn preamble(version: u8, link_id: u64, role: u8, streams: u8) -> Vec<u8> {
+    let mut p = b"MIGRLINK".to_vec();
+    p.push(version);
+    p.extend_from_slice(&link_id.to_be_bytes());
+    p.push(role);
+    p.push(streams);
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn test_two_daemons_migrate_every_algorithm_over_1_and_4_streams() {
+    let a = Daemon::start("a", "xen-hvm", &[]);
+    let b = Daemon::start("b", "kvm", &[]);
+    let to = b.migration_addr.to_string();
+    for algorithm in ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto"] {
+        for streams in ["1", "4"] {
+            let case = format!("{algorithm} over {streams} streams");
+            let vm = format!("vm-{algorithm}-{streams}");
+            a.create_vm(&vm, "16MiB");
+            let mut args = vec![
+                "migrate",
+                &vm,
+                "--to",
+                &to,
+                "--algorithm",
+                algorithm,
+                "--streams",
+                streams,
+                "--wait",
+            ];
+            if algorithm == "hybrid" {
+                // A zero downtime limit keeps pre-copy from finishing alone, so the post-copy
+                // half of hybrid runs too.
+                args.extend(["--downtime-limit-ms", "0"]);
+            }
+            let run = a.cli(&args);
+            assert!(run.status.success(), "{case}: {}", run.describe());
+            let line = run.stdout.trim_end();
+            let expected = format!(" completed: {vm} -> {to} ({algorithm})");
+            assert!(
+                line.starts_with("migration ") && line.contains(&expected) && line.ends_with(", verified"),
+                "{case}: expected a completed and verified summary: {}",
+                run.describe()
+            );
+            b.assert_runs(&vm, "kvm");
+            assert!(
+                a.vm(&vm).is_none(),
+                "{case}: the source still holds {vm}: {:?}",
+                a.vms()
+            );
+            // Keep the target's memory small across the matrix.
+            b.cli(&["vm", "delete", &vm]).assert_success();
+            assert!(b.vm(&vm).is_none(), "{case}: {vm} survived delete on b");
+        }
+    }
+}
+
+#[test]
+fn test_status_shows_progress_during_a_capped_migration() {
+    let a = Daemon::start("a", "xen-hvm", &[]);
+    let b = Daemon::start("b", "kvm", &[]);
+    a.create_vm("vm1", "48MiB");
+    let id = a.start_migration("vm1", &b, &["--algorithm", "precopy", "--bandwidth", "16MB"]);
+    let mut seen: Vec<u64> = Vec::new();
+    let last = wait_until(&format!("migration {id} to end"), TIMEOUT, || {
+        let s = a.status(id);
+        if s["status"] == "active" {
+            let bytes = s["transferred_bytes"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no transferred_bytes in {s}"));
+            if let Some(&prev) = seen.last() {
+                assert!(bytes >= prev, "transferred_bytes went back from {prev} to {bytes}: {s}");
+            }
+            if seen.last() != Some(&bytes) {
+                seen.push(bytes);
+            }
+        }
+        if is_finished(&s) {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let increasing = seen.iter().filter(|&&b| b > 0).count();
+    assert!(
+        increasing >= 3,
+        "expected transferred_bytes to rise across at least 3 observations while active, saw {seen:?}"
+    );
+    assert_eq!(last["status"], "completed", "final status: {last}");
+    assert_eq!(last["report"]["verified"], true, "final status: {last}");
+    // The cap is what made progress observable: ~45 MB of non-zero pages at 16 MB/s.
+    let total_s = last["report"]["total_s"].as_f64().unwrap_or(0.0);
+    assert!(
+        total_s >= 1.5,
+        "a 48 MiB migration capped at 16 MB/s took only {total_s} s: {last}"
+    );
+    b.assert_runs("vm1", "kvm");
+}
+
+#[test]
+fn test_silent_target_is_detected_and_vm_stays_on_source() {
+    let a = Daemon::start("a", "xen-hvm", &[]);
+    let b = Daemon::start("b", "kvm", &[]);
+    // ~12 s at 4 MB/s: the target is stopped well inside the first pre-copy round. The round
+    // (one stream, 48 MiB) is larger than what the send queue and both sockets' buffers absorb
+    // (~30 MB observed), so the stopped target's closed receive window stalls the source's data
+    // plane, as it would for a real hung host; the keepalive must notice all the same.
+    a.create_vm("vm1", "48MiB");
+    let id = a.start_migration(
+        "vm1",
+        &b,
+        &["--algorithm", "precopy", "--streams", "1", "--bandwidth", "4MB"],
+    );
+    a.wait_moving(id);
+    b.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let end = wait_until(
+        &format!("migration {id} to a SIGSTOPped target to end (keepalive bound 5 s)"),
+        Duration::from_secs(20),
+        || {
+            let s = a.status(id);
+            if is_finished(&s) {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            }
+        },
+    );
+    let detected_after = stopped.elapsed();
+    // Resume B before asserting, so a failure does not leave it stopped longer than needed.
+    b.signal(libc::SIGCONT);
+    assert!(
+        matches!(end["status"].as_str(), Some("failed" | "aborted")),
+        "a migration to a silent target must fail or abort; got {end}"
+    );
+    let error = end["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(
+        error.contains("silent") || error.contains("link"),
+        "the error should name the silent link: {end}"
+    );
+    a.assert_runs("vm1", "xen-hvm");
+    eprintln!("silent target detected {detected_after:?} after SIGSTOP: {error}");
+    let left = wait_until(
+        "the resumed target to release its reservation",
+        Duration::from_secs(20),
+        || {
+            let vms = b.vms();
+            if vms.is_empty() {
+                Ok(vms)
+            } else {
+                Err(format!("{vms:?}"))
+            }
+        },
+    );
+    assert!(left.is_empty());
+    // B is healthy again: a new migration to it succeeds.
+    let run = a.cli(&["migrate", "vm1", "--to", &b.migration_addr.to_string(), "--wait"]);
+    assert!(run.status.success(), "migration after SIGCONT: {}", run.describe());
+    b.assert_runs("vm1", "kvm");
+}
+
+#[test]
+fn test_wrong_cluster_key_is_refused_before_reservation() {
+    let dir = TempDir::new();
+    let key1 = dir.key_file("one.key");
+    let key2 = dir.key_file("two.key");
+    let with = |key: &Option<&PathBuf>| -> Vec<String> {
+        key.map(|k| vec!["--cluster-key-file".to_string(), path_arg(k).to_string()])
+            .unwrap_or_default()
+    };
+    // (case, source key, target key, should complete)
+    let cases = [
+        ("same key on both (control)", Some(&key1), Some(&key1), true),
+        ("different keys", Some(&key1), Some(&key2), false),
+        ("only the target has a key", None, Some(&key2), false),
+        ("only the source has a key", Some(&key1), None, false),
+    ];
+    for (case, source_key, target_key, completes) in cases {
+        let (sa, sb) = (with(&source_key), with(&target_key));
+        let a = Daemon::start("a", "xen-hvm", &sa.iter().map(String::as_str).collect::<Vec<_>>());
+        let b = Daemon::start("b", "kvm", &sb.iter().map(String::as_str).collect::<Vec<_>>());
+        a.create_vm("vm1", "16MiB");
+        let to = b.migration_addr.to_string();
+        let run = a.cli(&["migrate", "vm1", "--to", &to, "--wait"]);
+        if completes {
+            assert!(run.status.success(), "{case}: {}", run.describe());
+            b.assert_runs("vm1", "kvm");
+            continue;
+        }
+        assert!(
+            !run.status.success(),
+            "{case}: the migration must be refused: {}",
+            run.describe()
+        );
+        assert!(
+            run.stderr.to_lowercase().contains("authentication"),
+            "{case}: the error should mention authentication: {}",
+            run.describe()
+        );
+        let status = a.status(parse_final_id(&run));
+        let stages: Vec<&str> = status["report"]["stages"]
+            .as_array()
+            .map(|s| s.iter().filter_map(|s| s["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            !stages.contains(&"reservation"),
+            "{case}: refused only after reaching reservation; stages {stages:?}: {status}"
+        );
+        let held = b.vms();
+        assert!(held.is_empty(), "{case}: the target holds VMs after refusing: {held:?}");
+        a.assert_runs("vm1", "xen-hvm");
+        eprintln!("{case}: {}", run.stderr.trim_end());
+    }
+}
+
+#[test]
+fn test_over_budget_reservation_is_refused() {
+    let a = Daemon::start("a", "xen-hvm", &[]);
+    let b = Daemon::start("b", "kvm", &["--memory-budget", "8MiB"]);
+    a.create_vm("vm1", "16MiB");
+    let run = a.cli(&["migrate", "vm1", "--to", &b.migration_addr.to_string(), "--wait"]);
+    assert!(
+        !run.status.success(),
+        "an over-budget migration must fail: {}",
+        run.describe()
+    );
+    let stderr = run.stderr.to_lowercase();
+    assert!(
+        stderr.contains("reservation refused") && stderr.contains(&format!("{} bytes requested", 16 * MIB)),
+        "the error should say the target lacks the memory: {}",
+        run.describe()
+    );
+    let held = b.vms();
+    assert!(held.is_empty(), "the target holds VMs after refusing: {held:?}");
+    a.assert_runs("vm1", "xen-hvm");
+}
+
+#[test]
+fn test_sigterm_on_target_mid_migration_keeps_vm_on_source() {
+    let a = Daemon::start("a", "xen-hvm", &[]);
+    let mut b = Daemon::start("b", "kvm", &[]);
+    a.create_vm("vm1", "32MiB");
+    let id = a.start_migration("vm1", &b, &["--algorithm", "precopy", "--bandwidth", "4MB"]);
+    a.wait_moving(id);
+    b.signal(libc::SIGTERM);
+    let exit = b.wait_exit(Duration::from_secs(30));
+    assert!(
+        exit.success(),
+        "the target exited {exit} after SIGTERM; stderr:\n{}",
+        b.stderr_text()
+    );
+    let end = a.wait_finished(id, TIMEOUT);
+    assert_ne!(
+        end["status"], "completed",
+        "the migration completed despite the target shutting down: {end}"
+    );
+    a.assert_runs("vm1", "xen-hvm");
+    eprintln!(
+        "SIGTERM on the target ended the migration {}: {}",
+        end["status"], end["error"]
+    );
+    let log = b.stderr_text();
+    assert!(
+        log.contains("shutting down") && log.contains("migratory: stopped"),
+        "the target should log a graceful shutdown; stderr:\n{log}"
+    );
+}
+
+#[test]
+fn test_daemon_survives_1000_hostile_connections() {
+    let a = Daemon::start("a", "xen-hvm", &[]);
+    let mut b = Daemon::start("b", "kvm", &[]);
+    let mut rng = Rng(0x5EED);
+    let flood = |rng: &mut Rng, count: usize| {
+        for i in 0..count {
+            hostile_connection(b.migration_addr, rng, i);
+        }
+    };
+    flood(&mut rng, 100);
+    let before = b.resident_bytes();
+    flood(&mut rng, 1000);
+    assert!(
+        b.is_alive(),
+        "the daemon died under hostile connections:\n{}",
+        b.stderr_text()
+    );
+    // The API still answers, and so does the listener.
+    assert!(b.vms().is_empty(), "hostile peers left VMs behind: {:?}", b.vms());
+    let after = b.resident_bytes();
+    let growth = after.saturating_sub(before);
+    assert!(
+        growth < 32 * MIB,
+        "resident memory grew by {} MiB over 1000 hostile connections ({before} -> {after} bytes)",
+        growth / MIB
+    );
+    eprintln!("resident memory over 1000 hostile connections: {before} -> {after} bytes");
+    a.create_vm("vm1", "16MiB");
+    let run = a.cli(&["migrate", "vm1", "--to", &b.migration_addr.to_string(), "--wait"]);
+    assert!(
+        run.status.success(),
+        "a real migration after the flood: {}",
+        run.describe()
+    );
+    assert!(run.stdout.trim_end().ends_with(", verified"), "{}", run.describe());
+    b.assert_runs("vm1", "kvm");
+}
+
+/// One connection of garbage, of a kind chosen by `i`. Errors are the point, so ignored.
+fn hostile_connection(addr: SocketAddr, rng: &mut Rng, i: usize) {
+    let connect = || {
+        let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connection {i} to {addr}: {e}"));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+        s
+    };
+    let huge_length = 0xFFFF_FFFFu32.to_be_bytes();
+    match i % 7 {
+        // Random bytes of random length.
+        0 => {
+            let n = 1 + (rng.next() % 512) as usize;
+            let _ = connect().write_all(&rng.bytes(n));
+        }
+        // A valid control preamble, then a frame length far beyond any limit.
+        1 => {
+            let mut msg = preamble(1, rng.next(), 0, 1);
+            msg.extend_from_slice(&huge_length);
+            let _ = connect().write_all(&msg);
+        }
+        // Both connections of a one-stream link, so it assembles, each then sending a hostile
+        // length: the control reader and the data reader must both refuse it.
+        2 => {
+            let id = rng.next();
+            let (mut control, mut data) = (connect(), connect());
+            let _ = control.write_all(&[preamble(1, id, 0, 1), huge_length.to_vec()].concat());
+            let _ = data.write_all(&[preamble(1, id, 1, 1), huge_length.to_vec()].concat());
+        }
+        // A truncated preamble.
+        3 => {
+            let p = preamble(1, rng.next(), 0, 1);
+            let cut = 1 + (rng.next() as usize % (p.len() - 1));
+            let _ = connect().write_all(&p[..cut]);
+        }
+        // Immediate disconnect.
+        4 => drop(connect()),
+        // Preambles out of range: wrong version, zero or too many streams, role beyond streams.
+        5 => {
+            let bad = match rng.next() % 4 {
+                0 => preamble(2, rng.next(), 0, 1),
+                1 => preamble(1, rng.next(), 0, 0),
+                2 => preamble(1, rng.next(), 0, 255),
+                _ => preamble(1, rng.next(), 9, 2),
+            };
+            let _ = connect().write_all(&bad);
+        }
+        // A valid data preamble, then random frame bytes.
+        _ => {
+            let mut msg = preamble(1, rng.next(), 1, 1);
+            msg.extend(rng.bytes(64));
+            let _ = connect().write_all(&msg);
+        }
+    }
+}
+
+#[test]
+fn test_concurrent_migrations_share_the_bandwidth_budget() {
+    const BUDGET_BYTES_PER_SEC: f64 = 20e6;
+    let a = Daemon::start("a", "xen-hvm", &["--bandwidth-budget", "20MB"]);
+    let b = Daemon::start("b", "kvm", &[]);
+    a.create_vm("vm1", "24MiB");
+    a.create_vm("vm2", "24MiB");
+    let to = b.migration_addr.to_string();
+    let started = Instant::now();
+    let pending: Vec<PendingRun> = ["vm1", "vm2"]
+        .iter()
+        .map(|vm| a.spawn_cli(&["migrate", vm, "--to", &to, "--algorithm", "precopy"]))
+        .collect();
+    let ids: Vec<u64> = pending
+        .into_iter()
+        .map(|p| {
+            let run = p.finish();
+            run.assert_success();
+            parse_started(&run)
+        })
+        .collect();
+    let mut ended: Vec<Option<(Value, Duration)>> = vec![None, None];
+    wait_until("both migrations to end", TIMEOUT, || {
+        for (slot, &id) in ended.iter_mut().zip(&ids) {
+            if slot.is_none() {
+                let s = a.status(id);
+                if is_finished(&s) {
+                    *slot = Some((s, started.elapsed()));
+                }
+            }
+        }
+        if ended.iter().all(Option::is_some) {
+            Ok(())
+        } else {
+            Err(format!("{ended:?}"))
+        }
+    });
+    let ended: Vec<(Value, Duration)> = ended.into_iter().flatten().collect();
+    let wall = ended.iter().map(|(_, t)| *t).max().expect("two migrations");
+    let mut total_bytes = 0u64;
+    let mut each = Vec::new();
+    for (s, t) in &ended {
+        assert_eq!(s["status"], "completed", "{s}");
+        assert_eq!(s["report"]["verified"], true, "{s}");
+        let bytes = s["transferred_bytes"].as_u64().expect("transferred_bytes");
+        total_bytes += bytes;
+        each.push(format!(
+            "migration {} of {}: {bytes} bytes, ended at {:.2} s, own throughput {:.1} MB/s over {:.2} s",
+            s["id"],
+            s["vm"],
+            t.as_secs_f64(),
+            s["report"]["throughput_bytes_per_s"].as_f64().unwrap_or(f64::NAN) / 1e6,
+            s["report"]["total_s"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    let aggregate = total_bytes as f64 / wall.as_secs_f64();
+    assert!(
+        aggregate <= BUDGET_BYTES_PER_SEC * 1.25,
+        "the two migrations together moved {total_bytes} bytes in {:.2} s = {:.1} MB/s, above the \
+         shared 20 MB/s budget (+25%): {}",
+        wall.as_secs_f64(),
+        aggregate / 1e6,
+        each.join("; ")
+    );
+    eprintln!(
+        "aggregate {:.1} MB/s over {:.2} s: {}",
+        aggregate / 1e6,
+        wall.as_secs_f64(),
+        each.join("; ")
+    );
+    b.assert_runs("vm1", "kvm");
+    b.assert_runs("vm2", "kvm");
+}

@@ -295,9 +295,9 @@ impl Worker {
         let stats_len = frame.len() as u64;
         stats.bytes += stats_len;
         let sent = if urgent {
-            self.link.send_urgent(frame)
+            self.link.send_urgent(frame, &self.stop)
         } else {
-            self.link.send(frame)
+            self.link.send(frame, &self.stop)
         };
         sent.map_err(|_| DataPlaneError::LinkClosed)?;
         self.batches.fetch_add(1, Ordering::Release);

@@ -429,20 +429,35 @@ impl SourceRun {
     }
 
     /// Runs a data-plane job, abandoning it on cancel (the plane stops at the next batch).
+    /// While a round runs, the control link still speaks: a cancel, the target's `Abort`, or
+    /// the keepalive declaring the target silent all stop the round at its next batch.
     async fn with_cancel<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, crate::dataplane::DataPlaneError>>,
+        inbox: &mut mpsc::UnboundedReceiver<LinkEvent>,
     ) -> Result<T, Fail> {
         let mut cancel = self.s.cancel.clone();
         let cancellable = self.cancellable();
+        let stop = |fail: Fail| {
+            if let Some(p) = &self.plane {
+                p.abort();
+            }
+            Err(fail)
+        };
         tokio::select! {
             r = fut => r.map_err(|e| Fail::Link(e.to_string())),
-            _ = cancel.wait_for(|c| *c), if cancellable => {
-                if let Some(p) = &self.plane {
-                    p.abort();
+            _ = cancel.wait_for(|c| *c), if cancellable => stop(Fail::Cancelled),
+            ev = inbox.recv() => stop(match ev {
+                Some(LinkEvent::Received(ControlMessage::Abort { reason })) => Fail::Aborted {
+                    side: Side::Target,
+                    reason,
+                },
+                Some(LinkEvent::Received(other)) => {
+                    Fail::Protocol(format!("unexpected {} while pages were being sent", other.name()))
                 }
-                Err(Fail::Cancelled)
-            }
+                Some(LinkEvent::Lost(e)) => Fail::Link(e.to_string()),
+                None => Fail::Link("link actor stopped".into()),
+            }),
         }
     }
 
@@ -565,8 +580,13 @@ impl SourceRun {
     }
 
     async fn send_round(&mut self, round: u32, pages: PageSet, rate: Option<u64>) -> Result<RoundStats, Fail> {
-        let plane = self.plane.as_ref().ok_or_else(|| Fail::Local("no data plane".into()))?;
-        let stats = self.with_cancel(plane.send_round(round, pages, rate)).await?;
+        let mut inbox = self.inbox.take().ok_or_else(|| Fail::Link("no link".into()))?;
+        let result = match self.plane.as_ref() {
+            Some(plane) => self.with_cancel(plane.send_round(round, pages, rate), &mut inbox).await,
+            None => Err(Fail::Local("no data plane".into())),
+        };
+        self.inbox = Some(inbox);
+        let stats = result?;
         self.account(&stats);
         Ok(stats)
     }

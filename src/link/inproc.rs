@@ -43,6 +43,7 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             urgent: u_ab_tx,
             budgets: a_budgets,
             latency: shaping.latency,
+            _alive: None,
         },
         data_rx: DataReceiver {
             rx: d_ba_rx,
@@ -62,6 +63,7 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             urgent: u_ba_tx,
             budgets: cap().into_iter().collect(),
             latency: shaping.latency,
+            _alive: None,
         },
         data_rx: DataReceiver {
             rx: d_ab_rx,

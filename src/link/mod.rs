@@ -18,6 +18,7 @@ pub use inproc::{pair, pair_with_budget};
 pub use pool::FramePool;
 pub use shaper::{Shaping, TokenBucket};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,9 @@ pub struct DataSender {
     /// The link's own cap, and the host's budget shared by all its migrations.
     budgets: Vec<Arc<Mutex<TokenBucket>>>,
     latency: Duration,
+    /// Held while anyone may send; socket writers blocked on a stalled peer give up when the
+    /// last clone is gone.
+    _alive: Option<Arc<()>>,
 }
 
 impl DataSender {
@@ -107,18 +111,37 @@ impl DataSender {
     }
 
     /// Sends one bulk frame, waiting for bandwidth tokens and channel space. Runs on a
-    /// data-plane thread, never on an actor. Fails if the peer is gone.
-    pub fn send(&self, frame: Bytes) -> Result<(), LinkError> {
+    /// data-plane thread, never on an actor. Fails if the peer is gone, or once `stop` is set
+    /// (a stalled peer must not hold the sender forever).
+    pub fn send(&self, frame: Bytes, stop: &AtomicBool) -> Result<(), LinkError> {
         self.pace(frame.len());
-        self.tx.send(self.timed(frame)).map_err(|_| LinkError::Closed)
+        send_until(&self.tx, self.timed(frame), stop)
     }
 
     /// Sends one urgent frame ahead of queued bulk frames; it still counts against the budget.
-    pub fn send_urgent(&self, frame: Bytes) -> Result<(), LinkError> {
+    pub fn send_urgent(&self, frame: Bytes, stop: &AtomicBool) -> Result<(), LinkError> {
         self.pace(frame.len());
-        self.urgent.send(self.timed(frame)).map_err(|_| LinkError::Closed)
+        send_until(&self.urgent, self.timed(frame), stop)
     }
 }
+
+fn send_until(tx: &channel::Sender<Timed>, mut t: Timed, stop: &AtomicBool) -> Result<(), LinkError> {
+    loop {
+        match tx.send_timeout(t, STOP_POLL) {
+            Ok(()) => return Ok(()),
+            Err(channel::SendTimeoutError::Disconnected(_)) => return Err(LinkError::Closed),
+            Err(channel::SendTimeoutError::Timeout(back)) => {
+                if stop.load(Ordering::Acquire) {
+                    return Err(LinkError::Closed);
+                }
+                t = back;
+            }
+        }
+    }
+}
+
+/// How often a blocked data-plane send looks up for a stop request.
+const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// Receives page batch frames from the peer, urgent ones first.
 #[derive(Debug, Clone)]

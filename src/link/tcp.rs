@@ -304,8 +304,9 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
     let (in_bulk_tx, in_bulk_rx) = channel::bounded::<Timed>(DATA_CHANNEL_FRAMES);
     let (in_urg_tx, in_urg_rx) = channel::bounded::<Timed>(URGENT_CHANNEL_FRAMES);
     let alive = Arc::new(());
+    let sending = Arc::new(());
     for (i, conn) in data.into_iter().enumerate() {
-        let (b, u, p) = (bulk_rx.clone(), urg_rx.clone(), pool.clone());
+        let (b, u, p, sa) = (bulk_rx.clone(), urg_rx.clone(), pool.clone(), Arc::downgrade(&sending));
         let (ib, iu, ip, a) = (
             in_bulk_tx.clone(),
             in_urg_tx.clone(),
@@ -319,10 +320,11 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
                 let s = s.into_std()?;
                 s.set_nonblocking(false)?;
                 s.set_read_timeout(Some(READ_POLL))?;
+                s.set_write_timeout(Some(READ_POLL))?;
                 let mut r = s.try_clone()?;
                 let mut w = s;
                 writer.spawn(move || {
-                    data_writer(&mut w, &b, &u, &p);
+                    data_writer(&mut w, &b, &u, &p, &sa);
                     let _ = w.shutdown(std::net::Shutdown::Write);
                 })?;
                 reader.spawn(move || {
@@ -337,9 +339,10 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
                 let (tcp, tls) = (*s).into_inner();
                 let tcp = tcp.into_std()?;
                 tcp.set_nonblocking(false)?;
+                tcp.set_write_timeout(Some(READ_POLL))?;
                 let mut w = rustls::StreamOwned::new(tls, tcp);
                 writer.spawn(move || {
-                    data_writer(&mut w, &b, &u, &p);
+                    data_writer(&mut w, &b, &u, &p, &sa);
                     w.conn.send_close_notify();
                     let _ = w.flush();
                     let _ = w.sock.shutdown(std::net::Shutdown::Write);
@@ -369,6 +372,7 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
             urgent: urg_tx,
             budgets,
             latency: Duration::ZERO,
+            _alive: Some(sending),
         },
         data_rx: DataReceiver {
             rx: in_bulk_rx,
@@ -431,6 +435,7 @@ fn data_writer<W: Write>(
     bulk: &channel::Receiver<Timed>,
     urgent: &channel::Receiver<Timed>,
     pool: &FramePool,
+    alive: &Weak<()>,
 ) {
     loop {
         let next = match urgent.try_recv() {
@@ -441,12 +446,33 @@ fn data_writer<W: Write>(
             },
         };
         let Ok(t) = next else { break };
-        if s.write_all(&t.frame).is_err() {
+        if !matches!(write_full(s, &t.frame, alive), Ok(true)) {
             break;
         }
         pool.give(t.frame);
     }
     let _ = s.flush();
+}
+
+/// Writes `buf` completely; `Ok(false)` if every sender went away while the peer was not
+/// reading (a stopped or silent peer must not hold this thread forever). Both a plain socket
+/// and a rustls stream report a timed-out write before consuming anything, so retrying is safe.
+fn write_full<W: Write>(s: &mut W, buf: &[u8], alive: &Weak<()>) -> io::Result<bool> {
+    let mut at = 0;
+    while at < buf.len() {
+        match s.write(&buf[at..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => at += n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if alive.upgrade().is_none() {
+                    return Ok(false);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// Reads into `buf` completely; `Ok(false)` if the consumer went away or the peer closed.
