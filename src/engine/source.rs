@@ -444,10 +444,13 @@ impl SourceRun {
             }
             Err(fail)
         };
-        tokio::select! {
-            r = fut => r.map_err(|e| Fail::Link(e.to_string())),
-            _ = cancel.wait_for(|c| *c), if cancellable => stop(Fail::Cancelled),
-            ev = inbox.recv() => stop(match ev {
+        let data_failed = tokio::select! {
+            r = fut => match r {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            },
+            _ = cancel.wait_for(|c| *c), if cancellable => return stop(Fail::Cancelled),
+            ev = inbox.recv() => return stop(match ev {
                 Some(LinkEvent::Received(ControlMessage::Abort { reason })) => Fail::Aborted {
                     side: Side::Target,
                     reason,
@@ -458,6 +461,16 @@ impl SourceRun {
                 Some(LinkEvent::Lost(e)) => Fail::Link(e.to_string()),
                 None => Fail::Link("link actor stopped".into()),
             }),
+        };
+        // The data channel can close before the target's Abort (which explains why) arrives on
+        // the control link; give the control link a moment to deliver it.
+        let wait = self.s.req.keepalive.timeout.min(Duration::from_secs(2));
+        match tokio::time::timeout(wait, inbox.recv()).await {
+            Ok(Some(LinkEvent::Received(ControlMessage::Abort { reason }))) => Err(Fail::Aborted {
+                side: Side::Target,
+                reason,
+            }),
+            _ => Err(Fail::Link(data_failed.to_string())),
         }
     }
 
@@ -1046,7 +1059,8 @@ impl SourceRun {
             vm_location,
             stages: std::mem::take(&mut self.stages),
             pages: self.pages,
-            bytes_sent: self.bytes,
+            // Bytes of an unfinished round count too: the plane's live counter is the truth.
+            bytes_sent: self.bytes.max(self.s.progress.sent_bytes.load(Ordering::Relaxed)),
             rounds: self.rounds,
             downtime_s: downtime.as_secs_f64(),
             total_s: total.as_secs_f64(),

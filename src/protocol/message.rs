@@ -115,7 +115,7 @@ pub enum AbortReason {
         detail: String,
     },
     /// The target host has not enough free memory.
-    #[error("reservation refused: {requested_bytes} bytes requested, {available_bytes} available")]
+    #[error("reservation refused: not enough memory: {requested_bytes} bytes requested, {available_bytes} available")]
     InsufficientMemory {
         /// Bytes asked for.
         requested_bytes: u64,
