@@ -46,7 +46,7 @@ pub struct ServeArgs {
     /// Outgoing migrations at once; more are queued.
     #[arg(long, default_value_t = 4)]
     max_outgoing: usize,
-    /// Incoming migrations at once; more are refused.
+    /// Incoming migrations at once; more wait for a slot (up to 60 s).
     #[arg(long, default_value_t = 4)]
     max_incoming: usize,
     /// File holding the cluster key (else the MIGRATORY_CLUSTER_KEY variable; with neither,

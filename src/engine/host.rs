@@ -28,6 +28,7 @@ pub struct Host {
     listener: Option<tokio::net::TcpListener>,
     rejected: Arc<AtomicU64>,
     receivers: Vec<Addr<Receiver>>,
+    incoming_queue: std::collections::VecDeque<(Addr<Receiver>, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl Host {
@@ -46,6 +47,7 @@ impl Host {
             listener,
             rejected: Arc::new(AtomicU64::new(0)),
             receivers: Vec::new(),
+            incoming_queue: std::collections::VecDeque::new(),
         }
     }
 
@@ -81,7 +83,6 @@ impl Actor for Host {
                                 keepalive: Keepalive::default(),
                                 step_timeout: std::time::Duration::from_secs(60),
                                 events: None,
-                                refuse: None,
                                 key: key.clone(),
                             },
                         });
@@ -235,6 +236,8 @@ pub struct HostUsage {
     pub vms: usize,
     /// TCP connections refused before they became a link (bad preamble, too slow).
     pub rejected_connections: u64,
+    /// Incoming migrations waiting for a slot under the cap.
+    pub queued_incoming: usize,
 }
 
 /// How much of the host is in use.
@@ -249,6 +252,7 @@ impl Handler<GetHostUsage> for Host {
             committed_bytes: self.committed_bytes,
             vms: self.vms.len(),
             rejected_connections: self.rejected.load(Ordering::Relaxed),
+            queued_incoming: self.incoming_queue.iter().filter(|(r, _)| r.connected()).count(),
         })
     }
 }
@@ -337,36 +341,42 @@ impl Handler<AcceptLink> for Host {
     type Result = ();
     fn handle(&mut self, msg: AcceptLink, ctx: &mut Self::Context) {
         self.receivers.retain(|r| r.connected());
-        if self.receivers.len() >= self.config.max_incoming.max(1) {
-            // Over the cap: answer the source's Hello with a typed refusal, then hang up.
-            let params = ReceiverParams {
-                refuse: Some(AbortReason::TargetFailed {
-                    detail: format!(
-                        "host {} is at its cap of {} incoming migrations",
-                        self.config.name, self.config.max_incoming
-                    ),
-                }),
-                ..msg.params
-            };
-            Receiver::new(
-                self.config.name.clone(),
-                ctx.address(),
-                self.capabilities(),
-                msg.end,
-                params,
-            )
-            .start();
-            return;
-        }
-        let r = Receiver::new(
+        let receiver = Receiver::new(
             self.config.name.clone(),
             ctx.address(),
             self.capabilities(),
             msg.end,
             msg.params,
-        )
-        .start();
-        self.receivers.push(r);
+        );
+        if self.receivers.len() >= self.config.max_incoming.max(1) {
+            // Over the cap: the receiver answers pings but holds the source's Hello until a
+            // slot frees (or its wait bound passes).
+            let (slot, wait) = tokio::sync::oneshot::channel();
+            let r = receiver.queued(wait).start();
+            self.incoming_queue.push_back((r, slot));
+            return;
+        }
+        self.receivers.push(receiver.start());
+    }
+}
+
+/// An incoming migration ended: a queued one may start.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct IncomingEnded;
+
+impl Handler<IncomingEnded> for Host {
+    type Result = ();
+    fn handle(&mut self, _: IncomingEnded, _: &mut Self::Context) {
+        self.receivers.retain(|r| r.connected());
+        while self.receivers.len() < self.config.max_incoming.max(1) {
+            let Some((r, slot)) = self.incoming_queue.pop_front() else {
+                break;
+            };
+            if r.connected() && slot.send(()).is_ok() {
+                self.receivers.push(r);
+            }
+        }
     }
 }
 

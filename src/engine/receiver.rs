@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, mpsc};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::events::MigrationEvent;
-use super::host::{Host, ReleaseVm, ReserveIncoming};
+use super::host::{Host, IncomingEnded, ReleaseVm, ReserveIncoming};
 use super::receiver_state::{ReceiverAction, ReceiverState};
 use crate::clock;
 use crate::dataplane::TargetPlane;
@@ -43,8 +43,6 @@ pub struct ReceiverParams {
     /// Where to publish network announcements (in-process migrations share the source's
     /// event stream).
     pub events: Option<broadcast::Sender<MigrationEvent>>,
-    /// Refuse the migration at `Hello` with this reason (the host is at its cap).
-    pub refuse: Option<AbortReason>,
     /// The host's cluster key: when set, the source must prove it before `Reserve`.
     pub key: Option<ClusterKey>,
 }
@@ -54,6 +52,7 @@ pub struct ReceiverParams {
 pub struct Receiver {
     setup: Option<TargetRun>,
     abort: tokio::sync::watch::Sender<bool>,
+    host: Addr<Host>,
 }
 
 impl Receiver {
@@ -62,8 +61,10 @@ impl Receiver {
         let (abort, abort_rx) = tokio::sync::watch::channel(false);
         Self {
             abort,
+            host: host.clone(),
             setup: Some(TargetRun {
                 abort: abort_rx,
+                slot: None,
                 host_name,
                 host,
                 caps,
@@ -96,8 +97,22 @@ impl Handler<AbortIncoming> for Receiver {
     }
 }
 
+impl Receiver {
+    /// Holds the protocol until `slot` fires: the host is at its cap of incoming migrations.
+    pub fn queued(mut self, slot: tokio::sync::oneshot::Receiver<()>) -> Self {
+        if let Some(run) = self.setup.as_mut() {
+            run.slot = Some(slot);
+        }
+        self
+    }
+}
+
 impl Actor for Receiver {
     type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.host.do_send(IncomingEnded);
+    }
 
     fn started(&mut self, ctx: &mut Self::Context) {
         if let Some(run) = self.setup.take() {
@@ -133,6 +148,7 @@ struct TargetRun {
     pulling: bool,
     committed: bool,
     abort: tokio::sync::watch::Receiver<bool>,
+    slot: Option<tokio::sync::oneshot::Receiver<()>>,
     authenticated: bool,
     nonce: Vec<u8>,
     source_nonce: Vec<u8>,
@@ -152,9 +168,40 @@ impl TargetRun {
         // The data sender of this end is unused: pages only flow source to target.
         drop(end.data_tx);
         let (fault_tx, mut fault_rx) = mpsc::unbounded_channel::<u64>();
-        let exit = self.drive(&mut inbox, Some(data_rx), fault_tx, &mut fault_rx).await;
+        let exit = match self.wait_for_slot().await {
+            Ok(()) => self.drive(&mut inbox, Some(data_rx), fault_tx, &mut fault_rx).await,
+            Err(exit) => exit,
+        };
         self.finish(exit).await;
         link.do_send(CloseLink);
+    }
+
+    /// Queued behind the host's cap: the Link already answers the source's pings, and the
+    /// source's Hello waits in the inbox until a slot frees, the step bound passes, or the host
+    /// shuts down.
+    async fn wait_for_slot(&mut self) -> Result<(), Exit> {
+        let Some(slot) = self.slot.take() else { return Ok(()) };
+        let mut abort = self.abort.clone();
+        tokio::select! {
+            granted = slot => match granted {
+                Ok(()) => Ok(()),
+                Err(_) => Err(Exit::Fail(AbortReason::TargetFailed { detail: "target host stopped".into() })),
+            },
+            _ = abort.wait_for(|a| *a) => Err(Exit::Fail(AbortReason::TargetFailed {
+                detail: "target host is shutting down".into(),
+            })),
+            _ = tokio::time::sleep(self.params.step_timeout) => {
+                let reason = AbortReason::TargetFailed {
+                    detail: format!(
+                        "host {} stayed at its cap of incoming migrations for {} s",
+                        self.host_name,
+                        self.params.step_timeout.as_secs()
+                    ),
+                };
+                let _ = self.send(ControlMessage::Refuse { reason }).await;
+                Err(Exit::Clean)
+            }
+        }
     }
 
     async fn send(&self, msg: ControlMessage) -> Result<(), Exit> {
@@ -317,10 +364,6 @@ impl TargetRun {
         requested: crate::protocol::Algorithm,
         source_nonce: Vec<u8>,
     ) -> Result<(), Exit> {
-        if let Some(reason) = self.params.refuse.clone() {
-            self.send(ControlMessage::Refuse { reason }).await?;
-            return Err(Exit::Clean);
-        }
         let checked =
             accept_hello(source, &self.caps).and_then(|v| negotiate(source, &self.caps, requested).map(|_| v));
         match checked {

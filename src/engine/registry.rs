@@ -369,7 +369,6 @@ impl Engine {
                             keepalive: req.keepalive,
                             step_timeout: req.step_timeout,
                             events: Some(events.clone()),
-                            refuse: None,
                             key: target_key,
                         },
                     });

@@ -26,7 +26,7 @@ pub struct HostConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// Outgoing migrations running at once; more are queued.
     pub max_outgoing: usize,
-    /// Incoming migrations running at once; more are refused with a typed reason.
+    /// Incoming migrations running at once; more wait for a slot (up to the step timeout).
     pub max_incoming: usize,
     /// One bandwidth budget shared by all the host's outgoing migrations (bytes/s).
     pub bandwidth_budget_bytes_per_sec: Option<u64>,

@@ -157,3 +157,52 @@ async fn test_unreachable_target_keeps_vm_on_source() {
     let info = src.vm_info("src", "stay").await.expect("vm");
     assert!(info.state.is_running(), "{}", info.state);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_incoming_beyond_the_cap_waits_for_a_slot() {
+    let src = EngineHandle::start().expect("engine");
+    src.add_host(HostConfig::new("src", NativeLayout::XenHvm))
+        .await
+        .expect("src");
+    let dst = EngineHandle::start().expect("engine");
+    dst.add_host(HostConfig {
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+        max_incoming: 1,
+        ..HostConfig::new("dst", NativeLayout::Kvm)
+    })
+    .await
+    .expect("dst");
+    let addr = dst.listen_address("dst").await.expect("ask").expect("listening");
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let vm = format!("q{i}");
+        let spec = VmSpec {
+            workload: common::writer(10_000_000, MIB),
+            ..VmSpec::new(vm.clone(), 16 * MIB)
+        };
+        src.create_vm("src", spec).await.expect("create");
+        let mut req = MigrationRequest::new(vm, "src", "dst");
+        req.target_addr = Some(addr);
+        // About a second each, so the second one arrives while the first holds the slot.
+        req.shaping.bandwidth_bytes_per_sec = Some(16_000_000);
+        ids.push(src.start_migration(req).await.expect("start").id);
+    }
+    let deadline = tokio::time::Instant::now() + common::TIMEOUT;
+    let mut saw_queue = false;
+    while !saw_queue {
+        let usage = dst.host_usage("dst").await.expect("usage");
+        saw_queue = usage.queued_incoming == 1 && usage.vms == 1;
+        if src.status(ids[0]).await.expect("status").report.is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no queue seen");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(saw_queue, "the second migration waited behind the cap");
+    for id in ids {
+        let r = src.report(id).await.expect("report");
+        assert_eq!(r.result, Outcome::Completed, "{:?}", r.error);
+        assert!(r.verified);
+    }
+    assert_eq!(dst.list_vms("dst").await.expect("list").len(), 2);
+}
