@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpResponse, HttpServer};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 
 use migratory::engine::{EngineError, EngineHandle, HostConfig, MigrationRequest, VmSpec};
@@ -73,14 +73,7 @@ struct State {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn serve(args: ServeArgs) -> ExitCode {
-    let metrics = match PrometheusBuilder::new().install_recorder() {
-        Ok(h) => Some(h),
-        Err(e) => {
-            eprintln!("migratory: metrics disabled: {e}");
-            None
-        }
-    };
-    migratory::telemetry::describe_all();
+    let metrics = crate::exporter::install();
     // Logs go to stderr, filtered by RUST_LOG (default: info).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -2,12 +2,12 @@
 
 mod cli;
 mod daemon;
+mod exporter;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use metrics_exporter_prometheus::PrometheusBuilder;
 
 use migratory::engine::{
     EngineHandle, HostConfig, MigrationEvent, MigrationReport, MigrationRequest, PolicyConfig, StallAction, VmSpec,
@@ -79,6 +79,12 @@ struct DemoArgs {
     /// Print the Prometheus exposition of the engine's metrics after the report.
     #[arg(long)]
     print_metrics: bool,
+    /// Serve the metrics on ADDR (`GET /metrics`) while the demo runs.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// With --metrics: keep serving after the demo ends, until interrupted.
+    #[arg(long, requires = "metrics")]
+    hold: bool,
 }
 
 fn main() -> ExitCode {
@@ -91,15 +97,16 @@ fn main() -> ExitCode {
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
-    let recorder = PrometheusBuilder::new().install_recorder();
-    let prometheus = match recorder {
-        Ok(h) => Some(h),
-        Err(e) => {
-            eprintln!("migratory: metrics disabled: {e}");
-            None
+    let prometheus = exporter::install();
+    if let (Some(addr), Some(handle)) = (args.metrics, prometheus.clone()) {
+        match exporter::serve_metrics(addr, handle) {
+            Ok(bound) => eprintln!("migratory: metrics on http://{bound}/metrics"),
+            Err(e) => {
+                eprintln!("migratory: cannot serve metrics on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-    };
-    migratory::telemetry::describe_all();
+    }
     // The demo prints its own progress; logs only when asked for with RUST_LOG.
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
         let _ = tracing_subscriber::fmt()
@@ -131,6 +138,12 @@ fn demo(args: DemoArgs) -> ExitCode {
             if args.print_metrics {
                 if let Some(p) = prometheus {
                     println!("{}", p.render());
+                }
+            }
+            if args.hold {
+                eprintln!("migratory: holding the metrics endpoint open; interrupt to stop");
+                loop {
+                    std::thread::park();
                 }
             }
             if report.result == migratory::engine::Outcome::Completed && report.verified {

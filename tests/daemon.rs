@@ -911,3 +911,201 @@ fn test_concurrent_migrations_share_the_bandwidth_budget() {
     b.assert_runs("vm1", "kvm");
     b.assert_runs("vm2", "kvm");
 }
+
+/// One `GET`; the body of a 200 answer.
+fn try_http_get(base: &str, path: &str) -> Result<String, String> {
+    let host = base.trim_start_matches("http://");
+    let mut s = TcpStream::connect(host).map_err(|e| format!("connect {host}: {e}"))?;
+    // HTTP/1.0, so that no server answers with a chunked body.
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    if !(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200")) {
+        return Err(format!("GET {path}: {head}"));
+    }
+    Ok(body.to_string())
+}
+
+fn http_get(base: &str, path: &str) -> String {
+    try_http_get(base, path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn tool(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Migrates one VM A -> B with each algorithm, to completion.
+fn migrate_every_algorithm(a: &Daemon, b: &Daemon) {
+    for alg in ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto"] {
+        let vm = unique(&format!("m-{alg}"));
+        a.create_vm(&vm, "16MiB");
+        let to = b.migration_addr.to_string();
+        let mut args = vec![
+            "migrate",
+            vm.as_str(),
+            "--to",
+            to.as_str(),
+            "--algorithm",
+            alg,
+            "--wait",
+        ];
+        if alg == "hybrid" {
+            args.extend(["--downtime-limit-ms", "0"]);
+        }
+        a.cli(&args).assert_success();
+    }
+}
+
+#[test]
+fn test_promtool_accepts_a_real_scrape() {
+    let Some(promtool) = tool("promtool") else {
+        println!("SKIPPED: promtool not installed (apt-get install prometheus)");
+        return;
+    };
+    let a = Daemon::start("pa", "xen-hvm", &[]);
+    let b = Daemon::start("pb", "kvm", &[]);
+    migrate_every_algorithm(&a, &b);
+    let scrape = http_get(&a.api, "/metrics");
+    assert!(scrape.contains("migratory_stage_duration_seconds_bucket"), "{scrape}");
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    {
+        let mut stdin = check.stdin.take().expect("stdin");
+        stdin.write_all(scrape.as_bytes()).expect("feed promtool");
+    }
+    let out = check.wait_with_output().expect("promtool ends");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A real Prometheus scraping a real daemon sees the duration of every stage of every algorithm.
+#[test]
+fn test_prometheus_scrapes_stage_durations_of_every_algorithm() {
+    let Some(prometheus) = tool("prometheus") else {
+        println!("SKIPPED: prometheus not installed (apt-get install prometheus)");
+        return;
+    };
+    let a = Daemon::start("sa", "xen-hvm", &[]);
+    let b = Daemon::start("sb", "kvm", &[]);
+    let dir = TempDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: migratory\n    static_configs:\n      - targets: ['{}']\n",
+            a.api.trim_start_matches("http://")
+        ),
+    )
+    .expect("config");
+    let mut server = Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus starts");
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _guard = Kill(&mut server);
+    migrate_every_algorithm(&a, &b);
+    let api = format!("http://127.0.0.1:{port}");
+    let expected: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "stop-and-copy",
+            vec!["premigration", "reservation", "stopcopy", "commitment", "activation"],
+        ),
+        (
+            "precopy",
+            vec![
+                "premigration",
+                "reservation",
+                "precopy",
+                "stopcopy",
+                "commitment",
+                "activation",
+            ],
+        ),
+        (
+            "postcopy",
+            vec![
+                "premigration",
+                "reservation",
+                "stopcopy",
+                "activation",
+                "pull",
+                "commitment",
+            ],
+        ),
+        (
+            "hybrid",
+            vec![
+                "premigration",
+                "reservation",
+                "precopy",
+                "stopcopy",
+                "activation",
+                "pull",
+                "commitment",
+            ],
+        ),
+        (
+            "auto",
+            vec!["premigration", "reservation", "precopy", "stopcopy", "activation"],
+        ),
+    ];
+    let seen = wait_until(
+        "Prometheus to hold every stage of every algorithm",
+        Duration::from_secs(90),
+        || {
+            let body = try_http_get(&api, "/api/v1/query?query=migratory_stage_duration_seconds_count")?;
+            let v: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+            let series = v["data"]["result"].as_array().cloned().unwrap_or_default();
+            let have: Vec<(String, String)> = series
+                .iter()
+                .map(|s| {
+                    (
+                        s["metric"]["algorithm"].as_str().unwrap_or("").to_string(),
+                        s["metric"]["stage"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            let missing: Vec<String> = expected
+                .iter()
+                .flat_map(|(alg, stages)| stages.iter().map(move |st| (alg.to_string(), st.to_string())))
+                .filter(|pair| !have.contains(pair))
+                .map(|(a, s)| format!("{a}/{s}"))
+                .collect();
+            if missing.is_empty() {
+                Ok(have)
+            } else {
+                Err(format!("missing {missing:?}"))
+            }
+        },
+    );
+    println!("Prometheus holds {} stage-duration series", seen.len());
+}

@@ -31,6 +31,16 @@ pub const LINK_THROUGHPUT_BYTES_PER_SECOND: &str = "migratory_link_throughput_by
 /// Gauge: downtime the policy expects if it stopped now.
 pub const EXPECTED_DOWNTIME_SECONDS: &str = "migratory_expected_downtime_seconds";
 
+/// Histogram buckets for durations, in seconds: migration timescales, from 100 µs (a post-copy
+/// fault, a fast stage) to 5 minutes (a large VM over a slow link).
+pub const DURATION_BUCKETS_SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+/// Histogram buckets for pre-copy rounds.
+pub const ROUND_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 30.0, 50.0];
+
 /// Registers units and help texts with whatever recorder is installed.
 pub fn describe_all() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
