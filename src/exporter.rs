@@ -16,6 +16,7 @@ pub fn install() -> Option<PrometheusHandle> {
     match handle {
         Ok(h) => {
             migratory::telemetry::describe_all();
+            migratory::telemetry::register_zeroes();
             Some(h)
         }
         Err(e) => {

@@ -3,6 +3,7 @@
 mod cli;
 mod daemon;
 mod exporter;
+mod progress;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -192,20 +193,50 @@ async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine:
         ..PolicyConfig::default()
     };
     let mut started = engine.start_migration(req).await?;
-    loop {
-        match started.events.recv().await {
-            Ok(MigrationEvent::Finished(report)) => return Ok(*report),
-            Ok(ev) if !args.json => print_event(&ev),
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return engine.report(started.id).await,
+    let progress = if args.json {
+        None
+    } else {
+        Some(progress::Progress::new())
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let result = loop {
+        tokio::select! {
+            ev = started.events.recv() => match ev {
+                Ok(MigrationEvent::Finished(report)) => break Ok(*report),
+                Ok(ev) => {
+                    if let Some(p) = &progress {
+                        if let Some(line) = describe_event(&ev) {
+                            p.note(&line);
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break engine.report(started.id).await,
+            },
+            _ = tick.tick(), if progress.is_some() => {
+                if let (Some(p), Ok(s)) = (&progress, engine.status(started.id).await) {
+                    p.show(&progress::Snapshot {
+                        stage: s.stage.map(str::to_string),
+                        round: u64::from(s.round),
+                        transferred_bytes: s.transferred_bytes,
+                        remaining_pages: s.remaining_pages,
+                        throughput_bytes_per_sec: s.throughput_bytes_per_sec,
+                        expected_downtime_s: s.expected_downtime_s,
+                    });
+                }
+            }
         }
+    };
+    if let Some(p) = &progress {
+        p.finish();
     }
+    result
 }
 
-fn print_event(ev: &MigrationEvent) {
-    match ev {
-        MigrationEvent::StageStarted { stage } => eprintln!("  -> {stage}"),
+/// One line for an event worth telling a person about.
+fn describe_event(ev: &MigrationEvent) -> Option<String> {
+    Some(match ev {
+        MigrationEvent::StageStarted { stage } => format!("  -> {stage}"),
         MigrationEvent::RoundCompleted {
             round,
             pages_sent,
@@ -213,16 +244,16 @@ fn print_event(ev: &MigrationEvent) {
             bytes_per_sec,
             expected_downtime,
             ..
-        } => eprintln!(
+        } => format!(
             "     round {round}: sent {pages_sent} pages at {:.0} MB/s, {remaining_pages} dirty, expected downtime {:.1} ms",
             bytes_per_sec / 1e6,
             expected_downtime.as_secs_f64() * 1e3
         ),
-        MigrationEvent::Decision { action, reason } => eprintln!("     decision: {action} ({reason})"),
-        MigrationEvent::NetworkAnnounced { nic, mac, host } => eprintln!("     {host} announced {nic} {mac}"),
-        MigrationEvent::TargetStopped { reason } => eprintln!("     target: {reason}"),
-        _ => {}
-    }
+        MigrationEvent::Decision { action, reason } => format!("     decision: {action} ({reason})"),
+        MigrationEvent::NetworkAnnounced { nic, mac, host } => format!("     {host} announced {nic} {mac}"),
+        MigrationEvent::TargetStopped { reason } => format!("     target: {reason}"),
+        _ => return None,
+    })
 }
 
 fn print_report(r: &MigrationReport) {

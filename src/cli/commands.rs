@@ -275,11 +275,27 @@ fn get_status(client: &ApiClient, id: u64) -> Result<MigrationStatus, CommandErr
 /// Polls until the migration is completed, cancelled, aborted or failed. No deadline of its own:
 /// a migration may legitimately run for hours, and each request has the client's timeout.
 fn wait_until_finished(client: &ApiClient, id: u64, poll: Duration) -> Result<MigrationStatus, CommandError> {
+    let progress = crate::progress::Progress::new();
     loop {
-        let status = get_status(client, id)?;
+        let status = match get_status(client, id) {
+            Ok(s) => s,
+            Err(e) => {
+                progress.finish();
+                return Err(e);
+            }
+        };
         if status.status.is_finished() {
+            progress.finish();
             return Ok(status);
         }
+        progress.show(&crate::progress::Snapshot {
+            stage: status.stage.clone(),
+            round: status.round.unwrap_or(0),
+            transferred_bytes: status.transferred_bytes.unwrap_or(0),
+            remaining_pages: status.remaining_pages.unwrap_or(0),
+            throughput_bytes_per_sec: status.throughput_bytes_per_sec.unwrap_or(0.0),
+            expected_downtime_s: status.expected_downtime_s.unwrap_or(0.0),
+        });
         thread::sleep(poll);
     }
 }

@@ -172,6 +172,7 @@ pub(crate) struct SourceRun {
     faults: (u64, f64),
     verification: Duration,
     pulling: bool,
+    stage_span: Option<tracing::Span>,
 }
 
 impl std::fmt::Debug for SourceRun {
@@ -220,6 +221,7 @@ impl SourceRun {
             faults: (0, 0.0),
             verification: Duration::ZERO,
             pulling: false,
+            stage_span: None,
         }
     }
 
@@ -269,6 +271,8 @@ impl SourceRun {
         self.stage_started = clock::now();
         self.stage_pages = 0;
         self.stage_bytes = 0;
+        // A span per stage, open from its start to its end, inside the migration's span.
+        self.stage_span = Some(tracing::info_span!("stage", name = stage.name()));
         tracing::info!(stage = stage.name(), "stage started");
         let _ = self.s.events.send(MigrationEvent::StageStarted { stage });
         Ok(())
@@ -290,11 +294,14 @@ impl SourceRun {
                 "algorithm" => self.s.req.algorithm.name()
             )
             .record(duration.as_secs_f64());
-            tracing::info!(
-                stage = stage.name(),
-                duration_ms = duration.as_secs_f64() * 1e3,
-                "stage completed"
-            );
+            if let Some(span) = self.stage_span.take() {
+                tracing::info!(
+                    parent: &span,
+                    stage = stage.name(),
+                    duration_ms = duration.as_secs_f64() * 1e3,
+                    "stage completed"
+                );
+            }
             let _ = self.s.events.send(MigrationEvent::StageCompleted { stage, duration });
         }
     }
@@ -619,6 +626,7 @@ impl SourceRun {
             let round = self.rounds;
             let rate = policy::round_rate(&cfg, round, last_dirty_rate_bytes);
             let round_started = clock::now();
+            self.set_remaining(to_send.len());
             let stats = self.send_round(round, to_send, rate).await?;
             self.rounds += 1;
             self.first_pass_done = true;

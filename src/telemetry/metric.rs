@@ -41,6 +41,23 @@ pub const DURATION_BUCKETS_SECONDS: &[f64] = &[
 /// Histogram buckets for pre-copy rounds.
 pub const ROUND_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 30.0, 50.0];
 
+/// Records every counter series the engine can produce at zero, so a scrape shows them from
+/// the start and `increase()` counts a series' first event.
+pub fn register_zeroes() {
+    for algorithm in ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto"] {
+        for result in ["completed", "cancelled", "aborted", "failed"] {
+            metrics::counter!(MIGRATIONS_TOTAL, "algorithm" => algorithm, "result" => result).increment(0);
+        }
+    }
+    for kind in ["normal", "zero", "retransmitted", "pulled"] {
+        metrics::counter!(PAGES_SENT_TOTAL, "kind" => kind).increment(0);
+    }
+    metrics::counter!(BYTES_SENT_TOTAL).increment(0);
+    metrics::counter!(POSTCOPY_FAULTS_TOTAL).increment(0);
+    metrics::gauge!(MIGRATIONS_IN_PROGRESS).increment(0.0);
+    metrics::gauge!(REMAINING_PAGES).increment(0.0);
+}
+
 /// Registers units and help texts with whatever recorder is installed.
 pub fn describe_all() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};

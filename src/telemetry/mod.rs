@@ -6,4 +6,4 @@
 
 pub mod metric;
 
-pub use metric::describe_all;
+pub use metric::{describe_all, register_zeroes};
