@@ -252,7 +252,15 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         ));
     }
     let last = wait_until_finished(client, started.id, poll)?;
-    let summary = format!("{}\n", summary_line(&last));
+    let summary = if args.json {
+        let report = last.report.clone().unwrap_or(Value::Null);
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&report).unwrap_or_else(|_| "null".into())
+        )
+    } else {
+        format!("{}\n", summary_line(&last))
+    };
     if last.status == MigrationState::Completed {
         Ok(summary)
     } else {
@@ -467,6 +475,7 @@ mod tests {
             bandwidth: None,
             downtime_limit_ms: 300.0,
             wait,
+            json: false,
             api: api(server),
         }
     }
