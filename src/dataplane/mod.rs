@@ -28,6 +28,13 @@ pub enum DataPlaneError {
         /// Pages in memory.
         pages: u64,
     },
+    /// A page whose bytes do not match the digest its sender computed: the frame was
+    /// corrupted on the way.
+    #[error("page {page} arrived corrupted (digest mismatch)")]
+    Corrupt {
+        /// The page.
+        page: u64,
+    },
     /// A received frame that does not decode.
     #[error("bad page batch: {0}")]
     BadBatch(String),

@@ -145,7 +145,7 @@ fn apply_loop(
         let body = frame_body(&frame).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
         let batch = PageBatch::decode(body).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
         let postcopy = batch.flags & FLAG_POSTCOPY != 0;
-        for (page, data) in batch.pages() {
+        for (page, data, sent_digest) in batch.pages() {
             if page >= pages {
                 return Err(DataPlaneError::PageOutOfRange { page, pages });
             }
@@ -164,10 +164,15 @@ fn apply_loop(
             }
             let digest = match data {
                 Some(bytes) => {
+                    // Checked before the write: a corrupted page never reaches guest memory.
+                    let digest = xxh3_64(bytes);
+                    if digest != sent_digest {
+                        return Err(DataPlaneError::Corrupt { page });
+                    }
                     memory
                         .write_page(PageIndex(page), bytes)
                         .map_err(|_| DataPlaneError::PageOutOfRange { page, pages })?;
-                    xxh3_64(bytes)
+                    digest
                 }
                 None => {
                     memory
@@ -184,5 +189,59 @@ fn apply_loop(
         drop(batch);
         pool.give(frame);
         applied.send_modify(|n| *n += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::format::{MacAddr, NativeLayout, NicConfig, VmConfig, VmId};
+    use crate::link::{pair, Shaping};
+    use crate::protocol::pages::PageBatchBuilder;
+    use crate::vmm::sim::SimGuest;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            id: VmId("c".into()),
+            name: "c".into(),
+            vcpus: 1,
+            memory_bytes: 16 * PAGE_SIZE as u64,
+            page_size: PAGE_SIZE as u32,
+            nics: vec![NicConfig {
+                id: "net0".into(),
+                mac: MacAddr::local_from_seed(3),
+            }],
+        }
+    }
+
+    #[test]
+    fn test_corrupted_page_is_refused_not_applied() {
+        let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::sim::WorkloadSpec::idle()).expect("src");
+        let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
+        let (a, b) = pair(Shaping::default());
+        let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool).expect("plane");
+        let mut batch = PageBatchBuilder::new(0, 0);
+        batch.add_from(source.memory(), 3).expect("page");
+        let frame = batch.finish();
+        // Flip one payload byte on the way (past the length prefix and the 10-byte header).
+        let mut bad = BytesMut::from(&frame[..]);
+        bad[4 + 10 + 100] ^= 0x40;
+        let stop = AtomicBool::new(false);
+        a.data_tx.send(bad.freeze(), &stop).expect("send");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while plane.error().is_none() {
+            assert!(std::time::Instant::now() < deadline, "corruption not detected");
+            std::thread::yield_now();
+        }
+        assert_eq!(plane.error(), Some(DataPlaneError::Corrupt { page: 3 }));
+        assert!(
+            target.memory().page_is_zero(PageIndex(3)).expect("page"),
+            "never applied"
+        );
+        drop(a);
     }
 }

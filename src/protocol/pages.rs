@@ -2,7 +2,9 @@
 //!
 //! A batch body is `'P'`, a flags byte, the round (u32 BE), the entry count (u16 BE), the
 //! number of full pages (u16 BE), then the raw bytes of the full pages, then one entry per page
-//! (page index u64 BE, kind u8). Pages are copied from guest memory straight into the frame
+//! (page index u64 BE, kind u8, xxh3 digest of the page u64 BE). The target checks each page
+//! against its digest as it writes it (it hashes every page anyway, for verification), so a
+//! corrupted frame is detected and refused, never applied. Pages are copied from guest memory straight into the frame
 //! buffer while it is built, and written from the received buffer straight into guest memory,
 //! so each page is copied once per side. Zero pages travel as an entry only.
 
@@ -10,6 +12,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::frame::{FrameError, MAX_FRAME_LEN, TAG_PAGES};
 use crate::memory::{GuestMemory, MemoryError};
+use xxhash_rust::xxh3::xxh3_64;
+
 use crate::units::{PageIndex, PAGE_SIZE};
 
 /// Pages per batch: 1 MiB of payload, large enough to amortise per-frame costs, small enough
@@ -17,7 +21,7 @@ use crate::units::{PageIndex, PAGE_SIZE};
 pub const BATCH_PAGES: usize = 256;
 
 const HEADER_LEN: usize = 1 + 1 + 4 + 2 + 2;
-const ENTRY_LEN: usize = 9;
+const ENTRY_LEN: usize = 17;
 /// Bytes of the largest batch frame.
 pub const FRAME_CAPACITY: usize = 4 + HEADER_LEN + BATCH_PAGES * (PAGE_SIZE + ENTRY_LEN);
 
@@ -40,7 +44,7 @@ pub enum PageKind {
 #[derive(Debug)]
 pub struct PageBatchBuilder {
     buf: BytesMut,
-    entries: Vec<(u64, PageKind)>,
+    entries: Vec<(u64, PageKind, u64)>,
     full: usize,
     flags: u8,
     round: u32,
@@ -85,25 +89,26 @@ impl PageBatchBuilder {
     pub fn add_from(&mut self, memory: &GuestMemory, index: u64) -> Result<PageKind, MemoryError> {
         let start = self.buf.len();
         memory.append_page(PageIndex(index), &mut self.buf)?;
-        let kind = if crate::memory::is_zero(&self.buf[start..]) {
+        let (kind, digest) = if crate::memory::is_zero(&self.buf[start..]) {
             self.buf.truncate(start);
-            PageKind::Zero
+            (PageKind::Zero, zero_page_digest())
         } else {
             self.full += 1;
-            PageKind::Full
+            (PageKind::Full, xxh3_64(&self.buf[start..]))
         };
-        self.entries.push((index, kind));
+        self.entries.push((index, kind, digest));
         Ok(kind)
     }
 
     /// Finishes the frame: length prefix, header, pages, entry table.
     pub fn finish(mut self) -> Bytes {
-        for &(page, kind) in &self.entries {
+        for &(page, kind, digest) in &self.entries {
             self.buf.put_u64(page);
             self.buf.put_u8(match kind {
                 PageKind::Full => 0,
                 PageKind::Zero => 1,
             });
+            self.buf.put_u64(digest);
         }
         let body_len = (self.buf.len() - 4) as u32;
         let mut head = &mut self.buf[..4 + HEADER_LEN];
@@ -124,7 +129,7 @@ pub struct PageBatch {
     pub flags: u8,
     /// Round the pages belong to.
     pub round: u32,
-    entries: Vec<(u64, PageKind)>,
+    entries: Vec<(u64, PageKind, u64)>,
     payload: Bytes,
 }
 
@@ -168,6 +173,8 @@ impl PageBatch {
         for e in table.chunks_exact(ENTRY_LEN) {
             let mut idx = [0u8; 8];
             idx.copy_from_slice(&e[..8]);
+            let mut digest = [0u8; 8];
+            digest.copy_from_slice(&e[9..17]);
             let kind = match e[8] {
                 0 => {
                     seen_full += 1;
@@ -176,7 +183,7 @@ impl PageBatch {
                 1 => PageKind::Zero,
                 k => return Err(FrameError::Malformed(format!("unknown page kind {k}"))),
             };
-            entries.push((u64::from_be_bytes(idx), kind));
+            entries.push((u64::from_be_bytes(idx), kind, u64::from_be_bytes(digest)));
         }
         if seen_full != full {
             return Err(FrameError::Malformed(format!(
@@ -202,18 +209,25 @@ impl PageBatch {
         self.entries.is_empty()
     }
 
-    /// Pages with their bytes (`None` for a zero page), in order.
-    pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
+    /// Pages with their bytes (`None` for a zero page) and the digest the sender computed, in
+    /// order.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, Option<&[u8]>, u64)> + '_ {
         let mut offset = 0;
-        self.entries.iter().map(move |&(page, kind)| match kind {
-            PageKind::Zero => (page, None),
+        self.entries.iter().map(move |&(page, kind, digest)| match kind {
+            PageKind::Zero => (page, None, digest),
             PageKind::Full => {
                 let data = &self.payload[offset..offset + PAGE_SIZE];
                 offset += PAGE_SIZE;
-                (page, Some(data))
+                (page, Some(data), digest)
             }
         })
     }
+}
+
+/// The digest of an all-zero page.
+pub fn zero_page_digest() -> u64 {
+    static DIGEST: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *DIGEST.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
 }
 
 #[cfg(test)]
@@ -235,8 +249,9 @@ mod tests {
         let batch = PageBatch::decode(frame_body(&frame).expect("body")).expect("decode");
         assert_eq!((batch.round, batch.flags, batch.len()), (3, FLAG_POSTCOPY, 3));
         let pages: Vec<_> = batch.pages().collect();
-        assert_eq!(pages[0], (0, None));
+        assert_eq!(pages[0], (0, None, zero_page_digest()));
         assert_eq!(pages[1].0, 1);
+        assert_eq!(pages[1].2, xxh3_64(pages[1].1.expect("full")));
         assert_eq!(&pages[1].1.expect("full")[..8], &77u64.to_ne_bytes());
         assert_eq!(pages[2].0, 5);
     }
