@@ -1,7 +1,7 @@
 //! `migratory serve`: one host per process. It accepts migrations over TCP and serves the
 //! HTTP/JSON control API (actix-web) with `/metrics` for Prometheus.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,6 +18,9 @@ use migratory::protocol::Algorithm;
 use migratory::units::ByteSize;
 use migratory::vm::VmInfo;
 use migratory::vmm::sim::{Pattern, WorkloadSpec};
+
+/// Slowest bandwidth cap accepted for a migration (bytes/s).
+const MIN_BANDWIDTH: u64 = 64 * 1024;
 
 /// How long a SIGTERM waits for migrations past commitment to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -288,15 +291,29 @@ async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration
         Ok(a) => a.unwrap_or(Algorithm::Precopy),
         Err(e) => return bad(StatusCode::BAD_REQUEST, e),
     };
-    let addr = match b.to.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(a)) => a,
-        _ => {
+    let not_found = || {
+        bad(
+            StatusCode::BAD_REQUEST,
+            format!("cannot resolve peer {:?} (host:port)", b.to),
+        )
+    };
+    // Resolved off the worker thread and bounded: a slow resolver must not stall the API.
+    let resolved = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(b.to.clone())).await;
+    let addr = match resolved {
+        Ok(Ok(mut a)) => match a.next() {
+            Some(a) => a,
+            None => return not_found(),
+        },
+        _ => return not_found(),
+    };
+    if let Some(rate) = b.bandwidth_bytes_per_sec {
+        if rate < MIN_BANDWIDTH {
             return bad(
                 StatusCode::BAD_REQUEST,
-                format!("cannot resolve peer {:?} (host:port)", b.to),
-            )
+                format!("bandwidth_bytes_per_sec {rate} is below the minimum of {MIN_BANDWIDTH}"),
+            );
         }
-    };
+    }
     let mut req = MigrationRequest::new(b.vm, state.host.clone(), b.to).algorithm(algorithm);
     req.target_addr = Some(addr);
     if let Some(s) = b.streams {

@@ -1,7 +1,7 @@
 //! The binary's Prometheus exporter: installed once per process by `demo` and `serve`, with
 //! buckets that fit migration timescales. The library only records through `metrics`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -35,8 +35,11 @@ pub fn serve_metrics(addr: SocketAddr, handle: PrometheusHandle) -> std::io::Res
         .name("metrics-http".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
+                // One client at a time, each bounded in time and size, so none can hold the
+                // endpoint for the others.
                 let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-                let mut reader = BufReader::new(&stream);
+                let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut reader = BufReader::new(Read::take(&stream, 16 * 1024));
                 let mut request = String::new();
                 if reader.read_line(&mut request).is_err() {
                     continue;

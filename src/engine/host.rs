@@ -17,6 +17,9 @@ use crate::vm::{GetVmInfo, Lifecycle, StopVm, Vm, VmInfo};
 use crate::vmm::sim::WorkloadSpec;
 use crate::vmm::{Backend, CreateVm, Guest, ReserveVm};
 
+/// Incoming links allowed to wait for a slot; more are closed at once.
+const MAX_QUEUED_INCOMING: usize = 16;
+
 /// A host: its sim backend, VMs, memory budget and capabilities.
 #[derive(Debug)]
 pub struct Host {
@@ -349,6 +352,11 @@ impl Handler<AcceptLink> for Host {
             msg.params,
         );
         if self.receivers.len() >= self.config.max_incoming.max(1) {
+            self.incoming_queue.retain(|(r, _)| r.connected());
+            if self.incoming_queue.len() >= MAX_QUEUED_INCOMING {
+                // Dropping the end closes its connections: the source sees the link close.
+                return;
+            }
             // Over the cap: the receiver answers pings but holds the source's Hello until a
             // slot frees (or its wait bound passes).
             let (slot, wait) = tokio::sync::oneshot::channel();
@@ -369,6 +377,7 @@ impl Handler<IncomingEnded> for Host {
     type Result = ();
     fn handle(&mut self, _: IncomingEnded, _: &mut Self::Context) {
         self.receivers.retain(|r| r.connected());
+        self.incoming_queue.retain(|(r, _)| r.connected());
         while self.receivers.len() < self.config.max_incoming.max(1) {
             let Some((r, slot)) = self.incoming_queue.pop_front() else {
                 break;
@@ -388,7 +397,7 @@ pub struct AbortAllIncoming;
 impl Handler<AbortAllIncoming> for Host {
     type Result = ();
     fn handle(&mut self, _: AbortAllIncoming, _: &mut Self::Context) {
-        for r in &self.receivers {
+        for r in self.receivers.iter().chain(self.incoming_queue.iter().map(|(r, _)| r)) {
             r.do_send(AbortIncoming);
         }
     }

@@ -221,10 +221,13 @@ impl Handler<StartMigration> for Engine {
         if let Some(r) = self.running.get_mut(&id) {
             r.started = true;
         }
-        Box::pin(self.launch(id, req, ctx).map(move |r, act, _| match r {
+        let source = req.source.clone();
+        Box::pin(self.launch(id, req, ctx).map(move |r, act, ctx| match r {
             Ok(()) => Ok((id, rx)),
             Err(e) => {
                 act.running.remove(&id);
+                // Its slot is free again: a queued migration of the same host may start.
+                act.launch_queued(&source, ctx);
                 Err(e)
             }
         }))

@@ -91,15 +91,21 @@ pub struct DataSender {
 }
 
 impl DataSender {
-    fn pace(&self, bytes: usize) {
+    fn pace(&self, bytes: usize, stop: &AtomicBool) {
         let wait = self
             .budgets
             .iter()
             .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).take(bytes as u64))
             .max()
             .unwrap_or_default();
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+        // In slices, so that a cancel is not held up by a long wait on a slow link.
+        let until = Instant::now() + wait;
+        while !stop.load(Ordering::Acquire) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(STOP_POLL));
         }
     }
 
@@ -114,13 +120,13 @@ impl DataSender {
     /// data-plane thread, never on an actor. Fails if the peer is gone, or once `stop` is set
     /// (a stalled peer must not hold the sender forever).
     pub fn send(&self, frame: Bytes, stop: &AtomicBool) -> Result<(), LinkError> {
-        self.pace(frame.len());
+        self.pace(frame.len(), stop);
         send_until(&self.tx, self.timed(frame), stop)
     }
 
     /// Sends one urgent frame ahead of queued bulk frames; it still counts against the budget.
     pub fn send_urgent(&self, frame: Bytes, stop: &AtomicBool) -> Result<(), LinkError> {
-        self.pace(frame.len());
+        self.pace(frame.len(), stop);
         send_until(&self.urgent, self.timed(frame), stop)
     }
 }

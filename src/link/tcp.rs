@@ -28,6 +28,7 @@ use super::{
 };
 use crate::protocol::frame::{MAX_FRAME_LEN, TAG_PAGES};
 use crate::protocol::pages::FLAG_PULLED;
+use crate::protocol::pages::FRAME_CAPACITY;
 
 const PREAMBLE_MAGIC: &[u8; 8] = b"MIGRLINK";
 const PREAMBLE_VERSION: u8 = 1;
@@ -42,6 +43,10 @@ const ASSEMBLY_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PENDING_LINKS: usize = 64;
 /// How often a blocked data-stream reader looks up to see whether its consumer is gone.
 const READ_POLL: Duration = Duration::from_millis(200);
+/// Longest a connect (with its TLS handshake and preamble) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest one control frame may take to write: a peer that stops reading is gone.
+const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of TCP links.
 #[derive(Debug, thiserror::Error)]
@@ -169,10 +174,15 @@ pub async fn connect(
         role,
         streams,
     };
-    let control = open(addr, preamble(0), tls).await?;
+    let bounded = |role| async move {
+        tokio::time::timeout(CONNECT_TIMEOUT, open(addr, preamble(role), tls))
+            .await
+            .map_err(|_| TcpLinkError::Timeout("connect"))?
+    };
+    let control = bounded(0).await?;
     let mut data = Vec::with_capacity(streams as usize);
     for role in 1..=streams {
-        data.push(open(addr, preamble(role), tls).await?);
+        data.push(bounded(role).await?);
     }
     let mut budgets: Vec<_> = bandwidth
         .map(|r| Arc::new(Mutex::new(TokenBucket::new(r))))
@@ -195,8 +205,13 @@ pub async fn serve(
     let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server));
     let accept = async {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    // Out of descriptors or similar: back off instead of spinning the thread.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let tx = arrived_tx.clone();
             let rejected = Arc::clone(&rejected);
@@ -251,15 +266,19 @@ pub async fn serve(
             let entry = pending
                 .entry(p.link_id)
                 .or_insert_with(|| (now, None, (0..p.streams).map(|_| None).collect()));
-            if entry.2.len() != p.streams as usize {
-                pending.remove(&p.link_id);
+            // A mismatched stream count or a role already taken is refused alone: it must not
+            // disturb the link being assembled.
+            let taken = match p.role {
+                0 => entry.1.is_some(),
+                r => entry.2.get(r as usize - 1).is_none_or(Option::is_some),
+            };
+            if entry.2.len() != p.streams as usize || taken {
                 rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
-            if p.role == 0 {
-                entry.1 = Some(stream);
-            } else {
-                entry.2[p.role as usize - 1] = Some(stream);
+            match p.role {
+                0 => entry.1 = Some(stream),
+                r => entry.2[r as usize - 1] = Some(stream),
             }
             let complete = entry.1.is_some() && entry.2.iter().all(Option::is_some);
             if complete {
@@ -395,14 +414,25 @@ where
 async fn control_writer<W: tokio::io::AsyncWrite>(w: tokio::io::WriteHalf<W>, mut rx: mpsc::Receiver<Timed>) {
     let mut w = w;
     while let Some(t) = rx.recv().await {
-        if w.write_all(&t.frame).await.is_err() {
-            return;
+        // A peer that stops reading is as gone as one that closed.
+        match tokio::time::timeout(CONTROL_WRITE_TIMEOUT, w.write_all(&t.frame)).await {
+            Ok(Ok(())) => {}
+            _ => return,
         }
     }
     let _ = w.shutdown().await;
 }
 
 async fn control_reader<R: tokio::io::AsyncRead>(r: tokio::io::ReadHalf<R>, tx: mpsc::Sender<Timed>) {
+    // Ends with the socket or with the Link: a silent peer must not keep this task forever.
+    let closed = tx.clone();
+    tokio::select! {
+        _ = read_control_frames(r, tx) => {}
+        _ = closed.closed() => {}
+    }
+}
+
+async fn read_control_frames<R: tokio::io::AsyncRead>(r: tokio::io::ReadHalf<R>, tx: mpsc::Sender<Timed>) {
     let mut r = r;
     loop {
         let mut len = [0u8; 4];
@@ -410,19 +440,19 @@ async fn control_reader<R: tokio::io::AsyncRead>(r: tokio::io::ReadHalf<R>, tx: 
             return;
         }
         let n = u32::from_be_bytes(len) as usize;
-        // Checked before the buffer exists: a hostile length costs nothing.
         if n == 0 || n > MAX_FRAME_LEN {
             return;
         }
-        let mut frame = bytes::BytesMut::with_capacity(4 + n);
-        frame.put_slice(&len);
-        frame.resize(4 + n, 0);
-        if r.read_exact(&mut frame[4..]).await.is_err() {
-            return;
+        // The buffer grows with what actually arrives, not with what the length claims.
+        let mut frame = Vec::with_capacity(4 + n.min(64 * 1024));
+        frame.extend_from_slice(&len);
+        match (&mut r).take(n as u64).read_to_end(&mut frame).await {
+            Ok(got) if got == n => {}
+            _ => return,
         }
         let t = Timed {
             due: std::time::Instant::now(),
-            frame: frame.freeze(),
+            frame: bytes::Bytes::from(frame),
         };
         if tx.send(t).await.is_err() {
             return;
@@ -507,7 +537,8 @@ fn data_reader<R: Read>(
             break;
         }
         let n = u32::from_be_bytes(len) as usize;
-        if !(2..=MAX_FRAME_LEN).contains(&n) {
+        // Page frames never exceed a full batch.
+        if !(2..=FRAME_CAPACITY - 4).contains(&n) {
             break;
         }
         let mut buf = pool.take();
