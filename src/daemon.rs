@@ -283,6 +283,10 @@ struct StartMigration {
     bandwidth_bytes_per_sec: Option<u64>,
     #[serde(default)]
     downtime_limit_ms: Option<f64>,
+    /// Faults to inject, `KIND[@STAGE],...` (source side; target-side kinds need an
+    /// in-process target).
+    #[serde(default)]
+    faults: Option<String>,
 }
 
 async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration>) -> HttpResponse {
@@ -314,7 +318,17 @@ async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration
             );
         }
     }
+    let faults = match b
+        .faults
+        .as_deref()
+        .map(str::parse::<migratory::engine::FaultPlan>)
+        .transpose()
+    {
+        Ok(f) => f.unwrap_or_default(),
+        Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
+    };
     let mut req = MigrationRequest::new(b.vm, state.host.clone(), b.to).algorithm(algorithm);
+    req.faults = faults;
     req.target_addr = Some(addr);
     if let Some(s) = b.streams {
         req.streams = s;

@@ -83,6 +83,9 @@ struct DemoArgs {
     /// Serve the metrics on ADDR (`GET /metrics`) while the demo runs.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// Faults to inject: `KIND[@STAGE],...` (see README, "Fault injection").
+    #[arg(long, value_name = "SPEC")]
+    fault: Option<migratory::engine::FaultPlan>,
     /// With --metrics: keep serving after the demo ends, until interrupted.
     #[arg(long, requires = "metrics")]
     hold: bool,
@@ -192,6 +195,9 @@ async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine:
         on_stall: args.on_stall,
         ..PolicyConfig::default()
     };
+    if let Some(plan) = &args.fault {
+        req.faults = plan.clone();
+    }
     let mut started = engine.start_migration(req).await?;
     let progress = if args.json {
         None
@@ -315,6 +321,8 @@ fn print_report(r: &MigrationReport) {
     }
     if r.verified {
         println!("verified        true: target memory equals source memory at pause; vCPU state identical");
+    } else if r.result != migratory::engine::Outcome::Completed {
+        println!("verified        false: the migration did not complete");
     } else {
         println!("verified        false: pages differ: {:?}", r.mismatched_pages);
     }

@@ -230,7 +230,7 @@ fn delete_vm(client: &ApiClient, id: &str) -> Result<String, CommandError> {
 }
 
 fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<String, CommandError> {
-    let body = json!({
+    let mut body = json!({
         "vm": args.vm,
         "to": args.to,
         "algorithm": args.algorithm.name(),
@@ -238,6 +238,9 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         "bandwidth_bytes_per_sec": args.bandwidth.map(|b| b.0),
         "downtime_limit_ms": args.downtime_limit_ms,
     });
+    if let (Some(fault), Some(map)) = (&args.fault, body.as_object_mut()) {
+        map.insert("faults".into(), json!(fault));
+    }
     let started: MigrationStarted = decode(
         "migration id",
         require_success(client.post("/migrations", Some(&body))?)?,
@@ -476,6 +479,7 @@ mod tests {
             downtime_limit_ms: 300.0,
             wait,
             json: false,
+            fault: None,
             api: api(server),
         }
     }

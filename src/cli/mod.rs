@@ -153,6 +153,9 @@ pub struct MigrateArgs {
     /// Poll until the migration ends, print its final line, and exit non-zero unless it completed.
     #[arg(long)]
     pub wait: bool,
+    /// Faults to inject: `KIND[@STAGE],...` (see the README).
+    #[arg(long, value_name = "SPEC")]
+    pub fault: Option<String>,
     /// With --wait: print the final report as one JSON object instead of the summary line.
     #[arg(long, requires = "wait")]
     pub json: bool,

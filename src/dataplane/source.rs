@@ -82,6 +82,7 @@ pub struct SourcePlane {
     batches: Arc<AtomicU64>,
     pulled: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    corrupt: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -108,7 +109,9 @@ impl SourcePlane {
         let batches = Arc::new(AtomicU64::new(0));
         let pulled = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let corrupt = Arc::new(AtomicBool::new(false));
         let worker = Worker {
+            corrupt: Arc::clone(&corrupt),
             sent_bytes,
             pool,
             stop: Arc::clone(&stop),
@@ -128,8 +131,14 @@ impl SourcePlane {
             batches,
             pulled,
             stop,
+            corrupt,
             thread: Some(thread),
         })
+    }
+
+    /// Fault injection: corrupts one page of the next batch that carries a full page.
+    pub fn corrupt_next_batch(&self) {
+        self.corrupt.store(true, Ordering::Release);
     }
 
     /// Stops the current job at the next batch boundary (cancel, abort).
@@ -201,6 +210,7 @@ impl Drop for SourcePlane {
 }
 
 struct Worker {
+    corrupt: Arc<AtomicBool>,
     sent_bytes: Arc<AtomicU64>,
     pool: FramePool,
     stop: Arc<AtomicBool>,
@@ -285,7 +295,14 @@ impl Worker {
         if self.stop.load(Ordering::Acquire) {
             return Err(DataPlaneError::Stopped);
         }
-        let frame = batch.finish();
+        let mut frame = batch.finish();
+        // 4-byte length, 10-byte header, then page bytes: flip a byte of the first page.
+        const FIRST_PAGE_BYTE: usize = 4 + 10 + 100;
+        if frame.len() > FIRST_PAGE_BYTE + 4096 && self.corrupt.swap(false, Ordering::AcqRel) {
+            let mut bad = bytes::BytesMut::from(&frame[..]);
+            bad[FIRST_PAGE_BYTE] ^= 0x5a;
+            frame = bad.freeze();
+        }
         if let Some(bucket) = pace {
             let wait = bucket.take(frame.len() as u64);
             if !wait.is_zero() {

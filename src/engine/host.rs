@@ -87,6 +87,7 @@ impl Actor for Host {
                                 step_timeout: std::time::Duration::from_secs(60),
                                 events: None,
                                 key: key.clone(),
+                                faults: Default::default(),
                             },
                         });
                     }

@@ -9,6 +9,7 @@
 
 mod error;
 mod events;
+pub mod faults;
 mod handle;
 pub mod host;
 pub mod migration;
@@ -25,6 +26,7 @@ pub mod verify;
 
 pub use error::{EngineError, Side};
 pub use events::MigrationEvent;
+pub use faults::{FaultKind, FaultPlan};
 pub use handle::{EngineHandle, StartedMigration};
 pub use host::HostUsage;
 pub use policy::{PolicyConfig, StallAction};

@@ -13,8 +13,10 @@ use tokio::sync::{broadcast, mpsc};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::events::MigrationEvent;
+use super::faults::{FaultKind, FaultPlan};
 use super::host::{Host, IncomingEnded, ReleaseVm, ReserveIncoming};
 use super::receiver_state::{ReceiverAction, ReceiverState};
+use super::stage::Stage;
 use crate::clock;
 use crate::dataplane::TargetPlane;
 use crate::dirty::PageSet;
@@ -45,6 +47,8 @@ pub struct ReceiverParams {
     pub events: Option<broadcast::Sender<MigrationEvent>>,
     /// The host's cluster key: when set, the source must prove it before `Reserve`.
     pub key: Option<ClusterKey>,
+    /// Target-side faults to inject (in-process migrations).
+    pub faults: FaultPlan,
 }
 
 /// The target side of one migration.
@@ -131,6 +135,8 @@ enum Exit {
     PeerAborted(AbortReason),
     /// The link died.
     LinkLost(String),
+    /// Injected: the target host "crashed"; it vanishes without a word.
+    Crash,
 }
 
 #[derive(Debug)]
@@ -174,6 +180,46 @@ impl TargetRun {
         };
         self.finish(exit).await;
         link.do_send(CloseLink);
+    }
+
+    /// A planned target-side fault that fires on `action`: the exit it causes.
+    fn injected(&mut self, action: &ReceiverAction) -> Option<Exit> {
+        if self.params.faults.is_empty() {
+            return None;
+        }
+        // The receiver's action that corresponds to each source stage.
+        let stage = match action {
+            ReceiverAction::Negotiate { .. } => Stage::Premigration,
+            ReceiverAction::Reserve { .. } => Stage::Reservation,
+            ReceiverAction::NoteRound { .. } => Stage::Precopy,
+            ReceiverAction::Suspend { .. } | ReceiverAction::LoadState { .. } => Stage::Stopcopy,
+            _ => return None,
+        };
+        let loading = matches!(action, ReceiverAction::LoadState { .. });
+        let fired = self.params.faults.take(stage, true);
+        for fault in fired {
+            tracing::warn!(fault = fault.name(), "injecting fault");
+            let exit = match fault {
+                FaultKind::TargetCrash => Exit::Crash,
+                FaultKind::RefuseReservation => Exit::Fail(AbortReason::ReservationFailed {
+                    detail: "injected fault: reservation refused".into(),
+                }),
+                FaultKind::FailStateLoad if loading => Exit::Fail(AbortReason::StateLoadFailed {
+                    detail: "injected fault: backend failed loading state".into(),
+                }),
+                FaultKind::FailStateLoad => {
+                    // Suspend comes before the state: keep it for LoadState.
+                    self.params.faults.0.push(super::faults::Fault {
+                        kind: fault,
+                        stage: Stage::Stopcopy,
+                    });
+                    continue;
+                }
+                _ => continue,
+            };
+            return Some(exit);
+        }
+        None
     }
 
     /// Queued behind the host's cap: the Link already answers the source's pings, and the
@@ -290,6 +336,9 @@ impl TargetRun {
                 Err(e) => return violation(e.to_string()),
             };
             self.state = next;
+            if let Some(exit) = self.injected(&action) {
+                return exit;
+            }
             let result = match action {
                 ReceiverAction::Negotiate {
                     capabilities,
@@ -558,6 +607,7 @@ impl TargetRun {
             }
             Exit::PeerAborted(reason) => Some(format!("source aborted: {reason}")),
             Exit::LinkLost(e) => Some(format!("link lost: {e}")),
+            Exit::Crash => Some("injected crash: the target vanished".to_string()),
         };
         // Stop the data plane before anything is released: it writes into guest memory.
         self.plane = None;

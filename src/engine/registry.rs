@@ -373,6 +373,7 @@ impl Engine {
                             step_timeout: req.step_timeout,
                             events: Some(events.clone()),
                             key: target_key,
+                            faults: req.faults.for_target(),
                         },
                     });
                     if !target.connected() {

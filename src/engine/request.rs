@@ -111,6 +111,8 @@ pub struct MigrationRequest {
     pub target_addr: Option<std::net::SocketAddr>,
     /// Parallel TCP data streams (1..=16).
     pub streams: u8,
+    /// Faults to inject (testing failure handling); empty by default.
+    pub faults: super::faults::FaultPlan,
 }
 
 impl MigrationRequest {
@@ -129,6 +131,7 @@ impl MigrationRequest {
             offer: Algorithm::ALL.to_vec(),
             target_addr: None,
             streams: 2,
+            faults: super::faults::FaultPlan::default(),
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::error::{EngineError, Side};
 use super::events::MigrationEvent;
+use super::faults::FaultKind;
 use super::policy::{self, CostInputs, Decision, RoundContext};
 use super::report::{DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation};
 use super::request::MigrationRequest;
@@ -173,6 +174,8 @@ pub(crate) struct SourceRun {
     verification: Duration,
     pulling: bool,
     stage_span: Option<tracing::Span>,
+    plan: super::faults::FaultPlan,
+    fail_pause: bool,
 }
 
 impl std::fmt::Debug for SourceRun {
@@ -188,6 +191,7 @@ impl SourceRun {
     pub fn new(s: SourceSetup) -> Self {
         let now = clock::now();
         let algorithm = s.req.algorithm;
+        let plan = s.req.faults.clone();
         Self {
             s,
             link: None,
@@ -222,6 +226,8 @@ impl SourceRun {
             verification: Duration::ZERO,
             pulling: false,
             stage_span: None,
+            plan,
+            fail_pause: false,
         }
     }
 
@@ -268,6 +274,9 @@ impl SourceRun {
         self.machine = self.machine.enter(stage).map_err(|e| Fail::Local(e.to_string()))?;
         self.current = Some(stage);
         self.s.progress.set_stage(stage);
+        for fault in self.plan.take(stage, false) {
+            self.inject(fault)?;
+        }
         self.stage_started = clock::now();
         self.stage_pages = 0;
         self.stage_bytes = 0;
@@ -276,6 +285,35 @@ impl SourceRun {
         tracing::info!(stage = stage.name(), "stage started");
         let _ = self.s.events.send(MigrationEvent::StageStarted { stage });
         Ok(())
+    }
+
+    /// Carries out a planned source-side fault.
+    fn inject(&mut self, fault: FaultKind) -> Result<(), Fail> {
+        tracing::warn!(fault = fault.name(), "injecting fault");
+        match fault {
+            FaultKind::LinkDrop => {
+                if let Some(link) = self.link.take() {
+                    link.do_send(CloseLink);
+                }
+                if let Some(plane) = &self.plane {
+                    plane.abort();
+                }
+                Err(Fail::Link("injected fault: link dropped".into()))
+            }
+            FaultKind::Cancel => Err(Fail::Cancelled),
+            FaultKind::CorruptFrame => {
+                if let Some(plane) = &self.plane {
+                    plane.corrupt_next_batch();
+                }
+                Ok(())
+            }
+            FaultKind::SourcePauseError => {
+                self.fail_pause = true;
+                Ok(())
+            }
+            // Target-side faults travel with the receiver's parameters.
+            FaultKind::RefuseReservation | FaultKind::FailStateLoad | FaultKind::TargetCrash => Ok(()),
+        }
     }
 
     fn close_stage(&mut self) {
@@ -787,6 +825,9 @@ impl SourceRun {
     /// Pauses the VM (the start of downtime) and takes the final dirty set.
     async fn pause_and_collect(&mut self, mut pages: PageSet) -> Result<PageSet, Fail> {
         let was_running = self.s.guest.is_running();
+        if self.fail_pause {
+            return Err(Fail::Local("injected fault: backend error on pause".into()));
+        }
         self.vm_call(PauseVm).await?.map_err(local)?;
         self.paused_at = Some(clock::now());
         self.paused_by_us = was_running;

@@ -6,6 +6,7 @@ mod algorithms;
 mod auth;
 mod cancel;
 mod embed;
+mod faults;
 mod fuzz;
 mod negotiation;
 mod stall;
