@@ -1,8 +1,9 @@
 //! Fault plans: failures injected on purpose, so that embedders can test their own handling
 //! and the engine's invariants can be checked under every failure.
 //!
-//! A plan is a list of `KIND@STAGE` entries (`link-drop@precopy,refuse-reservation`); an entry
-//! without a stage fires at the first stage where it applies. Source-side faults fire when the
+//! A plan is a list of `KIND[:ARG][@STAGE]` entries (`link-drop@precopy,refuse-reservation`,
+//! `link-stall:500ms@precopy`, `bandwidth-collapse:2MB`); an entry without a stage fires at the
+//! first stage where it applies. Source-side faults fire when the
 //! source enters the stage; target-side faults fire in the receiver's matching action and work
 //! on in-process links (a TCP target runs its own daemon, with its own plan).
 
@@ -29,11 +30,15 @@ pub enum FaultKind {
     FailStateLoad,
     /// The target host crashes: its receiver vanishes without a word.
     TargetCrash,
+    /// No page bytes leave for a while (argument: duration, default 300 ms).
+    LinkStall,
+    /// The link's bandwidth collapses (argument: bytes per second, default 2 MB/s).
+    BandwidthCollapse,
 }
 
 impl FaultKind {
     /// Every kind, in a stable order.
-    pub const ALL: [FaultKind; 7] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::LinkDrop,
         FaultKind::CorruptFrame,
         FaultKind::Cancel,
@@ -41,6 +46,8 @@ impl FaultKind {
         FaultKind::RefuseReservation,
         FaultKind::FailStateLoad,
         FaultKind::TargetCrash,
+        FaultKind::LinkStall,
+        FaultKind::BandwidthCollapse,
     ];
 
     /// The name in a plan and in `migratory_faults_injected_total{kind}`.
@@ -53,6 +60,8 @@ impl FaultKind {
             FaultKind::RefuseReservation => "refuse-reservation",
             FaultKind::FailStateLoad => "fail-state-load",
             FaultKind::TargetCrash => "target-crash",
+            FaultKind::LinkStall => "link-stall",
+            FaultKind::BandwidthCollapse => "bandwidth-collapse",
         }
     }
 
@@ -63,10 +72,23 @@ impl FaultKind {
             FaultKind::LinkDrop | FaultKind::Cancel | FaultKind::TargetCrash => {
                 &[Premigration, Reservation, Precopy, Stopcopy]
             }
-            FaultKind::CorruptFrame => &[Precopy, Stopcopy],
+            FaultKind::CorruptFrame | FaultKind::LinkStall | FaultKind::BandwidthCollapse => &[Precopy, Stopcopy],
             FaultKind::SourcePauseError => &[Stopcopy],
             FaultKind::RefuseReservation => &[Reservation],
             FaultKind::FailStateLoad => &[Stopcopy],
+        }
+    }
+
+    /// True if the migration is expected to survive it (slower, but complete and verified).
+    pub fn survivable(self) -> bool {
+        matches!(self, FaultKind::LinkStall | FaultKind::BandwidthCollapse)
+    }
+
+    fn default_arg(self) -> u64 {
+        match self {
+            FaultKind::LinkStall => 300,
+            FaultKind::BandwidthCollapse => 2_000_000,
+            _ => 0,
         }
     }
 
@@ -92,6 +114,8 @@ pub struct Fault {
     pub kind: FaultKind,
     /// When.
     pub stage: Stage,
+    /// Its argument: milliseconds for a stall, bytes per second for a collapse, else 0.
+    pub arg: u64,
 }
 
 /// A plan that does not parse.
@@ -103,6 +127,16 @@ pub enum FaultPlanError {
     /// An unknown stage name.
     #[error("unknown stage {0:?}")]
     UnknownStage(String),
+    /// An argument that does not parse.
+    #[error("bad argument {arg:?} for {kind}: {detail}")]
+    BadArgument {
+        /// The fault.
+        kind: FaultKind,
+        /// What was given.
+        arg: String,
+        /// What is expected.
+        detail: &'static str,
+    },
     /// A stage where the fault cannot fire.
     #[error("{kind} cannot fire in {stage} (it can in: {allowed})")]
     WrongStage {
@@ -127,13 +161,13 @@ impl FaultPlan {
 
     /// The faults of `side` (target if `on_target`) planned for `stage`, each counted in
     /// `migratory_faults_injected_total` as it is handed out.
-    pub fn take(&mut self, stage: Stage, on_target: bool) -> Vec<FaultKind> {
+    pub fn take(&mut self, stage: Stage, on_target: bool) -> Vec<Fault> {
         let mut fired = Vec::new();
         self.0.retain(|f| {
             let fire = f.stage == stage && f.kind.on_target() == on_target;
             if fire {
                 metrics::counter!(metric::FAULTS_INJECTED_TOTAL, "kind" => f.kind.name()).increment(1);
-                fired.push(f.kind);
+                fired.push(*f);
             }
             !fire
         });
@@ -143,6 +177,37 @@ impl FaultPlan {
     /// The target's share of the plan.
     pub fn for_target(&self) -> FaultPlan {
         FaultPlan(self.0.iter().copied().filter(|f| f.kind.on_target()).collect())
+    }
+}
+
+fn parse_arg(kind: FaultKind, a: &str) -> Result<u64, FaultPlanError> {
+    let bad = |detail| FaultPlanError::BadArgument {
+        kind,
+        arg: a.to_string(),
+        detail,
+    };
+    match kind {
+        FaultKind::LinkStall => {
+            let ms = if let Some(v) = a.strip_suffix("ms") {
+                v.parse::<u64>().ok()
+            } else if let Some(v) = a.strip_suffix('s') {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s >= 0.0)
+                    .map(|s| (s * 1e3) as u64)
+            } else {
+                a.parse::<u64>().ok()
+            };
+            ms.filter(|&ms| ms <= 600_000)
+                .ok_or_else(|| bad("a duration such as 500ms or 2s, at most 10 min"))
+        }
+        FaultKind::BandwidthCollapse => a
+            .parse::<crate::units::ByteSize>()
+            .ok()
+            .map(|b| b.0)
+            .filter(|&b| b >= 1024)
+            .ok_or_else(|| bad("bytes per second such as 2MB, at least 1 KiB")),
+        _ => Err(bad("this fault takes no argument")),
     }
 }
 
@@ -156,14 +221,22 @@ impl FromStr for FaultPlan {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut faults = Vec::new();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let (kind, stage) = match item.split_once('@') {
+            let (head, stage) = match item.split_once('@') {
                 Some((k, st)) => (k, Some(st)),
                 None => (item, None),
+            };
+            let (kind, arg) = match head.split_once(':') {
+                Some((k, a)) => (k, Some(a)),
+                None => (head, None),
             };
             let kind = FaultKind::ALL
                 .into_iter()
                 .find(|k| k.name() == kind)
                 .ok_or_else(|| FaultPlanError::UnknownKind(kind.to_string()))?;
+            let arg = match arg {
+                None => kind.default_arg(),
+                Some(a) => parse_arg(kind, a)?,
+            };
             let stage = match stage {
                 None => kind.stages()[0],
                 Some(name) => {
@@ -178,7 +251,7 @@ impl FromStr for FaultPlan {
                     st
                 }
             };
-            faults.push(Fault { kind, stage });
+            faults.push(Fault { kind, stage, arg });
         }
         Ok(FaultPlan(faults))
     }
@@ -196,11 +269,13 @@ mod tests {
             vec![
                 Fault {
                     kind: FaultKind::LinkDrop,
-                    stage: Stage::Precopy
+                    stage: Stage::Precopy,
+                    arg: 0
                 },
                 Fault {
                     kind: FaultKind::RefuseReservation,
-                    stage: Stage::Reservation
+                    stage: Stage::Reservation,
+                    arg: 0
                 },
             ]
         );
@@ -214,13 +289,29 @@ mod tests {
         ));
         let err = "fail-state-load@precopy".parse::<FaultPlan>().expect_err("wrong stage");
         assert!(err.to_string().contains("can in: stopcopy"), "{err}");
+        let p: FaultPlan = "link-stall:2s@stopcopy,bandwidth-collapse:1MB".parse().expect("plan");
+        assert_eq!(
+            (p.0[0].arg, p.0[1].arg, p.0[1].stage),
+            (2000, 1_000_000, Stage::Precopy)
+        );
+        assert!(matches!(
+            "link-stall:soon".parse::<FaultPlan>(),
+            Err(FaultPlanError::BadArgument { .. })
+        ));
+        assert!(matches!(
+            "cancel:3".parse::<FaultPlan>(),
+            Err(FaultPlanError::BadArgument { .. })
+        ));
     }
 
     #[test]
     fn test_take_fires_once_on_its_side() {
         let mut p: FaultPlan = "cancel@precopy,target-crash@precopy".parse().expect("plan");
         assert_eq!(p.take(Stage::Reservation, false), vec![]);
-        assert_eq!(p.take(Stage::Precopy, false), vec![FaultKind::Cancel]);
+        assert_eq!(
+            p.take(Stage::Precopy, false).iter().map(|f| f.kind).collect::<Vec<_>>(),
+            vec![FaultKind::Cancel]
+        );
         assert_eq!(p.take(Stage::Precopy, false), vec![]);
         assert_eq!(p.for_target().0.len(), 1);
     }

@@ -198,8 +198,8 @@ impl TargetRun {
         let loading = matches!(action, ReceiverAction::LoadState { .. });
         let fired = self.params.faults.take(stage, true);
         for fault in fired {
-            tracing::warn!(fault = fault.name(), "injecting fault");
-            let exit = match fault {
+            tracing::warn!(fault = fault.kind.name(), "injecting fault");
+            let exit = match fault.kind {
                 FaultKind::TargetCrash => Exit::Crash,
                 FaultKind::RefuseReservation => Exit::Fail(AbortReason::ReservationFailed {
                     detail: "injected fault: reservation refused".into(),
@@ -209,10 +209,7 @@ impl TargetRun {
                 }),
                 FaultKind::FailStateLoad => {
                     // Suspend comes before the state: keep it for LoadState.
-                    self.params.faults.0.push(super::faults::Fault {
-                        kind: fault,
-                        stage: Stage::Stopcopy,
-                    });
+                    self.params.faults.0.push(fault);
                     continue;
                 }
                 _ => continue,

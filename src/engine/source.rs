@@ -288,9 +288,17 @@ impl SourceRun {
     }
 
     /// Carries out a planned source-side fault.
-    fn inject(&mut self, fault: FaultKind) -> Result<(), Fail> {
-        tracing::warn!(fault = fault.name(), "injecting fault");
-        match fault {
+    fn inject(&mut self, fault: super::faults::Fault) -> Result<(), Fail> {
+        tracing::warn!(fault = fault.kind.name(), arg = fault.arg, "injecting fault");
+        match fault.kind {
+            FaultKind::LinkStall => {
+                self.s.end.data_tx.stall(Duration::from_millis(fault.arg));
+                Ok(())
+            }
+            FaultKind::BandwidthCollapse => {
+                self.s.end.data_tx.collapse(fault.arg);
+                Ok(())
+            }
             FaultKind::LinkDrop => {
                 if let Some(link) = self.link.take() {
                     link.do_send(CloseLink);

@@ -44,6 +44,7 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             budgets: a_budgets,
             latency: shaping.latency,
             _alive: None,
+            injected: Default::default(),
         },
         data_rx: DataReceiver {
             rx: d_ba_rx,
@@ -64,6 +65,7 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             budgets: cap().into_iter().collect(),
             latency: shaping.latency,
             _alive: None,
+            injected: Default::default(),
         },
         data_rx: DataReceiver {
             rx: d_ab_rx,

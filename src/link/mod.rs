@@ -75,6 +75,14 @@ pub struct ControlChannel {
 /// Frames in flight on the urgent lane (post-copy pulls).
 pub const URGENT_CHANNEL_FRAMES: usize = 64;
 
+/// Faults injected into a link's data path: a stall (no bytes until an instant) and a
+/// bandwidth collapse (an extra, low rate).
+#[derive(Debug, Default)]
+pub struct InjectedLinkFaults {
+    stall_until: Mutex<Option<Instant>>,
+    collapse: Mutex<Option<TokenBucket>>,
+}
+
 /// Sends page batch frames to the peer, shaped by the link's shared bandwidth budget. Two
 /// lanes: bulk frames, and urgent frames (post-copy pulls) that never queue behind bulk ones,
 /// as QEMU's post-copy preempt channel does.
@@ -88,16 +96,44 @@ pub struct DataSender {
     /// Held while anyone may send; socket writers blocked on a stalled peer give up when the
     /// last clone is gone.
     _alive: Option<Arc<()>>,
+    /// Injected stalls and collapses, shared by every clone.
+    injected: Arc<InjectedLinkFaults>,
 }
 
 impl DataSender {
+    /// Fault injection: no bytes leave until `duration` has passed.
+    pub fn stall(&self, duration: Duration) {
+        *self.injected.stall_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + duration);
+    }
+
+    /// Fault injection: from now on the link carries at most `bytes_per_sec`.
+    pub fn collapse(&self, bytes_per_sec: u64) {
+        *self.injected.collapse.lock().unwrap_or_else(|p| p.into_inner()) = Some(TokenBucket::new(bytes_per_sec));
+    }
+
     fn pace(&self, bytes: usize, stop: &AtomicBool) {
-        let wait = self
+        let budgets = self
             .budgets
             .iter()
             .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).take(bytes as u64))
             .max()
             .unwrap_or_default();
+        let collapsed = self
+            .injected
+            .collapse
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .map(|b| b.take(bytes as u64))
+            .unwrap_or_default();
+        let stalled = self
+            .injected
+            .stall_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        let wait = budgets.max(collapsed).max(stalled);
         // In slices, so that a cancel is not held up by a long wait on a slow link.
         let until = Instant::now() + wait;
         while !stop.load(Ordering::Acquire) {

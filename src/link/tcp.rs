@@ -392,6 +392,7 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
             budgets,
             latency: Duration::ZERO,
             _alive: Some(sending),
+            injected: Default::default(),
         },
         data_rx: DataReceiver {
             rx: in_bulk_rx,
