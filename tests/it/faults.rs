@@ -10,6 +10,14 @@ use migratory::protocol::Algorithm;
 
 use crate::common::{self, MIB, TIMEOUT};
 
+/// One line of the printed matrix.
+fn row(cols: [&str; 6]) -> String {
+    format!(
+        "{:<20} {:<13} {:<14} {:<10} {:<8} {}",
+        cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
+    )
+}
+
 fn reaches(alg: Algorithm, stage: Stage) -> bool {
     stage != Stage::Precopy || matches!(alg, Algorithm::Precopy | Algorithm::Hybrid | Algorithm::Auto)
 }
@@ -23,10 +31,7 @@ async fn test_invariant_matrix_before_commitment() {
         Algorithm::Hybrid,
         Algorithm::Auto,
     ];
-    let mut table = vec![format!(
-        "{:<20} {:<13} {:<14} {:<10} {:<8} {}",
-        "fault", "stage", "algorithm", "outcome", "vm on", "target holds"
-    )];
+    let mut table = vec![row(["fault", "stage", "algorithm", "outcome", "vm on", "target holds"])];
     let mut cases = 0;
     for kind in FaultKind::ALL {
         for &stage in kind.stages() {
@@ -87,15 +92,14 @@ async fn test_invariant_matrix_before_commitment() {
                     common::assert_runs_only_on(&e, "dst", "src", &vm).await;
                     let usage = e.host_usage("src").await.expect("usage");
                     assert_eq!((usage.vms, usage.committed_bytes), (0, 0), "{case}: source freed");
-                    table.push(format!(
-                        "{:<20} {:<13} {:<14} {:<10} {:<8} {}",
+                    table.push(row([
                         kind.name(),
                         stage.name(),
                         alg.name(),
                         report.result.label(),
                         "target",
-                        "the VM, verified"
-                    ));
+                        "the VM, verified",
+                    ]));
                     continue;
                 }
                 assert_ne!(
@@ -119,15 +123,14 @@ async fn test_invariant_matrix_before_commitment() {
                     "{case}: target holds nothing"
                 );
                 common::assert_runs_only_on(&e, "src", "dst", &vm).await;
-                table.push(format!(
-                    "{:<20} {:<13} {:<14} {:<10} {:<8} {}",
+                table.push(row([
                     kind.name(),
                     stage.name(),
                     alg.name(),
                     report.result.label(),
                     "source",
-                    "nothing"
-                ));
+                    "nothing",
+                ]));
             }
         }
     }
