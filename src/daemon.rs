@@ -287,6 +287,10 @@ struct StartMigration {
     /// in-process target).
     #[serde(default)]
     faults: Option<String>,
+    /// Post-copy: seconds to keep reconnecting after the link fails in the pull phase (0 turns
+    /// recovery off; default 60).
+    #[serde(default)]
+    recovery_timeout_s: Option<f64>,
 }
 
 async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration>) -> HttpResponse {
@@ -334,6 +338,12 @@ async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration
         req.streams = s;
     }
     req.shaping.bandwidth_bytes_per_sec = b.bandwidth_bytes_per_sec;
+    if let Some(s) = b.recovery_timeout_s {
+        if !(0.0..=86_400.0).contains(&s) {
+            return bad(StatusCode::BAD_REQUEST, format!("recovery_timeout_s {s} out of range"));
+        }
+        req.recovery_timeout = Duration::from_secs_f64(s);
+    }
     if let Some(ms) = b.downtime_limit_ms {
         if !(0.0..=3_600_000.0).contains(&ms) {
             return bad(StatusCode::BAD_REQUEST, format!("downtime_limit_ms {ms} out of range"));

@@ -83,9 +83,13 @@ struct DemoArgs {
     /// Serve the metrics on ADDR (`GET /metrics`) while the demo runs.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
-    /// Faults to inject: `KIND[@STAGE],...` (see README, "Fault injection").
+    /// Faults to inject: `KIND[:ARG][@WHEN],...` (see README, "Fault injection").
     #[arg(long, value_name = "SPEC")]
     fault: Option<migratory::engine::FaultPlan>,
+    /// Post-copy: seconds to keep reconnecting after the link fails in the pull phase (0: no
+    /// recovery).
+    #[arg(long, default_value_t = 60.0)]
+    recovery_timeout: f64,
     /// With --metrics: keep serving after the demo ends, until interrupted.
     #[arg(long, requires = "metrics")]
     hold: bool,
@@ -150,7 +154,7 @@ fn demo(args: DemoArgs) -> ExitCode {
                     std::thread::park();
                 }
             }
-            if report.result == migratory::engine::Outcome::Completed && report.verified {
+            if report.result.succeeded() && report.verified {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -198,6 +202,7 @@ async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine:
     if let Some(plan) = &args.fault {
         req.faults = plan.clone();
     }
+    req.recovery_timeout = Duration::from_secs_f64(args.recovery_timeout.clamp(0.0, 86_400.0));
     let mut started = engine.start_migration(req).await?;
     let progress = if args.json {
         None
@@ -321,7 +326,7 @@ fn print_report(r: &MigrationReport) {
     }
     if r.verified {
         println!("verified        true: target memory equals source memory at pause; vCPU state identical");
-    } else if r.result != migratory::engine::Outcome::Completed {
+    } else if !r.result.succeeded() {
         println!("verified        false: the migration did not complete");
     } else {
         println!("verified        false: pages differ: {:?}", r.mismatched_pages);

@@ -6,16 +6,19 @@
 //! its test. Tests wait on conditions with [`wait_until`] (one [`TIMEOUT`], short polling),
 //! never on fixed sleeps.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "support/serve.rs"]
+mod serve;
 
 const BIN: &str = env!("CARGO_BIN_EXE_migratory");
 
@@ -81,64 +84,20 @@ struct Daemon {
 impl Daemon {
     /// Starts `migratory serve` on ephemeral ports and waits for its ready line.
     fn start(name: &str, layout: &str, extra: &[&str]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--api",
-                "127.0.0.1:0",
-                "--name",
-                name,
-                "--layout",
-                layout,
-            ])
-            .args(extra)
-            .env_remove("MIGRATORY_CLUSTER_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {BIN} serve: {e}"));
-        let pipe = child.stderr.take().expect("stderr is piped");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (lines_tx, lines) = mpsc::channel::<String>();
-        let log = Arc::clone(&stderr);
-        thread::spawn(move || {
-            let mut pipe = BufReader::new(pipe);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match pipe.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                log.lock().unwrap_or_else(|p| p.into_inner()).push(line.clone());
-                // Nobody listens once the ready line was found; keep draining regardless.
-                let _ = lines_tx.send(line);
-            }
-        });
-        let prefix = format!("migratory: host {name} serving migrations on ");
-        let deadline = Instant::now() + TIMEOUT;
-        let ready = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(&prefix) {
-                        break rest.to_string();
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let status = child.wait();
-                    panic!(
-                        "daemon {name} never printed its ready line ({e:?}; exit {status:?}); stderr:\n{}",
-                        stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
-                    );
-                }
-            }
-        };
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--name",
+            name,
+            "--layout",
+            layout,
+        ])
+        .args(extra);
+        let serve::Started { child, stderr, ready } = serve::start(cmd, name, TIMEOUT);
         let (migration, api) = ready
             .split_once(", API on ")
             .unwrap_or_else(|| panic!("unexpected ready line tail {ready:?}"));

@@ -237,6 +237,7 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         "streams": args.streams,
         "bandwidth_bytes_per_sec": args.bandwidth.map(|b| b.0),
         "downtime_limit_ms": args.downtime_limit_ms,
+        "recovery_timeout_s": args.recovery_timeout,
     });
     if let (Some(fault), Some(map)) = (&args.fault, body.as_object_mut()) {
         map.insert("faults".into(), json!(fault));
@@ -480,6 +481,7 @@ mod tests {
             wait,
             json: false,
             fault: None,
+            recovery_timeout: 60.0,
             api: api(server),
         }
     }
@@ -570,7 +572,8 @@ mod tests {
         assert_eq!(
             body,
             json!({"vm": "vm1", "to": "127.0.0.1:7001", "algorithm": "precopy", "streams": 2,
-                   "bandwidth_bytes_per_sec": 1000000000u64, "downtime_limit_ms": 300.0})
+                   "bandwidth_bytes_per_sec": 1000000000u64, "downtime_limit_ms": 300.0,
+                   "recovery_timeout_s": 60.0})
         );
     }
 

@@ -153,9 +153,13 @@ pub struct MigrateArgs {
     /// Poll until the migration ends, print its final line, and exit non-zero unless it completed.
     #[arg(long)]
     pub wait: bool,
-    /// Faults to inject: `KIND[@STAGE],...` (see the README).
+    /// Faults to inject: `KIND[:ARG][@WHEN],...` (see the README).
     #[arg(long, value_name = "SPEC")]
     pub fault: Option<String>,
+    /// Post-copy: seconds to keep reconnecting after the link fails in the pull phase (0: no
+    /// recovery).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub recovery_timeout: f64,
     /// With --wait: print the final report as one JSON object instead of the summary line.
     #[arg(long, requires = "wait")]
     pub json: bool,

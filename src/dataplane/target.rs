@@ -20,8 +20,10 @@ use crate::vmm::Guest;
 /// digest of every page as received (the target side of verification).
 #[derive(Debug)]
 pub struct TargetPlane {
+    guest: Arc<dyn Guest>,
     applied: watch::Receiver<u64>,
     digests: Arc<Vec<AtomicU64>>,
+    received_bytes: Arc<AtomicU64>,
     error: Arc<Mutex<Option<DataPlaneError>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -34,28 +36,64 @@ impl TargetPlane {
     /// Starts the thread writing batches from `link` into `guest`'s memory.
     pub fn spawn(guest: Arc<dyn Guest>, link: DataReceiver, pool: FramePool) -> Result<Self, DataPlaneError> {
         let pages = guest.memory().page_count();
-        let digests: Arc<Vec<AtomicU64>> = Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect());
-        let (tx, applied) = watch::channel(0u64);
-        let error = Arc::new(Mutex::new(None));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (d, e, halt) = (Arc::clone(&digests), Arc::clone(&error), Arc::clone(&stop));
+        let mut plane = Self {
+            guest,
+            applied: watch::channel(0u64).1,
+            digests: Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect()),
+            received_bytes: Arc::new(AtomicU64::new(0)),
+            error: Arc::new(Mutex::new(None)),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+        };
+        plane.start(link, pool)?;
+        Ok(plane)
+    }
+
+    /// Post-copy recovery: stops the thread of the lost link and applies batches from the new
+    /// one, keeping the digests recorded so far and the batch count. Earlier [`Self::watch`]
+    /// receivers see the old thread end; take new ones.
+    pub fn reattach(&mut self, link: DataReceiver, pool: FramePool) -> Result<(), DataPlaneError> {
+        self.halt();
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.stop.store(false, Ordering::Release);
+        self.start(link, pool)
+    }
+
+    fn start(&mut self, link: DataReceiver, pool: FramePool) -> Result<(), DataPlaneError> {
+        // Each thread owns its sender: when it ends, every watcher of its count learns so.
+        let (tx, applied) = watch::channel(self.applied());
+        let guest = Arc::clone(&self.guest);
+        let (d, e, halt, bytes) = (
+            Arc::clone(&self.digests),
+            Arc::clone(&self.error),
+            Arc::clone(&self.stop),
+            Arc::clone(&self.received_bytes),
+        );
         let thread = std::thread::Builder::new()
             .name("migratory-recv".into())
             .spawn(move || {
-                if let Err(err) = apply_loop(guest.as_ref(), &link, &pool, &d, &tx, &halt) {
+                if let Err(err) = apply_loop(guest.as_ref(), &link, &pool, &d, &tx, &halt, &bytes) {
                     *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
                     // Wake anyone waiting on the count so they see the error.
                     tx.send_modify(|_| {});
                 }
             })
             .map_err(|e| DataPlaneError::Spawn(e.to_string()))?;
-        Ok(Self {
-            applied,
-            digests,
-            error,
-            stop,
-            thread: Some(thread),
-        })
+        self.applied = applied;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Page-batch bytes received so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received_bytes.load(Ordering::Relaxed)
     }
 
     /// The error that stopped the thread, if any.
@@ -112,10 +150,7 @@ impl Drop for TargetPlane {
     fn drop(&mut self) {
         // Joined here, so that once the plane is gone nothing writes into guest memory that a
         // host may be about to release.
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.halt();
     }
 }
 
@@ -126,6 +161,7 @@ fn apply_loop(
     digests: &[AtomicU64],
     applied: &watch::Sender<u64>,
     stop: &AtomicBool,
+    received_bytes: &AtomicU64,
 ) -> Result<(), DataPlaneError> {
     let memory = guest.memory();
     let pages = memory.page_count();
@@ -142,6 +178,7 @@ fn apply_loop(
             DataRecv::Idle => continue,
             DataRecv::Closed => return Ok(()),
         };
+        received_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
         let body = frame_body(&frame).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
         let batch = PageBatch::decode(body).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
         let postcopy = batch.flags & FLAG_POSTCOPY != 0;

@@ -96,6 +96,20 @@ pub enum EngineError {
         /// Milliseconds waited.
         after_ms: u64,
     },
+    /// Post-copy recovery did not happen in time.
+    #[error(
+        "post-copy recovery failed: the link was lost in the pull phase ({cause}) and no new link \
+         carried it on within {after_ms} ms (last attempt: {last}); the VM stays paused on the \
+         target and the source keeps the pages it lacks"
+    )]
+    PostcopyRecovery {
+        /// What broke the link.
+        cause: String,
+        /// Why the last reconnection attempt failed.
+        last: String,
+        /// The recovery timeout.
+        after_ms: u64,
+    },
     /// A data-plane or internal failure.
     #[error("{0}")]
     Internal(String),

@@ -51,6 +51,25 @@ pub enum MigrationEvent {
         /// Host that announced.
         host: String,
     },
+    /// Post-copy: the link failed in the pull phase. The target paused the guest; the source
+    /// tries to reconnect within its recovery timeout.
+    PullInterrupted {
+        /// Which side saw it.
+        side: super::error::Side,
+        /// What failed.
+        reason: String,
+        /// Target side: pages it still lacked (the guest is paused if any); source side: 0.
+        missing_pages: u64,
+    },
+    /// Post-copy: a new link carries the pull phase on.
+    PullResumed {
+        /// Which side.
+        side: super::error::Side,
+        /// Recoveries so far in this migration.
+        recoveries: u32,
+        /// Pages still missing on the target when it resumed.
+        missing_pages: u64,
+    },
     /// The target side stopped early, and why (in-process migrations only).
     TargetStopped {
         /// What ended it.

@@ -1,11 +1,14 @@
 //! Fault plans: failures injected on purpose, so that embedders can test their own handling
 //! and the engine's invariants can be checked under every failure.
 //!
-//! A plan is a list of `KIND[:ARG][@STAGE]` entries (`link-drop@precopy,refuse-reservation`,
-//! `link-stall:500ms@precopy`, `bandwidth-collapse:2MB`); an entry without a stage fires at the
-//! first stage where it applies. Source-side faults fire when the
-//! source enters the stage; target-side faults fire in the receiver's matching action and work
-//! on in-process links (a TCP target runs its own daemon, with its own plan).
+//! A plan is a list of `KIND[:ARG][@WHEN]` entries (`link-drop@precopy,refuse-reservation`,
+//! `link-stall:500ms@precopy`, `bandwidth-collapse:2MB`, `link-drop@64MiB`,
+//! `postcopy-link-loss:2s@128MiB`, `cancel@1.5s`). WHEN is a stage, a byte count (fires once that
+//! many page bytes have left the source) or a time (since the migration started); without it
+//! the fault fires at the first stage where it applies. A byte or time trigger that passes in a
+//! stage where its fault cannot fire waits for the next stage where it can. Source-side faults
+//! fire when the source enters the stage; target-side faults fire in the receiver's matching
+//! action and work on in-process links (a TCP target runs its own daemon, with its own plan).
 
 use std::fmt;
 use std::str::FromStr;
@@ -34,11 +37,15 @@ pub enum FaultKind {
     LinkStall,
     /// The link's bandwidth collapses (argument: bytes per second, default 2 MB/s).
     BandwidthCollapse,
+    /// In post-copy's pull phase the link goes down and comes back after a while (argument:
+    /// duration, default 1 s): the target pauses the guest, the source reconnects and the pull
+    /// resumes where it stopped.
+    PostcopyLinkLoss,
 }
 
 impl FaultKind {
     /// Every kind, in a stable order.
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::LinkDrop,
         FaultKind::CorruptFrame,
         FaultKind::Cancel,
@@ -48,6 +55,7 @@ impl FaultKind {
         FaultKind::TargetCrash,
         FaultKind::LinkStall,
         FaultKind::BandwidthCollapse,
+        FaultKind::PostcopyLinkLoss,
     ];
 
     /// The name in a plan and in `migratory_faults_injected_total{kind}`.
@@ -62,6 +70,7 @@ impl FaultKind {
             FaultKind::TargetCrash => "target-crash",
             FaultKind::LinkStall => "link-stall",
             FaultKind::BandwidthCollapse => "bandwidth-collapse",
+            FaultKind::PostcopyLinkLoss => "postcopy-link-loss",
         }
     }
 
@@ -76,17 +85,31 @@ impl FaultKind {
             FaultKind::SourcePauseError => &[Stopcopy],
             FaultKind::RefuseReservation => &[Reservation],
             FaultKind::FailStateLoad => &[Stopcopy],
+            FaultKind::PostcopyLinkLoss => &[Pull],
         }
+    }
+
+    /// True if the fault may also fire on a byte count or a time: it does not belong to one
+    /// protocol step.
+    pub fn takes_threshold(self) -> bool {
+        !matches!(
+            self,
+            FaultKind::SourcePauseError | FaultKind::RefuseReservation | FaultKind::FailStateLoad
+        )
     }
 
     /// True if the migration is expected to survive it (slower, but complete and verified).
     pub fn survivable(self) -> bool {
-        matches!(self, FaultKind::LinkStall | FaultKind::BandwidthCollapse)
+        matches!(
+            self,
+            FaultKind::LinkStall | FaultKind::BandwidthCollapse | FaultKind::PostcopyLinkLoss
+        )
     }
 
     fn default_arg(self) -> u64 {
         match self {
             FaultKind::LinkStall => 300,
+            FaultKind::PostcopyLinkLoss => 1000,
             FaultKind::BandwidthCollapse => 2_000_000,
             _ => 0,
         }
@@ -107,15 +130,53 @@ impl fmt::Display for FaultKind {
     }
 }
 
+/// A trigger other than a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threshold {
+    /// Once this many page bytes have left the source (received, on the target).
+    Bytes(u64),
+    /// This long after the migration started.
+    Elapsed(std::time::Duration),
+}
+
+impl fmt::Display for Threshold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Threshold::Bytes(b) => write!(f, "{}", crate::units::ByteSize(*b)),
+            Threshold::Elapsed(d) => write!(f, "{}ms", d.as_millis()),
+        }
+    }
+}
+
 /// One planned fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
     /// What.
     pub kind: FaultKind,
-    /// When.
+    /// When: the stage it fires at, or with `after`, the first stage where it may.
     pub stage: Stage,
-    /// Its argument: milliseconds for a stall, bytes per second for a collapse, else 0.
+    /// Its argument: milliseconds for a stall or a post-copy link loss, bytes per second for a
+    /// collapse, else 0.
     pub arg: u64,
+    /// A byte or time trigger instead of the stage's start.
+    pub after: Option<Threshold>,
+}
+
+impl Fault {
+    /// True if the fault fires when `stage` starts.
+    fn at_start_of(&self, stage: Stage) -> bool {
+        self.after.is_none() && self.stage == stage
+    }
+
+    /// True if a passed threshold lets the fault fire now, in `stage`.
+    pub fn due(&self, stage: Stage, bytes: u64, elapsed: std::time::Duration) -> bool {
+        let passed = match self.after {
+            Some(Threshold::Bytes(b)) => bytes >= b,
+            Some(Threshold::Elapsed(d)) => elapsed >= d,
+            None => return false,
+        };
+        passed && self.kind.stages().contains(&stage)
+    }
 }
 
 /// A plan that does not parse.
@@ -136,6 +197,14 @@ pub enum FaultPlanError {
         arg: String,
         /// What is expected.
         detail: &'static str,
+    },
+    /// A fault tied to one protocol step, given a byte or time trigger.
+    #[error("{kind} fires at a stage only (it belongs to one protocol step), not after {after}")]
+    NoThreshold {
+        /// The fault.
+        kind: FaultKind,
+        /// The trigger given.
+        after: Threshold,
     },
     /// A stage where the fault cannot fire.
     #[error("{kind} cannot fire in {stage} (it can in: {allowed})")]
@@ -162,9 +231,25 @@ impl FaultPlan {
     /// The faults of `side` (target if `on_target`) planned for `stage`, each counted in
     /// `migratory_faults_injected_total` as it is handed out.
     pub fn take(&mut self, stage: Stage, on_target: bool) -> Vec<Fault> {
+        self.take_where(|f| f.at_start_of(stage) && f.kind.on_target() == on_target)
+    }
+
+    /// The faults of `side` whose byte or time trigger has passed and that may fire in `stage`.
+    pub fn take_due(&mut self, stage: Stage, on_target: bool, bytes: u64, elapsed: std::time::Duration) -> Vec<Fault> {
+        self.take_where(|f| f.kind.on_target() == on_target && f.due(stage, bytes, elapsed))
+    }
+
+    /// True if a fault of `side` waits on a byte or time trigger.
+    pub fn has_thresholds(&self, on_target: bool) -> bool {
+        self.0
+            .iter()
+            .any(|f| f.after.is_some() && f.kind.on_target() == on_target)
+    }
+
+    fn take_where(&mut self, fire: impl Fn(&Fault) -> bool) -> Vec<Fault> {
         let mut fired = Vec::new();
         self.0.retain(|f| {
-            let fire = f.stage == stage && f.kind.on_target() == on_target;
+            let fire = fire(f);
             if fire {
                 metrics::counter!(metric::FAULTS_INJECTED_TOTAL, "kind" => f.kind.name()).increment(1);
                 fired.push(*f);
@@ -187,20 +272,9 @@ fn parse_arg(kind: FaultKind, a: &str) -> Result<u64, FaultPlanError> {
         detail,
     };
     match kind {
-        FaultKind::LinkStall => {
-            let ms = if let Some(v) = a.strip_suffix("ms") {
-                v.parse::<u64>().ok()
-            } else if let Some(v) = a.strip_suffix('s') {
-                v.parse::<f64>()
-                    .ok()
-                    .filter(|s| s.is_finite() && *s >= 0.0)
-                    .map(|s| (s * 1e3) as u64)
-            } else {
-                a.parse::<u64>().ok()
-            };
-            ms.filter(|&ms| ms <= 600_000)
-                .ok_or_else(|| bad("a duration such as 500ms or 2s, at most 10 min"))
-        }
+        FaultKind::LinkStall | FaultKind::PostcopyLinkLoss => millis(a)
+            .filter(|&ms| ms <= 600_000)
+            .ok_or_else(|| bad("a duration such as 500ms or 2s, at most 10 min")),
         FaultKind::BandwidthCollapse => a
             .parse::<crate::units::ByteSize>()
             .ok()
@@ -211,8 +285,47 @@ fn parse_arg(kind: FaultKind, a: &str) -> Result<u64, FaultPlanError> {
     }
 }
 
+/// `500ms`, `2s`, `1.5s` or a bare number of milliseconds.
+fn millis(a: &str) -> Option<u64> {
+    if let Some(v) = a.strip_suffix("ms") {
+        v.parse::<u64>().ok()
+    } else if let Some(v) = a.strip_suffix('s') {
+        v.parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| (s * 1e3) as u64)
+    } else {
+        a.parse::<u64>().ok()
+    }
+}
+
 fn stage_named(s: &str) -> Option<Stage> {
     Stage::ALL.into_iter().find(|st| st.name() == s)
+}
+
+/// The WHEN of an entry: a stage, a byte count with a unit (`64MiB`, `1GB`, `4096B`), or a
+/// time with a unit (`500ms`, `2s`).
+enum When {
+    Stage(Stage),
+    After(Threshold),
+}
+
+fn when(s: &str) -> Result<When, FaultPlanError> {
+    if let Some(st) = stage_named(s) {
+        return Ok(When::Stage(st));
+    }
+    let starts_numeric = s.starts_with(|c: char| c.is_ascii_digit());
+    if starts_numeric && (s.ends_with("ms") || (s.ends_with('s') && !s.ends_with("Bs"))) {
+        if let Some(ms) = millis(s).filter(|&ms| ms <= 3_600_000) {
+            return Ok(When::After(Threshold::Elapsed(std::time::Duration::from_millis(ms))));
+        }
+    }
+    if starts_numeric && s.ends_with(['B', 'b']) {
+        if let Ok(b) = s.parse::<crate::units::ByteSize>() {
+            return Ok(When::After(Threshold::Bytes(b.0)));
+        }
+    }
+    Err(FaultPlanError::UnknownStage(s.to_string()))
 }
 
 impl FromStr for FaultPlan {
@@ -237,10 +350,15 @@ impl FromStr for FaultPlan {
                 None => kind.default_arg(),
                 Some(a) => parse_arg(kind, a)?,
             };
-            let stage = match stage {
-                None => kind.stages()[0],
-                Some(name) => {
-                    let st = stage_named(name).ok_or_else(|| FaultPlanError::UnknownStage(name.to_string()))?;
+            let (stage, after) = match stage.map(when).transpose()? {
+                None => (kind.stages()[0], None),
+                Some(When::After(t)) => {
+                    if !kind.takes_threshold() {
+                        return Err(FaultPlanError::NoThreshold { kind, after: t });
+                    }
+                    (kind.stages()[0], Some(t))
+                }
+                Some(When::Stage(st)) => {
                     if !kind.stages().contains(&st) {
                         return Err(FaultPlanError::WrongStage {
                             kind,
@@ -248,10 +366,15 @@ impl FromStr for FaultPlan {
                             allowed: kind.stages().iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
                         });
                     }
-                    st
+                    (st, None)
                 }
             };
-            faults.push(Fault { kind, stage, arg });
+            faults.push(Fault {
+                kind,
+                stage,
+                arg,
+                after,
+            });
         }
         Ok(FaultPlan(faults))
     }
@@ -270,12 +393,14 @@ mod tests {
                 Fault {
                     kind: FaultKind::LinkDrop,
                     stage: Stage::Precopy,
-                    arg: 0
+                    arg: 0,
+                    after: None
                 },
                 Fault {
                     kind: FaultKind::RefuseReservation,
                     stage: Stage::Reservation,
-                    arg: 0
+                    arg: 0,
+                    after: None
                 },
             ]
         );
@@ -302,6 +427,49 @@ mod tests {
             "cancel:3".parse::<FaultPlan>(),
             Err(FaultPlanError::BadArgument { .. })
         ));
+    }
+
+    #[test]
+    fn test_byte_and_time_triggers() {
+        let p: FaultPlan = "link-drop@64MiB, cancel@1.5s, postcopy-link-loss:2s@1GB, target-crash@250ms"
+            .parse()
+            .expect("plan");
+        let after: Vec<_> = p.0.iter().map(|f| f.after).collect();
+        assert_eq!(
+            after,
+            vec![
+                Some(Threshold::Bytes(64 << 20)),
+                Some(Threshold::Elapsed(std::time::Duration::from_millis(1500))),
+                Some(Threshold::Bytes(1_000_000_000)),
+                Some(Threshold::Elapsed(std::time::Duration::from_millis(250))),
+            ]
+        );
+        assert_eq!(p.0[2].arg, 2000);
+        let err = "refuse-reservation@1MiB".parse::<FaultPlan>().expect_err("step-bound");
+        assert!(matches!(err, FaultPlanError::NoThreshold { .. }), "{err}");
+        assert!(matches!(
+            "link-drop@soon".parse::<FaultPlan>(),
+            Err(FaultPlanError::UnknownStage(_))
+        ));
+
+        // A passed trigger waits for a stage where its fault can fire.
+        let mut p: FaultPlan = "link-stall:1s@1MiB,postcopy-link-loss@2MiB".parse().expect("plan");
+        let zero = std::time::Duration::ZERO;
+        assert!(p.take(Stage::Precopy, false).is_empty(), "not at the stage's start");
+        assert!(p.take_due(Stage::Precopy, false, 1 << 19, zero).is_empty());
+        assert!(p.take_due(Stage::Reservation, false, 4 << 20, zero).is_empty());
+        let fired = p.take_due(Stage::Precopy, false, 4 << 20, zero);
+        assert_eq!(
+            fired.iter().map(|f| f.kind).collect::<Vec<_>>(),
+            vec![FaultKind::LinkStall]
+        );
+        assert!(p.has_thresholds(false));
+        let fired = p.take_due(Stage::Pull, false, 4 << 20, zero);
+        assert_eq!(
+            fired.iter().map(|f| f.kind).collect::<Vec<_>>(),
+            vec![FaultKind::PostcopyLinkLoss]
+        );
+        assert!(p.is_empty());
     }
 
     #[test]

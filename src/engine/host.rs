@@ -7,7 +7,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::error::EngineError;
-use super::receiver::{AbortIncoming, Receiver, ReceiverParams};
+use super::receiver::{AbortIncoming, Handover, Receiver, ReceiverParams};
 use super::request::HostConfig;
 use crate::format::{MacAddr, NicConfig, VmConfig, VmId};
 use crate::link::{tcp, Keepalive, LinkEnd};
@@ -32,6 +32,8 @@ pub struct Host {
     rejected: Arc<AtomicU64>,
     receivers: Vec<Addr<Receiver>>,
     incoming_queue: std::collections::VecDeque<(Addr<Receiver>, tokio::sync::oneshot::Sender<()>)>,
+    /// Post-copy migrations in their pull phase, by VM: where a recovery link is handed.
+    recoverable: HashMap<String, tokio::sync::mpsc::Sender<Handover>>,
 }
 
 impl Host {
@@ -51,6 +53,7 @@ impl Host {
             rejected: Arc::new(AtomicU64::new(0)),
             receivers: Vec::new(),
             incoming_queue: std::collections::VecDeque::new(),
+            recoverable: HashMap::new(),
         }
     }
 
@@ -88,6 +91,7 @@ impl Actor for Host {
                                 events: None,
                                 key: key.clone(),
                                 faults: Default::default(),
+                                recovery_timeout: super::request::DEFAULT_RECOVERY_TIMEOUT,
                             },
                         });
                     }
@@ -446,5 +450,46 @@ impl Handler<GetCapabilities> for Host {
     type Result = MessageResult<GetCapabilities>;
     fn handle(&mut self, _: GetCapabilities, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.capabilities())
+    }
+}
+
+/// A post-copy migration of `vm` entered its pull phase: a recovery link for it goes to `to`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RegisterRecoverable {
+    /// The VM.
+    pub vm: String,
+    /// Where its receiver takes a new link.
+    pub to: tokio::sync::mpsc::Sender<Handover>,
+}
+
+impl Handler<RegisterRecoverable> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: RegisterRecoverable, _: &mut Self::Context) {
+        self.recoverable.insert(msg.vm, msg.to);
+    }
+}
+
+/// Where a recovery link for `0` goes, if its migration is in its pull phase here.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<tokio::sync::mpsc::Sender<Handover>>")]
+pub struct FindRecoverable(pub String);
+
+impl Handler<FindRecoverable> for Host {
+    type Result = Option<tokio::sync::mpsc::Sender<Handover>>;
+    fn handle(&mut self, msg: FindRecoverable, _: &mut Self::Context) -> Self::Result {
+        self.recoverable.get(&msg.0).filter(|tx| !tx.is_closed()).cloned()
+    }
+}
+
+/// The pull phase of `0` ended (completed or given up).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct UnregisterRecoverable(pub String);
+
+impl Handler<UnregisterRecoverable> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: UnregisterRecoverable, _: &mut Self::Context) {
+        self.recoverable.remove(&msg.0);
     }
 }

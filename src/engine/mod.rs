@@ -20,6 +20,7 @@ pub mod receiver_state;
 pub mod registry;
 mod report;
 mod request;
+mod route;
 mod source;
 pub mod stage;
 pub mod verify;

@@ -136,7 +136,7 @@ impl MigrationStatus {
             to: r.target.clone(),
             algorithm: r.requested.clone(),
             status: match r.result {
-                Outcome::Completed => Phase::Completed,
+                Outcome::Completed | Outcome::Recovered => Phase::Completed,
                 Outcome::Cancelled => Phase::Cancelled,
                 Outcome::Aborted => Phase::Aborted,
                 Outcome::Failed => Phase::Failed,

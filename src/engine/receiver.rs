@@ -12,9 +12,12 @@ use actix::prelude::*;
 use tokio::sync::{broadcast, mpsc};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::error::Side;
 use super::events::MigrationEvent;
 use super::faults::{FaultKind, FaultPlan};
-use super::host::{Host, IncomingEnded, ReleaseVm, ReserveIncoming};
+use super::host::{
+    FindRecoverable, Host, IncomingEnded, RegisterRecoverable, ReleaseVm, ReserveIncoming, UnregisterRecoverable,
+};
 use super::receiver_state::{ReceiverAction, ReceiverState};
 use super::stage::Stage;
 use crate::clock;
@@ -49,6 +52,22 @@ pub struct ReceiverParams {
     pub key: Option<ClusterKey>,
     /// Target-side faults to inject (in-process migrations).
     pub faults: FaultPlan,
+    /// Post-copy: how long a guest paused by a lost link waits for the source to reconnect.
+    pub recovery_timeout: Duration,
+}
+
+/// A recovery link, authenticated by a fresh receiver and handed to the receiver whose pull
+/// phase lost its link.
+pub struct Handover {
+    link: Addr<Link>,
+    inbox: mpsc::UnboundedReceiver<LinkEvent>,
+    data: (DataReceiver, FramePool),
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handover").finish_non_exhaustive()
+    }
 }
 
 /// The target side of one migration.
@@ -74,6 +93,11 @@ impl Receiver {
                 caps,
                 end: Some(end),
                 params,
+                data: None,
+                pending: None,
+                handover_to: None,
+                recoveries: 0,
+                started: clock::now(),
                 link: None,
                 vm: None,
                 plane: None,
@@ -137,6 +161,15 @@ enum Exit {
     LinkLost(String),
     /// Injected: the target host "crashed"; it vanishes without a word.
     Crash,
+    /// This recovery link belongs to the receiver of `vm` now.
+    HandOver {
+        /// Where it goes.
+        to: mpsc::Sender<Handover>,
+    },
+    /// A recovery link came while the old one still looked alive: switch to it.
+    Replaced(Handover),
+    /// The pull phase lost its link and no recovery link came in time.
+    RecoveryTimeout(String),
 }
 
 #[derive(Debug)]
@@ -146,6 +179,14 @@ struct TargetRun {
     caps: Capabilities,
     end: Option<LinkEnd>,
     params: ReceiverParams,
+    /// The data half of the link, until the reservation starts the plane on it.
+    data: Option<(DataReceiver, FramePool)>,
+    /// A message read while waiting for a slot.
+    pending: Option<ControlMessage>,
+    /// Where recovery links for this migration's pull phase are sent.
+    handover_to: Option<mpsc::Sender<Handover>>,
+    recoveries: u32,
+    started: clock::Instant,
     link: Option<Addr<Link>>,
     vm: Option<(Addr<Vm>, Arc<dyn Guest>)>,
     plane: Option<TargetPlane>,
@@ -169,17 +210,152 @@ impl TargetRun {
         let Some(end) = self.end.take() else { return };
         let (owner_tx, mut inbox) = mpsc::unbounded_channel();
         let link = Link::new(end.control, owner_tx, self.params.keepalive).start();
-        self.link = Some(link.clone());
-        let data_rx = (end.data_rx, end.pool);
+        self.link = Some(link);
+        self.data = Some((end.data_rx, end.pool));
         // The data sender of this end is unused: pages only flow source to target.
         drop(end.data_tx);
         let (fault_tx, mut fault_rx) = mpsc::unbounded_channel::<u64>();
-        let exit = match self.wait_for_slot().await {
-            Ok(()) => self.drive(&mut inbox, Some(data_rx), fault_tx, &mut fault_rx).await,
+        let (handover_tx, mut handover_rx) = mpsc::channel::<Handover>(1);
+        self.handover_to = Some(handover_tx);
+        let mut exit = match self.wait_for_slot(&mut inbox).await {
+            Ok(()) => self.drive(&mut inbox, &fault_tx, &mut fault_rx, &mut handover_rx).await,
             Err(exit) => exit,
         };
+        // Post-copy recovery: in the pull phase a lost link is replaced, not the end.
+        loop {
+            let handover = match exit {
+                Exit::Replaced(h) => h,
+                Exit::LinkLost(cause) if self.recoverable() => {
+                    match self.await_recovery(&cause, &mut handover_rx).await {
+                        Ok(h) => h,
+                        Err(e) => {
+                            exit = e;
+                            break;
+                        }
+                    }
+                }
+                other => {
+                    exit = other;
+                    break;
+                }
+            };
+            exit = match self.take_over(handover).await {
+                Ok(new_inbox) => {
+                    inbox = new_inbox;
+                    self.drive(&mut inbox, &fault_tx, &mut fault_rx, &mut handover_rx).await
+                }
+                Err(e) => e,
+            };
+        }
+        if let Exit::HandOver { to } = exit {
+            // The link, its inbox and its data half go on in the receiver that awaits them.
+            if let (Some(link), Some(data)) = (self.link.take(), self.data.take()) {
+                let handover = Handover { link, inbox, data };
+                if let Err(e) = to.send(handover).await {
+                    // That receiver ended meanwhile: closing the link tells the source.
+                    e.0.link.do_send(CloseLink);
+                }
+            }
+            return;
+        }
         self.finish(exit).await;
-        link.do_send(CloseLink);
+        if let Some(link) = &self.link {
+            link.do_send(CloseLink);
+        }
+    }
+
+    /// A post-copy migration past commitment: until the source's final `Complete`, a lost
+    /// link is replaced by a recovery link (the source may still hold pages this side lacks,
+    /// and it must learn that this side runs the VM before it frees its copy).
+    fn recoverable(&self) -> bool {
+        self.postcopy && self.committed
+    }
+
+    /// The pull phase lost its link: pause the guest if it lacks pages (it must not run ahead
+    /// of pages nobody can bring now) and wait for a recovery link.
+    async fn await_recovery(
+        &mut self,
+        cause: &str,
+        handovers: &mut mpsc::Receiver<Handover>,
+    ) -> Result<Handover, Exit> {
+        if let Some(link) = self.link.take() {
+            link.do_send(CloseLink);
+        }
+        let missing = self.vm.as_ref().map_or(0, |(_, g)| g.missing_pages());
+        if let (Some((vm, _)), true) = (&self.vm, missing > 0) {
+            let _ = vm.send(PauseVm).await;
+        }
+        tracing::warn!(host = %self.host_name, cause, missing, "post-copy link lost; guest paused, awaiting recovery");
+        if let Some(events) = &self.params.events {
+            let _ = events.send(MigrationEvent::PullInterrupted {
+                side: Side::Target,
+                reason: cause.to_string(),
+                missing_pages: missing,
+            });
+        }
+        let timeout = self.params.recovery_timeout;
+        let gave_up = || {
+            let whereabouts = if missing > 0 {
+                format!(
+                    "the VM stays paused on host {} with {missing} pages missing, which the source still holds",
+                    self.host_name
+                )
+            } else {
+                format!(
+                    "the VM runs on host {} with every page; the source never heard so",
+                    self.host_name
+                )
+            };
+            Exit::RecoveryTimeout(format!(
+                "post-copy link lost ({cause}) and no recovery link came within {:.1} s; {whereabouts}",
+                timeout.as_secs_f64(),
+            ))
+        };
+        match tokio::time::timeout(timeout, handovers.recv()).await {
+            Ok(Some(h)) => Ok(h),
+            Ok(None) | Err(_) => Err(gave_up()),
+        }
+    }
+
+    /// Carries the pull phase on over a recovery link: the data plane reads from it, the
+    /// source learns which pages are still missing, and the guest runs again.
+    async fn take_over(&mut self, h: Handover) -> Result<mpsc::UnboundedReceiver<LinkEvent>, Exit> {
+        if let Some(old) = self.link.replace(h.link) {
+            old.do_send(CloseLink);
+        }
+        let guest = self.guest()?;
+        let plane = self.plane.as_mut().ok_or_else(|| violation("no data plane"))?;
+        let (data_rx, pool) = h.data;
+        plane
+            .reattach(data_rx, pool)
+            .map_err(|e| Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }))?;
+        let missing = guest.missing_set();
+        self.send(ControlMessage::Resumed {
+            missing: missing.to_bytes(),
+        })
+        .await?;
+        if !guest.is_running() {
+            if let Some((vm, _)) = &self.vm {
+                match vm.send(ResumeVm).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
+                    Err(e) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
+                }
+            }
+        }
+        self.recoveries += 1;
+        tracing::info!(host = %self.host_name, recoveries = self.recoveries, missing = missing.len(), "post-copy pull resumed on a new link");
+        // Every page may be here already: then `Complete` and the digests go out again.
+        self.pulling = true;
+        self.check_pull_done().await?;
+        if let Some(events) = &self.params.events {
+            let _ = events.send(MigrationEvent::PullResumed {
+                side: Side::Target,
+                recoveries: self.recoveries,
+                missing_pages: missing.len(),
+            });
+        }
+        Ok(h.inbox)
     }
 
     /// A planned target-side fault that fires on `action`: the exit it causes.
@@ -222,27 +398,46 @@ impl TargetRun {
     /// Queued behind the host's cap: the Link already answers the source's pings, and the
     /// source's Hello waits in the inbox until a slot frees, the step bound passes, or the host
     /// shuts down.
-    async fn wait_for_slot(&mut self) -> Result<(), Exit> {
-        let Some(slot) = self.slot.take() else { return Ok(()) };
+    async fn wait_for_slot(&mut self, inbox: &mut mpsc::UnboundedReceiver<LinkEvent>) -> Result<(), Exit> {
+        let Some(mut slot) = self.slot.take() else {
+            return Ok(());
+        };
         let mut abort = self.abort.clone();
-        tokio::select! {
-            granted = slot => match granted {
-                Ok(()) => Ok(()),
-                Err(_) => Err(Exit::Fail(AbortReason::TargetFailed { detail: "target host stopped".into() })),
-            },
-            _ = abort.wait_for(|a| *a) => Err(Exit::Fail(AbortReason::TargetFailed {
-                detail: "target host is shutting down".into(),
-            })),
-            _ = tokio::time::sleep(self.params.step_timeout) => {
-                let reason = AbortReason::TargetFailed {
-                    detail: format!(
-                        "host {} stayed at its cap of incoming migrations for {} s",
-                        self.host_name,
-                        self.params.step_timeout.as_secs()
-                    ),
-                };
-                let _ = self.send(ControlMessage::Refuse { reason }).await;
-                Err(Exit::Clean)
+        let deadline = clock::now() + self.params.step_timeout;
+        loop {
+            let reading = self.pending.is_none();
+            tokio::select! {
+                granted = &mut slot => return match granted {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(Exit::Fail(AbortReason::TargetFailed { detail: "target host stopped".into() })),
+                },
+                _ = abort.wait_for(|a| *a) => return Err(Exit::Fail(AbortReason::TargetFailed {
+                    detail: "target host is shutting down".into(),
+                })),
+                // A recovery link takes no slot: its migration holds one already, and waiting
+                // would keep that migration's guest paused.
+                ev = inbox.recv(), if reading => match ev {
+                    Some(LinkEvent::Received(m)) => {
+                        let resume = matches!(m, ControlMessage::Hello { resume: true, .. });
+                        self.pending = Some(m);
+                        if resume {
+                            return Ok(());
+                        }
+                    }
+                    Some(LinkEvent::Lost(e)) => return Err(Exit::LinkLost(e.to_string())),
+                    None => return Err(Exit::LinkLost("link actor stopped".into())),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let reason = AbortReason::TargetFailed {
+                        detail: format!(
+                            "host {} stayed at its cap of incoming migrations for {} s",
+                            self.host_name,
+                            self.params.step_timeout.as_secs()
+                        ),
+                    };
+                    let _ = self.send(ControlMessage::Refuse { reason }).await;
+                    return Err(Exit::Clean);
+                }
             }
         }
     }
@@ -259,21 +454,37 @@ impl TargetRun {
     async fn drive(
         &mut self,
         inbox: &mut mpsc::UnboundedReceiver<LinkEvent>,
-        mut data_rx: Option<(DataReceiver, FramePool)>,
-        fault_tx: mpsc::UnboundedSender<u64>,
+        fault_tx: &mpsc::UnboundedSender<u64>,
         fault_rx: &mut mpsc::UnboundedReceiver<u64>,
+        handovers: &mut mpsc::Receiver<Handover>,
     ) -> Exit {
-        let mut applied = None;
+        // Entered again after a recovery, the pull phase watches the new data thread.
+        let mut applied = if self.pulling {
+            self.plane.as_ref().map(|p| p.watch())
+        } else {
+            None
+        };
         let mut progress: Option<tokio::sync::watch::Receiver<u64>> = None;
         let mut progress_done = false;
         let mut deadline = clock::now() + self.params.step_timeout;
+        let mut fault_tick = tokio::time::interval(Duration::from_millis(5));
         loop {
             if progress.is_none() && !progress_done {
                 progress = self.plane.as_ref().map(|p| p.watch());
             }
             let mut abort = self.abort.clone();
             let committed = self.committed;
-            let msg = tokio::select! {
+            let timed_faults = self.params.faults.has_thresholds(true);
+            let msg = match self.pending.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                Some(h) = handovers.recv(), if self.recoverable() => return Exit::Replaced(h),
+                _ = fault_tick.tick(), if timed_faults => {
+                    if let Some(exit) = self.due_fault() {
+                        return exit;
+                    }
+                    continue;
+                }
                 _ = abort.wait_for(|a| *a), if !committed => {
                     return Exit::Fail(AbortReason::TargetFailed { detail: "target host is shutting down".into() });
                 }
@@ -325,6 +536,7 @@ impl TargetRun {
                         after_ms: self.params.step_timeout.as_millis() as u64,
                     });
                 }
+                },
             };
             deadline = clock::now() + self.params.step_timeout;
             let state = std::mem::replace(&mut self.state, ReceiverState::Done);
@@ -341,14 +553,23 @@ impl TargetRun {
                     capabilities,
                     requested,
                     nonce,
-                } => self.negotiate(&capabilities, requested, nonce).await,
+                } => self.negotiate(&capabilities, Some(requested), nonce).await,
+                ReceiverAction::NegotiateRecovery { capabilities, nonce } => {
+                    self.negotiate(&capabilities, None, nonce).await
+                }
+                ReceiverAction::HandOver { vm, proof } => {
+                    if let Err(e) = self.authenticate(&proof) {
+                        return e;
+                    }
+                    return self.hand_over(vm).await;
+                }
                 ReceiverAction::Authenticate { proof } => self.authenticate(&proof),
                 ReceiverAction::Reserve { .. } if self.params.key.is_some() && !self.authenticated => {
                     Err(Exit::Fail(AbortReason::Unauthenticated {
                         detail: "Reserve before a valid Authenticate".into(),
                     }))
                 }
-                ReceiverAction::Reserve { config } => match data_rx.take() {
+                ReceiverAction::Reserve { config } => match self.data.take() {
                     Some(rx) => self.reserve(config, rx).await,
                     None => Err(violation("second reservation")),
                 },
@@ -368,6 +589,44 @@ impl TargetRun {
             };
             if let Err(e) = result {
                 return prefer_peer_abort(e, inbox, self.params.keepalive.timeout).await;
+            }
+        }
+    }
+
+    /// A target-side fault whose byte or time trigger has passed: the exit it causes.
+    fn due_fault(&mut self) -> Option<Exit> {
+        let stage = match &self.state {
+            ReceiverState::AwaitHello | ReceiverState::AwaitRecoveryProof { .. } => Stage::Premigration,
+            ReceiverState::AwaitReserve => Stage::Reservation,
+            ReceiverState::Receiving => Stage::Precopy,
+            ReceiverState::AwaitVcpus | ReceiverState::AwaitDevices { .. } | ReceiverState::AwaitCommit => {
+                Stage::Stopcopy
+            }
+            ReceiverState::AwaitComplete if self.pulling => Stage::Pull,
+            ReceiverState::AwaitComplete | ReceiverState::Done => Stage::Activation,
+        };
+        let bytes = self.plane.as_ref().map_or(0, |p| p.received_bytes());
+        let elapsed = clock::now().duration_since(self.started);
+        let fired = self.params.faults.take_due(stage, true, bytes, elapsed);
+        fired.into_iter().find(|f| f.kind == FaultKind::TargetCrash).map(|f| {
+            tracing::warn!(fault = f.kind.name(), bytes, "injecting fault");
+            Exit::Crash
+        })
+    }
+
+    /// A recovery link, authenticated: find the receiver whose pull phase lost its link.
+    async fn hand_over(&mut self, vm: String) -> Exit {
+        match self.host.send(FindRecoverable(vm.clone())).await {
+            Ok(Some(to)) => Exit::HandOver { to },
+            _ => {
+                let reason = AbortReason::TargetFailed {
+                    detail: format!(
+                        "no post-copy migration of VM {vm:?} awaits recovery on host {}",
+                        self.host_name
+                    ),
+                };
+                let _ = self.send(ControlMessage::Refuse { reason }).await;
+                Exit::Clean
             }
         }
     }
@@ -407,11 +666,14 @@ impl TargetRun {
     async fn negotiate(
         &mut self,
         source: &Capabilities,
-        requested: crate::protocol::Algorithm,
+        requested: Option<crate::protocol::Algorithm>,
         source_nonce: Vec<u8>,
     ) -> Result<(), Exit> {
-        let checked =
-            accept_hello(source, &self.caps).and_then(|v| negotiate(source, &self.caps, requested).map(|_| v));
+        // A recovery link carries on an algorithm agreed already: only versions are checked.
+        let checked = accept_hello(source, &self.caps).and_then(|v| match requested {
+            Some(a) => negotiate(source, &self.caps, a).map(|_| v),
+            None => Ok(v),
+        });
         match checked {
             Ok(version) => {
                 let proof = match &self.params.key {
@@ -535,6 +797,12 @@ impl TargetRun {
         self.send(ControlMessage::Activated).await?;
         if self.postcopy {
             self.pulling = true;
+            if let Some(to) = self.handover_to.clone() {
+                self.host.do_send(RegisterRecoverable {
+                    vm: guest.config().id.0.clone(),
+                    to,
+                });
+            }
             self.check_pull_done().await
         } else {
             self.send_digests().await
@@ -605,7 +873,15 @@ impl TargetRun {
             Exit::PeerAborted(reason) => Some(format!("source aborted: {reason}")),
             Exit::LinkLost(e) => Some(format!("link lost: {e}")),
             Exit::Crash => Some("injected crash: the target vanished".to_string()),
+            Exit::RecoveryTimeout(why) => Some(why.clone()),
+            // Handled by the caller; never reach here.
+            Exit::HandOver { .. } | Exit::Replaced(_) => None,
         };
+        if self.postcopy && self.committed {
+            if let Some((_, guest)) = &self.vm {
+                self.host.do_send(UnregisterRecoverable(guest.config().id.0.clone()));
+            }
+        }
         // Stop the data plane before anything is released: it writes into guest memory.
         self.plane = None;
         if let Some((vm, guest)) = self.vm.take() {

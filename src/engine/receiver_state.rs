@@ -25,6 +25,11 @@ pub enum ReceiverState {
     AwaitCommit,
     /// Activated; waiting for the source's `Complete`.
     AwaitComplete,
+    /// A recovery link for `vm`'s pull phase: waiting for the source's `Authenticate`.
+    AwaitRecoveryProof {
+        /// The VM whose pull phase this link carries on.
+        vm: String,
+    },
     /// Finished (completed or aborted).
     Done,
 }
@@ -40,6 +45,7 @@ impl ReceiverState {
             ReceiverState::AwaitDevices { .. } => "await-devices",
             ReceiverState::AwaitCommit => "await-commit",
             ReceiverState::AwaitComplete => "await-complete",
+            ReceiverState::AwaitRecoveryProof { .. } => "await-recovery-proof",
             ReceiverState::Done => "done",
         }
     }
@@ -61,6 +67,20 @@ pub enum ReceiverAction {
         requested: Algorithm,
         /// The source's nonce.
         nonce: Vec<u8>,
+    },
+    /// A recovery link: check the source's capabilities and answer `Welcome` or `Refuse`.
+    NegotiateRecovery {
+        /// Source's capabilities.
+        capabilities: Capabilities,
+        /// The source's nonce.
+        nonce: Vec<u8>,
+    },
+    /// Check the proof, then hand this link to the receiver of `vm` that awaits recovery.
+    HandOver {
+        /// The VM.
+        vm: String,
+        /// The proof.
+        proof: Vec<u8>,
     },
     /// Check the source's proof of the cluster key.
     Authenticate {
@@ -124,6 +144,20 @@ impl ReceiverState {
                 S::AwaitHello,
                 M::Hello {
                     capabilities,
+                    nonce,
+                    vm,
+                    resume: true,
+                    ..
+                },
+            ) => (
+                S::AwaitRecoveryProof { vm },
+                A::NegotiateRecovery { capabilities, nonce },
+            ),
+            (S::AwaitRecoveryProof { vm }, M::Authenticate { proof }) => (S::Done, A::HandOver { vm, proof }),
+            (
+                S::AwaitHello,
+                M::Hello {
+                    capabilities,
                     requested,
                     nonce,
                     ..
@@ -182,6 +216,7 @@ mod tests {
                 requested: Algorithm::Precopy,
                 vm: "v".into(),
                 nonce: Vec::new(),
+                resume: false,
             })
             .expect("hello");
         assert!(s.clone().step(ControlMessage::Prepared).is_err());

@@ -18,6 +18,7 @@ use super::progress::{MigrationStatus, Phase, Progress};
 use super::receiver::ReceiverParams;
 use super::report::{MigrationReport, Outcome, VmLocation};
 use super::request::{HostConfig, MigrationRequest, VmSpec};
+use super::route::Route;
 use super::source::{Measured, SourceSetup};
 use crate::link::{self, TokenBucket};
 use crate::vm::{BeginOutgoing, EndOutgoing, GetGuest, VmInfo};
@@ -316,6 +317,8 @@ impl Engine {
         let (target_addr, streams, bandwidth) = (req.target_addr, req.streams, req.shaping.bandwidth_bytes_per_sec);
         let shared_budget = budget.clone();
         let tls = self.host_configs.get(&req.source).and_then(|c| c.tls.clone());
+        let route_tls = tls.clone();
+        let end_addr = req.target_addr;
         let prepare = async move {
             let (source, target) = hosts?;
             let vm = source.send(GetVm(vm_id.clone())).await?.ok_or(EngineError::UnknownVm {
@@ -362,27 +365,49 @@ impl Engine {
             let events = entry.events.clone();
             let target_key = act.host_configs.get(&req.target).and_then(|c| c.cluster_key.clone());
             let source_key = act.host_configs.get(&req.source).and_then(|c| c.cluster_key.clone());
-            let source_end = match (tcp_end, target) {
-                (Some(end), _) => end,
-                (None, Some(target)) => {
-                    let (source_end, target_end) = link::pair_with_budget(req.shaping, budget);
+            let (source_end, route) = match (tcp_end, target, end_addr) {
+                (Some(end), _, Some(addr)) => {
+                    let route = Route::Tcp {
+                        addr,
+                        streams,
+                        bandwidth,
+                        budget,
+                        tls: route_tls,
+                    };
+                    (end, route)
+                }
+                (None, Some(target), _) => {
+                    let params = ReceiverParams {
+                        keepalive: req.keepalive,
+                        step_timeout: req.step_timeout,
+                        events: Some(events.clone()),
+                        key: target_key,
+                        faults: req.faults.for_target(),
+                        recovery_timeout: req.recovery_timeout,
+                    };
+                    let (source_end, target_end) = link::pair_with_budget(req.shaping, budget.clone());
                     target.do_send(AcceptLink {
                         end: target_end,
-                        params: ReceiverParams {
-                            keepalive: req.keepalive,
-                            step_timeout: req.step_timeout,
-                            events: Some(events.clone()),
-                            key: target_key,
-                            faults: req.faults.for_target(),
-                        },
+                        params: params.clone(),
                     });
                     if !target.connected() {
                         vm.do_send(EndOutgoing { moved: false });
                         return Err(EngineError::UnknownHost(req.target.clone()));
                     }
-                    source_end
+                    // A recovery link carries no faults: the plan fired on the first one.
+                    let params = ReceiverParams {
+                        faults: Default::default(),
+                        ..params
+                    };
+                    let route = Route::InProcess {
+                        target,
+                        shaping: req.shaping,
+                        budget,
+                        params,
+                    };
+                    (source_end, route)
                 }
-                (None, None) => {
+                _ => {
                     vm.do_send(EndOutgoing { moved: false });
                     return Err(EngineError::UnknownHost(req.target.clone()));
                 }
@@ -393,6 +418,7 @@ impl Engine {
                 vm,
                 guest,
                 end: source_end,
+                route,
                 caps,
                 events,
                 cancel: watch::channel(false).1,

@@ -17,6 +17,9 @@ pub enum Outcome {
     Aborted,
     /// Something failed; see `error` and `vm_location`.
     Failed,
+    /// Completed after the link failed in post-copy's pull phase and a new link carried the
+    /// pull on (one or more times): the VM runs on the target, every page verified.
+    Recovered,
 }
 
 impl Outcome {
@@ -27,7 +30,16 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::Aborted => "aborted",
             Outcome::Failed => "failed",
+            Outcome::Recovered => "recovered",
         }
+    }
+
+    /// Every label value, for registering the series at zero.
+    pub const LABELS: [&'static str; 5] = ["completed", "cancelled", "aborted", "failed", "recovered"];
+
+    /// True if the VM arrived: completed, with or without a recovery on the way.
+    pub fn succeeded(self) -> bool {
+        matches!(self, Outcome::Completed | Outcome::Recovered)
     }
 }
 
@@ -152,6 +164,8 @@ pub struct MigrationReport {
     pub mean_fault_latency_s: f64,
     /// Time spent verifying after activation (not part of any stage).
     pub verification_s: f64,
+    /// Post-copy recoveries: links that replaced one lost in the pull phase.
+    pub recoveries: u32,
 }
 
 impl MigrationReport {
@@ -192,6 +206,7 @@ impl MigrationReport {
             postcopy_faults: 0,
             mean_fault_latency_s: 0.0,
             verification_s: 0.0,
+            recoveries: 0,
         }
     }
 

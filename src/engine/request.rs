@@ -113,7 +113,14 @@ pub struct MigrationRequest {
     pub streams: u8,
     /// Faults to inject (testing failure handling); empty by default.
     pub faults: super::faults::FaultPlan,
+    /// Post-copy: how long the source keeps trying to reconnect after the link fails in the
+    /// pull phase (and, in-process, how long the target waits with the guest paused). Zero
+    /// turns recovery off.
+    pub recovery_timeout: Duration,
 }
+
+/// How long a post-copy pull phase waits for a lost link to come back, unless configured.
+pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl MigrationRequest {
     /// A pre-copy migration with default policy and an unshaped link. Every migration is
@@ -132,6 +139,7 @@ impl MigrationRequest {
             target_addr: None,
             streams: 2,
             faults: super::faults::FaultPlan::default(),
+            recovery_timeout: DEFAULT_RECOVERY_TIMEOUT,
         }
     }
 

@@ -5,7 +5,8 @@
 //! through the Link actor, dirty logging through the DirtyTracker actor, pause and state
 //! through the Vm actor; pages go through the [`SourcePlane`] thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,10 +15,11 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::error::{EngineError, Side};
 use super::events::MigrationEvent;
-use super::faults::FaultKind;
+use super::faults::{Fault, FaultKind, FaultPlan};
 use super::policy::{self, CostInputs, Decision, RoundContext};
 use super::report::{DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation};
 use super::request::MigrationRequest;
+use super::route::Route;
 use super::stage::{Stage, StageMachine};
 use super::verify;
 use crate::clock::{self, Instant};
@@ -40,6 +42,8 @@ pub(crate) struct SourceSetup {
     pub vm: Addr<Vm>,
     pub guest: Arc<dyn Guest>,
     pub end: LinkEnd,
+    /// How to open another link to the target (post-copy recovery).
+    pub route: Route,
     pub caps: Capabilities,
     pub events: broadcast::Sender<MigrationEvent>,
     pub cancel: watch::Receiver<bool>,
@@ -70,12 +74,20 @@ fn ewma(old: Option<f64>, new: f64) -> f64 {
 #[derive(Debug)]
 enum Fail {
     Cancelled,
-    Aborted { side: Side, reason: AbortReason },
+    Aborted {
+        side: Side,
+        reason: AbortReason,
+    },
     Negotiation(crate::protocol::NegotiationError),
     Link(String),
     Protocol(String),
     Local(String),
     Timeout(&'static str),
+    RecoveryTimeout {
+        cause: String,
+        last: String,
+        after: Duration,
+    },
 }
 
 impl Fail {
@@ -97,7 +109,7 @@ impl Fail {
             } => reason.clone(),
             Fail::Aborted { side: Side::Target, .. } => return None,
             Fail::Negotiation(e) => e.clone().into(),
-            Fail::Link(_) => return None,
+            Fail::Link(_) | Fail::RecoveryTimeout { .. } => return None,
             Fail::Protocol(d) => AbortReason::ProtocolViolation { detail: d.clone() },
             Fail::Local(d) => AbortReason::SourceFailed { detail: d.clone() },
             Fail::Timeout(stage) => AbortReason::Timeout {
@@ -126,12 +138,41 @@ impl Fail {
                 what: format!("target in {s}"),
                 after_ms: 0,
             },
+            Fail::RecoveryTimeout { cause, last, after } => EngineError::PostcopyRecovery {
+                cause,
+                last,
+                after_ms: after.as_millis() as u64,
+            },
         }
     }
 }
 
 fn local<E: std::fmt::Display>(e: E) -> Fail {
     Fail::Local(e.to_string())
+}
+
+/// How often byte and time triggers are checked while the run waits.
+const FAULT_POLL: Duration = Duration::from_millis(2);
+
+/// Resolves with the planned faults whose byte or time trigger has passed and that may fire in
+/// `stage`; never resolves when no fault waits on a trigger.
+async fn due_faults(plan: &RefCell<FaultPlan>, stage: Option<Stage>, sent: &AtomicU64, started: Instant) -> Vec<Fault> {
+    let Some(stage) = stage else {
+        return std::future::pending().await;
+    };
+    if !plan.borrow().has_thresholds(false) {
+        return std::future::pending().await;
+    }
+    loop {
+        let elapsed = clock::now().duration_since(started);
+        let fired = plan
+            .borrow_mut()
+            .take_due(stage, false, sent.load(Ordering::Relaxed), elapsed);
+        if !fired.is_empty() {
+            return fired;
+        }
+        tokio::time::sleep(FAULT_POLL).await;
+    }
 }
 
 /// How the pre-copy phase ended.
@@ -174,8 +215,12 @@ pub(crate) struct SourceRun {
     verification: Duration,
     pulling: bool,
     stage_span: Option<tracing::Span>,
-    plan: super::faults::FaultPlan,
-    fail_pause: bool,
+    /// Faults still to fire (a cell: byte and time triggers fire while a round runs).
+    plan: RefCell<FaultPlan>,
+    fail_pause: Cell<bool>,
+    /// An injected post-copy link loss: the link stays down until then.
+    link_down_until: Cell<Option<Instant>>,
+    recoveries: u32,
 }
 
 impl std::fmt::Debug for SourceRun {
@@ -226,8 +271,10 @@ impl SourceRun {
             verification: Duration::ZERO,
             pulling: false,
             stage_span: None,
-            plan,
-            fail_pause: false,
+            plan: RefCell::new(plan),
+            fail_pause: Cell::new(false),
+            link_down_until: Cell::new(None),
+            recoveries: 0,
         }
     }
 
@@ -247,6 +294,7 @@ impl SourceRun {
         metrics::gauge!(metric::MIGRATIONS_IN_PROGRESS).increment(1.0);
         let result = self.drive().await;
         let (outcome, error, location) = match result {
+            Ok(()) if self.recoveries > 0 => (Outcome::Recovered, None, VmLocation::Target),
             Ok(()) => (Outcome::Completed, None, VmLocation::Target),
             Err(fail) => self.fail(fail).await,
         };
@@ -274,7 +322,8 @@ impl SourceRun {
         self.machine = self.machine.enter(stage).map_err(|e| Fail::Local(e.to_string()))?;
         self.current = Some(stage);
         self.s.progress.set_stage(stage);
-        for fault in self.plan.take(stage, false) {
+        let fired = self.plan.borrow_mut().take(stage, false);
+        for fault in fired {
             self.inject(fault)?;
         }
         self.stage_started = clock::now();
@@ -288,8 +337,8 @@ impl SourceRun {
     }
 
     /// Carries out a planned source-side fault.
-    fn inject(&mut self, fault: super::faults::Fault) -> Result<(), Fail> {
-        tracing::warn!(fault = fault.kind.name(), arg = fault.arg, "injecting fault");
+    fn inject(&self, fault: Fault) -> Result<(), Fail> {
+        tracing::warn!(fault = fault.kind.name(), arg = fault.arg, after = ?fault.after, "injecting fault");
         match fault.kind {
             FaultKind::LinkStall => {
                 self.s.end.data_tx.stall(Duration::from_millis(fault.arg));
@@ -300,13 +349,17 @@ impl SourceRun {
                 Ok(())
             }
             FaultKind::LinkDrop => {
-                if let Some(link) = self.link.take() {
-                    link.do_send(CloseLink);
-                }
-                if let Some(plane) = &self.plane {
-                    plane.abort();
-                }
+                self.drop_link();
                 Err(Fail::Link("injected fault: link dropped".into()))
+            }
+            FaultKind::PostcopyLinkLoss => {
+                self.drop_link();
+                self.link_down_until
+                    .set(Some(clock::now() + Duration::from_millis(fault.arg)));
+                Err(Fail::Link(format!(
+                    "injected fault: post-copy link lost for {} ms",
+                    fault.arg
+                )))
             }
             FaultKind::Cancel => Err(Fail::Cancelled),
             FaultKind::CorruptFrame => {
@@ -316,11 +369,21 @@ impl SourceRun {
                 Ok(())
             }
             FaultKind::SourcePauseError => {
-                self.fail_pause = true;
+                self.fail_pause.set(true);
                 Ok(())
             }
             // Target-side faults travel with the receiver's parameters.
             FaultKind::RefuseReservation | FaultKind::FailStateLoad | FaultKind::TargetCrash => Ok(()),
+        }
+    }
+
+    /// Closes the link and stops the data plane, as a cut cable would.
+    fn drop_link(&self) {
+        if let Some(link) = &self.link {
+            link.do_send(CloseLink);
+        }
+        if let Some(plane) = &self.plane {
+            plane.abort();
         }
     }
 
@@ -437,10 +500,17 @@ impl SourceRun {
             let cancellable = self.cancellable();
             let mut cancel = self.s.cancel.clone();
             let inbox = self.inbox.as_mut().ok_or_else(|| Fail::Link("no link".into()))?;
+            let due = due_faults(&self.plan, self.current, &self.s.progress.sent_bytes, self.started);
             let ev = tokio::select! {
                 biased;
                 _ = cancel.wait_for(|c| *c), if cancellable => return Err(Fail::Cancelled),
                 ev = inbox.recv() => ev,
+                fired = due => {
+                    for fault in fired {
+                        self.inject(fault)?;
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(Fail::Timeout(self.current.map(|s| s.name()).unwrap_or("start")))
                 }
@@ -497,12 +567,22 @@ impl SourceRun {
             }
             Err(fail)
         };
-        let data_failed = tokio::select! {
-            r = fut => match r {
+        tokio::pin!(fut);
+        let data_failed = loop {
+            let due = due_faults(&self.plan, self.current, &self.s.progress.sent_bytes, self.started);
+            tokio::select! {
+            r = &mut fut => match r {
                 Ok(v) => return Ok(v),
-                Err(e) => e,
+                Err(e) => break e,
             },
             _ = cancel.wait_for(|c| *c), if cancellable => return stop(Fail::Cancelled),
+            fired = due => {
+                for fault in fired {
+                    if let Err(fail) = self.inject(fault) {
+                        return stop(fail);
+                    }
+                }
+            }
             ev = inbox.recv() => return stop(match ev {
                 Some(LinkEvent::Received(ControlMessage::Abort { reason })) => Fail::Aborted {
                     side: Side::Target,
@@ -514,6 +594,7 @@ impl SourceRun {
                 Some(LinkEvent::Lost(e)) => Fail::Link(e.to_string()),
                 None => Fail::Link("link actor stopped".into()),
             }),
+            }
         };
         // The data channel can close before the target's Abort (which explains why) arrives on
         // the control link; give the control link a moment to deliver it.
@@ -570,20 +651,17 @@ impl SourceRun {
         }
     }
 
-    async fn premigration(&mut self) -> Result<Pool, Fail> {
-        self.enter(Stage::Premigration)?;
+    /// Starts a Link actor on `control`; its events arrive in `self.inbox`.
+    fn open_link(&mut self, control: crate::link::ControlChannel) {
         let (owner_tx, inbox) = mpsc::unbounded_channel();
-        let control = std::mem::replace(
-            &mut self.s.end.control,
-            crate::link::ControlChannel {
-                tx: mpsc::channel(1).0,
-                rx: mpsc::channel(1).1,
-                latency: Duration::ZERO,
-            },
-        );
         self.link = Some(Link::new(control, owner_tx, self.s.req.keepalive).start());
         self.inbox = Some(inbox);
-        let sent = clock::now();
+    }
+
+    /// `Hello`, `Welcome`, and both proofs of the cluster key. Returns the version the target
+    /// chose and its capabilities. A recovery link always sends `Authenticate` (empty without
+    /// a key), so the target knows when to hand it over.
+    async fn handshake(&mut self, resume: bool) -> Result<(u32, Capabilities), Fail> {
         let my_nonce = match &self.s.key {
             Some(_) => auth::nonce().map_err(local)?,
             None => Vec::new(),
@@ -593,6 +671,7 @@ impl SourceRun {
             requested: self.s.req.algorithm,
             vm: self.s.guest.config().id.0.clone(),
             nonce: my_nonce.clone(),
+            resume,
         })
         .await?;
         let (version, target_caps, their_nonce, proof) = match self.expect("Welcome").await? {
@@ -604,19 +683,43 @@ impl SourceRun {
             } => (version, capabilities, nonce, proof),
             other => return Err(Fail::Protocol(format!("expected Welcome, got {}", other.name()))),
         };
-        if let Some(key) = &self.s.key {
-            // The target proves the key first; only then does this side reveal its own proof.
-            if !key.verify(auth::TARGET, &my_nonce, &their_nonce, &proof) {
-                return Err(Fail::Aborted {
-                    side: Side::Source,
-                    reason: AbortReason::Unauthenticated {
-                        detail: "the target's proof does not match this host's cluster key".into(),
-                    },
-                });
+        let proof = match &self.s.key {
+            Some(key) => {
+                // The target proves the key first; only then does this side reveal its own.
+                if !key.verify(auth::TARGET, &my_nonce, &their_nonce, &proof) {
+                    return Err(Fail::Aborted {
+                        side: Side::Source,
+                        reason: AbortReason::Unauthenticated {
+                            detail: "the target's proof does not match this host's cluster key".into(),
+                        },
+                    });
+                }
+                Some(key.prove(auth::SOURCE, &their_nonce, &my_nonce))
             }
-            let proof = key.prove(auth::SOURCE, &their_nonce, &my_nonce);
-            self.send(ControlMessage::Authenticate { proof }).await?;
+            None => None,
+        };
+        if proof.is_some() || resume {
+            self.send(ControlMessage::Authenticate {
+                proof: proof.unwrap_or_default(),
+            })
+            .await?;
         }
+        Ok((version, target_caps))
+    }
+
+    async fn premigration(&mut self) -> Result<Pool, Fail> {
+        self.enter(Stage::Premigration)?;
+        let control = std::mem::replace(
+            &mut self.s.end.control,
+            crate::link::ControlChannel {
+                tx: mpsc::channel(1).0,
+                rx: mpsc::channel(1).1,
+                latency: Duration::ZERO,
+            },
+        );
+        self.open_link(control);
+        let sent = clock::now();
+        let (version, target_caps) = self.handshake(false).await?;
         self.rtt = clock::now().duration_since(sent);
         self.target_layout = target_caps
             .layouts
@@ -833,7 +936,7 @@ impl SourceRun {
     /// Pauses the VM (the start of downtime) and takes the final dirty set.
     async fn pause_and_collect(&mut self, mut pages: PageSet) -> Result<PageSet, Fail> {
         let was_running = self.s.guest.is_running();
-        if self.fail_pause {
+        if self.fail_pause.get() {
             return Err(Fail::Local("injected fault: backend error on pause".into()));
         }
         self.vm_call(PauseVm).await?.map_err(local)?;
@@ -953,8 +1056,38 @@ impl SourceRun {
         self.activated = true;
         self.downtime = self.paused_at.map(|t| clock::now().duration_since(t));
         self.record_switchover(Duration::ZERO);
-        self.enter(Stage::Pull)?;
         self.pulling = true;
+        // A fault at the pull's start is handled like any later link loss.
+        let mut lost = self.enter(Stage::Pull).err();
+        let mut missing = missing;
+        loop {
+            let attempt = match lost.take() {
+                Some(fail) => Err(fail),
+                None => self.pull_and_verify(missing).await,
+            };
+            match attempt {
+                Ok(()) => return Ok(()),
+                // Until this side frees its copy, a lost link is recovered: the target may
+                // lack pages, and it must still confirm every page before the copy goes.
+                Err(Fail::Link(cause)) if !self.s.req.recovery_timeout.is_zero() => {
+                    missing = self.recover(cause).await?;
+                }
+                Err(fail) => return Err(fail),
+            }
+        }
+    }
+
+    async fn pull_and_verify(&mut self, missing: PageSet) -> Result<(), Fail> {
+        self.pull(missing).await?;
+        if self.current == Some(Stage::Pull) {
+            self.enter(Stage::Commitment)?;
+        }
+        self.verify_and_release().await
+    }
+
+    /// One attempt at the pull phase over the current link: serve the target's page requests
+    /// and push `missing` in the background until the target holds every page.
+    async fn pull(&mut self, missing: PageSet) -> Result<(), Fail> {
         let plane = self.plane.as_ref().ok_or_else(|| Fail::Local("no data plane".into()))?;
         let mut pushed = plane.start_postcopy(missing).map_err(local)?;
         let mut push_stats = None;
@@ -991,8 +1124,123 @@ impl SourceRun {
             .saturating_sub(stats.pulled_pages);
         self.pages.pulled += late;
         metrics::counter!(metric::PAGES_SENT_TOTAL, "kind" => "pulled").increment(late);
-        self.enter(Stage::Commitment)?;
-        self.verify_and_release().await
+        Ok(())
+    }
+
+    /// Post-copy recovery, in the manner of QEMU's migrate-recover: the link failed in the pull
+    /// phase. The target paused the guest; this side keeps its paused copy and reconnects until
+    /// the recovery timeout, then carries the pull on from the pages the target still lacks.
+    async fn recover(&mut self, cause: String) -> Result<PageSet, Fail> {
+        let started = clock::now();
+        tracing::warn!(cause = %cause, "post-copy link lost; reconnecting");
+        if let Some(plane) = self.plane.take() {
+            plane.abort();
+            // Pages this plane's push sent are in the byte count; its pulls are counted here.
+            let pulled = plane.pulled();
+            self.pages.pulled += pulled;
+            metrics::counter!(metric::PAGES_SENT_TOTAL, "kind" => "pulled").increment(pulled);
+        }
+        if let Some(link) = self.link.take() {
+            link.do_send(CloseLink);
+        }
+        self.inbox = None;
+        let _ = self.s.events.send(MigrationEvent::PullInterrupted {
+            side: Side::Source,
+            reason: cause.clone(),
+            missing_pages: 0,
+        });
+        let timeout = self.s.req.recovery_timeout;
+        let deadline = started + timeout;
+        let mut last = String::from("no attempt yet");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let now = clock::now();
+            if now >= deadline {
+                return Err(Fail::RecoveryTimeout {
+                    cause,
+                    last,
+                    after: timeout,
+                });
+            }
+            // An injected outage: nothing gets through until it ends.
+            if let Some(until) = self.link_down_until.get().filter(|u| *u > now) {
+                last = "the link is down (injected fault)".into();
+                tokio::time::sleep_until(until.min(deadline)).await;
+                continue;
+            }
+            let bound = deadline.duration_since(now).min(self.s.req.step_timeout);
+            let route = self.s.route.clone();
+            match tokio::time::timeout(bound, route.connect()).await {
+                Ok(Ok(end)) => match tokio::time::timeout(bound, self.resume_on(end)).await {
+                    Ok(Ok(missing)) => {
+                        self.recoveries += 1;
+                        tracing::info!(
+                            recoveries = self.recoveries,
+                            missing = missing.len(),
+                            after_ms = clock::now().duration_since(started).as_millis() as u64,
+                            "post-copy pull resumed on a new link"
+                        );
+                        let _ = self.s.events.send(MigrationEvent::PullResumed {
+                            side: Side::Source,
+                            recoveries: self.recoveries,
+                            missing_pages: missing.len(),
+                        });
+                        return Ok(missing);
+                    }
+                    // The target answered and refused: nothing there awaits this pull.
+                    Ok(Err(fail @ Fail::Aborted { .. })) | Ok(Err(fail @ Fail::Protocol(_))) => {
+                        self.drop_link();
+                        return Err(fail);
+                    }
+                    Ok(Err(fail)) => {
+                        self.drop_link();
+                        last = fail.into_error(Some(Stage::Pull), self.s.id).to_string();
+                    }
+                    Err(_) => {
+                        self.drop_link();
+                        last = "the target did not answer the recovery handshake".into();
+                    }
+                },
+                Ok(Err(e)) => last = e,
+                Err(_) => last = "connecting timed out".into(),
+            }
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(clock::now()))).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// The recovery handshake on a new link; returns the pages the target still lacks and
+    /// leaves a data plane running on the new link.
+    async fn resume_on(&mut self, end: LinkEnd) -> Result<PageSet, Fail> {
+        let LinkEnd {
+            control,
+            data_tx,
+            data_rx: _,
+            pool,
+        } = end;
+        self.open_link(control);
+        self.handshake(true).await?;
+        let pages = self.s.guest.memory().page_count();
+        let missing = match self.expect("Resumed").await? {
+            ControlMessage::Resumed { missing } => PageSet::from_bytes(&missing, pages).ok_or_else(|| {
+                Fail::Protocol(format!(
+                    "missing-page bitmap of {} bytes for {pages} pages",
+                    missing.len()
+                ))
+            })?,
+            other => return Err(Fail::Protocol(format!("expected Resumed, got {}", other.name()))),
+        };
+        let plane = SourcePlane::spawn(
+            Arc::clone(&self.s.guest),
+            data_tx.clone(),
+            pool,
+            Arc::clone(&self.s.progress.sent_bytes),
+        )
+        .map_err(local)?;
+        // Link faults (stall, collapse) act on the link in use.
+        self.s.end.data_tx = data_tx;
+        self.plane = Some(plane);
+        Ok(missing)
     }
 
     /// Compares page digests with the target's, then frees the source copy and completes.
@@ -1047,7 +1295,11 @@ impl SourceRun {
         // The target holds every page and runs: free the source copy.
         self.vm_call(EndOutgoing { moved: true }).await?.map_err(local)?;
         self.paused_by_us = false;
-        self.send(ControlMessage::Complete).await?;
+        // The copy here is gone and the target holds every page: a link that fails now changes
+        // nothing; the target owns the VM whether or not it hears this.
+        if let Err(e) = self.send(ControlMessage::Complete).await {
+            tracing::warn!(error = ?e, "the final Complete did not reach the target; it runs the VM regardless");
+        }
         self.machine = self.machine.finish().map_err(|e| Fail::Local(e.to_string()))?;
         Ok(())
     }
@@ -1096,7 +1348,7 @@ impl SourceRun {
         let downtime = self.downtime.unwrap_or(Duration::ZERO);
         let alg_label = self.s.req.algorithm.name();
         metrics::counter!(metric::MIGRATIONS_TOTAL, "algorithm" => alg_label, "result" => result.label()).increment(1);
-        if result == Outcome::Completed {
+        if result.succeeded() {
             metrics::histogram!(metric::DOWNTIME_SECONDS, "algorithm" => alg_label).record(downtime.as_secs_f64());
             metrics::histogram!(metric::TOTAL_TIME_SECONDS, "algorithm" => alg_label).record(total.as_secs_f64());
             metrics::histogram!(metric::PRECOPY_ROUNDS).record(f64::from(self.rounds));
@@ -1133,6 +1385,7 @@ impl SourceRun {
             postcopy_faults: faults.0,
             mean_fault_latency_s: faults.1,
             verification_s: self.verification.as_secs_f64(),
+            recoveries: self.recoveries,
         }
     }
 }

@@ -184,6 +184,11 @@ pub enum ControlMessage {
         /// Fresh nonce the target's proof must cover (empty when the source has no key).
         #[serde(default, with = "serde_bytes_compat")]
         nonce: Vec<u8>,
+        /// Post-copy recovery: this link replaces the lost one of `vm`'s pull phase. The
+        /// source then always sends `Authenticate` (an empty proof without a key) and the
+        /// target answers `Resumed` or `Refuse`.
+        #[serde(default)]
+        resume: bool,
     },
     /// Target accepts and states its own capabilities and the version chosen.
     Welcome {
@@ -255,6 +260,13 @@ pub enum ControlMessage {
         /// Page indices, most urgent first.
         pages: Vec<u64>,
     },
+    /// Post-copy recovery, target to source: the new link carries the pull phase on; these are
+    /// the pages the target still lacks (bitmap, little-endian words).
+    Resumed {
+        /// Missing-page bitmap.
+        #[serde(with = "serde_bytes_compat")]
+        missing: Vec<u8>,
+    },
     /// Post-copy, target to source: every page is present. Source to target: the source copy
     /// is freed, the migration is over.
     Complete,
@@ -307,6 +319,7 @@ impl ControlMessage {
             ControlMessage::Commit => "Commit",
             ControlMessage::Activated => "Activated",
             ControlMessage::PageRequest { .. } => "PageRequest",
+            ControlMessage::Resumed { .. } => "Resumed",
             ControlMessage::Complete => "Complete",
             ControlMessage::Digests { .. } => "Digests",
             ControlMessage::Abort { .. } => "Abort",

@@ -16,6 +16,12 @@
 //!                 ◀──────────────────── Digests{received} (verification)
 //!                 Complete ───────────────────▶ (source has freed its copy)
 //!  any time       Abort{reason} both ways; Ping both ways for liveness
+//!
+//!  recovery (post-copy, the link lost after Activated, on a new link):
+//!                 Hello{resume: true} ─────────▶
+//!                 ◀─────── Welcome | Refuse (nothing awaits recovery)
+//!                 Authenticate{proof, empty without a key} ─▶ (handed to the waiting receiver)
+//!                 ◀──────────────────── Resumed{missing} (the pull carries on)
 //! ```
 //! In post-copy and hybrid, `Commit`/`Activated` come right after `Prepared` and the
 //! commitment stage ends when the target holds every page. Control frames are a 4-byte

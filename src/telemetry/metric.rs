@@ -45,7 +45,7 @@ pub const ROUND_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 30
 /// the start and `increase()` counts a series' first event.
 pub fn register_zeroes() {
     for algorithm in ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto"] {
-        for result in ["completed", "cancelled", "aborted", "failed"] {
+        for result in crate::engine::Outcome::LABELS {
             metrics::counter!(MIGRATIONS_TOTAL, "algorithm" => algorithm, "result" => result).increment(0);
         }
     }

@@ -106,6 +106,8 @@ pub trait Guest: DirtyLogSource + Send + Sync + std::fmt::Debug {
     fn page_installed(&self, page: u64);
     /// Pages still missing (post-copy), 0 otherwise.
     fn missing_pages(&self) -> u64;
+    /// The set of pages still missing (post-copy recovery tells the source which to resend).
+    fn missing_set(&self) -> PageSet;
     /// Counters.
     fn stats(&self) -> GuestStats;
     /// Stops every guest thread for good; memory is freed when the last reference drops.

@@ -95,3 +95,20 @@ pub async fn assert_runs_only_on(e: &EngineHandle, host: &str, other: &str, vm: 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Source and target in two separate engines (as two daemons would be); the target listens
+/// on an ephemeral loopback port.
+pub async fn two_engines() -> (EngineHandle, EngineHandle, std::net::SocketAddr) {
+    let src = EngineHandle::start().expect("source engine");
+    src.add_host(HostConfig::new("src", NativeLayout::XenHvm))
+        .await
+        .expect("src");
+    let dst = EngineHandle::start().expect("target engine");
+    let listen = HostConfig {
+        listen: Some("127.0.0.1:0".parse().expect("addr")),
+        ..HostConfig::new("dst", NativeLayout::Kvm)
+    };
+    dst.add_host(listen).await.expect("dst");
+    let addr = dst.listen_address("dst").await.expect("ask").expect("listening");
+    (src, dst, addr)
+}

@@ -15,6 +15,7 @@ fn message(i: u8, n: u64) -> ControlMessage {
             requested: Algorithm::ALL[(n % 5) as usize],
             vm: format!("vm{n}"),
             nonce: vec![n as u8; (n % 40) as usize],
+            resume: n % 3 == 0,
         },
         1 => ControlMessage::Reserved,
         2 => ControlMessage::RoundDone {

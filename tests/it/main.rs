@@ -9,6 +9,7 @@ mod embed;
 mod faults;
 mod fuzz;
 mod negotiation;
+mod recovery;
 mod stall;
 mod tcp;
 mod tls;

@@ -3,7 +3,6 @@
 //! hostile connections.
 
 use std::io::Write;
-use std::net::SocketAddr;
 
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmLocation, VmSpec};
 use migratory::format::NativeLayout;
@@ -11,24 +10,8 @@ use migratory::protocol::Algorithm;
 
 use crate::common::{self, MIB};
 
-/// Source and target in two separate engines; the target listens on an ephemeral port.
-async fn two_engines() -> (EngineHandle, EngineHandle, SocketAddr) {
-    let src = EngineHandle::start().expect("source engine");
-    src.add_host(HostConfig::new("src", NativeLayout::XenHvm))
-        .await
-        .expect("src");
-    let dst = EngineHandle::start().expect("target engine");
-    let listen = HostConfig {
-        listen: Some("127.0.0.1:0".parse().expect("addr")),
-        ..HostConfig::new("dst", NativeLayout::Kvm)
-    };
-    dst.add_host(listen).await.expect("dst");
-    let addr = dst.listen_address("dst").await.expect("ask").expect("listening");
-    (src, dst, addr)
-}
-
 async fn check(alg: Algorithm, streams: u8) {
-    let (src, dst, addr) = two_engines().await;
+    let (src, dst, addr) = common::two_engines().await;
     let vm = format!("tcp-{alg}-{streams}");
     let spec = VmSpec {
         workload: common::writer(40_000_000, 2 * MIB),
@@ -81,7 +64,7 @@ tcp_matrix! {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_listener_survives_hostile_connections_then_migrates() {
-    let (src, dst, addr) = two_engines().await;
+    let (src, dst, addr) = common::two_engines().await;
     let hostile: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         vec![0xff; 64],

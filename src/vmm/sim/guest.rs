@@ -260,6 +260,10 @@ impl Guest for SimGuest {
         self.inner.missing_count.load(Ordering::SeqCst)
     }
 
+    fn missing_set(&self) -> PageSet {
+        self.inner.missing.snapshot()
+    }
+
     fn stats(&self) -> GuestStats {
         GuestStats {
             writes: self.inner.writes.load(Ordering::Relaxed),
