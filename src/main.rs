@@ -1,5 +1,6 @@
 //! The `migratory` command line: a live-migration demo on the embedded `sim` backend.
 
+mod bench;
 mod cli;
 mod daemon;
 mod exporter;
@@ -32,6 +33,11 @@ enum Command {
     Demo(DemoArgs),
     /// Run a host: accept migrations over TCP and serve the HTTP control API.
     Serve(daemon::ServeArgs),
+    /// Measure migrations against memcpy and plain-TCP baselines taken in the same run.
+    Bench(bench::BenchArgs),
+    /// The reading end of the bench's plain-TCP baseline (a second process).
+    #[command(hide = true)]
+    BenchSink,
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -100,6 +106,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Demo(args) => demo(args),
         Command::Serve(args) => daemon::serve(args),
+        Command::Bench(args) => bench::run(args),
+        Command::BenchSink => match bench::sink() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("migratory: bench sink: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Client(cmd) => cli::run_client(cmd),
     }
 }

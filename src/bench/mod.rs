@@ -1,0 +1,316 @@
+//! `migratory bench`: runs migration scenarios and prints each figure beside a physical
+//! baseline measured in the same run (memcpy for in-process links, a plain TCP copy between two
+//! processes for loopback TCP), as a ratio, plus the DESIGN.md targets met or missed.
+
+mod baseline;
+mod scenario;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use migratory::engine::MigrationReport;
+use migratory::protocol::Algorithm;
+use serde::Serialize;
+
+use scenario::{Load, Scenario, Via};
+
+pub use baseline::sink;
+
+/// Arguments of `migratory bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A subset that runs in under a minute: 256 MiB VMs, idle and hot-set guests, three
+    /// algorithms, in-process and one TCP stream.
+    #[arg(long)]
+    quick: bool,
+    /// Also write every row, baseline and ratio as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+/// One row of the table.
+#[derive(Debug, Serialize)]
+struct Row {
+    memory_mib: u64,
+    load: Load,
+    algorithm: String,
+    algorithm_run: String,
+    via: String,
+    result: String,
+    verified: bool,
+    total_s: f64,
+    downtime_ms: f64,
+    throughput_bytes_per_s: f64,
+    pages_sent: u64,
+    pages_retransmitted: u64,
+    rounds: u32,
+    postcopy_faults: u64,
+    mean_fault_latency_us: f64,
+    /// memcpy (in-process) or plain TCP copy (loopback) of the same bytes.
+    baseline: &'static str,
+    baseline_bytes_per_s: f64,
+    /// Throughput over the baseline.
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Output {
+    quick: bool,
+    rows: Vec<Row>,
+    /// Baselines by VM size in MiB.
+    memcpy_bytes_per_s: HashMap<u64, f64>,
+    plain_tcp_bytes_per_s: HashMap<u64, f64>,
+    targets: Vec<Target>,
+}
+
+/// A DESIGN.md target, checked against the rows.
+#[derive(Debug, Serialize)]
+struct Target {
+    what: &'static str,
+    goal: String,
+    measured: String,
+    met: bool,
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    let (sizes, loads, algorithms, vias): (Vec<u64>, Vec<Load>, Vec<Algorithm>, Vec<Via>) = if quick {
+        (
+            vec![256 << 20],
+            vec![Load::Idle, Load::HotSet],
+            vec![Algorithm::StopAndCopy, Algorithm::Precopy, Algorithm::Postcopy],
+            vec![Via::InProcess, Via::Tcp(1)],
+        )
+    } else {
+        (
+            vec![1 << 30, 4 << 30],
+            vec![Load::Idle, Load::HotSet, Load::Uniform],
+            Algorithm::ALL.to_vec(),
+            vec![Via::InProcess, Via::Tcp(1), Via::Tcp(2)],
+        )
+    };
+    let mut out = Vec::new();
+    for &memory in &sizes {
+        for &load in &loads {
+            for &algorithm in &algorithms {
+                for &via in &vias {
+                    out.push(Scenario {
+                        memory,
+                        load,
+                        algorithm,
+                        via,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+fn row(s: &Scenario, r: &MigrationReport, memcpy: f64, tcp: f64) -> Row {
+    let (baseline, base) = match s.via {
+        Via::InProcess => ("memcpy", memcpy),
+        Via::Tcp(_) => ("plain tcp", tcp),
+    };
+    Row {
+        memory_mib: s.memory >> 20,
+        load: s.load,
+        algorithm: s.algorithm.name().to_string(),
+        algorithm_run: r.algorithm.clone(),
+        via: s.via.name(),
+        result: r.result.label().to_string(),
+        verified: r.verified,
+        total_s: r.total_s,
+        downtime_ms: r.downtime_s * 1e3,
+        throughput_bytes_per_s: r.throughput_bytes_per_s,
+        pages_sent: r.pages.normal + r.pages.zero + r.pages.retransmitted + r.pages.pulled,
+        pages_retransmitted: r.pages.retransmitted,
+        rounds: r.rounds,
+        postcopy_faults: r.postcopy_faults,
+        mean_fault_latency_us: r.mean_fault_latency_s * 1e6,
+        baseline,
+        baseline_bytes_per_s: base,
+        ratio: if base > 0.0 {
+            r.throughput_bytes_per_s / base
+        } else {
+            0.0
+        },
+    }
+}
+
+fn targets(rows: &[Row]) -> Vec<Target> {
+    let best = |f: &dyn Fn(&Row) -> bool, key: &dyn Fn(&Row) -> f64, min: bool| {
+        rows.iter().filter(|r| f(r)).map(key).fold(None, |acc: Option<f64>, v| {
+            Some(match acc {
+                None => v,
+                Some(a) if min => a.min(v),
+                Some(a) => a.max(v),
+            })
+        })
+    };
+    let mut out = Vec::new();
+    let idle_stop = |via: &'static str| {
+        move |r: &Row| r.load == Load::Idle && r.algorithm == "stop-and-copy" && r.via.starts_with(via)
+    };
+    if let Some(v) = best(&idle_stop("in-process"), &|r| r.ratio, false) {
+        out.push(Target {
+            what: "in-process throughput / memcpy (idle, stop-and-copy, whole migration)",
+            goal: ">= 0.50".into(),
+            measured: format!("{v:.2}"),
+            met: v >= 0.5,
+        });
+    }
+    if let Some(v) = best(&idle_stop("tcp"), &|r| r.ratio, false) {
+        out.push(Target {
+            what: "loopback TCP throughput / plain TCP copy (idle, stop-and-copy, best stream count)",
+            goal: ">= 0.80".into(),
+            measured: format!("{v:.2}"),
+            met: v >= 0.8,
+        });
+    }
+    let hot_pre = |r: &Row| r.load == Load::HotSet && r.algorithm == "precopy" && r.via.starts_with("tcp");
+    if let Some(v) = best(&hot_pre, &|r| r.downtime_ms, true) {
+        out.push(Target {
+            what: "pre-copy downtime, hot set 64 MiB at 100 MB/s, loopback",
+            goal: "<= 10 ms".into(),
+            measured: format!("{v:.1} ms"),
+            met: v <= 10.0,
+        });
+    }
+    let post = |r: &Row| r.algorithm == "postcopy" && r.load == Load::HotSet;
+    if let Some(v) = best(&post, &|r| r.downtime_ms, true) {
+        out.push(Target {
+            what: "post-copy downtime (hot set)",
+            goal: "<= 2 ms".into(),
+            measured: format!("{v:.2} ms"),
+            met: v <= 2.0,
+        });
+    }
+    let faulted = |r: &Row| r.algorithm == "postcopy" && r.postcopy_faults > 0;
+    if let Some(v) = best(&faulted, &|r| r.mean_fault_latency_us, true) {
+        out.push(Target {
+            what: "post-copy mean fault latency",
+            goal: "<= 100 us".into(),
+            measured: format!("{v:.0} us"),
+            met: v <= 100.0,
+        });
+    }
+    out
+}
+
+/// Runs the bench; the exit status is non-zero only if a scenario could not run or a
+/// migration did not verify (a missed target is a finding, not a failure).
+pub fn run(args: BenchArgs) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("migratory: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let list = scenarios(args.quick);
+    let mut memcpy: HashMap<u64, f64> = HashMap::new();
+    let mut tcp: HashMap<u64, f64> = HashMap::new();
+    let mut rows = Vec::new();
+    let mut failed = false;
+    println!(
+        "{:>6} {:<8} {:<13} {:<13} {:<10} {:<9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>6} {:>10} {:>6}",
+        "MiB",
+        "load",
+        "algorithm",
+        "ran",
+        "via",
+        "result",
+        "total s",
+        "down ms",
+        "MB/s",
+        "pages",
+        "resent",
+        "rounds",
+        "baseline",
+        "ratio"
+    );
+    for s in &list {
+        let mib = s.memory >> 20;
+        // Baselines once per size, in this run, on this machine.
+        let m = *memcpy
+            .entry(mib)
+            .or_insert_with(|| baseline::memcpy_bytes_per_sec(s.memory as usize));
+        let t = match tcp.get(&mib) {
+            Some(t) => *t,
+            None => match baseline::tcp_bytes_per_sec(s.memory) {
+                Ok(t) => *tcp.entry(mib).or_insert(t),
+                Err(e) => {
+                    eprintln!("migratory: plain TCP baseline failed: {e}");
+                    failed = true;
+                    0.0
+                }
+            },
+        };
+        let report = match rt.block_on(scenario::run(s)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!(
+                    "migratory: scenario {mib} MiB {} {} {} failed: {e}",
+                    s.load.name(),
+                    s.algorithm,
+                    s.via.name()
+                );
+                failed = true;
+                continue;
+            }
+        };
+        let r = row(s, &report, m, t);
+        failed |= !r.verified;
+        println!(
+            "{:>6} {:<8} {:<13} {:<13} {:<10} {:<9} {:>8.3} {:>9.2} {:>9.0} {:>9} {:>6} {:>6} {:>10.0} {:>6.2}",
+            r.memory_mib,
+            r.load.name(),
+            r.algorithm,
+            r.algorithm_run,
+            r.via,
+            r.result,
+            r.total_s,
+            r.downtime_ms,
+            r.throughput_bytes_per_s / 1e6,
+            r.pages_sent,
+            r.pages_retransmitted,
+            r.rounds,
+            r.baseline_bytes_per_s / 1e6,
+            r.ratio
+        );
+        rows.push(r);
+    }
+    let targets = targets(&rows);
+    println!();
+    for t in &targets {
+        println!(
+            "{} {}: {} (goal {})",
+            if t.met { "met   " } else { "MISSED" },
+            t.what,
+            t.measured,
+            t.goal
+        );
+    }
+    if let Some(path) = &args.json {
+        let out = Output {
+            quick: args.quick,
+            rows,
+            memcpy_bytes_per_s: memcpy,
+            plain_tcp_bytes_per_s: tcp,
+            targets,
+        };
+        let written = serde_json::to_vec_pretty(&out)
+            .map_err(|e| e.to_string())
+            .and_then(|b| std::fs::write(path, b).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!("migratory: cannot write {}: {e}", path.display());
+            failed = true;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

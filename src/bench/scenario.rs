@@ -1,0 +1,125 @@
+//! One bench scenario: a VM size, a guest load, an algorithm and a link; run through the
+//! public engine API exactly as an embedder would, and reduced to the figures the table shows.
+
+use std::time::Duration;
+
+use migratory::engine::{EngineHandle, HostConfig, MigrationReport, MigrationRequest, VmSpec};
+use migratory::format::NativeLayout;
+use migratory::protocol::Algorithm;
+use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use serde::Serialize;
+
+/// What the guest does while it moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Load {
+    /// No writes.
+    Idle,
+    /// 100 MB/s over a 64 MiB hot set (DESIGN.md's pre-copy downtime scenario).
+    HotSet,
+    /// 1 GB/s spread over all memory: pre-copy cannot converge.
+    Uniform,
+}
+
+impl Load {
+    fn workload(self, memory: u64) -> WorkloadSpec {
+        let (rate, ws, pattern) = match self {
+            Load::Idle => (0, 64 << 20, Pattern::HotSet),
+            Load::HotSet => (100_000_000, 64 << 20, Pattern::HotSet),
+            Load::Uniform => (1_000_000_000, memory, Pattern::Uniform),
+        };
+        WorkloadSpec {
+            rate_bytes_per_sec: rate,
+            working_set_bytes: ws,
+            pattern,
+            zero_fraction: 0.1,
+            seed: 11,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Load::Idle => "idle",
+            Load::HotSet => "hot-set",
+            Load::Uniform => "uniform",
+        }
+    }
+}
+
+/// How source and target are joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Two hosts of one engine, an in-process link.
+    InProcess,
+    /// Two engines (as two daemons would be) over loopback TCP with this many data streams.
+    Tcp(u8),
+}
+
+impl Via {
+    pub fn name(self) -> String {
+        match self {
+            Via::InProcess => "in-process".into(),
+            Via::Tcp(n) => format!("tcp x{n}"),
+        }
+    }
+}
+
+/// One migration to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    pub memory: u64,
+    pub load: Load,
+    pub algorithm: Algorithm,
+    pub via: Via,
+}
+
+/// Runs the scenario on fresh engines (nothing shared with the scenario before) and returns
+/// the report.
+pub async fn run(s: &Scenario) -> Result<MigrationReport, String> {
+    let err = |e: migratory::engine::EngineError| e.to_string();
+    let src = EngineHandle::start().map_err(err)?;
+    src.add_host(HostConfig::new("a", NativeLayout::XenHvm))
+        .await
+        .map_err(err)?;
+    let (dst, target, addr) = match s.via {
+        Via::InProcess => {
+            src.add_host(HostConfig::new("b", NativeLayout::Kvm))
+                .await
+                .map_err(err)?;
+            (None, "b".to_string(), None)
+        }
+        Via::Tcp(_) => {
+            let dst = EngineHandle::start().map_err(err)?;
+            let listen = HostConfig {
+                listen: Some(([127, 0, 0, 1], 0).into()),
+                ..HostConfig::new("b", NativeLayout::Kvm)
+            };
+            dst.add_host(listen).await.map_err(err)?;
+            let addr = dst
+                .listen_address("b")
+                .await
+                .map_err(err)?
+                .ok_or("the target host is not listening")?;
+            (Some(dst), addr.to_string(), Some(addr))
+        }
+    };
+    let spec = VmSpec {
+        workload: s.load.workload(s.memory),
+        ..VmSpec::new("bench", s.memory)
+    };
+    src.create_vm("a", spec).await.map_err(err)?;
+    let mut req = MigrationRequest::new("bench", "a", target).algorithm(s.algorithm);
+    req.target_addr = addr;
+    if let Via::Tcp(n) = s.via {
+        req.streams = n;
+    }
+    if s.algorithm == Algorithm::Precopy {
+        // DESIGN.md's pre-copy target: downtime within 10 ms.
+        req.policy.downtime_limit = Duration::from_millis(10);
+    }
+    let report = src.migrate(req).await.map_err(err)?;
+    // Dropping the last handles stops both engines and frees both copies before the next
+    // scenario maps its memory.
+    drop((src, dst));
+    Ok(report)
+}
