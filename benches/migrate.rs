@@ -3,26 +3,10 @@
 //!
 //! `cargo bench --bench migrate` (set MIGRATORY_BENCH_MIB to change the VM size).
 
-use std::time::Instant;
-
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::protocol::Algorithm;
 use migratory::vmm::sim::WorkloadSpec;
-
-fn memcpy_bytes_per_sec(bytes: usize) -> f64 {
-    let src: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8 | 1).collect();
-    let mut dst = vec![0u8; bytes];
-    dst.copy_from_slice(&src); // fault the pages in first
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t = Instant::now();
-        dst.copy_from_slice(std::hint::black_box(&src));
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    std::hint::black_box(&dst);
-    bytes as f64 / best
-}
 
 fn main() {
     let mib: u64 = std::env::var("MIGRATORY_BENCH_MIB")
@@ -30,7 +14,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
     let bytes = mib << 20;
-    let memcpy = memcpy_bytes_per_sec(bytes as usize);
+    let memcpy = migratory::telemetry::baseline::memcpy_bytes_per_sec(bytes as usize);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

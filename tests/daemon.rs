@@ -12,38 +12,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/serve.rs"]
 mod serve;
 
+use cli::{is_finished, parse_started, wait_until, CliHost, PendingRun, Run, TIMEOUT};
+
 const BIN: &str = env!("CARGO_BIN_EXE_migratory");
 
-/// The bound on every wait unless a test states a tighter one.
-const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often a condition is re-checked.
-const POLL: Duration = Duration::from_millis(50);
-
 const MIB: u64 = 1 << 20;
-
-/// Re-checks `probe` every [`POLL`] until it returns `Ok` or `timeout` passes; then panics with
-/// what was being waited for and the probe's last description of what it saw.
-fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match probe() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => thread::sleep(POLL),
-        }
-    }
-}
 
 /// A name no other test (or earlier run) uses.
 fn unique(prefix: &str) -> String {
@@ -155,19 +137,6 @@ impl Daemon {
         pages * u64::try_from(page_size).expect("positive page size")
     }
 
-    // --- the CLI against this daemon ---
-
-    /// Runs a client subcommand with `--api` pointing here.
-    fn cli(&self, args: &[&str]) -> Run {
-        self.spawn_cli(args).finish()
-    }
-
-    fn spawn_cli(&self, args: &[&str]) -> PendingRun {
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--api", &self.api]);
-        PendingRun::spawn(&all)
-    }
-
     /// Creates a VM with a running writer and waits until the writer has stored something.
     fn create_vm(&self, id: &str, memory: &str) {
         let run = self.cli(&[
@@ -194,61 +163,6 @@ impl Daemon {
         );
     }
 
-    /// `vm list --json`.
-    fn vms(&self) -> Vec<Value> {
-        let run = self.cli(&["vm", "list", "--json"]);
-        run.assert_success();
-        match serde_json::from_str(&run.stdout) {
-            Ok(Value::Array(vms)) => vms,
-            other => panic!("vm list --json is not a JSON array ({other:?}): {}", run.describe()),
-        }
-    }
-
-    fn vm(&self, id: &str) -> Option<Value> {
-        self.vms().into_iter().find(|v| v["id"] == id)
-    }
-
-    /// Asserts the VM is on this host, running, in `layout`.
-    fn assert_runs(&self, id: &str, layout: &str) {
-        let vms = self.vms();
-        let vm = vms
-            .iter()
-            .find(|v| v["id"] == id)
-            .unwrap_or_else(|| panic!("VM {id} is not on {}; its VMs: {vms:?}", self.name));
-        assert_eq!(vm["state"], "running", "VM {id} on {}: {vm}", self.name);
-        assert_eq!(vm["layout"], layout, "VM {id} on {}: {vm}", self.name);
-    }
-
-    /// Starts a migration without `--wait`; returns its id.
-    fn start_migration(&self, vm: &str, to: &Daemon, extra: &[&str]) -> u64 {
-        let to = to.migration_addr.to_string();
-        let mut args = vec!["migrate", vm, "--to", &to];
-        args.extend(extra);
-        let run = self.cli(&args);
-        run.assert_success();
-        parse_started(&run)
-    }
-
-    /// `status ID --json`.
-    fn status(&self, id: u64) -> Value {
-        let run = self.cli(&["status", &id.to_string(), "--json"]);
-        run.assert_success();
-        serde_json::from_str(&run.stdout)
-            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", run.describe()))
-    }
-
-    /// Polls the migration's status until it has ended; returns the final status.
-    fn wait_finished(&self, id: u64, timeout: Duration) -> Value {
-        wait_until(&format!("migration {id} on {} to end", self.name), timeout, || {
-            let s = self.status(id);
-            if is_finished(&s) {
-                Ok(s)
-            } else {
-                Err(s.to_string())
-            }
-        })
-    }
-
     /// Waits until the migration is active and has put bytes on the link.
     fn wait_moving(&self, id: u64) -> Value {
         wait_until(&format!("migration {id} to move bytes"), TIMEOUT, || {
@@ -262,25 +176,24 @@ impl Daemon {
     }
 }
 
+impl CliHost for Daemon {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).args(["--api", &self.api]);
+        cmd
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         // SIGKILL works on a stopped process too; an already exited one just gets reaped.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn is_finished(status: &Value) -> bool {
-    !matches!(status["status"].as_str(), Some("queued" | "active"))
-}
-
-/// `migration N started: ...` -> N.
-fn parse_started(run: &Run) -> u64 {
-    run.stdout
-        .strip_prefix("migration ")
-        .and_then(|rest| rest.split_once(" started: "))
-        .and_then(|(id, _)| id.parse().ok())
-        .unwrap_or_else(|| panic!("no migration id in the output: {}", run.describe()))
 }
 
 /// The id from the final line of `migrate --wait`: `migration N <status>: ...`.
@@ -290,95 +203,6 @@ fn parse_final_id(run: &Run) -> u64 {
         .and_then(|rest| rest.split_once(' '))
         .and_then(|(id, _)| id.parse().ok())
         .unwrap_or_else(|| panic!("no migration id in the output: {}", run.describe()))
-}
-
-// ---------------------------------------------------------------------------------------------
-// CLI runs
-
-/// A finished CLI run.
-struct Run {
-    args: Vec<String>,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn describe(&self) -> String {
-        format!(
-            "`migratory {}` exited {}\n--- stdout:\n{}--- stderr:\n{}",
-            self.args.join(" "),
-            self.status,
-            self.stdout,
-            self.stderr
-        )
-    }
-
-    fn assert_success(&self) {
-        assert!(self.status.success(), "{}", self.describe());
-    }
-}
-
-/// A CLI process still running, its output drained by two threads.
-struct PendingRun {
-    args: Vec<String>,
-    child: Child,
-    stdout: thread::JoinHandle<String>,
-    stderr: thread::JoinHandle<String>,
-}
-
-impl PendingRun {
-    fn spawn(args: &[&str]) -> PendingRun {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env_remove("MIGRATORY_API")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {BIN} {args:?}: {e}"));
-        let drain = |mut pipe: Box<dyn Read + Send>| {
-            thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = pipe.read_to_end(&mut buf);
-                String::from_utf8_lossy(&buf).into_owned()
-            })
-        };
-        let stdout = drain(Box::new(child.stdout.take().expect("piped")));
-        let stderr = drain(Box::new(child.stderr.take().expect("piped")));
-        PendingRun {
-            args: args.iter().map(|a| a.to_string()).collect(),
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits (at most [`TIMEOUT`]) for the process to exit and collects its output.
-    fn finish(mut self) -> Run {
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => thread::sleep(POLL / 5),
-                outcome => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    panic!(
-                        "`migratory {}` did not exit within {TIMEOUT:?} ({outcome:?}); stderr: {}",
-                        self.args.join(" "),
-                        self.stderr.join().unwrap_or_default()
-                    );
-                }
-            }
-        };
-        Run {
-            args: self.args,
-            status,
-            stdout: self.stdout.join().unwrap_or_default(),
-            stderr: self.stderr.join().unwrap_or_default(),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -497,7 +321,11 @@ fn test_status_shows_progress_during_a_capped_migration() {
     let a = Daemon::start("a", "xen-hvm", &[]);
     let b = Daemon::start("b", "kvm", &[]);
     a.create_vm("vm1", "48MiB");
-    let id = a.start_migration("vm1", &b, &["--algorithm", "precopy", "--bandwidth", "16MB"]);
+    let id = a.start_migration(
+        "vm1",
+        b.migration_addr,
+        &["--algorithm", "precopy", "--bandwidth", "16MB"],
+    );
     let mut seen: Vec<u64> = Vec::new();
     let last = wait_until(&format!("migration {id} to end"), TIMEOUT, || {
         let s = a.status(id);
@@ -545,7 +373,7 @@ fn test_silent_target_is_detected_and_vm_stays_on_source() {
     a.create_vm("vm1", "48MiB");
     let id = a.start_migration(
         "vm1",
-        &b,
+        b.migration_addr,
         &["--algorithm", "precopy", "--streams", "1", "--bandwidth", "4MB"],
     );
     a.wait_moving(id);
@@ -677,7 +505,11 @@ fn test_sigterm_on_target_mid_migration_keeps_vm_on_source() {
     let a = Daemon::start("a", "xen-hvm", &[]);
     let mut b = Daemon::start("b", "kvm", &[]);
     a.create_vm("vm1", "32MiB");
-    let id = a.start_migration("vm1", &b, &["--algorithm", "precopy", "--bandwidth", "4MB"]);
+    let id = a.start_migration(
+        "vm1",
+        b.migration_addr,
+        &["--algorithm", "precopy", "--bandwidth", "4MB"],
+    );
     a.wait_moving(id);
     b.signal(libc::SIGTERM);
     let exit = b.wait_exit(Duration::from_secs(30));

@@ -28,24 +28,21 @@
 //! daemons are killed and reaped on drop, panic or not; namespaces left by a run that was killed
 //! outright are deleted by the next run. A panic prints both daemons' stderr.
 
-use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/serve.rs"]
 mod serve;
 
+use cli::{is_finished, wait_until, CliHost, PendingRun, TIMEOUT};
+
 const BIN: &str = env!("CARGO_BIN_EXE_migratory");
-
-/// The bound on every wait unless a step states its own.
-const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often a condition is re-checked.
-const POLL: Duration = Duration::from_millis(50);
 
 /// How long a migration may take to end once the link is cut: the 5 s keepalive, then the
 /// engine's own cleanup, with room for a slow CI machine.
@@ -70,90 +67,16 @@ const API_ADDR: &str = "127.0.0.1:8000";
 /// Prefix of every namespace this test creates; the pid of the creating test follows it.
 const NS_PREFIX: &str = "migratory-netns-";
 
-/// Re-checks `probe` every [`POLL`] until it returns `Ok` or `timeout` passes; then panics with
-/// what was being waited for and the probe's last description of what it saw.
-fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match probe() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => thread::sleep(POLL),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// A finished command.
-struct Run {
-    what: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn describe(&self) -> String {
-        format!(
-            "`{}` exited {}\n--- stdout:\n{}--- stderr:\n{}",
-            self.what, self.status, self.stdout, self.stderr
-        )
-    }
-
-    fn assert_success(&self) {
-        assert!(self.status.success(), "{}", self.describe());
-    }
-}
-
-/// Runs `cmd` to its end (at most [`TIMEOUT`]), draining both pipes so neither can fill.
-fn run(mut cmd: Command) -> std::io::Result<Run> {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let drain = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().expect("stdout is piped")));
-    let stderr = drain(Box::new(child.stderr.take().expect("stderr is piped")));
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => thread::sleep(POLL / 5),
-            outcome => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`{what}` did not exit within {TIMEOUT:?} ({outcome:?}); stderr: {}",
-                    stderr.join().unwrap_or_default()
-                );
-            }
-        }
-    };
-    Ok(Run {
-        what,
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    })
-}
 
 /// Runs one iproute2 tool (`ip`, `tc`); `Err` carries its complaint.
 fn tool(program: &str, args: &[&str]) -> Result<(), String> {
     let mut cmd = Command::new(program);
     cmd.args(args);
-    let done = run(cmd).map_err(|e| format!("cannot run `{program}`: {e}"))?;
+    let done = PendingRun::spawn(cmd)
+        .map_err(|e| format!("cannot run `{program}`: {e}"))?
+        .finish();
     if done.status.success() {
         Ok(())
     } else {
@@ -338,16 +261,6 @@ impl Daemon {
         self.stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
     }
 
-    /// Runs a client subcommand inside the daemon's namespace with `--api` pointing here.
-    fn cli(&self, args: &[&str]) -> Run {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns, BIN])
-            .args(args)
-            .args(["--api", &self.api])
-            .env_remove("MIGRATORY_API");
-        run(cmd).unwrap_or_else(|e| panic!("cannot run the CLI in {}: {e}", self.ns))
-    }
-
     /// Creates a VM whose writer dirties `dirty_rate` over `working_set` (hot-set), and waits
     /// until the writer has stored something.
     fn create_vm(&self, id: &str, memory: &str, dirty_rate: &str, working_set: &str) {
@@ -388,64 +301,20 @@ impl Daemon {
     fn delete_vm(&self, id: &str) {
         self.cli(&["vm", "delete", id]).assert_success();
     }
+}
 
-    /// `vm list --json`.
-    fn vms(&self) -> Vec<Value> {
-        let done = self.cli(&["vm", "list", "--json"]);
-        done.assert_success();
-        match serde_json::from_str(&done.stdout) {
-            Ok(Value::Array(vms)) => vms,
-            other => panic!("vm list --json is not a JSON array ({other:?}): {}", done.describe()),
-        }
+impl CliHost for Daemon {
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    fn vm(&self, id: &str) -> Option<Value> {
-        self.vms().into_iter().find(|v| v["id"] == id)
-    }
-
-    /// Asserts the VM is on this host, running, in `layout`.
-    fn assert_runs(&self, id: &str, layout: &str) {
-        let vms = self.vms();
-        let vm = vms
-            .iter()
-            .find(|v| v["id"] == id)
-            .unwrap_or_else(|| panic!("VM {id} is not on {}; its VMs: {vms:?}", self.name));
-        assert_eq!(vm["state"], "running", "VM {id} on {}: {vm}", self.name);
-        assert_eq!(vm["layout"], layout, "VM {id} on {}: {vm}", self.name);
-    }
-
-    /// Starts a migration without `--wait`; returns its id.
-    fn start_migration(&self, vm: &str, to: &str, extra: &[&str]) -> u64 {
-        let mut args = vec!["migrate", vm, "--to", to];
-        args.extend(extra);
-        let done = self.cli(&args);
-        done.assert_success();
-        // `migration N started: ...`
-        done.stdout
-            .strip_prefix("migration ")
-            .and_then(|rest| rest.split_once(" started: "))
-            .and_then(|(id, _)| id.parse().ok())
-            .unwrap_or_else(|| panic!("no migration id in the output: {}", done.describe()))
-    }
-
-    /// `status ID --json`.
-    fn status(&self, id: u64) -> Value {
-        let done = self.cli(&["status", &id.to_string(), "--json"]);
-        done.assert_success();
-        serde_json::from_str(&done.stdout)
-            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {}", done.describe()))
-    }
-
-    /// Polls the migration's status until it has ended; returns the final status.
-    fn wait_finished(&self, id: u64, timeout: Duration) -> Value {
-        wait_until(&format!("migration {id} on {} to end", self.name), timeout, || {
-            let s = self.status(id);
-            if is_finished(&s) {
-                Ok(s)
-            } else {
-                Err(s.to_string())
-            }
-        })
+    /// The client runs inside the daemon's namespace, where its API listens.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, BIN])
+            .args(args)
+            .args(["--api", &self.api]);
+        cmd
     }
 }
 
@@ -454,10 +323,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn is_finished(status: &Value) -> bool {
-    !matches!(status["status"].as_str(), Some("queued" | "active"))
 }
 
 /// The two daemons of the testbed. On a panic it prints both daemons' stderr before they are

@@ -4,6 +4,7 @@
 //! embedding application (or the `migratory` binary) installs one, typically
 //! `metrics-exporter-prometheus`. Labels are bounded: stage, algorithm, kind, result.
 
+pub mod baseline;
 pub mod metric;
 
 pub use metric::{describe_all, register_zeroes};
