@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// Also write every row, baseline and ratio as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Run only these VM sizes (repeatable, e.g. `--memory 1GiB`) instead of the set's own.
+    #[arg(long, value_name = "SIZE")]
+    memory: Vec<migratory::units::ByteSize>,
 }
 
 /// One row of the table.
@@ -73,7 +76,7 @@ struct Target {
     met: bool,
 }
 
-fn scenarios(quick: bool) -> Vec<Scenario> {
+fn scenarios(quick: bool, only_sizes: &[u64]) -> Vec<Scenario> {
     let (sizes, loads, algorithms, vias): (Vec<u64>, Vec<Load>, Vec<Algorithm>, Vec<Via>) = if quick {
         (
             vec![256 << 20],
@@ -88,6 +91,11 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             Algorithm::ALL.to_vec(),
             vec![Via::InProcess, Via::Tcp(1), Via::Tcp(2)],
         )
+    };
+    let sizes = if only_sizes.is_empty() {
+        sizes
+    } else {
+        only_sizes.to_vec()
     };
     let mut out = Vec::new();
     for &memory in &sizes {
@@ -208,7 +216,8 @@ pub fn run(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let list = scenarios(args.quick);
+    let sizes: Vec<u64> = args.memory.iter().map(|b| b.0).collect();
+    let list = scenarios(args.quick, &sizes);
     let mut memcpy: HashMap<u64, f64> = HashMap::new();
     let mut tcp: HashMap<u64, f64> = HashMap::new();
     let mut rows = Vec::new();
