@@ -71,6 +71,29 @@ async fn postcopy_vm(e: &EngineHandle, vm: &str, memory: u64) -> MigrationReques
     MigrationRequest::new(vm, "src", "dst").algorithm(Algorithm::Postcopy)
 }
 
+/// A fresh engine with a 20 MB/s writer VM on `src`, and a pre-copy request to `dst`.
+async fn precopy_vm(vm: &str, memory: u64) -> (EngineHandle, MigrationRequest) {
+    let e = common::engine(NativeLayout::XenHvm, NativeLayout::Kvm).await;
+    let spec = VmSpec {
+        workload: common::writer(20_000_000, 2 * MIB),
+        ..VmSpec::new(vm, memory)
+    };
+    e.create_vm("src", spec).await.expect("create");
+    (e, MigrationRequest::new(vm, "src", "dst"))
+}
+
+/// Waits (bounded) until the target holds no VM: its reservation was released.
+async fn target_releases(e: &EngineHandle) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while e.host_usage("dst").await.expect("usage").vms != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "target released its reservation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn assert_recovered(seen: &Seen, times: u32) {
     let r = &seen.report;
     assert_eq!(r.result, Outcome::Recovered, "{:?}", r.error);
@@ -160,13 +183,7 @@ async fn test_recovery_that_never_comes_keeps_both_halves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_link_drop_on_a_byte_trigger_keeps_the_vm_on_the_source() {
-    let e = common::engine(NativeLayout::XenHvm, NativeLayout::Kvm).await;
-    let spec = VmSpec {
-        workload: common::writer(20_000_000, 2 * MIB),
-        ..VmSpec::new("bt1", 32 * MIB)
-    };
-    e.create_vm("src", spec).await.expect("create");
-    let mut req = MigrationRequest::new("bt1", "src", "dst");
+    let (e, mut req) = precopy_vm("bt1", 32 * MIB).await;
     req.shaping.bandwidth_bytes_per_sec = Some(100_000_000);
     req.faults = "link-drop@8MiB".parse().expect("plan");
     let report = e.migrate(req).await.expect("report");
@@ -182,26 +199,13 @@ async fn test_link_drop_on_a_byte_trigger_keeps_the_vm_on_the_source() {
         "fired before the round ended: {}",
         report.bytes_sent
     );
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while e.host_usage("dst").await.expect("usage").vms != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "target released its reservation"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    target_releases(&e).await;
     common::assert_runs_only_on(&e, "src", "dst", "bt1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_cancel_on_a_time_trigger() {
-    let e = common::engine(NativeLayout::XenHvm, NativeLayout::Kvm).await;
-    let spec = VmSpec {
-        workload: common::writer(20_000_000, 2 * MIB),
-        ..VmSpec::new("tt1", 64 * MIB)
-    };
-    e.create_vm("src", spec).await.expect("create");
-    let mut req = MigrationRequest::new("tt1", "src", "dst");
+    let (e, mut req) = precopy_vm("tt1", 64 * MIB).await;
     // 64 MiB at 32 MB/s: two seconds of pre-copy, cancelled a quarter of a second in.
     req.shaping.bandwidth_bytes_per_sec = Some(32_000_000);
     req.faults = "cancel@250ms".parse().expect("plan");
@@ -230,13 +234,7 @@ async fn test_postcopy_recovery_over_tcp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_target_crash_on_a_byte_trigger_keeps_the_vm_on_the_source() {
-    let e = common::engine(NativeLayout::XenHvm, NativeLayout::Kvm).await;
-    let spec = VmSpec {
-        workload: common::writer(20_000_000, 2 * MIB),
-        ..VmSpec::new("bt2", 32 * MIB)
-    };
-    e.create_vm("src", spec).await.expect("create");
-    let mut req = MigrationRequest::new("bt2", "src", "dst");
+    let (e, mut req) = precopy_vm("bt2", 32 * MIB).await;
     req.shaping.bandwidth_bytes_per_sec = Some(100_000_000);
     // The target vanishes without a word once 8 MiB have arrived: the source finds out from
     // the silence (keepalive), shortened here to keep the test quick.
@@ -247,13 +245,6 @@ async fn test_target_crash_on_a_byte_trigger_keeps_the_vm_on_the_source() {
     assert_ne!(report.result, Outcome::Completed, "{:?}", report.error);
     assert_eq!(report.vm_location, VmLocation::Source, "{:?}", report.error);
     assert!(report.bytes_sent >= 8 * MIB, "sent {}", report.bytes_sent);
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while e.host_usage("dst").await.expect("usage").vms != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "target released its reservation"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    target_releases(&e).await;
     common::assert_runs_only_on(&e, "src", "dst", "bt2").await;
 }
