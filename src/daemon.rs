@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Native vCPU layout of this host's sim backend.
     #[arg(long, default_value = "kvm")]
     layout: NativeLayout,
+    /// Hypervisor: `sim` or `kvm` (real guests on /dev/kvm; layout `kvm`).
+    #[arg(long, default_value = "sim")]
+    backend: migratory::vmm::BackendKind,
     /// Memory budget for VMs and incoming reservations.
     #[arg(long, default_value = "16GiB")]
     memory_budget: ByteSize,
@@ -116,6 +119,7 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         bandwidth_budget_bytes_per_sec: args.bandwidth_budget.map(|b| b.0),
         cluster_key: key,
         tls,
+        backend: args.backend,
         ..HostConfig::new(args.name.clone(), args.layout)
     };
     engine.add_host(host).await.map_err(|e| e.to_string())?;
@@ -197,7 +201,12 @@ struct VmView {
     memory_bytes: u64,
     vcpus: u32,
     layout: String,
+    /// Pages the guest wrote (for a kvm guest, its own progress counter, carried across moves).
     writes: u64,
+    /// Verify passes of a self-checking guest.
+    verify_passes: u64,
+    /// Pages a self-checking guest found not as it wrote them; must stay 0.
+    integrity_errors: u64,
 }
 
 impl From<&VmInfo> for VmView {
@@ -209,6 +218,8 @@ impl From<&VmInfo> for VmView {
             vcpus: v.config.vcpus,
             layout: v.layout.to_string(),
             writes: v.stats.writes,
+            verify_passes: v.stats.verify_passes,
+            integrity_errors: v.stats.integrity_errors,
         }
     }
 }
@@ -291,6 +302,12 @@ struct StartMigration {
     /// recovery off; default 60).
     #[serde(default)]
     recovery_timeout_s: Option<f64>,
+    /// Page encoding: `off`, `lz4`, `xbzrle`, `both` or `auto` (default).
+    #[serde(default)]
+    compression: Option<String>,
+    /// Bytes of the source's XBZRLE cache (default 64 MiB, never more than the VM).
+    #[serde(default)]
+    xbzrle_cache_bytes: Option<u64>,
 }
 
 async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration>) -> HttpResponse {
@@ -343,6 +360,15 @@ async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration
             return bad(StatusCode::BAD_REQUEST, format!("recovery_timeout_s {s} out of range"));
         }
         req.recovery_timeout = Duration::from_secs_f64(s);
+    }
+    if let Some(c) = b.compression.as_deref() {
+        match c.parse::<migratory::protocol::CompressionChoice>() {
+            Ok(c) => req.compression = c,
+            Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
+        }
+    }
+    if let Some(n) = b.xbzrle_cache_bytes {
+        req.xbzrle_cache_bytes = n;
     }
     if let Some(ms) = b.downtime_limit_ms {
         if !(0.0..=3_600_000.0).contains(&ms) {

@@ -62,6 +62,10 @@ struct DemoArgs {
     /// Fraction of pages that start out zero.
     #[arg(long, default_value_t = 0.1)]
     zero_fraction: f64,
+    /// Hypervisor of both hosts: `sim` (synthetic guest, runs everywhere) or `kvm` (a real
+    /// self-checking guest on /dev/kvm; both layouts are then `kvm`).
+    #[arg(long, default_value = "sim")]
+    backend: migratory::vmm::BackendKind,
     /// Native layout of the source host's backend.
     #[arg(long, default_value = "xen-hvm")]
     source_layout: NativeLayout,
@@ -183,8 +187,15 @@ fn demo(args: DemoArgs) -> ExitCode {
 
 async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine::EngineError> {
     let engine = EngineHandle::start()?;
-    engine.add_host(HostConfig::new("source", args.source_layout)).await?;
-    engine.add_host(HostConfig::new("target", args.target_layout)).await?;
+    let kvm = args.backend == migratory::vmm::BackendKind::Kvm;
+    for (name, layout) in [("source", args.source_layout), ("target", args.target_layout)] {
+        engine
+            .add_host(HostConfig {
+                backend: args.backend,
+                ..HostConfig::new(name, layout)
+            })
+            .await?;
+    }
     let workload = WorkloadSpec {
         rate_bytes_per_sec: args.dirty_rate.0,
         working_set_bytes: args.working_set.0,
@@ -194,15 +205,22 @@ async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine:
     };
     let spec = VmSpec {
         workload,
+        // The kvm backend runs one vCPU (see README, "The kvm backend").
+        vcpus: if kvm { 1 } else { 2 },
         ..VmSpec::new("demo-vm", args.memory.0)
     };
     if !args.json {
+        let (what, layout) = if kvm {
+            ("kvm VM running the self-checking guest", NativeLayout::Kvm)
+        } else {
+            ("sim VM", args.source_layout)
+        };
         eprintln!(
-            "creating a {} sim VM on `source` ({}), writer {} at {}/s over {}...",
-            args.memory, args.source_layout, args.pattern, args.dirty_rate, args.working_set
+            "creating a {} {what} on `source` ({layout}), writer {} at {}/s over {}...",
+            args.memory, args.pattern, args.dirty_rate, args.working_set
         );
     }
-    engine.create_vm("source", spec).await?;
+    let created = engine.create_vm("source", spec).await?;
     let mut req = MigrationRequest::new("demo-vm", "source", "target").algorithm(args.algorithm);
     req.shaping = Shaping {
         bandwidth_bytes_per_sec: args.bandwidth.map(|b| b.0),
@@ -254,6 +272,21 @@ async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine:
     };
     if let Some(p) = &progress {
         p.finish();
+    }
+    if kvm && !args.json {
+        // The guest's own view: its progress counter must keep rising where it now runs, and it
+        // must have found every page it wrote as it wrote it.
+        let host = match &result {
+            Ok(r) if r.result.succeeded() => "target",
+            _ => "source",
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        if let Ok(info) = engine.vm_info(host, "demo-vm").await {
+            eprintln!(
+                "guest on `{host}`: progress {} pages (it had {} when created), {} verify passes, {} integrity errors",
+                info.stats.writes, created.stats.writes, info.stats.verify_passes, info.stats.integrity_errors
+            );
+        }
     }
     result
 }

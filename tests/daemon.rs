@@ -9,192 +9,22 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/daemon.rs"]
+mod daemon;
 #[path = "support/serve.rs"]
 mod serve;
 
 use cli::{is_finished, parse_started, wait_until, CliHost, PendingRun, Run, TIMEOUT};
-
-const BIN: &str = env!("CARGO_BIN_EXE_migratory");
+use daemon::{unique, Daemon};
 
 const MIB: u64 = 1 << 20;
-
-/// A name no other test (or earlier run) uses.
-fn unique(prefix: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "{prefix}-{}-{nanos}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn send_signal(pid: u32, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
-    // SAFETY: kill(2) touches no memory of this process; `pid` is a child we spawned and have
-    // not reaped yet (Daemon owns the Child until Drop), so the pid cannot have been reused.
-    let rc = unsafe { libc::kill(pid, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
-}
-
-// ---------------------------------------------------------------------------------------------
-// Daemons
-
-/// One `migratory serve` process, killed (SIGKILL) and reaped on drop.
-struct Daemon {
-    name: String,
-    child: Child,
-    /// Where it accepts migrations.
-    migration_addr: SocketAddr,
-    /// Base URL of its control API.
-    api: String,
-    /// Every stderr line so far, drained by a thread so the pipe never fills.
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    /// Starts `migratory serve` on ephemeral ports and waits for its ready line.
-    fn start(name: &str, layout: &str, extra: &[&str]) -> Daemon {
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-            "--name",
-            name,
-            "--layout",
-            layout,
-        ])
-        .args(extra);
-        let serve::Started { child, stderr, ready } = serve::start(cmd, name, TIMEOUT);
-        let (migration, api) = ready
-            .split_once(", API on ")
-            .unwrap_or_else(|| panic!("unexpected ready line tail {ready:?}"));
-        let migration_addr = migration
-            .parse()
-            .unwrap_or_else(|e| panic!("migration address {migration:?}: {e}"));
-        assert!(api.starts_with("http://"), "API address {api:?}");
-        Daemon {
-            name: name.to_string(),
-            child,
-            migration_addr,
-            api: api.to_string(),
-            stderr,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        send_signal(self.pid(), signal);
-    }
-
-    fn stderr_text(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).join("\n")
-    }
-
-    /// Waits up to `timeout` for the process to exit.
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let name = self.name.clone();
-        wait_until(&format!("daemon {name} to exit"), timeout, || {
-            match self.child.try_wait() {
-                Ok(Some(status)) => Ok(status),
-                Ok(None) => Err("still running".into()),
-                Err(e) => Err(format!("try_wait: {e}")),
-            }
-        })
-    }
-
-    fn is_alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Resident memory in bytes, from /proc/PID/statm.
-    fn resident_bytes(&self) -> u64 {
-        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid())).expect("read statm");
-        let pages: u64 = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|f| f.parse().ok())
-            .unwrap_or_else(|| panic!("malformed statm {statm:?}"));
-        // SAFETY: sysconf only reads a configuration value.
-        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        pages * u64::try_from(page_size).expect("positive page size")
-    }
-
-    /// Creates a VM with a running writer and waits until the writer has stored something.
-    fn create_vm(&self, id: &str, memory: &str) {
-        let run = self.cli(&[
-            "vm",
-            "create",
-            id,
-            "--memory",
-            memory,
-            "--dirty-rate",
-            "20MB",
-            "--working-set",
-            "2MiB",
-        ]);
-        run.assert_success();
-        let expected = format!("created VM {id}: running, ");
-        assert!(run.stdout.starts_with(&expected), "{}", run.describe());
-        wait_until(
-            &format!("the writer of {id} on {}", self.name),
-            TIMEOUT,
-            || match self.vm(id) {
-                Some(vm) if vm["writes"].as_u64().unwrap_or(0) > 0 => Ok(()),
-                other => Err(format!("{other:?}")),
-            },
-        );
-    }
-
-    /// Waits until the migration is active and has put bytes on the link.
-    fn wait_moving(&self, id: u64) -> Value {
-        wait_until(&format!("migration {id} to move bytes"), TIMEOUT, || {
-            let s = self.status(id);
-            if s["status"] == "active" && s["transferred_bytes"].as_u64().unwrap_or(0) > 0 {
-                Ok(s)
-            } else {
-                Err(s.to_string())
-            }
-        })
-    }
-}
-
-impl CliHost for Daemon {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).args(["--api", &self.api]);
-        cmd
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SIGKILL works on a stopped process too; an already exited one just gets reaped.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The id from the final line of `migrate --wait`: `migration N <status>: ...`.
 fn parse_final_id(run: &Run) -> u64 {

@@ -13,7 +13,7 @@ use migratory::format::native::xen_hvm::{
 use migratory::format::{
     decode_vm_state, encode_vm_state, msr_index, DescriptorTable, DeviceState, MacAddr, MemoryLayout, Msr,
     NativeLayout, NativeVcpu, NicConfig, PendingEvents, PendingException, Segment, SegmentAttributes, VcpuState,
-    VmConfig, VmId, VmState, ENVELOPE_HEADER_LEN, MAX_VCPUS, MSRS_WITH_OWN_FIELD, PAGE_SIZE,
+    VmConfig, VmId, VmState, ENVELOPE_HEADER_LEN, LAPIC_REGISTER_BYTES, MAX_VCPUS, MSRS_WITH_OWN_FIELD, PAGE_SIZE,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
@@ -58,6 +58,13 @@ fn xsave() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         1 => Just(Vec::new()),
         4 => (512usize..=4096).prop_flat_map(|n| vec(any::<u8>(), n)),
+    ]
+}
+
+fn lapic() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        1 => Just(Vec::new()),
+        2 => vec(any::<u8>(), LAPIC_REGISTER_BYTES),
     ]
 }
 
@@ -156,13 +163,13 @@ fn vcpu_state() -> impl Strategy<Value = VcpuState> {
         any::<u64>(),
         any::<u64>(),
     );
-    let rest = (msr_map(&MSRS_WITH_OWN_FIELD), xsave(), any::<u64>(), events());
+    let rest = (msr_map(&MSRS_WITH_OWN_FIELD), xsave(), any::<u64>(), events(), lapic());
     (regs, segments, control, rest).prop_map(
         |(
             (id, gprs, rip, rflags),
             (cs, ds, es, fs, gs, ss, tr, ldtr),
             (gdtr, idtr, [cr0, cr2, cr3, cr4], cr8, efer, apic_base),
-            (msrs, xsave, tsc, events),
+            (msrs, xsave, tsc, events, lapic),
         )| VcpuState {
             id,
             gprs,
@@ -189,6 +196,7 @@ fn vcpu_state() -> impl Strategy<Value = VcpuState> {
             xsave,
             tsc,
             events,
+            lapic,
         },
     )
 }
@@ -352,69 +360,72 @@ fn kvm_vcpu() -> impl Strategy<Value = KvmVcpu> {
         bit(),
         bit(),
     );
-    (regs, segments, control, rest).prop_map(
-        |(
-            regs,
-            (cs, ds, es, fs, gs, ss, tr, ldt),
-            (gdt, idt, [cr0, cr2, cr3, cr4], cr8, efer, apic_base),
-            (id, mut msr_map, tsc, xsave, exception, interrupt, nmi_pending, nmi_masked),
-        )| {
-            // The TSC entry is mandatory; keep the one drawn if any.
-            msr_map.entry(msr_index::TSC).or_insert(tsc);
-            let mut interrupt_bitmap = [0u64; 4];
-            if let Some(v) = interrupt {
-                interrupt_bitmap[usize::from(v / 64)] = 1 << (v % 64);
-            }
-            KvmVcpu {
-                id,
+    (regs, segments, control, rest)
+        .prop_map(
+            |(
                 regs,
-                sregs: KvmSregs {
-                    cs,
-                    ds,
-                    es,
-                    fs,
-                    gs,
-                    ss,
-                    tr,
-                    ldt,
-                    gdt,
-                    idt,
-                    cr0,
-                    cr2,
-                    cr3,
-                    cr4,
-                    cr8,
-                    efer,
-                    apic_base,
-                    interrupt_bitmap,
-                },
-                msrs: msr_map
-                    .into_iter()
-                    .map(|(index, data)| KvmMsrEntry {
-                        index,
-                        reserved: 0,
-                        data,
-                    })
-                    .collect(),
-                xsave,
-                events: KvmVcpuEvents {
-                    exception,
-                    interrupt: KvmInterrupt {
-                        injected: u8::from(interrupt.is_some()),
-                        nr: interrupt.unwrap_or(0),
-                        soft: 0,
-                        shadow: 0,
+                (cs, ds, es, fs, gs, ss, tr, ldt),
+                (gdt, idt, [cr0, cr2, cr3, cr4], cr8, efer, apic_base),
+                (id, mut msr_map, tsc, xsave, exception, interrupt, nmi_pending, nmi_masked),
+            )| {
+                // The TSC entry is mandatory; keep the one drawn if any.
+                msr_map.entry(msr_index::TSC).or_insert(tsc);
+                let mut interrupt_bitmap = [0u64; 4];
+                if let Some(v) = interrupt {
+                    interrupt_bitmap[usize::from(v / 64)] = 1 << (v % 64);
+                }
+                KvmVcpu {
+                    id,
+                    regs,
+                    sregs: KvmSregs {
+                        cs,
+                        ds,
+                        es,
+                        fs,
+                        gs,
+                        ss,
+                        tr,
+                        ldt,
+                        gdt,
+                        idt,
+                        cr0,
+                        cr2,
+                        cr3,
+                        cr4,
+                        cr8,
+                        efer,
+                        apic_base,
+                        interrupt_bitmap,
                     },
-                    nmi: KvmNmi {
-                        injected: 0,
-                        pending: nmi_pending,
-                        masked: nmi_masked,
-                        pad: 0,
+                    msrs: msr_map
+                        .into_iter()
+                        .map(|(index, data)| KvmMsrEntry {
+                            index,
+                            reserved: 0,
+                            data,
+                        })
+                        .collect(),
+                    xsave,
+                    events: KvmVcpuEvents {
+                        exception,
+                        interrupt: KvmInterrupt {
+                            injected: u8::from(interrupt.is_some()),
+                            nr: interrupt.unwrap_or(0),
+                            soft: 0,
+                            shadow: 0,
+                        },
+                        nmi: KvmNmi {
+                            injected: 0,
+                            pending: nmi_pending,
+                            masked: nmi_masked,
+                            pad: 0,
+                        },
                     },
-                },
-            }
-        },
-    )
+                    lapic: Vec::new(),
+                }
+            },
+        )
+        .prop_flat_map(|vcpu| lapic().prop_map(move |lapic| KvmVcpu { lapic, ..vcpu.clone() }))
 }
 
 const XEN_OWN_FIELD_MSRS: [u32; 14] = [
@@ -492,115 +503,123 @@ fn xen_hvm_cpu() -> impl Strategy<Value = XenHvmCpu> {
         (any::<u64>(), 0u32..16, proptest::option::of(any::<u8>())),
         any::<u64>(),
     );
-    (regs, segments, msrs, rest).prop_map(
-        |(
-            (g, rip, [rflags, cr0, cr2, cr3, cr4, msr_efer]),
-            (cs, ds, es, fs, gs, ss, tr, ldtr, idtr, gdtr),
-            (msr_flags, named, extra),
-            (instance, (fpu_regs, flags, xsave_extended), (pending_event, error_code), nmi, lapic, tsc),
-        )| {
-            // Absent named MSRs read zero.
-            let named: [u64; 9] = core::array::from_fn(|i| if msr_flags & (1 << i) != 0 { named[i] } else { 0 });
-            let (apic_base_msr, cr8, interrupt) = lapic;
-            let mut irr = [0u32; 8];
-            if let Some(v) = interrupt {
-                irr[usize::from(v / 32)] = 1 << (v % 32);
-            }
-            XenHvmCpu {
-                instance,
-                fpu_regs,
-                rax: g[0],
-                rbx: g[1],
-                rcx: g[2],
-                rdx: g[3],
-                rbp: g[4],
-                rsi: g[5],
-                rdi: g[6],
-                rsp: g[7],
-                r8: g[8],
-                r9: g[9],
-                r10: g[10],
-                r11: g[11],
-                r12: g[12],
-                r13: g[13],
-                r14: g[14],
-                r15: g[15],
-                rip,
-                rflags,
-                cr0,
-                cr2,
-                cr3,
-                cr4,
-                dr0: 0,
-                dr1: 0,
-                dr2: 0,
-                dr3: 0,
-                dr6: DR6_INIT,
-                dr7: DR7_INIT,
-                cs_sel: cs.0,
-                ds_sel: ds.0,
-                es_sel: es.0,
-                fs_sel: fs.0,
-                gs_sel: gs.0,
-                ss_sel: ss.0,
-                tr_sel: tr.0,
-                ldtr_sel: ldtr.0,
-                cs_limit: cs.1,
-                ds_limit: ds.1,
-                es_limit: es.1,
-                fs_limit: fs.1,
-                gs_limit: gs.1,
-                ss_limit: ss.1,
-                tr_limit: tr.1,
-                ldtr_limit: ldtr.1,
-                idtr_limit: idtr.1,
-                gdtr_limit: gdtr.1,
-                cs_base: cs.2,
-                ds_base: ds.2,
-                es_base: es.2,
-                fs_base: fs.2,
-                gs_base: gs.2,
-                ss_base: ss.2,
-                tr_base: tr.2,
-                ldtr_base: ldtr.2,
-                idtr_base: idtr.0,
-                gdtr_base: gdtr.0,
-                cs_arbytes: cs.3,
-                ds_arbytes: ds.3,
-                es_arbytes: es.3,
-                fs_arbytes: fs.3,
-                gs_arbytes: gs.3,
-                ss_arbytes: ss.3,
-                tr_arbytes: tr.3,
-                ldtr_arbytes: ldtr.3,
-                sysenter_cs: named[0],
-                sysenter_esp: named[1],
-                sysenter_eip: named[2],
-                msr_star: named[3],
-                msr_lstar: named[4],
-                msr_cstar: named[5],
-                msr_syscall_mask: named[6],
-                shadow_gs: named[7],
-                msr_tsc_aux: named[8],
-                msr_flags,
-                msr_efer,
-                tsc,
-                pending_event,
-                error_code,
-                flags,
-                pad0: 0,
-                nmi_pending: nmi.0,
-                nmi_masked: nmi.1,
-                lapic: XenLapic {
-                    apic_base_msr,
-                    tpr: cr8 << 4,
-                    irr,
-                },
-                msrs: extra.into_iter().collect(),
-                xsave_extended,
-            }
-        },
-    )
+    (regs, segments, msrs, rest)
+        .prop_map(
+            |(
+                (g, rip, [rflags, cr0, cr2, cr3, cr4, msr_efer]),
+                (cs, ds, es, fs, gs, ss, tr, ldtr, idtr, gdtr),
+                (msr_flags, named, extra),
+                (instance, (fpu_regs, flags, xsave_extended), (pending_event, error_code), nmi, lapic, tsc),
+            )| {
+                // Absent named MSRs read zero.
+                let named: [u64; 9] = core::array::from_fn(|i| if msr_flags & (1 << i) != 0 { named[i] } else { 0 });
+                let (apic_base_msr, cr8, interrupt) = lapic;
+                let mut irr = [0u32; 8];
+                if let Some(v) = interrupt {
+                    irr[usize::from(v / 32)] = 1 << (v % 32);
+                }
+                XenHvmCpu {
+                    instance,
+                    fpu_regs,
+                    rax: g[0],
+                    rbx: g[1],
+                    rcx: g[2],
+                    rdx: g[3],
+                    rbp: g[4],
+                    rsi: g[5],
+                    rdi: g[6],
+                    rsp: g[7],
+                    r8: g[8],
+                    r9: g[9],
+                    r10: g[10],
+                    r11: g[11],
+                    r12: g[12],
+                    r13: g[13],
+                    r14: g[14],
+                    r15: g[15],
+                    rip,
+                    rflags,
+                    cr0,
+                    cr2,
+                    cr3,
+                    cr4,
+                    dr0: 0,
+                    dr1: 0,
+                    dr2: 0,
+                    dr3: 0,
+                    dr6: DR6_INIT,
+                    dr7: DR7_INIT,
+                    cs_sel: cs.0,
+                    ds_sel: ds.0,
+                    es_sel: es.0,
+                    fs_sel: fs.0,
+                    gs_sel: gs.0,
+                    ss_sel: ss.0,
+                    tr_sel: tr.0,
+                    ldtr_sel: ldtr.0,
+                    cs_limit: cs.1,
+                    ds_limit: ds.1,
+                    es_limit: es.1,
+                    fs_limit: fs.1,
+                    gs_limit: gs.1,
+                    ss_limit: ss.1,
+                    tr_limit: tr.1,
+                    ldtr_limit: ldtr.1,
+                    idtr_limit: idtr.1,
+                    gdtr_limit: gdtr.1,
+                    cs_base: cs.2,
+                    ds_base: ds.2,
+                    es_base: es.2,
+                    fs_base: fs.2,
+                    gs_base: gs.2,
+                    ss_base: ss.2,
+                    tr_base: tr.2,
+                    ldtr_base: ldtr.2,
+                    idtr_base: idtr.0,
+                    gdtr_base: gdtr.0,
+                    cs_arbytes: cs.3,
+                    ds_arbytes: ds.3,
+                    es_arbytes: es.3,
+                    fs_arbytes: fs.3,
+                    gs_arbytes: gs.3,
+                    ss_arbytes: ss.3,
+                    tr_arbytes: tr.3,
+                    ldtr_arbytes: ldtr.3,
+                    sysenter_cs: named[0],
+                    sysenter_esp: named[1],
+                    sysenter_eip: named[2],
+                    msr_star: named[3],
+                    msr_lstar: named[4],
+                    msr_cstar: named[5],
+                    msr_syscall_mask: named[6],
+                    shadow_gs: named[7],
+                    msr_tsc_aux: named[8],
+                    msr_flags,
+                    msr_efer,
+                    tsc,
+                    pending_event,
+                    error_code,
+                    flags,
+                    pad0: 0,
+                    nmi_pending: nmi.0,
+                    nmi_masked: nmi.1,
+                    lapic: XenLapic {
+                        apic_base_msr,
+                        tpr: cr8 << 4,
+                        irr,
+                    },
+                    msrs: extra.into_iter().collect(),
+                    xsave_extended,
+                    lapic_regs: Vec::new(),
+                }
+            },
+        )
+        .prop_flat_map(|cpu| {
+            lapic().prop_map(move |lapic_regs| XenHvmCpu {
+                lapic_regs,
+                ..cpu.clone()
+            })
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

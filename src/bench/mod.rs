@@ -1,9 +1,13 @@
 //! `migratory bench`: runs migration scenarios and prints each figure beside a physical
 //! baseline measured in the same run (memcpy for in-process links, a plain TCP copy between two
-//! processes for loopback TCP), as a ratio, plus the DESIGN.md targets met or missed.
+//! processes for loopback TCP), as a ratio, plus the DESIGN.md targets met or missed. A soak of
+//! many small migrations in this process ([`soak`]) runs first and reports resident memory
+//! before and after.
 
 mod baseline;
+mod compression;
 mod scenario;
+mod soak;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,7 +34,20 @@ pub struct BenchArgs {
     /// Run only these VM sizes (repeatable, e.g. `--memory 1GiB`) instead of the set's own.
     #[arg(long, value_name = "SIZE")]
     memory: Vec<migratory::units::ByteSize>,
+    /// Small migrations in the soak (default 10000, 500 with --quick; 0 skips it).
+    #[arg(long, value_name = "N")]
+    soak: Option<u64>,
+    /// Instead of the standard set: each page-compression choice against off, pre-copy on a
+    /// link capped at 1 Gbit/s (hot-set and scattered guests, 256 MiB unless --memory; with
+    /// --quick one run of the hot set).
+    #[arg(long)]
+    compression: bool,
 }
+
+/// Soak length without `--soak`: the 10,000, or few enough for `--quick` to stay
+/// under a minute.
+const SOAK_MIGRATIONS: u64 = 10_000;
+const SOAK_MIGRATIONS_QUICK: u64 = 500;
 
 /// One row of the table.
 #[derive(Debug, Serialize)]
@@ -65,6 +82,8 @@ struct Output {
     memcpy_bytes_per_s: HashMap<u64, f64>,
     plain_tcp_bytes_per_s: HashMap<u64, f64>,
     targets: Vec<Target>,
+    /// Null when skipped (`--soak 0`) or when it could not be set up.
+    soak: Option<soak::Soak>,
 }
 
 /// A DESIGN.md target, checked against the rows.
@@ -102,12 +121,7 @@ fn scenarios(quick: bool, only_sizes: &[u64]) -> Vec<Scenario> {
         for &load in &loads {
             for &algorithm in &algorithms {
                 for &via in &vias {
-                    out.push(Scenario {
-                        memory,
-                        load,
-                        algorithm,
-                        via,
-                    });
+                    out.push(Scenario::new(memory, load, algorithm, via));
                 }
             }
         }
@@ -206,6 +220,45 @@ fn targets(rows: &[Row]) -> Vec<Target> {
     out
 }
 
+/// Runs the soak of `count` migrations and prints its progress and figures; `None` if it could
+/// not be set up.
+fn run_soak(rt: &tokio::runtime::Runtime, count: u64) -> Option<soak::Soak> {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let signed_mib = |b: i64| b as f64 / (1u64 << 20) as f64;
+    println!("soak: {count} migrations of one small VM between two in-process hosts");
+    let result = rt.block_on(soak::run(count, |s| {
+        println!("soak: {:>6} migrations, resident {:>8.1} MiB", s.after, mib(s.bytes));
+    }));
+    let soak = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("migratory: soak could not start: {e}");
+            return None;
+        }
+    };
+    println!(
+        "soak: {} of {} migrations verified, {} failed, {:.1} s, {:.0} migrations/s",
+        soak.verified, soak.requested, soak.failed, soak.total_s, soak.migrations_per_s,
+    );
+    println!(
+        "soak: resident {:.1} -> {:.1} MiB ({:+.1} MiB; {:+.1} MiB after warm-up), peak sampled {:.1} MiB, high-water {:.1} MiB",
+        mib(soak.rss_before_bytes),
+        mib(soak.rss_after_bytes),
+        signed_mib(soak.rss_growth_bytes),
+        signed_mib(soak.rss_growth_after_warmup_bytes),
+        mib(soak.rss_peak_sampled_bytes),
+        mib(soak.rss_high_water_bytes),
+    );
+    for f in &soak.failures {
+        eprintln!(
+            "migratory: soak migration {} ({}) {}: {}",
+            f.index, f.algorithm, f.result, f.error
+        );
+    }
+    println!();
+    Some(soak)
+}
+
 /// Runs the bench; the exit status is non-zero only if a scenario could not run or a
 /// migration did not verify (a missed target is a finding, not a failure).
 pub fn run(args: BenchArgs) -> ExitCode {
@@ -217,11 +270,27 @@ pub fn run(args: BenchArgs) -> ExitCode {
         }
     };
     let sizes: Vec<u64> = args.memory.iter().map(|b| b.0).collect();
+    if args.compression {
+        return compression::run(&rt, args.quick, &sizes, args.json.as_deref());
+    }
     let list = scenarios(args.quick, &sizes);
     let mut memcpy: HashMap<u64, f64> = HashMap::new();
     let mut tcp: HashMap<u64, f64> = HashMap::new();
     let mut rows = Vec::new();
     let mut failed = false;
+    let soak_count = args.soak.unwrap_or(if args.quick {
+        SOAK_MIGRATIONS_QUICK
+    } else {
+        SOAK_MIGRATIONS
+    });
+    // First, so that its resident-memory figures start from a process no scenario has grown.
+    let soak = if soak_count > 0 {
+        let soak = run_soak(&rt, soak_count);
+        failed |= soak.as_ref().is_none_or(|s| s.failed > 0 || s.migrations < s.requested);
+        soak
+    } else {
+        None
+    };
     println!(
         "{:>6} {:<8} {:<13} {:<13} {:<10} {:<9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>6} {:>10} {:>6}",
         "MiB",
@@ -308,18 +377,27 @@ pub fn run(args: BenchArgs) -> ExitCode {
             memcpy_bytes_per_s: memcpy,
             plain_tcp_bytes_per_s: tcp,
             targets,
+            soak,
         };
-        let written = serde_json::to_vec_pretty(&out)
-            .map_err(|e| e.to_string())
-            .and_then(|b| std::fs::write(path, b).map_err(|e| e.to_string()));
-        if let Err(e) = written {
-            eprintln!("migratory: cannot write {}: {e}", path.display());
-            failed = true;
-        }
+        failed |= !write_json(path, &out);
     }
     if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Writes `value` as pretty JSON to `path`; false (after saying why) if it could not.
+pub(crate) fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> bool {
+    let written = serde_json::to_vec_pretty(value)
+        .map_err(|e| e.to_string())
+        .and_then(|b| std::fs::write(path, b).map_err(|e| e.to_string()));
+    match written {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("migratory: cannot write {}: {e}", path.display());
+            false
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use migratory::engine::{EngineHandle, HostConfig, MigrationReport, MigrationRequest, VmSpec};
 use migratory::format::NativeLayout;
-use migratory::protocol::Algorithm;
+use migratory::protocol::{Algorithm, CompressionChoice};
 use migratory::vmm::sim::{Pattern, WorkloadSpec};
 use serde::Serialize;
 
@@ -19,6 +19,8 @@ pub enum Load {
     HotSet,
     /// 1 GB/s spread over all memory: pre-copy cannot converge.
     Uniform,
+    /// 100 MB/s spread over all memory: few re-sent pages are written twice in a row.
+    Scattered,
 }
 
 impl Load {
@@ -27,6 +29,7 @@ impl Load {
             Load::Idle => (0, 64 << 20, Pattern::HotSet),
             Load::HotSet => (100_000_000, 64 << 20, Pattern::HotSet),
             Load::Uniform => (1_000_000_000, memory, Pattern::Uniform),
+            Load::Scattered => (100_000_000, memory, Pattern::Uniform),
         };
         WorkloadSpec {
             rate_bytes_per_sec: rate,
@@ -42,6 +45,7 @@ impl Load {
             Load::Idle => "idle",
             Load::HotSet => "hot-set",
             Load::Uniform => "uniform",
+            Load::Scattered => "scattered",
         }
     }
 }
@@ -71,6 +75,24 @@ pub struct Scenario {
     pub load: Load,
     pub algorithm: Algorithm,
     pub via: Via,
+    pub compression: CompressionChoice,
+    /// The link's bandwidth cap; `None` is as fast as the machine goes. A capped scenario keeps
+    /// the engine's default downtime limit (DESIGN's 10 ms is a loopback target).
+    pub link_bytes_per_sec: Option<u64>,
+}
+
+impl Scenario {
+    /// A scenario on an uncapped link with the engine's default compression.
+    pub fn new(memory: u64, load: Load, algorithm: Algorithm, via: Via) -> Self {
+        Self {
+            memory,
+            load,
+            algorithm,
+            via,
+            compression: CompressionChoice::default(),
+            link_bytes_per_sec: None,
+        }
+    }
 }
 
 /// Runs the scenario on fresh engines (nothing shared with the scenario before) and returns
@@ -113,7 +135,9 @@ pub async fn run(s: &Scenario) -> Result<MigrationReport, String> {
     if let Via::Tcp(n) = s.via {
         req.streams = n;
     }
-    if s.algorithm == Algorithm::Precopy {
+    req.compression = s.compression;
+    req.shaping.bandwidth_bytes_per_sec = s.link_bytes_per_sec;
+    if s.algorithm == Algorithm::Precopy && s.link_bytes_per_sec.is_none() {
         // DESIGN.md's pre-copy target: downtime within 10 ms.
         req.policy.downtime_limit = Duration::from_millis(10);
     }

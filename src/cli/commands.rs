@@ -239,8 +239,17 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         "downtime_limit_ms": args.downtime_limit_ms,
         "recovery_timeout_s": args.recovery_timeout,
     });
-    if let (Some(fault), Some(map)) = (&args.fault, body.as_object_mut()) {
-        map.insert("faults".into(), json!(fault));
+    if let Some(map) = body.as_object_mut() {
+        // Sent only when given, so the daemon's own defaults apply otherwise.
+        if let Some(fault) = &args.fault {
+            map.insert("faults".into(), json!(fault));
+        }
+        if let Some(c) = args.compression {
+            map.insert("compression".into(), json!(c.name()));
+        }
+        if let Some(size) = args.xbzrle_cache {
+            map.insert("xbzrle_cache_bytes".into(), json!(size.0));
+        }
     }
     let started: MigrationStarted = decode(
         "migration id",
@@ -482,6 +491,8 @@ mod tests {
             json: false,
             fault: None,
             recovery_timeout: 60.0,
+            compression: None,
+            xbzrle_cache: None,
             api: api(server),
         }
     }
@@ -575,6 +586,18 @@ mod tests {
                    "bandwidth_bytes_per_sec": 1000000000u64, "downtime_limit_ms": 300.0,
                    "recovery_timeout_s": 60.0})
         );
+    }
+
+    #[test]
+    fn test_migrate_sends_compression_only_when_given() {
+        let server = FakeServer::start(vec![json_response(202, r#"{"id": 4}"#)]);
+        let mut args = migrate_args(&server, false);
+        args.compression = Some(migratory::protocol::CompressionChoice::Xbzrle);
+        args.xbzrle_cache = Some(ByteSize(32 << 20));
+        execute(ClientCommand::Migrate(args)).unwrap();
+        let (_, body) = sent_json(&server);
+        assert_eq!(body["compression"], json!("xbzrle"));
+        assert_eq!(body["xbzrle_cache_bytes"], json!(32u64 << 20));
     }
 
     #[test]

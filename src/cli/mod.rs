@@ -18,7 +18,7 @@ use std::error::Error;
 use std::io::{self, Write};
 use std::process::ExitCode;
 
-use migratory::protocol::Algorithm;
+use migratory::protocol::{Algorithm, CompressionChoice};
 use migratory::units::ByteSize;
 use migratory::vmm::sim::Pattern;
 
@@ -163,6 +163,13 @@ pub struct MigrateArgs {
     /// With --wait: print the final report as one JSON object instead of the summary line.
     #[arg(long, requires = "wait")]
     pub json: bool,
+    /// Page compression where both hosts offer it: off, lz4, xbzrle, both or auto (the
+    /// daemon's default, auto, uses what won on the benchmark).
+    #[arg(long)]
+    pub compression: Option<CompressionChoice>,
+    /// Most page content the source keeps as XBZRLE delta bases (e.g. 64MiB, the default).
+    #[arg(long, value_name = "SIZE")]
+    pub xbzrle_cache: Option<ByteSize>,
     #[command(flatten)]
     pub api: ApiArgs,
 }
@@ -270,8 +277,29 @@ mod tests {
         };
         assert_eq!(args.algorithm, Algorithm::Auto);
         assert_eq!(args.bandwidth, Some(ByteSize(1_000_000_000)));
+        assert_eq!((args.compression, args.xbzrle_cache), (None, None));
         assert!(args.wait);
         assert_eq!(args.api.api.as_deref(), Some("http://h:1"));
+    }
+
+    #[test]
+    fn test_compression_flags_parse() {
+        let cmd = parse(&[
+            "migrate",
+            "vm1",
+            "--to",
+            "h:1",
+            "--compression",
+            "both",
+            "--xbzrle-cache",
+            "16MiB",
+        ])
+        .unwrap();
+        let ClientCommand::Migrate(args) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(args.compression, Some(CompressionChoice::Both));
+        assert_eq!(args.xbzrle_cache, Some(ByteSize(16 << 20)));
     }
 
     #[test]
@@ -284,6 +312,7 @@ mod tests {
             &["migrate", "vm1", "--to", "h:1", "--algorithm", "teleport"],
             &["migrate", "vm1", "--to", "h:1", "--streams", "0"],
             &["migrate", "vm1", "--to", "h:1", "--streams", "256"],
+            &["migrate", "vm1", "--to", "h:1", "--compression", "gzip"],
             &["vm", "create", "vm1", "--memory", "lots"],
             &["vm", "create", "vm1", "--pattern", "zigzag"],
             &["status", "three"],

@@ -4,11 +4,18 @@
 //! hands them to the link's [`crate::link::DataSender`]; the target's [`TargetPlane`] writes
 //! received batches straight into guest memory. Actors only send them jobs and read their
 //! counters, so no actor thread ever copies a page.
+//!
+//! When compression is negotiated, the source's [`encoder`] picks per page between raw, LZ4
+//! and an XBZRLE delta against its [`xbzrle_cache`]; the target decodes and checks every page
+//! against its digest before it touches guest memory.
 
+pub mod encoder;
 mod source;
 mod target;
+pub mod xbzrle_cache;
 
-pub use source::{RoundStats, SourcePlane};
+pub use encoder::EncodeStats;
+pub use source::{PlaneEncoding, RoundStats, SourcePlane};
 pub use target::TargetPlane;
 
 /// Errors of the data plane.
@@ -34,6 +41,23 @@ pub enum DataPlaneError {
     Corrupt {
         /// The page.
         page: u64,
+    },
+    /// The backend could not install a post-copy page.
+    #[error("installing page {page}: {detail}")]
+    Install {
+        /// The page.
+        page: u64,
+        /// What the backend said.
+        detail: String,
+    },
+    /// A page of a well-formed batch whose payload does not decode, or comes in an encoding
+    /// this side did not offer.
+    #[error("page {page}: {error}")]
+    BadPage {
+        /// The page.
+        page: u64,
+        /// What was wrong.
+        error: crate::protocol::pages::PageError,
     },
     /// A received frame that does not decode.
     #[error("bad page batch: {0}")]

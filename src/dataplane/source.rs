@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use crossbeam::channel::{self, Receiver, Sender};
 use tokio::sync::oneshot;
 
+use super::encoder::{EncodeStats, SourceEncoder};
 use super::DataPlaneError;
 use crate::dirty::PageSet;
 use crate::link::{DataSender, FramePool, TokenBucket};
 use crate::protocol::pages::{PageBatchBuilder, FLAG_POSTCOPY, FLAG_PULLED};
-use crate::protocol::{PageKind, BATCH_PAGES};
+use crate::protocol::{PageCodecs, PageKind, BATCH_PAGES};
 use crate::vmm::Guest;
 
 /// Background push batches in post-copy are small so a pull waits behind at most one of them.
@@ -20,10 +21,19 @@ const POSTCOPY_PUSH_BATCH: usize = 32;
 /// Pending pull requests the source accepts before the target must re-request.
 const PULL_QUEUE: usize = 65_536;
 
+/// How the source plane may encode pages: what negotiation allows, and the XBZRLE cache bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlaneEncoding {
+    /// Encodings both ends offered and the migration asked for.
+    pub codecs: PageCodecs,
+    /// Most bytes of page content the XBZRLE cache may hold.
+    pub xbzrle_cache_bytes: u64,
+}
+
 /// What one job (a round, or a post-copy push) sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RoundStats {
-    /// Pages sent with their bytes.
+    /// Pages sent with their bytes (raw, compressed or as a delta).
     pub full_pages: u64,
     /// Pages sent as zero markers.
     pub zero_pages: u64,
@@ -31,6 +41,8 @@ pub struct RoundStats {
     pub pulled_pages: u64,
     /// Frame bytes put on the link.
     pub bytes: u64,
+    /// Pages that travelled encoded, and the bytes that saved.
+    pub encoding: EncodeStats,
     /// Wall time of the job.
     pub elapsed: Duration,
 }
@@ -51,11 +63,23 @@ impl RoundStats {
         }
     }
 
+    /// Page bytes moved per second: the link's throughput plus what encoding saved, which is
+    /// what a page costs to send; equal to [`Self::bytes_per_sec`] without compression.
+    pub fn page_bytes_per_sec(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            (self.bytes + self.encoding.bytes_saved) as f64 / s
+        } else {
+            0.0
+        }
+    }
+
     fn add(&mut self, o: &RoundStats) {
         self.full_pages += o.full_pages;
         self.zero_pages += o.zero_pages;
         self.pulled_pages += o.pulled_pages;
         self.bytes += o.bytes;
+        self.encoding = self.encoding.plus(o.encoding);
     }
 }
 
@@ -83,6 +107,7 @@ pub struct SourcePlane {
     pulled: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     corrupt: Arc<AtomicBool>,
+    codecs: PageCodecs,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -96,14 +121,23 @@ impl std::fmt::Debug for Job {
 }
 
 impl SourcePlane {
-    /// Starts the thread reading `guest`'s memory and sending on `link`.
-    /// `sent_bytes` is raised by every frame put on the link (live progress).
+    /// Starts the thread reading `guest`'s memory and sending on `link`, encoding pages as
+    /// `encoding` allows. XBZRLE is left out on a link whose streams may reorder batches: a
+    /// delta must reach the target after the page it is based on. `sent_bytes` is raised by
+    /// every frame put on the link (live progress).
     pub fn spawn(
         guest: Arc<dyn Guest>,
         link: DataSender,
         pool: FramePool,
         sent_bytes: Arc<AtomicU64>,
+        encoding: PlaneEncoding,
     ) -> Result<Self, DataPlaneError> {
+        let codecs = PageCodecs {
+            lz4: encoding.codecs.lz4,
+            xbzrle: encoding.codecs.xbzrle && link.is_ordered(),
+        };
+        let encoder = (codecs != PageCodecs::NONE)
+            .then(|| SourceEncoder::new(codecs, encoding.xbzrle_cache_bytes, guest.memory().page_count()));
         let (jobs, job_rx) = channel::bounded::<Job>(4);
         let (pulls, pull_rx) = channel::bounded::<u64>(PULL_QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
@@ -120,6 +154,7 @@ impl SourcePlane {
             batches: Arc::clone(&batches),
             pulled_total: Arc::clone(&pulled),
             pulls: pull_rx,
+            encoder,
         };
         let thread = std::thread::Builder::new()
             .name("migratory-send".into())
@@ -132,11 +167,19 @@ impl SourcePlane {
             pulled,
             stop,
             corrupt,
+            codecs,
             thread: Some(thread),
         })
     }
 
-    /// Fault injection: corrupts one page of the next batch that carries a full page.
+    /// The encodings this plane uses: the negotiated ones, less XBZRLE on a link that may
+    /// reorder.
+    pub fn codecs(&self) -> PageCodecs {
+        self.codecs
+    }
+
+    /// Fault injection: corrupts one page of the next batch that carries page bytes (raw or
+    /// encoded).
     pub fn corrupt_next_batch(&self) {
         self.corrupt.store(true, Ordering::Release);
     }
@@ -219,10 +262,12 @@ struct Worker {
     batches: Arc<AtomicU64>,
     pulled_total: Arc<AtomicU64>,
     pulls: Receiver<u64>,
+    /// `None` without compression: pages go through the plain raw-or-zero path.
+    encoder: Option<SourceEncoder>,
 }
 
 impl Worker {
-    fn run(self, jobs: Receiver<Job>) {
+    fn run(mut self, jobs: Receiver<Job>) {
         let mut pulling = false;
         loop {
             let job = if pulling {
@@ -252,11 +297,41 @@ impl Worker {
                     rate,
                     reply,
                 } => {
-                    let _ = reply.send(self.send_round(round, &pages, rate));
+                    if let Some(e) = self.encoder.as_mut() {
+                        e.begin_round(round);
+                    }
+                    let before = self.encoded();
+                    let mut result = self.send_round(round, &pages, rate);
+                    self.account_encoding(&mut result, before);
+                    let _ = reply.send(result);
                 }
                 Job::Postcopy { missing, reply } => {
                     pulling = true;
-                    let _ = reply.send(self.push(&missing));
+                    if let Some(e) = self.encoder.as_mut() {
+                        e.end_deltas();
+                    }
+                    let before = self.encoded();
+                    let mut result = self.push(&missing);
+                    self.account_encoding(&mut result, before);
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    fn encoded(&self) -> EncodeStats {
+        self.encoder.as_ref().map(|e| e.stats()).unwrap_or_default()
+    }
+
+    /// Adds what the encoder did during a job to its stats; after a failed job, no cached page
+    /// content is trusted any more (a batch may not have gone out).
+    fn account_encoding(&mut self, result: &mut Result<RoundStats, DataPlaneError>, before: EncodeStats) {
+        let during = self.encoded().since(before);
+        match result {
+            Ok(stats) => stats.encoding = stats.encoding.plus(during),
+            Err(_) => {
+                if let Some(e) = self.encoder.as_mut() {
+                    e.forget();
                 }
             }
         }
@@ -287,7 +362,7 @@ impl Worker {
     /// bulk frames.
     fn ship_on(
         &self,
-        batch: PageBatchBuilder,
+        mut batch: PageBatchBuilder,
         stats: &mut RoundStats,
         pace: Option<&mut TokenBucket>,
         urgent: bool,
@@ -295,14 +370,11 @@ impl Worker {
         if self.stop.load(Ordering::Acquire) {
             return Err(DataPlaneError::Stopped);
         }
-        let mut frame = batch.finish();
-        // 4-byte length, 10-byte header, then page bytes: flip a byte of the first page.
-        const FIRST_PAGE_BYTE: usize = 4 + 10 + 100;
-        if frame.len() > FIRST_PAGE_BYTE + 4096 && self.corrupt.swap(false, Ordering::AcqRel) {
-            let mut bad = bytes::BytesMut::from(&frame[..]);
-            bad[FIRST_PAGE_BYTE] ^= 0x5a;
-            frame = bad.freeze();
+        // Fault injection: a batch with page bytes, raw or encoded, carries one flipped byte.
+        if self.corrupt.load(Ordering::Acquire) && batch.corrupt_payload() {
+            self.corrupt.store(false, Ordering::Release);
         }
+        let frame = batch.finish();
         if let Some(bucket) = pace {
             let wait = bucket.take(frame.len() as u64);
             if !wait.is_zero() {
@@ -322,21 +394,35 @@ impl Worker {
         Ok(())
     }
 
-    fn add(&self, batch: &mut PageBatchBuilder, page: u64, stats: &mut RoundStats) -> Result<(), DataPlaneError> {
+    fn add(&mut self, batch: &mut PageBatchBuilder, page: u64, stats: &mut RoundStats) -> Result<(), DataPlaneError> {
+        self.add_as(batch, page, stats, true)
+    }
+
+    /// Adds `page` to `batch`, through the encoder if `encode` and compression is on.
+    fn add_as(
+        &mut self,
+        batch: &mut PageBatchBuilder,
+        page: u64,
+        stats: &mut RoundStats,
+        encode: bool,
+    ) -> Result<(), DataPlaneError> {
         self.check(page)?;
-        match batch
-            .add_from(self.guest.memory(), page)
-            .map_err(|_| DataPlaneError::PageOutOfRange {
-                page,
-                pages: self.guest.memory().page_count(),
-            })? {
-            PageKind::Full => stats.full_pages += 1,
+        let memory = self.guest.memory();
+        let added = match self.encoder.as_mut().filter(|_| encode) {
+            Some(e) => batch.add_encoded(memory, page, e),
+            None => batch.add_from(memory, page),
+        };
+        match added.map_err(|_| DataPlaneError::PageOutOfRange {
+            page,
+            pages: memory.page_count(),
+        })? {
+            PageKind::Full | PageKind::Lz4 | PageKind::Delta => stats.full_pages += 1,
             PageKind::Zero => stats.zero_pages += 1,
         }
         Ok(())
     }
 
-    fn send_round(&self, round: u32, pages: &PageSet, rate: Option<u64>) -> Result<RoundStats, DataPlaneError> {
+    fn send_round(&mut self, round: u32, pages: &PageSet, rate: Option<u64>) -> Result<RoundStats, DataPlaneError> {
         let started = Instant::now();
         let mut pace = rate.map(TokenBucket::new);
         let mut stats = RoundStats::default();
@@ -355,14 +441,16 @@ impl Worker {
         Ok(stats)
     }
 
-    fn send_pulled(&self, page: u64) -> Result<RoundStats, DataPlaneError> {
+    fn send_pulled(&mut self, page: u64) -> Result<RoundStats, DataPlaneError> {
         let mut stats = RoundStats::default();
         let mut batch = self.batch(u32::MAX, FLAG_POSTCOPY | FLAG_PULLED);
-        self.add(&mut batch, page, &mut stats)?;
+        // Raw: a guest waits on each pulled page, and on a fast link compressing it costs
+        // more time than the bytes it saves.
+        self.add_as(&mut batch, page, &mut stats, false)?;
         // Drain whatever else is already waiting into the same urgent batch.
         while batch.len() < POSTCOPY_PUSH_BATCH {
             match self.pulls.try_recv() {
-                Ok(p) => self.add(&mut batch, p, &mut stats)?,
+                Ok(p) => self.add_as(&mut batch, p, &mut stats, false)?,
                 Err(_) => break,
             }
         }
@@ -375,7 +463,7 @@ impl Worker {
 
     /// Pushes every missing page once, serving pulls first and continuing from just after the
     /// most recent pull (guests fault near where they faulted last).
-    fn push(&self, missing: &PageSet) -> Result<RoundStats, DataPlaneError> {
+    fn push(&mut self, missing: &PageSet) -> Result<RoundStats, DataPlaneError> {
         let started = Instant::now();
         let total = missing.universe();
         let mut pending = missing.clone();

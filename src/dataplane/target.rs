@@ -11,8 +11,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::DataPlaneError;
 use crate::link::{DataReceiver, DataRecv, FramePool};
 use crate::protocol::frame::frame_body;
-use crate::protocol::pages::FLAG_POSTCOPY;
-use crate::protocol::PageBatch;
+use crate::protocol::pages::{PageError, FLAG_POSTCOPY};
+use crate::protocol::{lz4_page, xbzrle, PageBatch, PageCodecs, PagePayload};
 use crate::units::{PageIndex, PAGE_SIZE};
 use crate::vmm::Guest;
 
@@ -21,6 +21,7 @@ use crate::vmm::Guest;
 #[derive(Debug)]
 pub struct TargetPlane {
     guest: Arc<dyn Guest>,
+    accept: PageCodecs,
     applied: watch::Receiver<u64>,
     digests: Arc<Vec<AtomicU64>>,
     received_bytes: Arc<AtomicU64>,
@@ -33,11 +34,18 @@ pub struct TargetPlane {
 const STOP_POLL: Duration = Duration::from_millis(20);
 
 impl TargetPlane {
-    /// Starts the thread writing batches from `link` into `guest`'s memory.
-    pub fn spawn(guest: Arc<dyn Guest>, link: DataReceiver, pool: FramePool) -> Result<Self, DataPlaneError> {
+    /// Starts the thread writing batches from `link` into `guest`'s memory. Pages in an
+    /// encoding outside `accept` (what this side offered) are refused.
+    pub fn spawn(
+        guest: Arc<dyn Guest>,
+        link: DataReceiver,
+        pool: FramePool,
+        accept: PageCodecs,
+    ) -> Result<Self, DataPlaneError> {
         let pages = guest.memory().page_count();
         let mut plane = Self {
             guest,
+            accept,
             applied: watch::channel(0u64).1,
             digests: Arc::new((0..pages).map(|_| AtomicU64::new(0)).collect()),
             received_bytes: Arc::new(AtomicU64::new(0)),
@@ -63,6 +71,7 @@ impl TargetPlane {
         // Each thread owns its sender: when it ends, every watcher of its count learns so.
         let (tx, applied) = watch::channel(self.applied());
         let guest = Arc::clone(&self.guest);
+        let accept = self.accept;
         let (d, e, halt, bytes) = (
             Arc::clone(&self.digests),
             Arc::clone(&self.error),
@@ -72,7 +81,7 @@ impl TargetPlane {
         let thread = std::thread::Builder::new()
             .name("migratory-recv".into())
             .spawn(move || {
-                if let Err(err) = apply_loop(guest.as_ref(), &link, &pool, &d, &tx, &halt, &bytes) {
+                if let Err(err) = apply_loop(guest.as_ref(), accept, &link, &pool, &d, &tx, &halt, &bytes) {
                     *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
                     // Wake anyone waiting on the count so they see the error.
                     tx.send_modify(|_| {});
@@ -154,8 +163,10 @@ impl Drop for TargetPlane {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn apply_loop(
     guest: &dyn Guest,
+    accept: PageCodecs,
     link: &DataReceiver,
     pool: &FramePool,
     digests: &[AtomicU64],
@@ -169,6 +180,8 @@ fn apply_loop(
     // Batches of different rounds may overtake each other on parallel streams: a page is
     // written only by a batch of its latest round seen so far.
     let mut page_round = vec![0u32; pages as usize];
+    // Encoded pages are decoded here, then checked and written like raw ones.
+    let mut scratch = [0u8; PAGE_SIZE];
     loop {
         if stop.load(Ordering::Acquire) {
             return Ok(());
@@ -182,9 +195,16 @@ fn apply_loop(
         let body = frame_body(&frame).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
         let batch = PageBatch::decode(body).map_err(|e| DataPlaneError::BadBatch(e.to_string()))?;
         let postcopy = batch.flags & FLAG_POSTCOPY != 0;
-        for (page, data, sent_digest) in batch.pages() {
+        for (page, payload, sent_digest) in batch.entries() {
             if page >= pages {
                 return Err(DataPlaneError::PageOutOfRange { page, pages });
+            }
+            let bad = |error: PageError| DataPlaneError::BadPage { page, error };
+            if !accept.allows(payload.kind()) {
+                return Err(bad(PageError::NotOffered { kind: payload.kind() }));
+            }
+            if postcopy && matches!(payload, PagePayload::Delta(_)) {
+                return Err(bad(PageError::DeltaAfterActivation));
             }
             // After activation the guest owns present pages: only a missing page is written,
             // once, whichever of push and pull brings it first.
@@ -199,29 +219,47 @@ fn apply_loop(
                 }
                 *seen = batch.round;
             }
-            let digest = match data {
-                Some(bytes) => {
-                    // Checked before the write: a corrupted page never reaches guest memory.
-                    let digest = xxh3_64(bytes);
-                    if digest != sent_digest {
-                        return Err(DataPlaneError::Corrupt { page });
-                    }
-                    memory
-                        .write_page(PageIndex(page), bytes)
-                        .map_err(|_| DataPlaneError::PageOutOfRange { page, pages })?;
-                    digest
+            let data: Option<&[u8]> = match payload {
+                PagePayload::Zero => None,
+                PagePayload::Raw(bytes) => Some(bytes),
+                PagePayload::Lz4(bytes) => {
+                    lz4_page::decompress(bytes, &mut scratch).map_err(|e| bad(e.into()))?;
+                    Some(&scratch)
                 }
-                None => {
+                PagePayload::Delta(delta) => {
+                    // The base is the page as this plane last wrote it: before activation
+                    // nothing else writes target memory.
                     memory
-                        .zero_page(PageIndex(page))
+                        .read_page(PageIndex(page), &mut scratch)
                         .map_err(|_| DataPlaneError::PageOutOfRange { page, pages })?;
-                    zero_digest
+                    xbzrle::decode(delta, &mut scratch).map_err(|e| bad(e.into()))?;
+                    Some(&scratch)
                 }
             };
-            digests[page as usize].store(digest, Ordering::Release);
-            if postcopy {
-                guest.page_installed(page);
+            // Checked before the write: a corrupted page, or a delta applied to a base other
+            // than the sender's, never reaches guest memory.
+            let digest = match data {
+                Some(bytes) => xxh3_64(bytes),
+                None => zero_digest,
+            };
+            if data.is_some() && digest != sent_digest {
+                return Err(DataPlaneError::Corrupt { page });
             }
+            if postcopy {
+                // Recorded first: once installed, the guest may overwrite the page at once.
+                digests[page as usize].store(digest, Ordering::Release);
+                guest.install_page(page, data).map_err(|e| DataPlaneError::Install {
+                    page,
+                    detail: e.to_string(),
+                })?;
+                continue;
+            }
+            match data {
+                Some(bytes) => memory.write_page(PageIndex(page), bytes),
+                None => memory.zero_page(PageIndex(page)),
+            }
+            .map_err(|_| DataPlaneError::PageOutOfRange { page, pages })?;
+            digests[page as usize].store(digest, Ordering::Release);
         }
         drop(batch);
         pool.give(frame);
@@ -260,7 +298,7 @@ mod tests {
         let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::sim::WorkloadSpec::idle()).expect("src");
         let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
         let (a, b) = pair(Shaping::default());
-        let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool).expect("plane");
+        let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool, PageCodecs::NONE).expect("plane");
         let mut batch = PageBatchBuilder::new(0, 0);
         batch.add_from(source.memory(), 3).expect("page");
         let frame = batch.finish();
@@ -280,5 +318,126 @@ mod tests {
             "never applied"
         );
         drop(a);
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
+        }
+    }
+
+    const BOTH: PageCodecs = PageCodecs {
+        lz4: true,
+        xbzrle: true,
+    };
+
+    #[test]
+    fn test_compressed_and_delta_pages_are_applied() {
+        use crate::dataplane::encoder::SourceEncoder;
+        let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::sim::WorkloadSpec::idle()).expect("src");
+        let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
+        let (a, b) = pair(Shaping::default());
+        let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool, BOTH).expect("plane");
+        let mem = source.memory();
+        mem.write_page(PageIndex(5), &[9u8; PAGE_SIZE])
+            .expect("a compressible page");
+        let mut enc = SourceEncoder::new(BOTH, 1 << 20, mem.page_count());
+        let stop = AtomicBool::new(false);
+        let send = |round: u32, pages: &[u64], enc: &mut SourceEncoder| {
+            enc.begin_round(round);
+            let mut batch = PageBatchBuilder::new(round, 0);
+            let kinds: Vec<_> = pages
+                .iter()
+                .map(|&p| batch.add_encoded(mem, p, enc).expect("page"))
+                .collect();
+            a.data_tx.send(batch.finish(), &stop).expect("send");
+            kinds
+        };
+        let all: Vec<u64> = (0..mem.page_count()).collect();
+        assert!(send(0, &all, &mut enc).contains(&crate::protocol::PageKind::Lz4));
+        for p in [1, 5, 7] {
+            mem.store_word(PageIndex(p), p as usize, 0xdead_0000 + p)
+                .expect("store");
+        }
+        let kinds = send(1, &[1, 5, 7], &mut enc);
+        assert!(
+            kinds.iter().all(|k| *k == crate::protocol::PageKind::Delta),
+            "{kinds:?}"
+        );
+        wait_until("both batches applied", || {
+            plane.applied() == 2 || plane.error().is_some()
+        });
+        assert_eq!(plane.error(), None);
+        for p in all {
+            let digest = mem.page_digest(PageIndex(p)).expect("page");
+            assert_eq!(
+                target.memory().page_digest(PageIndex(p)).expect("page"),
+                digest,
+                "page {p}"
+            );
+            assert_eq!(plane.received_digest(p), digest);
+        }
+    }
+
+    /// Sends one frame to a fresh plane accepting `accept`; returns the error it stops with.
+    fn refusal(accept: PageCodecs, frame: bytes::Bytes) -> DataPlaneError {
+        let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
+        let (a, b) = pair(Shaping::default());
+        let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool, accept).expect("plane");
+        a.data_tx.send(frame, &AtomicBool::new(false)).expect("send");
+        wait_until("refused", || plane.error().is_some());
+        assert!(
+            target.memory().page_is_zero(PageIndex(2)).expect("page"),
+            "never applied"
+        );
+        plane.error().expect("an error")
+    }
+
+    /// One page 2 of kind `kind` with `payload` (any digest: the kind or payload is refused
+    /// before it is checked).
+    fn frame_with(kind: crate::protocol::PageKind, payload: Vec<u8>, flags: u8) -> bytes::Bytes {
+        struct Fixed(crate::protocol::PageKind, Vec<u8>);
+        impl crate::protocol::pages::PageEncoder for Fixed {
+            fn encode(&mut self, _: u64, _: &[u8], out: &mut Vec<u8>) -> crate::protocol::PageKind {
+                out.clone_from(&self.1);
+                self.0
+            }
+            fn zero(&mut self, _: u64) {}
+        }
+        let source = crate::memory::GuestMemory::new(16 * PAGE_SIZE as u64).expect("map");
+        source.store_word(PageIndex(2), 0, 1).expect("store");
+        let mut batch = PageBatchBuilder::new(1, flags);
+        batch.add_encoded(&source, 2, &mut Fixed(kind, payload)).expect("page");
+        batch.finish()
+    }
+
+    #[test]
+    fn test_unoffered_malformed_and_postcopy_deltas_are_refused() {
+        use crate::protocol::PageKind;
+        let bad = |error| DataPlaneError::BadPage { page: 2, error };
+        let lz4 = frame_with(PageKind::Lz4, vec![0xf0, 1, 2], 0);
+        assert_eq!(
+            refusal(PageCodecs::NONE, lz4.clone()),
+            bad(PageError::NotOffered { kind: PageKind::Lz4 })
+        );
+        assert!(matches!(
+            refusal(BOTH, lz4),
+            DataPlaneError::BadPage {
+                page: 2,
+                error: PageError::Lz4(_)
+            }
+        ));
+        let delta = frame_with(PageKind::Delta, vec![1, 0], 0);
+        assert_eq!(
+            refusal(BOTH, delta),
+            bad(PageError::Delta(xbzrle::XbzrleError::EmptyRun { at: 0 }))
+        );
+        let late = frame_with(PageKind::Delta, vec![0, 1, 7], FLAG_POSTCOPY);
+        assert_eq!(refusal(BOTH, late), bad(PageError::DeltaAfterActivation));
+        // A well-formed delta against the wrong base: caught by the digest.
+        let wrong = frame_with(PageKind::Delta, vec![8, 1, 7], 0);
+        assert_eq!(refusal(BOTH, wrong), DataPlaneError::Corrupt { page: 2 });
     }
 }

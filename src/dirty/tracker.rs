@@ -6,10 +6,28 @@ use actix::prelude::*;
 
 use super::{AtomicBitmap, PageSet};
 
-/// Anything that keeps a dirty bitmap its writes set (a sim guest; KVM's dirty log later).
+/// Anything whose writes end up in a dirty bitmap: a sim guest sets it on every store; a kvm
+/// guest's writes land in KVM's dirty log, which [`DirtyLogSource::sync_dirty_log`] folds in.
 pub trait DirtyLogSource: Send + Sync {
-    /// The bitmap set by guest writes.
+    /// The bitmap of pages written (as of the last sync).
     fn dirty_bitmap(&self) -> &AtomicBitmap;
+
+    /// Begins logging from now on, forgetting what was written before.
+    fn start_dirty_log(&self) -> Result<(), DirtyError> {
+        self.dirty_bitmap().clear_all();
+        Ok(())
+    }
+
+    /// Moves what the hypervisor logged since the last sync into the bitmap. Nothing to do
+    /// where writes set the bitmap directly.
+    fn sync_dirty_log(&self) -> Result<(), DirtyError> {
+        Ok(())
+    }
+
+    /// Ends logging (a hypervisor stops write-protecting pages).
+    fn stop_dirty_log(&self) -> Result<(), DirtyError> {
+        Ok(())
+    }
 }
 
 /// Errors of dirty tracking.
@@ -18,6 +36,9 @@ pub enum DirtyError {
     /// Collect or stop without a start.
     #[error("dirty logging is not started")]
     NotStarted,
+    /// The hypervisor's dirty log failed.
+    #[error("dirty log: {0}")]
+    Log(String),
 }
 
 /// Tracks the pages one VM dirties between rounds.
@@ -62,7 +83,7 @@ impl Handler<StartDirtyLog> for DirtyTracker {
     type Result = Result<(), DirtyError>;
 
     fn handle(&mut self, _: StartDirtyLog, _: &mut Self::Context) -> Self::Result {
-        self.source.dirty_bitmap().clear_all();
+        self.source.start_dirty_log()?;
         self.logging = true;
         Ok(())
     }
@@ -75,6 +96,7 @@ impl Handler<CollectDirtyPages> for DirtyTracker {
         if !self.logging {
             return Err(DirtyError::NotStarted);
         }
+        self.source.sync_dirty_log()?;
         Ok(self.source.dirty_bitmap().drain())
     }
 }
@@ -88,6 +110,6 @@ impl Handler<StopDirtyLog> for DirtyTracker {
         }
         self.logging = false;
         ctx.stop();
-        Ok(())
+        self.source.stop_dirty_log()
     }
 }

@@ -9,13 +9,14 @@ use actix::prelude::*;
 use super::error::EngineError;
 use super::receiver::{AbortIncoming, Handover, Receiver, ReceiverParams};
 use super::request::HostConfig;
+use crate::format::NativeLayout;
 use crate::format::{MacAddr, NicConfig, VmConfig, VmId};
 use crate::link::{tcp, Keepalive, LinkEnd};
 use crate::protocol::{AbortReason, Capabilities};
 use crate::units::PAGE_SIZE;
 use crate::vm::{GetVmInfo, Lifecycle, StopVm, Vm, VmInfo};
 use crate::vmm::sim::WorkloadSpec;
-use crate::vmm::{Backend, CreateVm, Guest, ReserveVm};
+use crate::vmm::{Backend, BackendKind, CreateVm, Guest, ReserveVm};
 
 /// Incoming links allowed to wait for a slot; more are closed at once.
 const MAX_QUEUED_INCOMING: usize = 16;
@@ -39,10 +40,14 @@ pub struct Host {
 impl Host {
     /// A host; its backend runs on its own arbiter thread so that filling or mapping guest
     /// memory never blocks the engine's actors.
-    pub fn new(config: HostConfig, listener: Option<tokio::net::TcpListener>) -> Self {
+    pub fn new(mut config: HostConfig, listener: Option<tokio::net::TcpListener>) -> Self {
         let backend_arbiter = Arbiter::new();
-        let layout = config.layout;
-        let backend = Backend::start_in_arbiter(&backend_arbiter.handle(), move |_| Backend::sim(layout));
+        if config.backend == BackendKind::Kvm {
+            // KVM keeps vCPU state in its own structures; that is the layout this host offers.
+            config.layout = NativeLayout::Kvm;
+        }
+        let (kind, layout) = (config.backend, config.layout);
+        let backend = Backend::start_in_arbiter(&backend_arbiter.handle(), move |_| Backend::new(kind, layout));
         Self {
             config,
             backend,
@@ -61,6 +66,7 @@ impl Host {
         Capabilities {
             algorithms: self.config.algorithms.clone(),
             format_versions: self.config.format_versions.clone(),
+            compression: self.config.compression.clone(),
             ..Capabilities::full(vec![self.config.layout])
         }
     }
@@ -268,13 +274,18 @@ impl Handler<GetHostUsage> for Host {
 /// Admission and reservation for an incoming VM: the Receiver's reservation stage.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(Addr<Vm>, Arc<dyn Guest>), AbortReason>")]
-pub struct ReserveIncoming(pub VmConfig);
+pub struct ReserveIncoming {
+    /// The incoming VM.
+    pub config: VmConfig,
+    /// Its pages will all come on demand (post-copy); see [`ReserveVm::demand_paged`].
+    pub demand_paged: bool,
+}
 
 impl Handler<ReserveIncoming> for Host {
     type Result = ResponseActFuture<Self, Result<(Addr<Vm>, Arc<dyn Guest>), AbortReason>>;
 
     fn handle(&mut self, msg: ReserveIncoming, _: &mut Self::Context) -> Self::Result {
-        let config = msg.0;
+        let ReserveIncoming { config, demand_paged } = msg;
         let bytes = config.memory_bytes;
         let id = config.id.0.clone();
         let admitted = config
@@ -299,7 +310,7 @@ impl Handler<ReserveIncoming> for Host {
             return Box::pin(fut::ready(Err(e)));
         }
         self.committed_bytes += bytes;
-        let reserve = self.backend.send(ReserveVm { config });
+        let reserve = self.backend.send(ReserveVm { config, demand_paged });
         Box::pin(reserve.into_actor(self).map(move |res, act, _| {
             let guest = match res {
                 Ok(Ok(g)) => g,

@@ -32,6 +32,8 @@ pub use handle::{EngineHandle, StartedMigration};
 pub use host::HostUsage;
 pub use policy::{PolicyConfig, StallAction};
 pub use progress::{MigrationStatus, Phase};
-pub use report::{DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation};
+pub use report::{
+    CompressionReport, DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation,
+};
 pub use request::{HostConfig, MigrationRequest, VmSpec};
 pub use stage::Stage;

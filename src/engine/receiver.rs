@@ -26,7 +26,7 @@ use crate::dirty::PageSet;
 use crate::link::{CloseLink, DataReceiver, FramePool, Keepalive, Link, LinkEnd, LinkEvent, SendControl};
 use crate::protocol::auth::{self, ClusterKey};
 use crate::protocol::negotiation::{accept_hello, negotiate};
-use crate::protocol::{AbortReason, Capabilities, ControlMessage};
+use crate::protocol::{AbortReason, Capabilities, Compression, ControlMessage, PageCodecs};
 use crate::units::{PageIndex, PAGE_SIZE};
 use crate::vm::{LoadVmState, PauseVm, ResumeVm, Vm};
 use crate::vmm::Guest;
@@ -569,8 +569,8 @@ impl TargetRun {
                         detail: "Reserve before a valid Authenticate".into(),
                     }))
                 }
-                ReceiverAction::Reserve { config } => match self.data.take() {
-                    Some(rx) => self.reserve(config, rx).await,
+                ReceiverAction::Reserve { config, demand_paged } => match self.data.take() {
+                    Some(rx) => self.reserve(config, demand_paged, rx).await,
                     None => Err(violation("second reservation")),
                 },
                 ReceiverAction::NoteRound { .. } => Ok(()),
@@ -709,15 +709,24 @@ impl TargetRun {
         }
     }
 
-    async fn reserve(&mut self, config: crate::format::VmConfig, data: (DataReceiver, FramePool)) -> Result<(), Exit> {
+    async fn reserve(
+        &mut self,
+        config: crate::format::VmConfig,
+        demand_paged: bool,
+        data: (DataReceiver, FramePool),
+    ) -> Result<(), Exit> {
         let (data_rx, pool) = data;
-        let (vm, guest) = match self.host.send(ReserveIncoming(config)).await {
+        let (vm, guest) = match self.host.send(ReserveIncoming { config, demand_paged }).await {
             Ok(Ok(x)) => x,
             Ok(Err(reason)) => return Err(Exit::Fail(reason)),
             Err(e) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
         };
         self.vm = Some((vm, Arc::clone(&guest)));
-        let plane = TargetPlane::spawn(guest, data_rx, pool)
+        let accept = PageCodecs {
+            lz4: self.caps.compression.contains(&Compression::Lz4),
+            xbzrle: self.caps.compression.contains(&Compression::Xbzrle),
+        };
+        let plane = TargetPlane::spawn(guest, data_rx, pool, accept)
             .map_err(|e| Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }))?;
         self.plane = Some(plane);
         self.send(ControlMessage::Reserved).await
@@ -787,7 +796,9 @@ impl TargetRun {
     async fn activate(&mut self) -> Result<(), Exit> {
         let (vm, guest) = self.vm.clone().ok_or_else(|| violation("commit before reservation"))?;
         // Track what the guest writes from now on: those pages may differ from what arrived.
-        guest.dirty_bitmap().clear_all();
+        if let Err(e) = guest.start_dirty_log() {
+            return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }));
+        }
         match vm.send(ResumeVm).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
@@ -944,7 +955,11 @@ fn local_mismatches(guest: &dyn Guest, received: &[u64]) -> Vec<u64> {
     let current: Vec<u64> = (0..memory.page_count())
         .map(|p| memory.page_digest(PageIndex(p)).unwrap_or(zero ^ 1))
         .collect();
-    // Snapshot after hashing: a page written during the scan is dirty by now.
+    // Snapshot after hashing: a page written during the scan is dirty by now. A log that
+    // cannot be read leaves the bitmap as last synced; the mismatch list is advice anyway.
+    if let Err(e) = guest.sync_dirty_log() {
+        tracing::warn!(error = %e, "dirty log sync for the mismatch report");
+    }
     let touched = guest.dirty_bitmap().snapshot();
     current
         .iter()

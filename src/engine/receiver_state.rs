@@ -91,6 +91,8 @@ pub enum ReceiverAction {
     Reserve {
         /// Its configuration.
         config: VmConfig,
+        /// Every page will arrive on demand (post-copy): RAM need not be committed up front.
+        demand_paged: bool,
     },
     /// Nothing to do but note the progress.
     NoteRound {
@@ -171,7 +173,13 @@ impl ReceiverState {
                 },
             ),
             (S::AwaitReserve, M::Authenticate { proof }) => (S::AwaitReserve, A::Authenticate { proof }),
-            (S::AwaitReserve, M::Reserve { config, .. }) => (S::Receiving, A::Reserve { config }),
+            (S::AwaitReserve, M::Reserve { config, algorithm }) => (
+                S::Receiving,
+                A::Reserve {
+                    config,
+                    demand_paged: algorithm == Algorithm::Postcopy,
+                },
+            ),
             (S::Receiving, M::RoundDone { batches_total, .. }) => (S::Receiving, A::NoteRound { batches_total }),
             (S::Receiving, M::Suspend { batches_total, missing }) => {
                 (S::AwaitVcpus, A::Suspend { batches_total, missing })

@@ -88,6 +88,10 @@ impl Handler<AddHost> for Engine {
         if self.hosts.contains_key(&msg.0.name) {
             return Err(EngineError::DuplicateHost(msg.0.name));
         }
+        msg.0
+            .backend
+            .check_available()
+            .map_err(|e| EngineError::Vm(format!("host {:?}: {} backend: {e}", msg.0.name, msg.0.backend)))?;
         let name = msg.0.name.clone();
         let listener = match msg.0.listen {
             Some(addr) => {

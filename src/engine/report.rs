@@ -87,6 +87,26 @@ pub struct PageCounts {
     pub pulled: u64,
 }
 
+/// What page compression did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CompressionReport {
+    /// What the migration asked for (`off`, `lz4`, `xbzrle`, `both`, `auto`).
+    pub requested: String,
+    /// Methods in use: those asked for that both hosts offer; `xbzrle` only on a data path
+    /// that keeps batches in order (one stream).
+    pub methods: Vec<String>,
+    /// Pages sent as LZ4 blocks.
+    pub lz4_pages: u64,
+    /// Re-sent pages sent as XBZRLE deltas.
+    pub xbzrle_pages: u64,
+    /// Re-sent pages whose previous content was not in the XBZRLE cache.
+    pub xbzrle_cache_misses: u64,
+    /// Re-sent pages in the cache whose delta was too large, sent whole instead.
+    pub xbzrle_overflows: u64,
+    /// Page bytes kept off the link by compression (counted in none of `bytes_sent`).
+    pub bytes_saved: u64,
+}
+
 /// The cost model's expectation, beside the outcome.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PredictionReport {
@@ -142,6 +162,8 @@ pub struct MigrationReport {
     pub pages: PageCounts,
     /// Bytes put on the link.
     pub bytes_sent: u64,
+    /// Page compression: what was used and what it saved.
+    pub compression: CompressionReport,
     /// Pre-copy rounds (round 0 included).
     pub rounds: u32,
     /// Pause on the source to resume on the target.
@@ -195,6 +217,7 @@ impl MigrationReport {
             stages: Vec::new(),
             pages: PageCounts::default(),
             bytes_sent: 0,
+            compression: CompressionReport::default(),
             rounds: 0,
             downtime_s: 0.0,
             total_s: 0.0,

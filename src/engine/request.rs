@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::policy::PolicyConfig;
 use crate::format::NativeLayout;
 use crate::link::{Keepalive, Shaping};
-use crate::protocol::Algorithm;
+use crate::protocol::{Algorithm, Compression, CompressionChoice};
 use crate::vmm::sim::WorkloadSpec;
 
 /// A host to add to the engine.
@@ -13,14 +13,19 @@ use crate::vmm::sim::WorkloadSpec;
 pub struct HostConfig {
     /// Unique name.
     pub name: String,
-    /// Native layout of the host's sim backend.
+    /// Native layout of the host's sim backend (a kvm backend's is always `kvm`).
     pub layout: NativeLayout,
+    /// The hypervisor the host runs: `sim` (default) or `kvm`.
+    pub backend: crate::vmm::BackendKind,
     /// Memory budget for VMs, in bytes.
     pub memory_budget_bytes: u64,
     /// Algorithms the host offers (all by default).
     pub algorithms: Vec<Algorithm>,
     /// Common-format versions the host reads and writes.
     pub format_versions: Vec<u32>,
+    /// Page compression methods the host offers, sending and receiving (all by default; `none`
+    /// alone is a host that never compresses).
+    pub compression: Vec<Compression>,
     /// Address to accept migrations on over TCP (port 0 picks one; see
     /// [`super::EngineHandle::listen_address`]). `None`: in-process links only.
     pub listen: Option<std::net::SocketAddr>,
@@ -43,9 +48,11 @@ impl HostConfig {
         Self {
             name: name.into(),
             layout,
+            backend: crate::vmm::BackendKind::Sim,
             memory_budget_bytes: 64 << 30,
             algorithms: Algorithm::ALL.to_vec(),
             format_versions: vec![crate::format::FORMAT_VERSION],
+            compression: Compression::ALL.to_vec(),
             listen: None,
             max_outgoing: 4,
             max_incoming: 4,
@@ -117,7 +124,15 @@ pub struct MigrationRequest {
     /// pull phase (and, in-process, how long the target waits with the guest paused). Zero
     /// turns recovery off.
     pub recovery_timeout: Duration,
+    /// Page compression to use where both hosts offer it (`auto` by default: what won on the
+    /// benchmark for this link's cap, see [`crate::protocol::negotiation::auto_compression`]).
+    pub compression: CompressionChoice,
+    /// Most bytes of page content the source keeps as XBZRLE bases (capped at the VM's size).
+    pub xbzrle_cache_bytes: u64,
 }
+
+/// The XBZRLE cache of a migration, unless configured: QEMU's default too.
+pub const DEFAULT_XBZRLE_CACHE_BYTES: u64 = 64 << 20;
 
 /// How long a post-copy pull phase waits for a lost link to come back, unless configured.
 pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -140,6 +155,8 @@ impl MigrationRequest {
             streams: 2,
             faults: super::faults::FaultPlan::default(),
             recovery_timeout: DEFAULT_RECOVERY_TIMEOUT,
+            compression: CompressionChoice::default(),
+            xbzrle_cache_bytes: DEFAULT_XBZRLE_CACHE_BYTES,
         }
     }
 

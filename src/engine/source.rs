@@ -17,18 +17,20 @@ use super::error::{EngineError, Side};
 use super::events::MigrationEvent;
 use super::faults::{Fault, FaultKind, FaultPlan};
 use super::policy::{self, CostInputs, Decision, RoundContext};
-use super::report::{DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation};
+use super::report::{
+    CompressionReport, DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation,
+};
 use super::request::MigrationRequest;
 use super::route::Route;
 use super::stage::{Stage, StageMachine};
 use super::verify;
 use crate::clock::{self, Instant};
-use crate::dataplane::{RoundStats, SourcePlane};
+use crate::dataplane::{PlaneEncoding, RoundStats, SourcePlane};
 use crate::dirty::{CollectDirtyPages, DirtyTracker, PageSet, StartDirtyLog, StopDirtyLog};
 use crate::link::{CloseLink, Link, LinkEnd, LinkEvent, SendControl};
 use crate::protocol::auth;
-use crate::protocol::negotiation::{negotiate, Pool};
-use crate::protocol::{AbortReason, Algorithm, Capabilities, ControlMessage};
+use crate::protocol::negotiation::{choose_compression, negotiate, Pool};
+use crate::protocol::{AbortReason, Algorithm, Capabilities, ControlMessage, PageCodecs};
 use crate::telemetry::metric;
 use crate::units::PAGE_SIZE;
 use crate::vm::{EndOutgoing, PauseVm, ResumeVm, SaveVmState, Vm};
@@ -221,6 +223,9 @@ pub(crate) struct SourceRun {
     /// An injected post-copy link loss: the link stays down until then.
     link_down_until: Cell<Option<Instant>>,
     recoveries: u32,
+    /// Page encodings negotiated for this migration.
+    codecs: PageCodecs,
+    compression: CompressionReport,
 }
 
 impl std::fmt::Debug for SourceRun {
@@ -275,6 +280,8 @@ impl SourceRun {
             fail_pause: Cell::new(false),
             link_down_until: Cell::new(None),
             recoveries: 0,
+            codecs: PageCodecs::NONE,
+            compression: CompressionReport::default(),
         }
     }
 
@@ -443,6 +450,18 @@ impl SourceRun {
         metrics::counter!(metric::PAGES_SENT_TOTAL, "kind" => "pulled").increment(pulled);
         self.bytes += stats.bytes;
         metrics::counter!(metric::BYTES_SENT_TOTAL).increment(stats.bytes);
+        let enc = stats.encoding;
+        let c = &mut self.compression;
+        c.lz4_pages += enc.lz4_pages;
+        c.xbzrle_pages += enc.delta_pages;
+        c.xbzrle_cache_misses += enc.delta_misses;
+        c.xbzrle_overflows += enc.delta_overflows;
+        c.bytes_saved += enc.bytes_saved;
+        if self.codecs != PageCodecs::NONE {
+            metrics::counter!(metric::PAGES_ENCODED_TOTAL, "encoding" => "lz4").increment(enc.lz4_pages);
+            metrics::counter!(metric::PAGES_ENCODED_TOTAL, "encoding" => "xbzrle").increment(enc.delta_pages);
+            metrics::counter!(metric::COMPRESSION_SAVED_BYTES_TOTAL).increment(enc.bytes_saved);
+        }
         self.stage_pages += stats.pages();
         self.stage_bytes += stats.bytes;
     }
@@ -622,13 +641,24 @@ impl SourceRun {
     async fn drive(&mut self) -> Result<(), Fail> {
         let pool = self.premigration().await?;
         self.reservation().await?;
+        // Only pre-copy rounds re-send pages; for the others a delta cache is pure cost.
+        let resends = !matches!(self.algorithm, Algorithm::StopAndCopy | Algorithm::Postcopy);
+        let encoding = PlaneEncoding {
+            codecs: PageCodecs {
+                xbzrle: self.codecs.xbzrle && resends,
+                ..self.codecs
+            },
+            xbzrle_cache_bytes: self.s.req.xbzrle_cache_bytes,
+        };
         let plane = SourcePlane::spawn(
             Arc::clone(&self.s.guest),
             self.s.end.data_tx.clone(),
             self.s.end.pool.clone(),
             Arc::clone(&self.s.progress.sent_bytes),
+            encoding,
         )
         .map_err(local)?;
+        self.compression.methods = plane.codecs().names().into_iter().map(String::from).collect();
         self.plane = Some(plane);
         match self.algorithm {
             Algorithm::StopAndCopy => {
@@ -728,6 +758,13 @@ impl SourceRun {
             .collect::<Vec<_>>()
             .join(",");
         let pool = negotiate(&self.s.caps, &target_caps, self.s.req.algorithm).map_err(Fail::Negotiation)?;
+        self.codecs = choose_compression(
+            self.s.req.compression,
+            self.s.req.shaping.bandwidth_bytes_per_sec,
+            &self.s.caps,
+            &target_caps,
+        )
+        .map_err(Fail::Negotiation)?;
         if pool.version != version {
             return Err(Fail::Protocol(format!(
                 "target chose protocol version {version}, expected {}",
@@ -786,14 +823,16 @@ impl SourceRun {
             let dirty_rate = dirty.len() as f64 / round_time;
             last_dirty_rate_bytes = dirty_rate * PAGE_SIZE as f64;
             if stats.bytes > 0 {
-                self.bandwidth = stats.bytes_per_sec().max(1.0);
+                // In page bytes: the policy predicts from pages, and with compression a page
+                // costs less than its size on the link.
+                self.bandwidth = stats.page_bytes_per_sec().max(1.0);
             }
             let remaining = dirty.len();
             let fixed = self.fixed_switchover(4096);
             let expected = policy::predicted_downtime(remaining, self.bandwidth, fixed);
             self.set_remaining(remaining);
             metrics::gauge!(metric::DIRTY_RATE_PAGES_PER_SECOND).set(dirty_rate);
-            metrics::gauge!(metric::LINK_THROUGHPUT_BYTES_PER_SECOND).set(self.bandwidth);
+            metrics::gauge!(metric::LINK_THROUGHPUT_BYTES_PER_SECOND).set(stats.bytes_per_sec());
             metrics::gauge!(metric::EXPECTED_DOWNTIME_SECONDS).set(expected.as_secs_f64());
             self.s
                 .progress
@@ -1026,7 +1065,7 @@ impl SourceRun {
         let stats = self.send_round(round, pages, rate).await?;
         let final_time = clock::now().duration_since(final_started);
         if stats.bytes > 0 && self.bandwidth == 0.0 {
-            self.bandwidth = stats.bytes_per_sec();
+            self.bandwidth = stats.page_bytes_per_sec();
         }
         self.first_pass_done = true;
         self.set_remaining(0);
@@ -1230,11 +1269,20 @@ impl SourceRun {
             })?,
             other => return Err(Fail::Protocol(format!("expected Resumed, got {}", other.name()))),
         };
+        // Post-copy sends no delta: the target's guest writes its own pages by now.
+        let encoding = PlaneEncoding {
+            codecs: PageCodecs {
+                xbzrle: false,
+                ..self.codecs
+            },
+            xbzrle_cache_bytes: 0,
+        };
         let plane = SourcePlane::spawn(
             Arc::clone(&self.s.guest),
             data_tx.clone(),
             pool,
             Arc::clone(&self.s.progress.sent_bytes),
+            encoding,
         )
         .map_err(local)?;
         // Link faults (stall, collapse) act on the link in use.
@@ -1370,6 +1418,10 @@ impl SourceRun {
             pages: self.pages,
             // Bytes of an unfinished round count too: the plane's live counter is the truth.
             bytes_sent: self.bytes.max(self.s.progress.sent_bytes.load(Ordering::Relaxed)),
+            compression: CompressionReport {
+                requested: self.s.req.compression.name().to_string(),
+                ..std::mem::take(&mut self.compression)
+            },
             rounds: self.rounds,
             downtime_s: downtime.as_secs_f64(),
             total_s: total.as_secs_f64(),

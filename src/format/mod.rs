@@ -32,7 +32,7 @@ pub use envelope::{
 pub use native::{NativeError, NativeLayout, NativeVcpu};
 pub use vcpu::{
     is_canonical, msr_index, DescriptorTable, Msr, PendingEvents, PendingException, Segment, SegmentAttributes,
-    VcpuState, MAX_MSRS, MAX_XSAVE_BYTES, MSRS_WITH_OWN_FIELD, XSAVE_LEGACY_BYTES,
+    VcpuState, LAPIC_REGISTER_BYTES, MAX_MSRS, MAX_XSAVE_BYTES, MSRS_WITH_OWN_FIELD, XSAVE_LEGACY_BYTES,
 };
 pub use vm_config::{MacAddr, NicConfig, VmConfig, VmId, MAX_NICS, MAX_VCPUS, MAX_VM_MEMORY_BYTES, PAGE_SIZE};
 
@@ -233,6 +233,12 @@ pub enum FormatError {
         min: usize,
         /// [`MAX_XSAVE_BYTES`].
         max: usize,
+    },
+    /// The local APIC page is neither empty nor [`LAPIC_REGISTER_BYTES`] long.
+    #[error("local APIC page of {len} bytes: must be empty or {LAPIC_REGISTER_BYTES} bytes")]
+    LapicSize {
+        /// Its length.
+        len: usize,
     },
     /// A [`VmState`] has a different number of vCPUs than its config says.
     #[error("{found} vCPU states for a VM configured with {expected} vCPUs")]

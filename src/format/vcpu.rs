@@ -19,6 +19,9 @@ pub const MAX_MSRS: usize = 1024;
 /// Largest xsave area accepted: 64 KiB, well above any XSAVE feature set shipped.
 pub const MAX_XSAVE_BYTES: usize = 64 * 1024;
 
+/// Size of the local APIC register page.
+pub const LAPIC_REGISTER_BYTES: usize = 1024;
+
 /// Size of the legacy FXSAVE region that opens every non-empty xsave area.
 pub const XSAVE_LEGACY_BYTES: usize = 512;
 
@@ -202,6 +205,12 @@ pub struct VcpuState {
     pub tsc: u64,
     /// Events in flight.
     pub events: PendingEvents,
+    /// The local APIC's register page: [`LAPIC_REGISTER_BYTES`] bytes at the offsets of the
+    /// xAPIC register map in the Intel SDM (vol. 3A, "Local APIC Register Address Map"), or
+    /// empty for a VM without a local APIC model. An architectural page rather than a list of
+    /// fields, because every hypervisor that emulates the APIC keeps exactly this page.
+    #[serde(default, with = "super::blob")]
+    pub lapic: Vec<u8>,
 }
 
 // Register bits used to build a plausible initial state.
@@ -329,6 +338,7 @@ impl VcpuState {
             xsave,
             tsc: 0,
             events: PendingEvents::default(),
+            lapic: Vec::new(),
         }
     }
 
@@ -400,6 +410,10 @@ impl VcpuState {
                 min: XSAVE_LEGACY_BYTES,
                 max: MAX_XSAVE_BYTES,
             });
+        }
+        let len = self.lapic.len();
+        if len != 0 && len != LAPIC_REGISTER_BYTES {
+            return Err(FormatError::LapicSize { len });
         }
         Ok(())
     }

@@ -45,6 +45,8 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             latency: shaping.latency,
             _alive: None,
             injected: Default::default(),
+            // One channel: frames arrive in the order sent.
+            ordered: true,
         },
         data_rx: DataReceiver {
             rx: d_ba_rx,
@@ -66,6 +68,8 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             latency: shaping.latency,
             _alive: None,
             injected: Default::default(),
+            // One channel: frames arrive in the order sent.
+            ordered: true,
         },
         data_rx: DataReceiver {
             rx: d_ab_rx,

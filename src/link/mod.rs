@@ -98,9 +98,17 @@ pub struct DataSender {
     _alive: Option<Arc<()>>,
     /// Injected stalls and collapses, shared by every clone.
     injected: Arc<InjectedLinkFaults>,
+    /// True if bulk frames arrive in the order sent (one stream carries them).
+    ordered: bool,
 }
 
 impl DataSender {
+    /// True if bulk frames reach the peer in the order they were sent. Several TCP streams
+    /// may reorder them; anything that depends on order (a delta after its base) checks this.
+    pub fn is_ordered(&self) -> bool {
+        self.ordered
+    }
+
     /// Fault injection: no bytes leave until `duration` has passed.
     pub fn stall(&self, duration: Duration) {
         *self.injected.stall_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + duration);
@@ -218,7 +226,10 @@ impl DataReceiver {
                     default(wait) => return DataRecv::Idle,
                 }
             }
-        };
+        }
+        // A closed lane is ready at once even while the other still holds frames the peer sent
+        // before it went away: those are delivered first.
+        .or_else(|()| self.urgent.try_recv().or_else(|_| self.rx.try_recv()).map_err(|_| ()));
         match got {
             Ok(t) => {
                 let now = Instant::now();

@@ -324,6 +324,8 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
     let (in_urg_tx, in_urg_rx) = channel::bounded::<Timed>(URGENT_CHANNEL_FRAMES);
     let alive = Arc::new(());
     let sending = Arc::new(());
+    // Writer threads take frames from one queue; with more than one, frames may overtake.
+    let mut writers = 0usize;
     for (i, conn) in data.into_iter().enumerate() {
         let (b, u, p, sa) = (bulk_rx.clone(), urg_rx.clone(), pool.clone(), Arc::downgrade(&sending));
         let (ib, iu, ip, a) = (
@@ -342,6 +344,7 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
                 s.set_write_timeout(Some(READ_POLL))?;
                 let mut r = s.try_clone()?;
                 let mut w = s;
+                writers += 1;
                 writer.spawn(move || {
                     data_writer(&mut w, &b, &u, &p, &sa);
                     let _ = w.shutdown(std::net::Shutdown::Write);
@@ -360,6 +363,7 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
                 tcp.set_nonblocking(false)?;
                 tcp.set_write_timeout(Some(READ_POLL))?;
                 let mut w = rustls::StreamOwned::new(tls, tcp);
+                writers += 1;
                 writer.spawn(move || {
                     data_writer(&mut w, &b, &u, &p, &sa);
                     w.conn.send_close_notify();
@@ -393,6 +397,7 @@ fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>
             latency: Duration::ZERO,
             _alive: Some(sending),
             injected: Default::default(),
+            ordered: writers <= 1,
         },
         data_rx: DataReceiver {
             rx: in_bulk_rx,

@@ -118,7 +118,14 @@ impl GuestMemory {
         (self.len / PAGE_SIZE) as u64
     }
 
-    fn page_ptr(&self, index: PageIndex) -> Result<*mut u8, MemoryError> {
+    /// The first byte of the mapping, for a hypervisor to map into a guest or register for
+    /// demand paging. The pointer is valid for [`Self::len`] bytes while `self` lives.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// The first byte of page `index`; see [`Self::as_ptr`].
+    pub fn page_ptr(&self, index: PageIndex) -> Result<*mut u8, MemoryError> {
         if index.0 >= self.page_count() {
             return Err(MemoryError::OutOfRange {
                 index: index.0,

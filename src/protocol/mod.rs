@@ -26,15 +26,18 @@
 //! In post-copy and hybrid, `Commit`/`Activated` come right after `Prepared` and the
 //! commitment stage ends when the target holds every page. Control frames are a 4-byte
 //! big-endian length, a tag byte and a MessagePack body; page batches are a tag byte, a small
-//! binary header and raw page bytes (see [`pages`]).
+//! binary header and page bytes, raw or, where both ends offered it, LZ4-compressed or as an
+//! XBZRLE delta (see [`pages`], [`lz4_page`], [`xbzrle`]).
 
 pub mod auth;
 pub mod frame;
+pub mod lz4_page;
 pub mod message;
 pub mod negotiation;
 pub mod pages;
+pub mod xbzrle;
 
 pub use frame::{FrameError, MAX_FRAME_LEN};
 pub use message::{AbortReason, Algorithm, ControlMessage};
-pub use negotiation::{Capabilities, Compression, NegotiationError, Pool, PROTOCOL_VERSION};
-pub use pages::{PageBatch, PageKind, BATCH_PAGES};
+pub use negotiation::{Capabilities, Compression, CompressionChoice, NegotiationError, Pool, PROTOCOL_VERSION};
+pub use pages::{PageBatch, PageCodecs, PageKind, PagePayload, BATCH_PAGES};

@@ -6,6 +6,11 @@ pub const MIGRATIONS_TOTAL: &str = "migratory_migrations_total";
 pub const PAGES_SENT_TOTAL: &str = "migratory_pages_sent_total";
 /// Counter: bytes put on links by migrations (page payloads and headers).
 pub const BYTES_SENT_TOTAL: &str = "migratory_bytes_sent_total";
+/// Counter: pages sent encoded, by `encoding` (lz4, xbzrle); they are counted by kind in
+/// [`PAGES_SENT_TOTAL`] too.
+pub const PAGES_ENCODED_TOTAL: &str = "migratory_pages_encoded_total";
+/// Counter: page bytes page compression kept off links (page size minus encoding, summed).
+pub const COMPRESSION_SAVED_BYTES_TOTAL: &str = "migratory_compression_saved_bytes_total";
 /// Counter: post-copy faults taken by target guests.
 pub const POSTCOPY_FAULTS_TOTAL: &str = "migratory_postcopy_faults_total";
 /// Counter: injected faults, by `kind`.
@@ -53,6 +58,10 @@ pub fn register_zeroes() {
         metrics::counter!(PAGES_SENT_TOTAL, "kind" => kind).increment(0);
     }
     metrics::counter!(BYTES_SENT_TOTAL).increment(0);
+    for encoding in ["lz4", "xbzrle"] {
+        metrics::counter!(PAGES_ENCODED_TOTAL, "encoding" => encoding).increment(0);
+    }
+    metrics::counter!(COMPRESSION_SAVED_BYTES_TOTAL).increment(0);
     metrics::counter!(POSTCOPY_FAULTS_TOTAL).increment(0);
     metrics::gauge!(MIGRATIONS_IN_PROGRESS).increment(0.0);
     metrics::gauge!(REMAINING_PAGES).increment(0.0);
@@ -64,6 +73,15 @@ pub fn describe_all() {
     describe_counter!(MIGRATIONS_TOTAL, "Finished migrations by algorithm and result");
     describe_counter!(PAGES_SENT_TOTAL, "Pages sent by kind");
     describe_counter!(BYTES_SENT_TOTAL, Unit::Bytes, "Bytes sent by migrations");
+    describe_counter!(
+        PAGES_ENCODED_TOTAL,
+        "Pages sent LZ4-compressed or as XBZRLE deltas, by encoding"
+    );
+    describe_counter!(
+        COMPRESSION_SAVED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Page bytes compression kept off links"
+    );
     describe_counter!(POSTCOPY_FAULTS_TOTAL, "Post-copy faults taken on targets");
     describe_counter!(FAULTS_INJECTED_TOTAL, "Injected faults by kind");
     describe_histogram!(

@@ -53,6 +53,14 @@ pub enum VmmError {
     /// The backend's thread could not be started.
     #[error("could not start guest thread: {0}")]
     Thread(std::io::Error),
+    /// A hypervisor call failed.
+    #[error("{op}: {detail}")]
+    Hypervisor {
+        /// The call (an ioctl, opening the device...).
+        op: &'static str,
+        /// What the hypervisor said.
+        detail: String,
+    },
     /// An injected or simulated backend failure.
     #[error("backend failure: {0}")]
     Failed(String),
@@ -70,6 +78,11 @@ pub struct GuestStats {
     pub faults: u64,
     /// Sum of post-copy fault latencies, in seconds.
     pub fault_wait_s: f64,
+    /// Times a self-checking guest verified all it wrote (0 for guests that do not check).
+    pub verify_passes: u64,
+    /// Pages (or ledgers) a self-checking guest found not as it wrote them: lost or stale
+    /// memory, seen from inside the guest. Must stay 0.
+    pub integrity_errors: u64,
 }
 
 /// One VM as its backend runs it. Methods are quick (microseconds to a few milliseconds) and
@@ -104,6 +117,18 @@ pub trait Guest: DirtyLogSource + Send + Sync + std::fmt::Debug {
     fn claim_page(&self, page: u64) -> bool;
     /// Marks a claimed page as written and wakes any access waiting for it.
     fn page_installed(&self, page: u64);
+    /// Writes a claimed page (`None`: a zero page) and marks it installed. A backend whose
+    /// missing pages trap in the kernel (userfaultfd) must install through the trap, not with a
+    /// plain store, and overrides this.
+    fn install_page(&self, page: u64, data: Option<&[u8]>) -> Result<(), VmmError> {
+        let at = crate::units::PageIndex(page);
+        match data {
+            Some(bytes) => self.memory().write_page(at, bytes)?,
+            None => self.memory().zero_page(at)?,
+        }
+        self.page_installed(page);
+        Ok(())
+    }
     /// Pages still missing (post-copy), 0 otherwise.
     fn missing_pages(&self) -> u64;
     /// The set of pages still missing (post-copy recovery tells the source which to resend).

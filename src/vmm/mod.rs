@@ -8,7 +8,9 @@
 
 mod backend;
 mod guest;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod kvm;
 pub mod sim;
 
-pub use backend::{Backend, CreateVm, DestroyGuest, ReserveVm};
+pub use backend::{Backend, BackendKind, CreateVm, DestroyGuest, ReserveVm};
 pub use guest::{FaultSink, Guest, GuestRef, GuestStats, VmmError};

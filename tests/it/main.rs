@@ -5,6 +5,7 @@ mod common;
 mod algorithms;
 mod auth;
 mod cancel;
+mod compression;
 mod embed;
 mod faults;
 mod fuzz;

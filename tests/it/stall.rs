@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use migratory::engine::{MigrationRequest, Outcome, PolicyConfig, StallAction, VmLocation, VmSpec};
 use migratory::format::NativeLayout;
+use migratory::protocol::CompressionChoice;
 use migratory::vmm::sim::{Pattern, WorkloadSpec};
 
 use crate::common::{self, MIB};
@@ -23,8 +24,10 @@ async fn run(action: StallAction) -> (migratory::engine::MigrationReport, migrat
     };
     e.create_vm("src", spec).await.expect("create");
     let mut req = MigrationRequest::new("busy", "src", "dst");
-    // 20 MB/s against 200 MB/s of dirtying: every round resends all of memory.
+    // 20 MB/s against 200 MB/s of dirtying: every round resends all of memory. Whole pages:
+    // the writer changes one word per page, so XBZRLE deltas would let it converge.
     req.shaping.bandwidth_bytes_per_sec = Some(20_000_000);
+    req.compression = CompressionChoice::Off;
     req.policy = PolicyConfig {
         downtime_limit: Duration::from_millis(50),
         stall_rounds: 2,

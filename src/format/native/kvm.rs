@@ -255,6 +255,8 @@ pub struct KvmVcpu {
     pub xsave: Vec<u8>,
     /// `KVM_GET_VCPU_EVENTS`.
     pub events: KvmVcpuEvents,
+    /// `KVM_GET_LAPIC`: the 1 KiB register page, or empty without an in-kernel APIC.
+    pub lapic: Vec<u8>,
 }
 
 /// MSRs that live in `kvm_sregs`, never in the MSR list.
@@ -340,6 +342,7 @@ impl KvmVcpu {
                     pad: 0,
                 },
             },
+            lapic: s.lapic.clone(),
         })
     }
 
@@ -384,6 +387,7 @@ impl KvmVcpu {
             xsave: self.xsave.clone(),
             tsc,
             events,
+            lapic: self.lapic.clone(),
         };
         s.validate()?;
         Ok(s)

@@ -354,6 +354,7 @@ mod tests {
         ];
         s.xsave = (0..1088u32).map(|i| (i * 31 % 251) as u8).collect();
         s.tsc = u64::MAX - 7;
+        s.lapic = (0..1024u32).map(|i| (i * 7 % 253) as u8).collect();
         s.events = crate::format::PendingEvents {
             exception: Some(PendingException {
                 vector: 13,

@@ -21,7 +21,8 @@
 //!   (Xen's `CPU_XSAVE` record). `flags` bit 0 (`XEN_X86_FPU_INITIALISED`) is set exactly when
 //!   the common xsave area is non-empty.
 //! - **LAPIC**: CR8 is the high nibble of the TPR and the APIC base is the LAPIC record's
-//!   `apic_base_msr`; an injected external interrupt is its single bit in the IRR.
+//!   `apic_base_msr`; an injected external interrupt is its single bit in the IRR. The full
+//!   register page, when the VM has one, is Xen's `LAPIC_REGS` record, kept verbatim.
 //! - **NMI** pending and blocked state, which Xen keeps outside any save record, are two flags.
 //! - **Debug registers** have no place in the common format: dr0-dr3 must be 0, dr6 and dr7
 //!   their reset values.
@@ -289,6 +290,8 @@ pub struct XenHvmCpu {
     pub msrs: Vec<(u32, u64)>,
     /// The `CPU_XSAVE` record past the legacy region: xsave bytes beyond the first 512.
     pub xsave_extended: Vec<u8>,
+    /// The `LAPIC_REGS` record: the 1 KiB APIC register page, or empty without one.
+    pub lapic_regs: Vec<u8>,
 }
 
 /// Packs attributes into `arbytes`.
@@ -462,6 +465,7 @@ impl XenHvmCpu {
             },
             msrs: Vec::new(),
             xsave_extended,
+            lapic_regs: s.lapic.clone(),
         };
         for m in &s.msrs {
             match XEN_NAMED_MSRS.iter().position(|&i| i == m.index) {
@@ -542,6 +546,7 @@ impl XenHvmCpu {
             xsave: self.xsave_to_common()?,
             tsc: self.tsc,
             events: self.events_to_common()?,
+            lapic: self.lapic_regs.clone(),
         };
         s.validate()?;
         Ok(s)

@@ -43,6 +43,8 @@ struct Inner {
     wake: Condvar,
     workload: Mutex<WorkloadState>,
     vcpus: Mutex<Vec<NativeVcpu>>,
+    /// Device blobs of a foreign backend's VM this sim holds without running them.
+    parked: Mutex<Option<Vec<DeviceState>>>,
     /// Writes already folded into the vCPU state by `advance`.
     advanced: AtomicU64,
     faults: Mutex<Option<FaultSink>>,
@@ -110,6 +112,7 @@ impl SimGuest {
             wake: Condvar::new(),
             workload: Mutex::new(WorkloadState::new(workload)),
             vcpus: Mutex::new(vcpus),
+            parked: Mutex::new(None),
             advanced: AtomicU64::new(0),
             faults: Mutex::new(None),
             writes: AtomicU64::new(0),
@@ -205,6 +208,9 @@ impl Guest for SimGuest {
     }
 
     fn save_devices(&self) -> Result<Vec<DeviceState>, VmmError> {
+        if let Some(parked) = lock(&self.inner.parked).clone() {
+            return Ok(parked);
+        }
         Ok(vec![DeviceState {
             name: WORKLOAD_DEVICE.to_string(),
             version: WORKLOAD_DEVICE_VERSION,
@@ -213,6 +219,14 @@ impl Guest for SimGuest {
     }
 
     fn load_devices(&self, devices: &[DeviceState]) -> Result<(), VmmError> {
+        let ours = devices.iter().any(|d| d.name == WORKLOAD_DEVICE);
+        if !ours && !devices.is_empty() {
+            // A VM from another backend (a kvm guest, say): the sim cannot run its devices,
+            // but it can hold the VM — memory, vCPU state and these blobs, verbatim — and hand
+            // it on. Its own writer stays idle, so the guest's memory is left as it came.
+            *lock(&self.inner.parked) = Some(devices.to_vec());
+            return Ok(());
+        }
         for d in devices {
             if d.name != WORKLOAD_DEVICE || d.version != WORKLOAD_DEVICE_VERSION {
                 return Err(VmmError::UnsupportedDevice {
@@ -269,6 +283,7 @@ impl Guest for SimGuest {
             writes: self.inner.writes.load(Ordering::Relaxed),
             faults: self.inner.fault_count.load(Ordering::Relaxed),
             fault_wait_s: self.inner.fault_wait_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            ..GuestStats::default()
         }
     }
 
