@@ -182,7 +182,7 @@ pub fn run(rt: &tokio::runtime::Runtime, quick: bool, sizes: &[u64], json: Optio
                 let mut reports = Vec::new();
                 for _ in 0..repeats {
                     match rt.block_on(scenario::run(&s)) {
-                        Ok(r) => {
+                        Ok((r, _)) => {
                             failed |= !r.verified;
                             reports.push(r);
                         }

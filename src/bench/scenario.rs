@@ -7,6 +7,7 @@ use migratory::engine::{EngineHandle, HostConfig, MigrationReport, MigrationRequ
 use migratory::format::NativeLayout;
 use migratory::protocol::{Algorithm, CompressionChoice};
 use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use migratory::vmm::{BackendKind, GuestStats};
 use serde::Serialize;
 
 /// What the guest does while it moves.
@@ -79,6 +80,8 @@ pub struct Scenario {
     /// The link's bandwidth cap; `None` is as fast as the machine goes. A capped scenario keeps
     /// the engine's default downtime limit (DESIGN's 10 ms is a loopback target).
     pub link_bytes_per_sec: Option<u64>,
+    /// The hypervisor of both hosts: the sim, or real guests on /dev/kvm.
+    pub backend: BackendKind,
 }
 
 impl Scenario {
@@ -91,30 +94,31 @@ impl Scenario {
             via,
             compression: CompressionChoice::default(),
             link_bytes_per_sec: None,
+            backend: BackendKind::Sim,
         }
     }
 }
 
 /// Runs the scenario on fresh engines (nothing shared with the scenario before) and returns
-/// the report.
-pub async fn run(s: &Scenario) -> Result<MigrationReport, String> {
+/// the report, and for a kvm guest what the guest reported about itself on the target.
+pub async fn run(s: &Scenario) -> Result<(MigrationReport, Option<GuestStats>), String> {
     let err = |e: migratory::engine::EngineError| e.to_string();
+    let host = |name: &str, layout| HostConfig {
+        backend: s.backend,
+        ..HostConfig::new(name, layout)
+    };
     let src = EngineHandle::start().map_err(err)?;
-    src.add_host(HostConfig::new("a", NativeLayout::XenHvm))
-        .await
-        .map_err(err)?;
+    src.add_host(host("a", NativeLayout::XenHvm)).await.map_err(err)?;
     let (dst, target, addr) = match s.via {
         Via::InProcess => {
-            src.add_host(HostConfig::new("b", NativeLayout::Kvm))
-                .await
-                .map_err(err)?;
+            src.add_host(host("b", NativeLayout::Kvm)).await.map_err(err)?;
             (None, "b".to_string(), None)
         }
         Via::Tcp(_) => {
             let dst = EngineHandle::start().map_err(err)?;
             let listen = HostConfig {
                 listen: Some(([127, 0, 0, 1], 0).into()),
-                ..HostConfig::new("b", NativeLayout::Kvm)
+                ..host("b", NativeLayout::Kvm)
             };
             dst.add_host(listen).await.map_err(err)?;
             let addr = dst
@@ -125,8 +129,11 @@ pub async fn run(s: &Scenario) -> Result<MigrationReport, String> {
             (Some(dst), addr.to_string(), Some(addr))
         }
     };
+    let kvm = s.backend == BackendKind::Kvm;
     let spec = VmSpec {
         workload: s.load.workload(s.memory),
+        // The kvm guest has one vCPU.
+        vcpus: if kvm { 1 } else { 2 },
         ..VmSpec::new("bench", s.memory)
     };
     src.create_vm("a", spec).await.map_err(err)?;
@@ -142,8 +149,17 @@ pub async fn run(s: &Scenario) -> Result<MigrationReport, String> {
         req.policy.downtime_limit = Duration::from_millis(10);
     }
     let report = src.migrate(req).await.map_err(err)?;
+    let guest = if kvm && report.result.succeeded() {
+        // Let the guest finish a verify pass where it now runs (it verifies about twice a
+        // second), then ask what it found.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let on = dst.as_ref().unwrap_or(&src);
+        on.vm_info("b", "bench").await.ok().map(|v| v.stats)
+    } else {
+        None
+    };
     // Dropping the last handles stops both engines and frees both copies before the next
     // scenario maps its memory.
     drop((src, dst));
-    Ok(report)
+    Ok((report, guest))
 }
