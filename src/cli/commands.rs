@@ -115,6 +115,12 @@ struct VmInfo {
     layout: Option<String>,
     /// Guest stores so far.
     writes: Option<u64>,
+    /// Verify passes of a self-checking (kvm) guest.
+    #[serde(default)]
+    verify_passes: Option<u64>,
+    /// Pages a self-checking guest found not as it wrote them.
+    #[serde(default)]
+    integrity_errors: Option<u64>,
 }
 
 /// The answer to `POST /migrations`.
@@ -208,6 +214,8 @@ fn list_vms(client: &ApiClient, raw: bool) -> Result<String, CommandError> {
                 opt(vm.vcpus),
                 opt(vm.layout.as_deref()),
                 opt(vm.writes),
+                opt(vm.verify_passes),
+                opt(vm.integrity_errors),
             ]
         })
         .collect();
@@ -219,6 +227,8 @@ fn list_vms(client: &ApiClient, raw: bool) -> Result<String, CommandError> {
             ("vcpus", Align::Right),
             ("layout", Align::Left),
             ("writes", Align::Right),
+            ("verified", Align::Right),
+            ("bad pages", Align::Right),
         ],
         &rows,
     ))
