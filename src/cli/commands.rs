@@ -553,15 +553,15 @@ mod tests {
 
     #[test]
     fn test_vm_list_prints_an_aligned_table_or_raw_json() {
-        let list = r#"[{"id": "vm1", "state": "running", "memory_bytes": 268435456, "vcpus": 2, "layout": "kvm", "writes": 0},
+        let list = r#"[{"id": "vm1", "state": "running", "memory_bytes": 268435456, "vcpus": 1, "layout": "kvm", "writes": 0, "verify_passes": 12, "integrity_errors": 0},
                        {"id": "big-vm", "state": "paused", "memory_bytes": 4294967296, "vcpus": 16, "layout": "xen-hvm", "writes": 1234567}]"#;
         let server = FakeServer::start(vec![json_response(200, list), json_response(200, list)]);
         let client = ApiClient::new(&server.url()).unwrap();
         assert_eq!(
             list_vms(&client, false).unwrap(),
-            "id      state       memory  vcpus  layout    writes\n\
-             vm1     running  256.0 MiB      2  kvm            0\n\
-             big-vm  paused    4.00 GiB     16  xen-hvm  1234567\n"
+            "id      state       memory  vcpus  layout    writes  verified  bad pages\n\
+             vm1     running  256.0 MiB      1  kvm            0        12          0\n\
+             big-vm  paused    4.00 GiB     16  xen-hvm  1234567         -          -\n"
         );
         let raw = list_vms(&client, true).unwrap();
         let parsed: Value = serde_json::from_str(&raw).unwrap();
