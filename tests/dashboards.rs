@@ -30,8 +30,10 @@ const NON_ENGINE_LABELS: [&str; 5] = ["instance", "job", "host", "le", "quantile
 /// A demo that takes longer than this is hung.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// How often the post-copy demo runs at most until its guest takes a fault (see `scrape`).
-const POSTCOPY_ATTEMPTS: usize = 5;
+/// How often the post-copy demo runs at most until its guest takes a fault (see `scrape`). Since
+/// the data plane copies pages about three times faster, a 16 MiB push often finishes before
+/// the guest writes a missing page: about half the runs take no fault.
+const POSTCOPY_ATTEMPTS: usize = 20;
 
 // ---------------------------------------------------------------------------------------------
 // The dashboard
@@ -383,8 +385,11 @@ fn scrape() -> &'static Scrape {
         // guest's faults depend on timing: now and then a 16 MiB post-copy push outruns every
         // write and no fault is taken, so the exporter never renders the fault metrics. Run
         // post-copy again (a real scrape still has to show them) rather than drop the check.
+        // The fault counter is registered at zero, so it is in every scrape: what shows that a
+        // fault was taken (and served) is the latency histogram, rendered only once it has a
+        // sample.
         let mut attempt = 1;
-        while !s.has("migratory_postcopy_faults_total") && attempt < POSTCOPY_ATTEMPTS {
+        while !s.has("migratory_postcopy_fault_latency_seconds") && attempt < POSTCOPY_ATTEMPTS {
             attempt += 1;
             s.add_exposition(&demo("postcopy"));
             s.runs

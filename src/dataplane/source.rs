@@ -362,19 +362,12 @@ impl Worker {
     /// bulk frames.
     fn ship_on(
         &self,
-        mut batch: PageBatchBuilder,
+        batch: PageBatchBuilder,
         stats: &mut RoundStats,
         pace: Option<&mut TokenBucket>,
         urgent: bool,
     ) -> Result<(), DataPlaneError> {
-        if self.stop.load(Ordering::Acquire) {
-            return Err(DataPlaneError::Stopped);
-        }
-        // Fault injection: a batch with page bytes, raw or encoded, carries one flipped byte.
-        if self.corrupt.load(Ordering::Acquire) && batch.corrupt_payload() {
-            self.corrupt.store(false, Ordering::Release);
-        }
-        let frame = batch.finish();
+        let frame = self.finish(batch)?;
         if let Some(bucket) = pace {
             let wait = bucket.take(frame.len() as u64);
             if !wait.is_zero() {
@@ -391,6 +384,41 @@ impl Worker {
         sent.map_err(|_| DataPlaneError::LinkClosed)?;
         self.batches.fetch_add(1, Ordering::Release);
         self.sent_bytes.fetch_add(stats_len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Closes a batch into its frame, unless the job was stopped.
+    fn finish(&self, mut batch: PageBatchBuilder) -> Result<bytes::Bytes, DataPlaneError> {
+        if self.stop.load(Ordering::Acquire) {
+            return Err(DataPlaneError::Stopped);
+        }
+        // Fault injection: a batch with page bytes, raw or encoded, carries one flipped byte.
+        if self.corrupt.load(Ordering::Acquire) && batch.corrupt_payload() {
+            self.corrupt.store(false, Ordering::Release);
+        }
+        Ok(batch.finish())
+    }
+
+    /// Ships a post-copy push batch. While it waits for room on the link, pulls that arrive are
+    /// served first, and their pages are appended to `served` (the push need not send them).
+    fn ship_push(
+        &mut self,
+        batch: PageBatchBuilder,
+        stats: &mut RoundStats,
+        served: &mut Vec<u64>,
+    ) -> Result<(), DataPlaneError> {
+        let frame = self.finish(batch)?;
+        let len = frame.len() as u64;
+        stats.bytes += len;
+        let mut sent = self.link.send_unless(frame, &self.stop, &self.pulls);
+        while let Some((held, page)) = sent.map_err(|_| DataPlaneError::LinkClosed)? {
+            let s = self.send_pulled(page)?;
+            stats.add(&s);
+            served.push(page);
+            sent = self.link.resend(held, &self.stop, &self.pulls);
+        }
+        self.batches.fetch_add(1, Ordering::Release);
+        self.sent_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 
@@ -470,10 +498,14 @@ impl Worker {
         let mut left = pending.len();
         let mut stats = RoundStats::default();
         let mut cursor = 0u64;
+        let mut served = Vec::new();
         while left > 0 {
             while let Ok(p) = self.pulls.try_recv() {
                 let s = self.send_pulled(p)?;
                 stats.add(&s);
+                served.push(p);
+            }
+            for p in served.drain(..) {
                 cursor = (p + 1) % total.max(1);
                 // A pulled page no longer needs pushing.
                 if pending.contains(p) {
@@ -483,7 +515,8 @@ impl Worker {
             }
             let mut batch = self.batch(u32::MAX, FLAG_POSTCOPY);
             let mut scanned = 0u64;
-            while batch.len() < POSTCOPY_PUSH_BATCH && scanned < total && left > 0 {
+            // A pull that arrives while the batch fills cuts it short: it goes out first.
+            while batch.len() < POSTCOPY_PUSH_BATCH && scanned < total && left > 0 && self.pulls.is_empty() {
                 let p = cursor;
                 cursor = (cursor + 1) % total;
                 scanned += 1;
@@ -494,7 +527,7 @@ impl Worker {
                 }
             }
             if !batch.is_empty() {
-                self.ship(batch, &mut stats, None)?;
+                self.ship_push(batch, &mut stats, &mut served)?;
             }
         }
         stats.elapsed = started.elapsed();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use crossbeam::queue::ArrayQueue;
 
-use crate::protocol::pages::FRAME_CAPACITY;
+use crate::protocol::pages::{FRAME_BUFFER_CAPACITY, FRAME_CAPACITY};
 
 /// Buffers kept: enough for every frame in flight on a link plus the two being built/applied.
 const POOL_BUFFERS: usize = super::DATA_CHANNEL_FRAMES + 4;
@@ -39,7 +39,7 @@ impl FramePool {
     pub fn take(&self) -> BytesMut {
         self.free
             .pop()
-            .unwrap_or_else(|| BytesMut::with_capacity(FRAME_CAPACITY))
+            .unwrap_or_else(|| BytesMut::with_capacity(FRAME_BUFFER_CAPACITY))
     }
 
     /// Gives a frame back once nothing else refers to it; a full pool or a shared frame just

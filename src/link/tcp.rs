@@ -28,7 +28,7 @@ use super::{
 };
 use crate::protocol::frame::{MAX_FRAME_LEN, TAG_PAGES};
 use crate::protocol::pages::FLAG_PULLED;
-use crate::protocol::pages::FRAME_CAPACITY;
+use crate::protocol::pages::{start_frame_buffer, FRAME_CAPACITY};
 
 const PREAMBLE_MAGIC: &[u8; 8] = b"MIGRLINK";
 const PREAMBLE_VERSION: u8 = 1;
@@ -548,7 +548,7 @@ fn data_reader<R: Read>(
             break;
         }
         let mut buf = pool.take();
-        buf.clear();
+        start_frame_buffer(&mut buf);
         buf.put_slice(&len);
         buf.resize(4 + n, 0);
         if !matches!(read_full(s, &mut buf[4..], alive), Ok(true)) {

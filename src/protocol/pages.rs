@@ -17,7 +17,7 @@
 //! built, and written from the received buffer straight into guest memory, so a raw page is
 //! copied once per side. Zero pages travel as an entry only.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::frame::{FrameError, MAX_FRAME_LEN, TAG_PAGES};
 use super::lz4_page::Lz4PageError;
@@ -40,6 +40,29 @@ pub const ENCODED_LEN_PREFIX_BYTES: usize = 2;
 pub const MAX_ENCODED_LEN: usize = PAGE_SIZE - ENCODED_LEN_PREFIX_BYTES;
 /// Bytes of the largest batch frame.
 pub const FRAME_CAPACITY: usize = 4 + HEADER_LEN + BATCH_PAGES * (PAGE_SIZE + ENTRY_LEN);
+
+/// Alignment of the first page's bytes in a frame buffer built here. glibc's memcpy of a 4 KiB
+/// page is about five times slower (measured on this project's AMD EPYC bench host: 47 ms
+/// instead of 9 ms for 128 MiB) when the destination sits 1 to 31 bytes past the source modulo
+/// 4 KiB, and a frame in a malloc'd buffer put every page exactly 30 bytes past its page-aligned
+/// source: that copy was most of the source data plane's time. Starting the payload on a
+/// 64-byte boundary keeps each page a multiple of 64 bytes from its source.
+pub const PAYLOAD_ALIGN: usize = 64;
+/// Capacity of a recycled frame buffer: a full frame plus room to align its payload.
+pub const FRAME_BUFFER_CAPACITY: usize = FRAME_CAPACITY + PAYLOAD_ALIGN;
+
+/// Empties a (recycled) frame buffer and makes room for a full frame whose page bytes will be
+/// [`PAYLOAD_ALIGN`]ed: the frame is then written from the buffer's start, length prefix first.
+/// Both the builder and a socket reader start frames here, so that each page's copy (into the
+/// frame, and out of it into guest memory) takes memcpy's fast path.
+pub fn start_frame_buffer(buf: &mut BytesMut) {
+    buf.clear();
+    buf.reserve(FRAME_BUFFER_CAPACITY);
+    // The skipped bytes are not part of the frame: the Bytes it becomes starts after them.
+    let pad = (buf.as_ptr() as usize + 4 + HEADER_LEN).wrapping_neg() % PAYLOAD_ALIGN;
+    buf.put_bytes(0, pad);
+    buf.advance(pad);
+}
 
 /// Batch flag: pages sent after activation (post-copy push or pull); the target installs them
 /// only where still missing.
@@ -180,8 +203,7 @@ impl PageBatchBuilder {
 
     /// An empty batch built in `buf` (a recycled frame buffer; its contents are discarded).
     pub fn with_buffer(mut buf: BytesMut, round: u32, flags: u8) -> Self {
-        buf.clear();
-        buf.reserve(FRAME_CAPACITY);
+        start_frame_buffer(&mut buf);
         buf.put_bytes(0, 4 + HEADER_LEN);
         Self {
             buf,
@@ -518,6 +540,30 @@ pub fn zero_page_digest() -> u64 {
 mod tests {
     use super::*;
     use crate::protocol::frame::frame_body;
+
+    #[test]
+    fn test_recycled_buffer_keeps_payload_aligned_without_reallocating() {
+        let mem = GuestMemory::new(2 * PAGE_SIZE as u64).expect("map");
+        mem.write_page(PageIndex(1), &[7u8; PAGE_SIZE]).expect("write");
+        let mut buf = BytesMut::with_capacity(FRAME_BUFFER_CAPACITY);
+        let mut base = None;
+        for _ in 0..4 {
+            let mut b = PageBatchBuilder::with_buffer(buf, 0, 0);
+            b.add_from(&mem, 1).expect("add");
+            let frame = b.finish();
+            let payload = frame.as_ptr() as usize + 4 + HEADER_LEN;
+            assert_eq!(payload % PAYLOAD_ALIGN, 0);
+            // The same allocation each time: recycling never grows or moves the buffer.
+            let start = payload & !(4096 - 1);
+            assert_eq!(*base.get_or_insert(start), start);
+            let body = frame_body(&frame).expect("body");
+            let batch = PageBatch::decode(body).expect("decode");
+            assert_eq!(batch.pages().next().expect("page").1, Some(&[7u8; PAGE_SIZE][..]));
+            drop(batch);
+            buf = frame.try_into_mut().expect("unique");
+            assert!(buf.capacity() >= FRAME_CAPACITY);
+        }
+    }
 
     #[test]
     fn test_batch_round_trip_with_zero_pages() {

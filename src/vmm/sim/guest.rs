@@ -15,6 +15,8 @@ use crate::vmm::{FaultSink, Guest, GuestStats, VmmError};
 
 /// Longest a writer burst holds the run lock; bounds how long `pause` can wait.
 const MAX_BURST_PAGES: u64 = 2048;
+/// [`Inner::awaited`] when the writer waits for no page.
+const NOT_WAITING: u64 = u64::MAX;
 /// Tick of the writer's rate control.
 const TICK: Duration = Duration::from_millis(1);
 /// A waiting access re-sends its fault after this long (the first request may have been lost
@@ -38,7 +40,9 @@ struct Inner {
     missing: AtomicBitmap,
     claimed: AtomicBitmap,
     missing_count: AtomicU64,
-    waiters: AtomicU64,
+    /// The page the writer is waiting for (`NOT_WAITING` when none): an install wakes it only
+    /// for that page, not for every page of every push batch.
+    awaited: AtomicU64,
     run: Mutex<RunState>,
     wake: Condvar,
     workload: Mutex<WorkloadState>,
@@ -103,7 +107,7 @@ impl SimGuest {
             missing: AtomicBitmap::new(pages),
             claimed: AtomicBitmap::new(pages),
             missing_count: AtomicU64::new(0),
-            waiters: AtomicU64::new(0),
+            awaited: AtomicU64::new(NOT_WAITING),
             run: Mutex::new(RunState {
                 running: false,
                 stop: false,
@@ -264,7 +268,7 @@ impl Guest for SimGuest {
     fn page_installed(&self, page: u64) {
         self.inner.missing.clear(page);
         self.inner.missing_count.fetch_sub(1, Ordering::SeqCst);
-        if self.inner.waiters.load(Ordering::SeqCst) > 0 {
+        if self.inner.awaited.load(Ordering::SeqCst) == page {
             let _run = lock(&self.inner.run);
             self.inner.wake.notify_all();
         }
@@ -380,7 +384,7 @@ fn wait_for_page<'a>(
     let started = Instant::now();
     inner.fault_count.fetch_add(1, Ordering::Relaxed);
     metrics::counter!(metric::POSTCOPY_FAULTS_TOTAL).increment(1);
-    inner.waiters.fetch_add(1, Ordering::SeqCst);
+    inner.awaited.store(page, Ordering::SeqCst);
     let mut last_request: Option<Instant> = None;
     while inner.missing.get(page) && run.running && !run.stop {
         if last_request.is_none_or(|t| t.elapsed() >= FAULT_RESEND) {
@@ -396,7 +400,7 @@ fn wait_for_page<'a>(
             .unwrap_or_else(|p| p.into_inner())
             .0;
     }
-    inner.waiters.fetch_sub(1, Ordering::SeqCst);
+    inner.awaited.store(NOT_WAITING, Ordering::SeqCst);
     let present = !inner.missing.get(page);
     if present {
         let waited = started.elapsed();
