@@ -358,9 +358,13 @@ fn writer_loop(inner: &Inner) {
                 }
             }
             workload.counter += 1;
-            // Store first, then mark dirty: a drain that runs between the two sees the page in
-            // the next round, never loses it.
+            // Marked before and after the store, as a hypervisor's write fault marks a page before
+            // the write lands: a reader that sees the new bytes always sees the mark too (the
+            // target's check of pages its guest did not write, which once reported a page
+            // whose writer was preempted between store and mark), and the mark after the store
+            // means a source drain between the two cannot lose the write.
             let value = workload.counter | (1 << 63);
+            inner.dirty.set(page);
             if inner.memory.store_word(PageIndex(page), word, value).is_err() {
                 break;
             }
