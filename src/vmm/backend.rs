@@ -44,10 +44,7 @@ impl BackendKind {
         match self {
             BackendKind::Sim => Ok(()),
             #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-            BackendKind::Kvm => kvm_ioctls::Kvm::new().map(|_| ()).map_err(|e| VmmError::Hypervisor {
-                op: "open /dev/kvm",
-                detail: e.to_string(),
-            }),
+            BackendKind::Kvm => super::kvm::open_kvm().map(|_| ()),
             #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
             BackendKind::Kvm => Err(VmmError::Failed("the kvm backend needs x86-64 Linux".into())),
         }

@@ -175,7 +175,7 @@ impl DemandPaging {
                 .fetch_add(first.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         if s.missing_count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.finish(memory_range(s));
+            self.finish();
         }
     }
 
@@ -198,7 +198,8 @@ impl DemandPaging {
     }
 
     /// Stops the fault thread and unregisters the mapping.
-    pub fn finish(&self, (base, len): (usize, usize)) {
+    pub fn finish(&self) {
+        let (base, len) = (self.shared.base, self.shared.pages as usize * PAGE_SIZE);
         let taken = lock(&self.active).take();
         if let Some(mut a) = taken {
             a.stop.store(true, Ordering::Release);
@@ -214,21 +215,12 @@ impl DemandPaging {
         }
         *lock(&self.shared.sink) = None;
     }
-
-    /// The mapping this demand paging covers.
-    pub fn range(&self) -> (usize, usize) {
-        memory_range(&self.shared)
-    }
 }
 
 impl Drop for DemandPaging {
     fn drop(&mut self) {
-        self.finish(memory_range(&self.shared));
+        self.finish();
     }
-}
-
-fn memory_range(s: &Shared) -> (usize, usize) {
-    (s.base, s.pages as usize * PAGE_SIZE)
 }
 
 /// Runs of consecutive pages in `set`, as (first page, count).

@@ -156,9 +156,14 @@ pub fn program_for(workload: &WorkloadSpec, memory_bytes: u64) -> Result<(Progra
     Ok((spec, pacing))
 }
 
+/// Opens /dev/kvm; the error says why a host cannot run kvm guests.
+pub fn open_kvm() -> Result<Kvm, VmmError> {
+    Kvm::new().map_err(hv("open /dev/kvm"))
+}
+
 /// True when this host can run kvm guests.
 pub fn kvm_available() -> bool {
-    Kvm::new().is_ok()
+    open_kvm().is_ok()
 }
 
 /// A guest on /dev/kvm; see the module doc.
@@ -235,7 +240,7 @@ impl KvmGuest {
                 detail: format!("the kvm backend runs 1-vCPU guests; this VM has {}", config.vcpus),
             });
         }
-        let kvm = Kvm::new().map_err(hv("open /dev/kvm"))?;
+        let kvm = open_kvm()?;
         let vm = kvm.create_vm().map_err(hv("KVM_CREATE_VM"))?;
         vm.set_tss_address(TSS_ADDRESS).map_err(hv("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip().map_err(hv("KVM_CREATE_IRQCHIP"))?;
@@ -549,7 +554,7 @@ impl Guest for KvmGuest {
         for v in &self.vcpus {
             v.stop();
         }
-        self.demand.finish(self.demand.range());
+        self.demand.finish();
     }
 }
 

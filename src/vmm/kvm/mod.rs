@@ -18,5 +18,5 @@ mod state;
 pub mod uffd;
 mod vcpu;
 
-pub use guest::{kvm_available, program_for, KvmGuest, Pacing, KVM_GUEST_DEVICE, KVM_GUEST_DEVICE_VERSION};
+pub use guest::{kvm_available, open_kvm, program_for, KvmGuest, Pacing, KVM_GUEST_DEVICE, KVM_GUEST_DEVICE_VERSION};
 pub use vcpu::GuestReport;
