@@ -27,8 +27,13 @@ pub struct TargetPlane {
     received_bytes: Arc<AtomicU64>,
     error: Arc<Mutex<Option<DataPlaneError>>>,
     stop: Arc<AtomicBool>,
+    /// Post-copy: where a page that arrived damaged is asked for again.
+    refetch: Arc<Mutex<Option<RefetchSender>>>,
     thread: Option<JoinHandle<()>>,
 }
+
+/// Where post-copy pages that arrived damaged go to be requested again.
+pub type RefetchSender = tokio::sync::mpsc::UnboundedSender<u64>;
 
 /// How often the apply loop looks up from an idle link to check for a stop request.
 const STOP_POLL: Duration = Duration::from_millis(20);
@@ -51,6 +56,7 @@ impl TargetPlane {
             received_bytes: Arc::new(AtomicU64::new(0)),
             error: Arc::new(Mutex::new(None)),
             stop: Arc::new(AtomicBool::new(false)),
+            refetch: Arc::new(Mutex::new(None)),
             thread: None,
         };
         plane.start(link, pool)?;
@@ -72,16 +78,23 @@ impl TargetPlane {
         let (tx, applied) = watch::channel(self.applied());
         let guest = Arc::clone(&self.guest);
         let accept = self.accept;
-        let (d, e, halt, bytes) = (
+        let (d, e, halt, bytes, refetch) = (
             Arc::clone(&self.digests),
             Arc::clone(&self.error),
             Arc::clone(&self.stop),
             Arc::clone(&self.received_bytes),
+            Arc::clone(&self.refetch),
         );
         let thread = std::thread::Builder::new()
             .name("migratory-recv".into())
             .spawn(move || {
-                if let Err(err) = apply_loop(guest.as_ref(), accept, &link, &pool, &d, &tx, &halt, &bytes) {
+                let sinks = Sinks {
+                    digests: &d,
+                    applied: &tx,
+                    received_bytes: &bytes,
+                    refetch: &refetch,
+                };
+                if let Err(err) = apply_loop(guest.as_ref(), accept, &link, &pool, &halt, &sinks) {
                     *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
                     // Wake anyone waiting on the count so they see the error.
                     tx.send_modify(|_| {});
@@ -98,6 +111,12 @@ impl TargetPlane {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+
+    /// Post-copy: a page that arrives damaged (bad digest, undecodable) is not installed; it
+    /// stays missing and its index goes to `to`, to be requested again.
+    pub fn refetch_to(&self, to: RefetchSender) {
+        *self.refetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
     }
 
     /// Page-batch bytes received so far.
@@ -163,17 +182,28 @@ impl Drop for TargetPlane {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where the apply loop reports what it did.
+struct Sinks<'a> {
+    digests: &'a [AtomicU64],
+    applied: &'a watch::Sender<u64>,
+    received_bytes: &'a AtomicU64,
+    refetch: &'a Mutex<Option<RefetchSender>>,
+}
+
 fn apply_loop(
     guest: &dyn Guest,
     accept: PageCodecs,
     link: &DataReceiver,
     pool: &FramePool,
-    digests: &[AtomicU64],
-    applied: &watch::Sender<u64>,
     stop: &AtomicBool,
-    received_bytes: &AtomicU64,
+    sinks: &Sinks<'_>,
 ) -> Result<(), DataPlaneError> {
+    let Sinks {
+        digests,
+        applied,
+        received_bytes,
+        refetch,
+    } = *sinks;
     let memory = guest.memory();
     let pages = memory.page_count();
     let zero_digest = xxh3_64(&[0u8; PAGE_SIZE]);
@@ -206,10 +236,10 @@ fn apply_loop(
             if postcopy && matches!(payload, PagePayload::Delta(_)) {
                 return Err(bad(PageError::DeltaAfterActivation));
             }
-            // After activation the guest owns present pages: only a missing page is written,
-            // once, whichever of push and pull brings it first.
             if postcopy {
-                if !guest.claim_page(page) {
+                // After activation the guest owns present pages: a page already here is left
+                // alone (checked again at the claim below, which is the one that counts).
+                if guest.missing_pages() == 0 {
                     continue;
                 }
             } else {
@@ -223,7 +253,13 @@ fn apply_loop(
                 PagePayload::Zero => None,
                 PagePayload::Raw(bytes) => Some(bytes),
                 PagePayload::Lz4(bytes) => {
-                    lz4_page::decompress(bytes, &mut scratch).map_err(|e| bad(e.into()))?;
+                    if let Err(e) = lz4_page::decompress(bytes, &mut scratch) {
+                        if postcopy {
+                            refetch_page(refetch, page, &PageError::from(e).to_string());
+                            continue;
+                        }
+                        return Err(bad(e.into()));
+                    }
                     Some(&scratch)
                 }
                 PagePayload::Delta(delta) => {
@@ -243,7 +279,17 @@ fn apply_loop(
                 None => zero_digest,
             };
             if data.is_some() && digest != sent_digest {
+                if postcopy {
+                    // Never claimed: the page stays missing and is asked for again.
+                    refetch_page(refetch, page, "digest mismatch");
+                    continue;
+                }
                 return Err(DataPlaneError::Corrupt { page });
+            }
+            // Only a missing page is written, once, whichever of push and pull brings it
+            // first; claimed only once it is known good.
+            if postcopy && !guest.claim_page(page) {
+                continue;
             }
             if postcopy {
                 // Recorded first: once installed, the guest may overwrite the page at once.
@@ -264,6 +310,14 @@ fn apply_loop(
         drop(batch);
         pool.give(frame);
         applied.send_modify(|n| *n += 1);
+    }
+}
+
+/// A post-copy page arrived damaged: it stays missing, and the receiver requests it again.
+fn refetch_page(refetch: &Mutex<Option<RefetchSender>>, page: u64, why: &str) {
+    tracing::warn!(page, why, "post-copy page arrived damaged; requesting it again");
+    if let Some(tx) = refetch.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        let _ = tx.send(page);
     }
 }
 

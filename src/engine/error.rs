@@ -110,6 +110,37 @@ pub enum EngineError {
         /// The recovery timeout.
         after_ms: u64,
     },
+    /// An operator action that does not apply to the VM in its state.
+    #[error("VM {vm:?} is {state}: {action} does not apply{hint}")]
+    ActionNotApplicable {
+        /// VM id.
+        vm: String,
+        /// Its state.
+        state: String,
+        /// The refused action.
+        action: &'static str,
+        /// What does apply, if anything (starts with "; ").
+        hint: String,
+    },
+    /// A fenced resume was refused: the peer holds the VM, or could not be asked.
+    #[error("resume of VM {vm:?} refused: {detail}")]
+    Fenced {
+        /// VM id.
+        vm: String,
+        /// What the peer said, or why it could not be asked.
+        detail: String,
+    },
+    /// The host is shutting down and takes no new work.
+    #[error("host {0:?} is shutting down")]
+    ShuttingDown(String),
+    /// The target's copy differs from the source's memory at the pause.
+    #[error("verification failed: {pages} pages differ (first: {first:?})")]
+    Verification {
+        /// How many pages differ.
+        pages: u64,
+        /// The first of them (at most 64).
+        first: Vec<u64>,
+    },
     /// A data-plane or internal failure.
     #[error("{0}")]
     Internal(String),

@@ -41,11 +41,15 @@ pub enum FaultKind {
     /// duration, default 1 s): the target pauses the guest, the source reconnects and the pull
     /// resumes where it stopped.
     PostcopyLinkLoss,
+    /// The source's dirty log loses one page at the switchover, so the target ends up with a
+    /// stale copy of it: verification must catch it (before `Commit` it rolls back; in
+    /// post-copy, after commitment, the source copy is held, never freed).
+    LoseDirtyPage,
 }
 
 impl FaultKind {
     /// Every kind, in a stable order.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::LinkDrop,
         FaultKind::CorruptFrame,
         FaultKind::Cancel,
@@ -56,6 +60,7 @@ impl FaultKind {
         FaultKind::LinkStall,
         FaultKind::BandwidthCollapse,
         FaultKind::PostcopyLinkLoss,
+        FaultKind::LoseDirtyPage,
     ];
 
     /// The name in a plan and in `migratory_faults_injected_total{kind}`.
@@ -71,6 +76,7 @@ impl FaultKind {
             FaultKind::LinkStall => "link-stall",
             FaultKind::BandwidthCollapse => "bandwidth-collapse",
             FaultKind::PostcopyLinkLoss => "postcopy-link-loss",
+            FaultKind::LoseDirtyPage => "lose-dirty-page",
         }
     }
 
@@ -78,13 +84,13 @@ impl FaultKind {
     pub fn stages(self) -> &'static [Stage] {
         use Stage::*;
         match self {
-            FaultKind::LinkDrop | FaultKind::Cancel | FaultKind::TargetCrash => {
-                &[Premigration, Reservation, Precopy, Stopcopy]
-            }
+            FaultKind::LinkDrop | FaultKind::Cancel => &[Premigration, Reservation, Precopy, Stopcopy],
+            // At activation: `Commit` arrived and the target dies before it runs the VM.
+            FaultKind::TargetCrash => &[Premigration, Reservation, Precopy, Stopcopy, Activation],
             FaultKind::CorruptFrame | FaultKind::LinkStall | FaultKind::BandwidthCollapse => &[Precopy, Stopcopy],
             FaultKind::SourcePauseError => &[Stopcopy],
             FaultKind::RefuseReservation => &[Reservation],
-            FaultKind::FailStateLoad => &[Stopcopy],
+            FaultKind::FailStateLoad | FaultKind::LoseDirtyPage => &[Stopcopy],
             FaultKind::PostcopyLinkLoss => &[Pull],
         }
     }
@@ -94,7 +100,10 @@ impl FaultKind {
     pub fn takes_threshold(self) -> bool {
         !matches!(
             self,
-            FaultKind::SourcePauseError | FaultKind::RefuseReservation | FaultKind::FailStateLoad
+            FaultKind::SourcePauseError
+                | FaultKind::RefuseReservation
+                | FaultKind::FailStateLoad
+                | FaultKind::LoseDirtyPage
         )
     }
 

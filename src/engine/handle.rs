@@ -12,8 +12,8 @@ use super::events::MigrationEvent;
 use super::host::HostUsage;
 use super::progress::MigrationStatus;
 use super::registry::{
-    AddHost, BeginShutdown, Cancel, CreateVmIn, DeleteVmIn, Engine, GetStatus, ListStatus, ListVmsIn, ListenAddress,
-    StartMigration, Subscribe, UsageOf, WaitReport,
+    AddHost, BeginShutdown, Cancel, CreateVmIn, DeleteVmIn, DiscardHeld, Engine, GetStatus, ListStatus, ListVmsIn,
+    ListenAddress, ResumeHeld, StartMigration, Subscribe, UsageOf, WaitReport,
 };
 use super::report::MigrationReport;
 use super::request::{HostConfig, MigrationRequest, VmSpec};
@@ -179,15 +179,12 @@ impl EngineHandle {
         .await?
     }
 
-    /// Graceful shutdown: queued migrations are dropped, running ones cancelled (those past
-    /// commitment run to their end), incoming ones aborted unless past commitment. Returns once
+    /// Graceful shutdown: every host refuses new incoming migrations and aborts those not yet
+    /// committed (their VM stays on its source). Outgoing migrations are never cancelled: each
+    /// runs to its end and moves a VM off this engine, or fails and leaves it here. Returns once
     /// nothing runs, or after `grace`, with the number still running.
     pub async fn shutdown(&self, grace: Duration) -> Result<usize, EngineError> {
         let ids = self.ask(BeginShutdown).await?;
-        for id in &ids {
-            // Refused for a migration past commitment: it finishes on its own.
-            let _ = self.cancel(*id).await;
-        }
         let deadline = tokio::time::Instant::now() + grace;
         for id in ids {
             if let Ok(Ok(rx)) = self.ask(WaitReport(id)).await {
@@ -198,8 +195,29 @@ impl EngineHandle {
             .list_migrations()
             .await?
             .iter()
-            .filter(|m| m.status == super::Phase::Active)
+            .filter(|m| matches!(m.status, super::Phase::Active | super::Phase::Queued))
             .count())
+    }
+
+    /// Operator action on a copy held after a migration failed past commitment: run it again.
+    /// Fenced: the peer is asked first and must answer that it does not hold the VM; a peer that
+    /// cannot be asked refuses the resume unless `peer_is_dead`.
+    pub async fn resume_held(&self, host: &str, vm: &str, peer_is_dead: bool) -> Result<VmInfo, EngineError> {
+        self.ask(ResumeHeld {
+            host: host.to_string(),
+            vm: vm.to_string(),
+            peer_is_dead,
+        })
+        .await?
+    }
+
+    /// Operator action on a held copy: destroy it.
+    pub async fn discard_held(&self, host: &str, vm: &str) -> Result<(), EngineError> {
+        self.ask(DiscardHeld {
+            host: host.to_string(),
+            vm: vm.to_string(),
+        })
+        .await?
     }
 
     /// Starts a migration and waits for its report.

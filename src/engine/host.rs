@@ -14,7 +14,7 @@ use crate::format::{MacAddr, NicConfig, VmConfig, VmId};
 use crate::link::{tcp, Keepalive, LinkEnd};
 use crate::protocol::{AbortReason, Capabilities};
 use crate::units::PAGE_SIZE;
-use crate::vm::{GetVmInfo, Lifecycle, StopVm, Vm, VmInfo};
+use crate::vm::{EndOutgoing, GetVmInfo, HeldCopy, Lifecycle, OperatorAction, ResumeVm, StopVm, Vm, VmInfo};
 use crate::vmm::sim::WorkloadSpec;
 use crate::vmm::{Backend, BackendKind, CreateVm, Guest, ReserveVm};
 
@@ -35,6 +35,10 @@ pub struct Host {
     incoming_queue: std::collections::VecDeque<(Addr<Receiver>, tokio::sync::oneshot::Sender<()>)>,
     /// Post-copy migrations in their pull phase, by VM: where a recovery link is handed.
     recoverable: HashMap<String, tokio::sync::mpsc::Sender<Handover>>,
+    /// Copies left behind by a migration that failed past commitment (see [`crate::vm::HeldCopy`]).
+    held: HashMap<String, HeldCopy>,
+    /// Set at shutdown: incoming links are refused.
+    closing: bool,
 }
 
 impl Host {
@@ -59,6 +63,8 @@ impl Host {
             receivers: Vec::new(),
             incoming_queue: std::collections::VecDeque::new(),
             recoverable: HashMap::new(),
+            held: HashMap::new(),
+            closing: false,
         }
     }
 
@@ -98,6 +104,7 @@ impl Actor for Host {
                                 key: key.clone(),
                                 faults: Default::default(),
                                 recovery_timeout: super::request::DEFAULT_RECOVERY_TIMEOUT,
+                                refuse_new: false,
                             },
                         });
                     }
@@ -179,6 +186,7 @@ impl Handler<CreateVmOnHost> for Host {
                 state: Lifecycle::Running,
                 layout: guest.layout(),
                 stats: guest.stats(),
+                held: None,
             };
             let vm = Vm::new(guest, Lifecycle::Running).start();
             act.vms.insert(id, (vm, bytes));
@@ -227,11 +235,16 @@ pub struct ListVms;
 impl Handler<ListVms> for Host {
     type Result = ResponseFuture<Vec<VmInfo>>;
     fn handle(&mut self, _: ListVms, _: &mut Self::Context) -> Self::Result {
-        let vms: Vec<Addr<Vm>> = self.vms.values().map(|(a, _)| a.clone()).collect();
+        let vms: Vec<(Addr<Vm>, Option<HeldCopy>)> = self
+            .vms
+            .iter()
+            .map(|(id, (a, _))| (a.clone(), self.held.get(id).cloned()))
+            .collect();
         Box::pin(async move {
             let mut out = Vec::with_capacity(vms.len());
-            for vm in vms {
-                if let Ok(info) = vm.send(GetVmInfo).await {
+            for (vm, held) in vms {
+                if let Ok(mut info) = vm.send(GetVmInfo).await {
+                    info.held = held;
                     out.push(info);
                 }
             }
@@ -358,7 +371,8 @@ pub struct AcceptLink {
 
 impl Handler<AcceptLink> for Host {
     type Result = ();
-    fn handle(&mut self, msg: AcceptLink, ctx: &mut Self::Context) {
+    fn handle(&mut self, mut msg: AcceptLink, ctx: &mut Self::Context) {
+        msg.params.refuse_new = self.closing;
         self.receivers.retain(|r| r.connected());
         let receiver = Receiver::new(
             self.config.name.clone(),
@@ -502,5 +516,196 @@ impl Handler<UnregisterRecoverable> for Host {
     type Result = ();
     fn handle(&mut self, msg: UnregisterRecoverable, _: &mut Self::Context) {
         self.recoverable.remove(&msg.0);
+    }
+}
+
+/// Keep a copy left behind by a migration that failed past commitment; only an operator action
+/// ends it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct HoldVm {
+    /// The VM.
+    pub vm: String,
+    /// Why, and where the other copy may be.
+    pub copy: HeldCopy,
+}
+
+impl Handler<HoldVm> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: HoldVm, _: &mut Self::Context) {
+        if self.vms.contains_key(&msg.vm) {
+            tracing::warn!(
+                host = %self.config.name,
+                vm = %msg.vm,
+                state = msg.copy.reason.name(),
+                detail = %msg.copy.detail,
+                "copy held until an operator acts"
+            );
+            self.held.insert(msg.vm, msg.copy);
+        }
+    }
+}
+
+/// A held copy is no longer held: a recovery link came for it after all.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct UnholdVm(pub String);
+
+impl Handler<UnholdVm> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: UnholdVm, _: &mut Self::Context) {
+        self.held.remove(&msg.0);
+    }
+}
+
+/// The held record of a VM, if it is held.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<HeldCopy>")]
+pub struct GetHeld(pub String);
+
+impl Handler<GetHeld> for Host {
+    type Result = Option<HeldCopy>;
+    fn handle(&mut self, msg: GetHeld, _: &mut Self::Context) -> Self::Result {
+        self.held.get(&msg.0).cloned()
+    }
+}
+
+impl Host {
+    /// The held copy of `vm`, if `action` applies to it.
+    fn held_for(&self, vm: &str, action: OperatorAction) -> Result<HeldCopy, EngineError> {
+        match self.held.get(vm) {
+            Some(h) if h.reason.actions().contains(&action) => Ok(h.clone()),
+            Some(h) => Err(EngineError::ActionNotApplicable {
+                vm: vm.to_string(),
+                state: h.reason.name().to_string(),
+                action: action.name(),
+                hint: format!(
+                    "; it takes {}",
+                    h.reason
+                        .actions()
+                        .iter()
+                        .map(|a| a.name())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            }),
+            None if self.vms.contains_key(vm) => Err(EngineError::ActionNotApplicable {
+                vm: vm.to_string(),
+                state: "not held".to_string(),
+                action: action.name(),
+                hint: "; only a copy left behind by a failed migration takes it".to_string(),
+            }),
+            None => Err(EngineError::UnknownVm {
+                host: self.config.name.clone(),
+                vm: vm.to_string(),
+            }),
+        }
+    }
+}
+
+/// Destroy a held copy (operator action `discard`).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<HeldCopy, EngineError>")]
+pub struct DiscardVm(pub String);
+
+impl Handler<DiscardVm> for Host {
+    type Result = Result<HeldCopy, EngineError>;
+    fn handle(&mut self, msg: DiscardVm, _: &mut Self::Context) -> Self::Result {
+        let held = self.held_for(&msg.0, OperatorAction::Discard)?;
+        self.held.remove(&msg.0);
+        // A target copy awaiting pages has a receiver waiting for a recovery link: dropping the
+        // only sender ends that wait.
+        self.recoverable.remove(&msg.0);
+        if let Some((vm, bytes)) = self.vms.remove(&msg.0) {
+            self.committed_bytes -= bytes;
+            vm.do_send(StopVm);
+        }
+        tracing::warn!(host = %self.config.name, vm = %msg.0, state = held.reason.name(), "held copy discarded by the operator");
+        Ok(held)
+    }
+}
+
+/// Check that `resume` applies to a held copy (the fence runs next, in the engine).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<HeldCopy, EngineError>")]
+pub struct CheckResumable(pub String);
+
+impl Handler<CheckResumable> for Host {
+    type Result = Result<HeldCopy, EngineError>;
+    fn handle(&mut self, msg: CheckResumable, _: &mut Self::Context) -> Self::Result {
+        self.held_for(&msg.0, OperatorAction::Resume)
+    }
+}
+
+/// Run a held copy again, once the fence said the peer does not hold the VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmInfo, EngineError>")]
+pub struct ResumeHeldVm(pub String);
+
+impl Handler<ResumeHeldVm> for Host {
+    type Result = ResponseActFuture<Self, Result<VmInfo, EngineError>>;
+    fn handle(&mut self, msg: ResumeHeldVm, _: &mut Self::Context) -> Self::Result {
+        let checked = self.held_for(&msg.0, OperatorAction::Resume).and_then(|_| {
+            self.vms
+                .get(&msg.0)
+                .map(|(a, _)| a.clone())
+                .ok_or(EngineError::Internal("held VM without actor".into()))
+        });
+        let vm = match checked {
+            Ok(vm) => vm,
+            Err(e) => return Box::pin(fut::ready(Err(e))),
+        };
+        let id = msg.0;
+        let run = async move {
+            vm.send(EndOutgoing { moved: false })
+                .await?
+                .map_err(|e| EngineError::Vm(e.to_string()))?;
+            vm.send(ResumeVm).await?.map_err(|e| EngineError::Vm(e.to_string()))?;
+            Ok::<_, EngineError>(vm.send(GetVmInfo).await?)
+        };
+        Box::pin(run.into_actor(self).map(move |r, act, _| {
+            if r.is_ok() {
+                act.held.remove(&id);
+                tracing::warn!(host = %act.config.name, vm = %id, "held copy resumed by the operator");
+            }
+            r
+        }))
+    }
+}
+
+/// What this host holds of `vm`, for a peer's fence: `absent`, or a state name.
+#[derive(Debug, Message)]
+#[rtype(result = "String")]
+pub struct QueryVmState(pub String);
+
+impl Handler<QueryVmState> for Host {
+    type Result = ResponseFuture<String>;
+    fn handle(&mut self, msg: QueryVmState, _: &mut Self::Context) -> Self::Result {
+        if let Some(h) = self.held.get(&msg.0) {
+            let state = h.reason.name().to_string();
+            return Box::pin(async move { state });
+        }
+        let Some((vm, _)) = self.vms.get(&msg.0).cloned() else {
+            return Box::pin(async { "absent".to_string() });
+        };
+        Box::pin(async move {
+            match vm.send(GetVmInfo).await {
+                Ok(info) => info.state.name().to_string(),
+                // The actor stopped meanwhile: the VM is on its way out of this host.
+                Err(_) => "stopping".to_string(),
+            }
+        })
+    }
+}
+
+/// Stop taking incoming migrations (shutdown); links that arrive from now on are refused.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CloseIncoming;
+
+impl Handler<CloseIncoming> for Host {
+    type Result = ();
+    fn handle(&mut self, _: CloseIncoming, _: &mut Self::Context) {
+        self.closing = true;
     }
 }

@@ -10,6 +10,7 @@
 mod error;
 mod events;
 pub mod faults;
+mod fence;
 mod handle;
 pub mod host;
 pub mod migration;

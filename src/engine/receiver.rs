@@ -16,7 +16,8 @@ use super::error::Side;
 use super::events::MigrationEvent;
 use super::faults::{FaultKind, FaultPlan};
 use super::host::{
-    FindRecoverable, Host, IncomingEnded, RegisterRecoverable, ReleaseVm, ReserveIncoming, UnregisterRecoverable,
+    FindRecoverable, HoldVm, Host, IncomingEnded, QueryVmState, RegisterRecoverable, ReleaseVm, ReserveIncoming,
+    UnholdVm, UnregisterRecoverable,
 };
 use super::receiver_state::{ReceiverAction, ReceiverState};
 use super::stage::Stage;
@@ -28,7 +29,7 @@ use crate::protocol::auth::{self, ClusterKey};
 use crate::protocol::negotiation::{accept_hello, negotiate};
 use crate::protocol::{AbortReason, Capabilities, Compression, ControlMessage, PageCodecs};
 use crate::units::{PageIndex, PAGE_SIZE};
-use crate::vm::{LoadVmState, PauseVm, ResumeVm, Vm};
+use crate::vm::{HeldCopy, HeldReason, LoadVmState, PauseVm, ResumeVm, Vm};
 use crate::vmm::Guest;
 
 /// Digests per `Digests` message: 8 MiB of payload, well under the frame limit.
@@ -52,8 +53,13 @@ pub struct ReceiverParams {
     pub key: Option<ClusterKey>,
     /// Target-side faults to inject (in-process migrations).
     pub faults: FaultPlan,
-    /// Post-copy: how long a guest paused by a lost link waits for the source to reconnect.
+    /// Post-copy: how long a guest paused by a lost link waits for the source to reconnect
+    /// before its copy is held (`awaiting-pages`) for an operator; it still takes a recovery
+    /// link after that.
     pub recovery_timeout: Duration,
+    /// The host is shutting down: a new migration is refused (recovery links and fence
+    /// queries are still answered).
+    pub refuse_new: bool,
 }
 
 /// A recovery link, authenticated by a fresh receiver and handed to the receiver whose pull
@@ -170,6 +176,10 @@ enum Exit {
     Replaced(Handover),
     /// The pull phase lost its link and no recovery link came in time.
     RecoveryTimeout(String),
+    /// A fence query was answered; no migration took place.
+    Answered,
+    /// The operator discarded the copy this receiver held.
+    Discarded,
 }
 
 #[derive(Debug)]
@@ -312,8 +322,36 @@ impl TargetRun {
             ))
         };
         match tokio::time::timeout(timeout, handovers.recv()).await {
-            Ok(Some(h)) => Ok(h),
-            Ok(None) | Err(_) => Err(gave_up()),
+            Ok(Some(h)) => return Ok(h),
+            Ok(None) => return Err(Exit::Discarded),
+            Err(_) if missing == 0 => return Err(gave_up()),
+            Err(_) => {}
+        }
+        // The guest lacks pages only the source holds: nothing here can decide for it. Hold the
+        // copy for an operator, and still take a recovery link (`migrate --recover`) until the
+        // operator discards it, which closes the host's sender.
+        let (Some((_, guest)), Exit::RecoveryTimeout(detail)) = (&self.vm, gave_up()) else {
+            return Err(gave_up());
+        };
+        let vm = guest.config().id.0.clone();
+        tracing::warn!(host = %self.host_name, vm = %vm, reason = %detail, "incoming post-copy stopped; copy held");
+        if let Some(events) = &self.params.events {
+            let _ = events.send(MigrationEvent::TargetStopped { reason: detail.clone() });
+        }
+        self.host.do_send(HoldVm {
+            vm: vm.clone(),
+            copy: HeldCopy {
+                reason: HeldReason::AwaitingPages,
+                detail,
+                peer: None,
+            },
+        });
+        match handovers.recv().await {
+            Some(h) => {
+                self.host.do_send(UnholdVm(vm));
+                Ok(h)
+            }
+            None => Err(Exit::Discarded),
         }
     }
 
@@ -369,6 +407,7 @@ impl TargetRun {
             ReceiverAction::Reserve { .. } => Stage::Reservation,
             ReceiverAction::NoteRound { .. } => Stage::Precopy,
             ReceiverAction::Suspend { .. } | ReceiverAction::LoadState { .. } => Stage::Stopcopy,
+            ReceiverAction::Activate => Stage::Activation,
             _ => return None,
         };
         let loading = matches!(action, ReceiverAction::LoadState { .. });
@@ -585,6 +624,16 @@ impl TargetRun {
                     r
                 }
                 ReceiverAction::Finish => return Exit::Clean,
+                ReceiverAction::AnswerQuery { vm } => {
+                    let state = match self.host.send(QueryVmState(vm.clone())).await {
+                        Ok(s) => s,
+                        Err(e) => return Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }),
+                    };
+                    if let Err(e) = self.send(ControlMessage::VmStatus { vm, state }).await {
+                        return e;
+                    }
+                    return Exit::Answered;
+                }
                 ReceiverAction::Aborted { reason } => return Exit::PeerAborted(reason),
             };
             if let Err(e) = result {
@@ -669,6 +718,13 @@ impl TargetRun {
         requested: Option<crate::protocol::Algorithm>,
         source_nonce: Vec<u8>,
     ) -> Result<(), Exit> {
+        if self.params.refuse_new && requested.is_some() {
+            self.send(ControlMessage::Refuse {
+                reason: AbortReason::ShuttingDown,
+            })
+            .await?;
+            return Err(Exit::Clean);
+        }
         // A recovery link carries on an algorithm agreed already: only versions are checked.
         let checked = accept_hello(source, &self.caps).and_then(|v| match requested {
             Some(a) => negotiate(source, &self.caps, a).map(|_| v),
@@ -758,6 +814,8 @@ impl TargetRun {
                 missing.len()
             ))
         })?;
+        // A pushed or pulled page that arrives damaged is asked for again, like a fault.
+        plane.refetch_to(faults.clone());
         guest
             .begin_demand_paging(&set, faults)
             .map_err(|e| Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }))?;
@@ -790,6 +848,11 @@ impl TargetRun {
                 detail: format!("vCPU state changed through the {} layout", guest.layout()),
             }));
         }
+        if !self.postcopy {
+            // Verification before commitment: the source compares these with its memory and
+            // rolls back on a difference, while it still owns the VM.
+            self.send_digests(false).await?;
+        }
         self.send(ControlMessage::Prepared).await
     }
 
@@ -808,7 +871,8 @@ impl TargetRun {
         self.send(ControlMessage::Activated).await?;
         if self.postcopy {
             self.pulling = true;
-            if let Some(to) = self.handover_to.clone() {
+            // The host keeps the only sender: discarding the copy there ends a wait for recovery.
+            if let Some(to) = self.handover_to.take() {
                 self.host.do_send(RegisterRecoverable {
                     vm: guest.config().id.0.clone(),
                     to,
@@ -816,7 +880,7 @@ impl TargetRun {
             }
             self.check_pull_done().await
         } else {
-            self.send_digests().await
+            Ok(())
         }
     }
 
@@ -839,22 +903,28 @@ impl TargetRun {
         if guest.missing_pages() == 0 {
             self.pulling = false;
             self.send(ControlMessage::Complete).await?;
-            self.send_digests().await?;
+            self.send_digests(true).await?;
         }
         Ok(())
     }
 
-    async fn send_digests(&self) -> Result<(), Exit> {
+    /// The digest of every page as received. `local_check`: also hash current memory and list
+    /// pages the guest has not written since activation that differ (post-copy, after the pull;
+    /// the guest runs meanwhile).
+    async fn send_digests(&self, local_check: bool) -> Result<(), Exit> {
         let guest = self.guest()?;
         let plane = self.plane.as_ref().ok_or_else(|| violation("no data plane"))?;
         let pages = guest.memory().page_count();
         let received = plane.received_digests(0, pages as usize);
-        // Hash current memory off the actor thread; the guest keeps running meanwhile.
-        let g = Arc::clone(&guest);
-        let received_copy = received.clone();
-        let mismatches = tokio::task::spawn_blocking(move || local_mismatches(g.as_ref(), &received_copy))
-            .await
-            .map_err(|e| Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }))?;
+        let mismatches = if local_check {
+            let g = Arc::clone(&guest);
+            let received_copy = received.clone();
+            tokio::task::spawn_blocking(move || local_mismatches(g.as_ref(), &received_copy))
+                .await
+                .map_err(|e| Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }))?
+        } else {
+            Vec::new()
+        };
         let stats = guest.stats();
         let parts: Vec<&[u64]> = received.chunks(DIGESTS_PER_MESSAGE).collect();
         let n = parts.len();
@@ -885,6 +955,8 @@ impl TargetRun {
             Exit::LinkLost(e) => Some(format!("link lost: {e}")),
             Exit::Crash => Some("injected crash: the target vanished".to_string()),
             Exit::RecoveryTimeout(why) => Some(why.clone()),
+            Exit::Answered => None,
+            Exit::Discarded => Some("the operator discarded the copy awaiting pages".to_string()),
             // Handled by the caller; never reach here.
             Exit::HandOver { .. } | Exit::Replaced(_) => None,
         };

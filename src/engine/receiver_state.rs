@@ -117,6 +117,11 @@ pub enum ReceiverAction {
     Activate,
     /// The source freed its copy: the VM is ours for good.
     Finish,
+    /// A peer's fence asks whether `vm` lives here: answer `VmStatus` and end.
+    AnswerQuery {
+        /// The VM.
+        vm: String,
+    },
     /// The source aborted: release everything.
     Aborted {
         /// Why.
@@ -156,6 +161,7 @@ impl ReceiverState {
                 A::NegotiateRecovery { capabilities, nonce },
             ),
             (S::AwaitRecoveryProof { vm }, M::Authenticate { proof }) => (S::Done, A::HandOver { vm, proof }),
+            (S::AwaitHello, M::QueryVm { vm }) => (S::Done, A::AnswerQuery { vm }),
             (
                 S::AwaitHello,
                 M::Hello {
@@ -228,11 +234,21 @@ mod tests {
             })
             .expect("hello");
         assert!(s.clone().step(ControlMessage::Prepared).is_err());
+        assert!(s.clone().step(ControlMessage::QueryVm { vm: "v".into() }).is_err());
         assert!(matches!(
             s.step(ControlMessage::Abort {
                 reason: AbortReason::Cancelled
             }),
             Ok((ReceiverState::Done, ReceiverAction::Aborted { .. }))
         ));
+    }
+
+    #[test]
+    fn test_a_fence_query_is_answered_only_first() {
+        let (s, a) = ReceiverState::AwaitHello
+            .step(ControlMessage::QueryVm { vm: "v".into() })
+            .expect("query");
+        assert_eq!(s, ReceiverState::Done);
+        assert_eq!(a, ReceiverAction::AnswerQuery { vm: "v".into() });
     }
 }

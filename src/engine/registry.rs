@@ -10,8 +10,8 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::{
-    AbortAllIncoming, AcceptLink, CreateVmOnHost, DeleteVm, GetCapabilities, GetHostUsage, GetVm, Host, HostUsage,
-    ListVms, ReleaseVm,
+    AbortAllIncoming, AcceptLink, CheckResumable, CloseIncoming, CreateVmOnHost, DeleteVm, DiscardVm, GetCapabilities,
+    GetHostUsage, GetVm, HoldVm, Host, HostUsage, ListVms, ReleaseVm, ResumeHeldVm,
 };
 use super::migration::{CancelMigration, Migration, MigrationFinished};
 use super::progress::{MigrationStatus, Phase, Progress};
@@ -21,7 +21,7 @@ use super::request::{HostConfig, MigrationRequest, VmSpec};
 use super::route::Route;
 use super::source::{Measured, SourceSetup};
 use crate::link::{self, TokenBucket};
-use crate::vm::{BeginOutgoing, EndOutgoing, GetGuest, VmInfo};
+use crate::vm::{BeginOutgoing, EndOutgoing, GetGuest, HeldCopy, HeldReason, Peer, VmInfo};
 
 /// Finished reports kept for queries; older ones are dropped so a long-running service stays
 /// flat in memory.
@@ -37,6 +37,8 @@ struct Running {
     source: String,
     vm: String,
     to: String,
+    /// Where the other copy goes, should this one be held.
+    peer: Peer,
     algorithm: String,
     progress: Arc<Progress>,
     events: broadcast::Sender<MigrationEvent>,
@@ -213,6 +215,10 @@ impl Handler<StartMigration> for Engine {
                     .target_addr
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| req.target.clone()),
+                peer: match req.target_addr {
+                    Some(a) => Peer::Remote(a),
+                    None => Peer::Local(req.target.clone()),
+                },
                 algorithm: req.algorithm.name().to_string(),
                 progress: Arc::new(Progress::default()),
                 events,
@@ -282,10 +288,21 @@ impl Engine {
 
     fn finish(&mut self, report: MigrationReport, ctx: &mut Context<Self>) {
         if let Some(r) = self.running.remove(&report.id) {
-            if report.vm_location == VmLocation::Target {
-                // The source copy is gone; its host forgets the VM and its memory.
-                if let Some(host) = self.hosts.get(&r.source) {
+            if let Some(host) = self.hosts.get(&r.source) {
+                if report.result.succeeded() && report.vm_location == VmLocation::Target {
+                    // The target verified every page and runs the VM: the source copy is gone;
+                    // its host forgets the VM and its memory.
                     host.do_send(ReleaseVm(report.vm.clone()));
+                } else if let Some(reason) = held_reason(report.vm_location) {
+                    // Past commitment and not confirmed: never freed, never resumed by itself.
+                    host.do_send(HoldVm {
+                        vm: report.vm.clone(),
+                        copy: HeldCopy {
+                            reason,
+                            detail: report.error.clone().unwrap_or_default(),
+                            peer: Some(r.peer.clone()),
+                        },
+                    });
                 }
             }
             let _ = r.events.send(MigrationEvent::Finished(Box::new(report.clone())));
@@ -388,6 +405,7 @@ impl Engine {
                         key: target_key,
                         faults: req.faults.for_target(),
                         recovery_timeout: req.recovery_timeout,
+                        refuse_new: false,
                     };
                     let (source_end, target_end) = link::pair_with_budget(req.shaping, budget.clone());
                     target.do_send(AcceptLink {
@@ -576,22 +594,103 @@ impl Handler<DeleteVmIn> for Engine {
     }
 }
 
-/// Start a shutdown: drop the queue, abort incoming migrations on every host; returns the ids
-/// of running outgoing migrations for the caller to cancel and wait for.
+/// Start a shutdown: every host refuses new incoming migrations and aborts those not yet
+/// committed (their VM stays on its source). Outgoing migrations, queued or running, go on:
+/// each one moves a VM off this engine. Returns the ids of migrations still queued or running.
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<u64>")]
 pub struct BeginShutdown;
 
 impl Handler<BeginShutdown> for Engine {
     type Result = MessageResult<BeginShutdown>;
-    fn handle(&mut self, _: BeginShutdown, ctx: &mut Self::Context) -> Self::Result {
-        let queued: Vec<u64> = self.queue.drain(..).map(|q| q.id).collect();
-        for id in queued {
-            self.fail_start(id, Outcome::Cancelled, "cancelled by shutdown while queued".into(), ctx);
-        }
+    fn handle(&mut self, _: BeginShutdown, _: &mut Self::Context) -> Self::Result {
         for host in self.hosts.values() {
+            host.do_send(CloseIncoming);
             host.do_send(AbortAllIncoming);
         }
         MessageResult(self.running.keys().copied().collect())
+    }
+}
+
+/// What a failed outgoing migration leaves on its source, from where the VM ended up. `None`:
+/// the source copy runs again (before commitment) and nothing is held.
+fn held_reason(location: VmLocation) -> Option<HeldReason> {
+    match location {
+        VmLocation::Source => None,
+        VmLocation::Target => Some(HeldReason::Unverified),
+        VmLocation::TargetAwaitingPages => Some(HeldReason::Stale),
+        VmLocation::Undetermined => Some(HeldReason::CommittedUnconfirmed),
+    }
+}
+
+/// Operator action `resume` on a held copy, fenced: the peer is asked first.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmInfo, EngineError>")]
+pub struct ResumeHeld {
+    /// Host holding the copy.
+    pub host: String,
+    /// The VM.
+    pub vm: String,
+    /// Resume even when the peer cannot be asked: the operator knows it is dead.
+    pub peer_is_dead: bool,
+}
+
+impl Handler<ResumeHeld> for Engine {
+    type Result = ResponseFuture<Result<VmInfo, EngineError>>;
+    fn handle(&mut self, msg: ResumeHeld, _: &mut Self::Context) -> Self::Result {
+        let host = self.host(&msg.host);
+        let hosts = self.hosts.clone();
+        let tls = self.host_configs.get(&msg.host).and_then(|c| c.tls.clone());
+        Box::pin(async move {
+            let host = host?;
+            let held = host.send(CheckResumable(msg.vm.clone())).await??;
+            let Some(peer) = held.peer else {
+                return Err(EngineError::Fenced {
+                    vm: msg.vm,
+                    detail: "no peer is recorded for this copy".into(),
+                });
+            };
+            let local = match &peer {
+                Peer::Local(name) => hosts.get(name).cloned(),
+                Peer::Remote(_) => None,
+            };
+            match super::fence::ask_peer(&peer, &msg.vm, local, tls.as_ref()).await {
+                Ok(state) if state == super::fence::ABSENT => {}
+                Ok(state) => {
+                    return Err(EngineError::Fenced {
+                        vm: msg.vm,
+                        detail: format!("{peer} holds it ({state}); discard this copy instead"),
+                    })
+                }
+                Err(why) if msg.peer_is_dead => {
+                    tracing::warn!(vm = %msg.vm, %peer, why, "resuming a held copy: the operator says the peer is dead");
+                }
+                Err(why) => {
+                    return Err(EngineError::Fenced {
+                        vm: msg.vm,
+                        detail: format!("{why}; if {peer} is dead, resume with --peer-is-dead"),
+                    })
+                }
+            }
+            host.send(ResumeHeldVm(msg.vm)).await?
+        })
+    }
+}
+
+/// Operator action `discard` on a held copy.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), EngineError>")]
+pub struct DiscardHeld {
+    /// Host holding the copy.
+    pub host: String,
+    /// The VM.
+    pub vm: String,
+}
+
+impl Handler<DiscardHeld> for Engine {
+    type Result = ResponseFuture<Result<(), EngineError>>;
+    fn handle(&mut self, msg: DiscardHeld, _: &mut Self::Context) -> Self::Result {
+        let host = self.host(&msg.host);
+        Box::pin(async move { host?.send(DiscardVm(msg.vm)).await?.map(|_| ()) })
     }
 }

@@ -90,6 +90,11 @@ enum Fail {
         last: String,
         after: Duration,
     },
+    /// The target's digests differ from the source's memory at the pause.
+    Verification {
+        mismatched: Vec<u64>,
+        count: u64,
+    },
 }
 
 impl Fail {
@@ -118,6 +123,10 @@ impl Fail {
                 stage: stage.to_string(),
                 after_ms: 0,
             },
+            Fail::Verification { mismatched, count } => AbortReason::VerificationFailed {
+                pages: *count,
+                first: mismatched.clone(),
+            },
         })
     }
 
@@ -144,6 +153,10 @@ impl Fail {
                 cause,
                 last,
                 after_ms: after.as_millis() as u64,
+            },
+            Fail::Verification { mismatched, count } => EngineError::Verification {
+                pages: count,
+                first: mismatched,
             },
         }
     }
@@ -220,6 +233,8 @@ pub(crate) struct SourceRun {
     /// Faults still to fire (a cell: byte and time triggers fire while a round runs).
     plan: RefCell<FaultPlan>,
     fail_pause: Cell<bool>,
+    /// Injected: the switchover's dirty set loses one page.
+    lose_page: Cell<bool>,
     /// An injected post-copy link loss: the link stays down until then.
     link_down_until: Cell<Option<Instant>>,
     recoveries: u32,
@@ -278,6 +293,7 @@ impl SourceRun {
             stage_span: None,
             plan: RefCell::new(plan),
             fail_pause: Cell::new(false),
+            lose_page: Cell::new(false),
             link_down_until: Cell::new(None),
             recoveries: 0,
             codecs: PageCodecs::NONE,
@@ -377,6 +393,10 @@ impl SourceRun {
             }
             FaultKind::SourcePauseError => {
                 self.fail_pause.set(true);
+                Ok(())
+            }
+            FaultKind::LoseDirtyPage => {
+                self.lose_page.set(true);
                 Ok(())
             }
             // Target-side faults travel with the receiver's parameters.
@@ -990,6 +1010,17 @@ impl SourceRun {
         Ok(pages)
     }
 
+    /// The injected `lose-dirty-page`: the first page of the switchover's set is forgotten.
+    fn maybe_lose_page(&self, pages: &mut PageSet) {
+        if self.lose_page.take() {
+            let first = pages.iter().next();
+            if let Some(p) = first {
+                tracing::warn!(page = p, "injected fault: a dirty page is lost at the switchover");
+                pages.remove(p);
+            }
+        }
+    }
+
     async fn send_state(&mut self, missing: Vec<u8>) -> Result<(), Fail> {
         let batches_total = self.plane.as_ref().map(|p| p.batches_sent()).unwrap_or(0);
         self.send(ControlMessage::Suspend { batches_total, missing }).await?;
@@ -1058,7 +1089,10 @@ impl SourceRun {
 
     async fn stop_and_copy(&mut self, pages: PageSet) -> Result<(), Fail> {
         self.enter(Stage::Stopcopy)?;
-        let pages = self.pause_and_collect(pages).await?;
+        let mut pages = self.pause_and_collect(pages).await?;
+        self.maybe_lose_page(&mut pages);
+        // Memory is still from here on: hash it while the last pages travel.
+        let hashing = self.hash_memory();
         let final_started = clock::now();
         let rate = self.s.req.policy.rate_cap;
         let round = self.rounds;
@@ -1071,6 +1105,9 @@ impl SourceRun {
         self.set_remaining(0);
         self.send_state(Vec::new()).await?;
         self.enter(Stage::Commitment)?;
+        // Verify before commit: a copy that differs is rolled back while the source still
+        // owns the VM, never committed and never freed.
+        self.verify(hashing).await?;
         self.expect("Prepared").await?;
         // The point of no return: from here the target owns the VM.
         self.commit()?;
@@ -1080,12 +1117,14 @@ impl SourceRun {
         self.activated = true;
         self.downtime = self.paused_at.map(|t| clock::now().duration_since(t));
         self.record_switchover(final_time);
-        self.verify_and_release().await
+        self.close_stage();
+        self.release().await
     }
 
     async fn postcopy(&mut self, missing: PageSet) -> Result<(), Fail> {
         self.enter(Stage::Stopcopy)?;
-        let missing = self.pause_and_collect(missing).await?;
+        let mut missing = self.pause_and_collect(missing).await?;
+        self.maybe_lose_page(&mut missing);
         self.send_state(missing.to_bytes()).await?;
         self.expect("Prepared").await?;
         self.enter(Stage::Activation)?;
@@ -1121,7 +1160,10 @@ impl SourceRun {
         if self.current == Some(Stage::Pull) {
             self.enter(Stage::Commitment)?;
         }
-        self.verify_and_release().await
+        // The source copy has been paused since the switchover: its memory is still.
+        let hashing = self.hash_memory();
+        self.verify(hashing).await?;
+        self.release().await
     }
 
     /// One attempt at the pull phase over the current link: serve the target's page requests
@@ -1291,18 +1333,19 @@ impl SourceRun {
         Ok(missing)
     }
 
-    /// Compares page digests with the target's, then frees the source copy and completes.
-    async fn verify_and_release(&mut self) -> Result<(), Fail> {
-        // Pre-copy's activation ends when the target runs; verification is not part of it.
-        if self.current == Some(Stage::Activation) {
-            self.close_stage();
-        }
-        let verify_started = clock::now();
+    /// Digests of the source's memory, computed off the actor thread; call once the guest is
+    /// paused for good.
+    fn hash_memory(&self) -> tokio::task::JoinHandle<Vec<u64>> {
         let guest = Arc::clone(&self.s.guest);
-        let source = tokio::task::spawn_blocking(move || verify::digests(guest.as_ref()))
-            .await
-            .map_err(local)?;
-        let mut target = Vec::with_capacity(source.len());
+        tokio::task::spawn_blocking(move || verify::digests(guest.as_ref()))
+    }
+
+    /// Receives the target's digests of every page as it received it and compares them with
+    /// the source's memory. A difference is a [`Fail::Verification`].
+    async fn verify(&mut self, hashing: tokio::task::JoinHandle<Vec<u64>>) -> Result<(), Fail> {
+        let verify_started = clock::now();
+        let pages = self.s.guest.memory().page_count() as usize;
+        let mut target = Vec::with_capacity(pages);
         let memory_mismatches;
         loop {
             match self.expect("Digests").await? {
@@ -1314,7 +1357,7 @@ impl SourceRun {
                     faults,
                     fault_wait_s,
                 } => {
-                    if first_page != target.len() as u64 || target.len() + digests.len() > source.len() {
+                    if first_page != target.len() as u64 || target.len() + digests.len() > pages {
                         return Err(Fail::Protocol(format!(
                             "digests from page {first_page} ({} of them) do not follow the {} received",
                             digests.len(),
@@ -1332,15 +1375,31 @@ impl SourceRun {
                 other => return Err(Fail::Protocol(format!("expected Digests, got {}", other.name()))),
             }
         }
+        let source = hashing.await.map_err(local)?;
+        let count = verify::count_differences(&source, &target) as u64;
         let mut mismatched = verify::compare(&source, &target);
-        mismatched.extend(memory_mismatches);
+        mismatched.extend(
+            memory_mismatches
+                .into_iter()
+                .take(super::receiver::MAX_LISTED_MISMATCHES),
+        );
         mismatched.sort_unstable();
         mismatched.dedup();
         mismatched.truncate(super::receiver::MAX_LISTED_MISMATCHES);
-        self.verified = mismatched.is_empty() && target.len() == source.len();
         self.verification = clock::now().duration_since(verify_started);
-        self.mismatched = mismatched;
-        // The target holds every page and runs: free the source copy.
+        self.verified = mismatched.is_empty() && target.len() == source.len();
+        self.mismatched = mismatched.clone();
+        if !self.verified {
+            return Err(Fail::Verification {
+                count: count.max(mismatched.len() as u64),
+                mismatched,
+            });
+        }
+        Ok(())
+    }
+
+    /// The target verified every page and runs the VM: free the source copy and complete.
+    async fn release(&mut self) -> Result<(), Fail> {
         self.vm_call(EndOutgoing { moved: true }).await?.map_err(local)?;
         self.paused_by_us = false;
         // The copy here is gone and the target holds every page: a link that fails now changes

@@ -158,6 +158,18 @@ pub enum AbortReason {
         /// The policy's reason.
         detail: String,
     },
+    /// The target's digests of the pages it received differ from the source's memory at the
+    /// pause: the migration rolls back before `Commit`.
+    #[error("verification failed: {pages} pages differ (first: {first:?})")]
+    VerificationFailed {
+        /// How many pages differ.
+        pages: u64,
+        /// The first of them (at most 64).
+        first: Vec<u64>,
+    },
+    /// The target host is shutting down and takes no new migration.
+    #[error("target host is shutting down")]
+    ShuttingDown,
     /// A step took longer than its bound.
     #[error("timed out in {stage} after {after_ms} ms")]
     Timeout {
@@ -294,6 +306,19 @@ pub enum ControlMessage {
         /// Why.
         reason: AbortReason,
     },
+    /// Fencing: a host holding a paused copy of `vm` whose `Commit` went unanswered asks the
+    /// peer, on a fresh link and instead of `Hello`, whether the VM lives there.
+    QueryVm {
+        /// The VM.
+        vm: String,
+    },
+    /// The answer to `QueryVm`.
+    VmStatus {
+        /// The VM.
+        vm: String,
+        /// `absent`, or the VM's state on the peer (`running`, `incoming`, `awaiting-pages`...).
+        state: String,
+    },
     /// Liveness probe; any frame counts as a sign of life.
     Ping {
         /// Sequence number.
@@ -323,6 +348,8 @@ impl ControlMessage {
             ControlMessage::Complete => "Complete",
             ControlMessage::Digests { .. } => "Digests",
             ControlMessage::Abort { .. } => "Abort",
+            ControlMessage::QueryVm { .. } => "QueryVm",
+            ControlMessage::VmStatus { .. } => "VmStatus",
             ControlMessage::Ping { .. } => "Ping",
         }
     }

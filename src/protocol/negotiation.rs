@@ -19,10 +19,12 @@ use super::message::{AbortReason, Algorithm};
 use super::pages::PageCodecs;
 use crate::format::{NativeLayout, FORMAT_VERSION};
 
-/// Newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Oldest protocol version this build still accepts.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// Newest protocol version this build speaks. Version 2 verifies page digests before
+/// `Commit`; version 1 freed the source copy before its verification.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Oldest protocol version this build still accepts. Version 1 is refused: its order frees the
+/// source copy before the target's digests are checked, and it was never released.
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 
 /// Page compression of the data plane.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

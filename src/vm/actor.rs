@@ -68,6 +68,9 @@ pub struct VmInfo {
     pub layout: NativeLayout,
     /// Guest counters.
     pub stats: GuestStats,
+    /// Set when the copy is held after a migration failed past commitment (filled in by the
+    /// host, which keeps the record).
+    pub held: Option<super::HeldCopy>,
 }
 
 macro_rules! lifecycle_message {
@@ -135,6 +138,7 @@ impl Handler<GetVmInfo> for Vm {
             state: self.state,
             layout: self.guest.layout(),
             stats: self.guest.stats(),
+            held: None,
         })
     }
 }

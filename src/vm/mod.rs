@@ -5,10 +5,12 @@
 //! resume or release it, which is how the engine keeps at most one copy running.
 
 mod actor;
+mod held;
 mod lifecycle;
 
 pub use actor::{
     BeginOutgoing, EndOutgoing, GetGuest, GetVmInfo, LoadVmState, PauseVm, ResumeVm, SaveVmState, StopVm, Vm, VmError,
     VmInfo,
 };
+pub use held::{HeldCopy, HeldReason, OperatorAction, Peer};
 pub use lifecycle::{Lifecycle, LifecycleCommand, LifecycleError};

@@ -54,8 +54,14 @@ async fn test_invariant_matrix() {
             for alg in algorithms {
                 // Post-copy and hybrid send no page in stopcopy: a corruption planned there
                 // would land after commitment, outside this matrix.
+                // A page lost from post-copy's missing set is caught by the verification after
+                // commitment: the source copy is held, not rolled back (tests/it/verification.rs).
                 if !reaches(alg, stage)
                     || (kind == FaultKind::CorruptFrame && stage == Stage::Stopcopy && alg.is_postcopy_family())
+                    || (kind == FaultKind::LoseDirtyPage && alg.is_postcopy_family())
+                    // A target lost after `Commit` leaves a held copy for an operator: the
+                    // resume that follows is tested in tests/it/held.rs.
+                    || (kind == FaultKind::TargetCrash && stage == Stage::Activation)
                 {
                     continue;
                 }

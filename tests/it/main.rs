@@ -9,6 +9,7 @@ mod compression;
 mod embed;
 mod faults;
 mod fuzz;
+mod held;
 mod negotiation;
 mod recovery;
 mod stall;
