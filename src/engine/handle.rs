@@ -13,7 +13,7 @@ use super::host::HostUsage;
 use super::progress::MigrationStatus;
 use super::registry::{
     AddHost, BeginShutdown, Cancel, CreateVmIn, DeleteVmIn, DiscardHeld, Engine, GetStatus, ListStatus, ListVmsIn,
-    ListenAddress, ResumeHeld, StartMigration, Subscribe, UsageOf, WaitReport,
+    ListenAddress, RecoverHeld, ResumeHeld, StartMigration, Subscribe, UsageOf, WaitReport,
 };
 use super::report::MigrationReport;
 use super::request::{HostConfig, MigrationRequest, VmSpec};
@@ -209,6 +209,26 @@ impl EngineHandle {
             peer_is_dead,
         })
         .await?
+    }
+
+    /// Operator action on a source copy held after a post-copy pull that could not be
+    /// recovered in time (`stale`): reconnect to the target, or to `to` where it listens now, and
+    /// carry the pull on. The target's copy must still be waiting (held `awaiting-pages`).
+    pub async fn recover_held(
+        &self,
+        host: &str,
+        vm: &str,
+        to: Option<std::net::SocketAddr>,
+    ) -> Result<StartedMigration, EngineError> {
+        let (id, events) = self
+            .ask(RecoverHeld {
+                host: host.to_string(),
+                vm: vm.to_string(),
+                to,
+                recovery_timeout: super::request::DEFAULT_RECOVERY_TIMEOUT,
+            })
+            .await??;
+        Ok(StartedMigration { id, events })
     }
 
     /// Operator action on a held copy: destroy it.

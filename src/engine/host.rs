@@ -637,6 +637,34 @@ impl Handler<CheckResumable> for Host {
     }
 }
 
+/// Check that `recover` applies to a held copy, and release it from being held: a recovery
+/// run takes it over (and holds it again if it fails).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(HeldCopy, Addr<Vm>), EngineError>")]
+pub struct TakeForRecovery(pub String);
+
+impl Handler<TakeForRecovery> for Host {
+    type Result = Result<(HeldCopy, Addr<Vm>), EngineError>;
+    fn handle(&mut self, msg: TakeForRecovery, _: &mut Self::Context) -> Self::Result {
+        let held = self.held_for(&msg.0, OperatorAction::Recover)?;
+        if held.reason != crate::vm::HeldReason::Stale {
+            return Err(EngineError::ActionNotApplicable {
+                vm: msg.0,
+                state: held.reason.name().to_string(),
+                action: OperatorAction::Recover.name(),
+                hint: "; recover runs on the source's host, which holds the missing pages".into(),
+            });
+        }
+        let vm = self
+            .vms
+            .get(&msg.0)
+            .map(|(a, _)| a.clone())
+            .ok_or_else(|| EngineError::Internal("held VM without actor".into()))?;
+        self.held.remove(&msg.0);
+        Ok((held, vm))
+    }
+}
+
 /// Run a held copy again, once the fence said the peer does not hold the VM.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<VmInfo, EngineError>")]

@@ -7,6 +7,7 @@
 //! * Actors: `Engine` (registry), `Host`, `Migration` (source side, runs [`source`]'s stages),
 //!   `Receiver` (target side).
 
+mod drain;
 mod error;
 mod events;
 pub mod faults;
@@ -26,6 +27,7 @@ mod source;
 pub mod stage;
 pub mod verify;
 
+pub use drain::{DrainReport, DrainedVm, StayedVm};
 pub use error::{EngineError, Side};
 pub use events::MigrationEvent;
 pub use faults::{FaultKind, FaultPlan};

@@ -11,7 +11,7 @@ use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::{
     AbortAllIncoming, AcceptLink, CheckResumable, CloseIncoming, CreateVmOnHost, DeleteVm, DiscardVm, GetCapabilities,
-    GetHostUsage, GetVm, HoldVm, Host, HostUsage, ListVms, ReleaseVm, ResumeHeldVm,
+    GetHostUsage, GetVm, HoldVm, Host, HostUsage, ListVms, ReleaseVm, ResumeHeldVm, TakeForRecovery,
 };
 use super::migration::{CancelMigration, Migration, MigrationFinished};
 use super::progress::{MigrationStatus, Phase, Progress};
@@ -448,6 +448,7 @@ impl Engine {
                 measured,
                 progress: Arc::clone(&entry.progress),
                 key: source_key,
+                retry_pull: false,
             };
             entry.addr = Some(Migration::new(setup, me).start());
             Ok(())
@@ -674,6 +675,141 @@ impl Handler<ResumeHeld> for Engine {
             }
             host.send(ResumeHeldVm(msg.vm)).await?
         })
+    }
+}
+
+/// Operator action `recover` on a held post-copy source copy (`stale`): reconnect to the
+/// target (or `to`, a restarted one) and carry the pull on. Returns the new migration's id.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(u64, broadcast::Receiver<MigrationEvent>), EngineError>")]
+pub struct RecoverHeld {
+    /// Host holding the copy.
+    pub host: String,
+    /// The VM.
+    pub vm: String,
+    /// Where the target now listens, if not where it did.
+    pub to: Option<std::net::SocketAddr>,
+    /// How long to keep reconnecting.
+    pub recovery_timeout: std::time::Duration,
+}
+
+impl Handler<RecoverHeld> for Engine {
+    type Result = ResponseActFuture<Self, Result<(u64, broadcast::Receiver<MigrationEvent>), EngineError>>;
+    fn handle(&mut self, msg: RecoverHeld, _: &mut Self::Context) -> Self::Result {
+        let host = self.host(&msg.host);
+        Box::pin(
+            async move {
+                let host = host?;
+                let (held, vm) = host.send(TakeForRecovery(msg.vm.clone())).await??;
+                let guest = vm.send(GetGuest).await;
+                let caps = host.send(GetCapabilities).await;
+                Ok::<_, EngineError>((msg, held, vm, guest, caps))
+            }
+            .into_actor(self)
+            .map(|r, act, ctx| {
+                let (msg, held, vm, guest, caps) = r?;
+                let hold_again = |act: &Engine, e: EngineError| {
+                    if let Some(h) = act.hosts.get(&msg.host) {
+                        h.do_send(HoldVm {
+                            vm: msg.vm.clone(),
+                            copy: held.clone(),
+                        });
+                    }
+                    Err(e)
+                };
+                let (guest, caps) = match (guest, caps) {
+                    (Ok(g), Ok(c)) => (g, c),
+                    (Err(e), _) | (_, Err(e)) => return hold_again(act, e.into()),
+                };
+                let peer = match (msg.to, &held.peer) {
+                    (Some(addr), _) => Peer::Remote(addr),
+                    (None, Some(p)) => p.clone(),
+                    (None, None) => {
+                        return hold_again(
+                            act,
+                            EngineError::Fenced {
+                                vm: msg.vm.clone(),
+                                detail: "no peer is recorded for this copy: give --to".into(),
+                            },
+                        )
+                    }
+                };
+                let mut req = MigrationRequest::new(msg.vm.clone(), msg.host.clone(), peer.to_string())
+                    .algorithm(crate::protocol::Algorithm::Postcopy);
+                req.recovery_timeout = msg.recovery_timeout;
+                let route = match &peer {
+                    Peer::Remote(addr) => {
+                        req.target_addr = Some(*addr);
+                        Route::Tcp {
+                            addr: *addr,
+                            streams: 1,
+                            bandwidth: None,
+                            budget: act.budgets.get(&msg.host).cloned(),
+                            tls: act.host_configs.get(&msg.host).and_then(|c| c.tls.clone()),
+                        }
+                    }
+                    Peer::Local(name) => match act.hosts.get(name) {
+                        Some(target) => {
+                            req.target = name.clone();
+                            Route::InProcess {
+                                target: target.clone(),
+                                shaping: req.shaping,
+                                budget: None,
+                                params: ReceiverParams {
+                                    keepalive: req.keepalive,
+                                    step_timeout: req.step_timeout,
+                                    events: None,
+                                    key: act.host_configs.get(name).and_then(|c| c.cluster_key.clone()),
+                                    faults: Default::default(),
+                                    recovery_timeout: req.recovery_timeout,
+                                    refuse_new: false,
+                                },
+                            }
+                        }
+                        None => return hold_again(act, EngineError::UnknownHost(name.clone())),
+                    },
+                };
+                act.next_id += 1;
+                let id = act.next_id;
+                let (events, rx) = broadcast::channel(EVENT_BUFFER);
+                let progress = Arc::new(Progress::default());
+                // No link yet: the first thing the run does is open the recovery link, which
+                // replaces this unused in-process end.
+                let (placeholder, _) = link::pair(link::Shaping::default());
+                let setup = SourceSetup {
+                    id,
+                    vm,
+                    guest,
+                    end: placeholder,
+                    route,
+                    caps,
+                    events: events.clone(),
+                    cancel: watch::channel(false).1,
+                    committed: Arc::new(AtomicBool::new(true)),
+                    measured: Arc::clone(&act.measured),
+                    progress: Arc::clone(&progress),
+                    key: act.host_configs.get(&msg.host).and_then(|c| c.cluster_key.clone()),
+                    retry_pull: true,
+                    req: req.clone(),
+                };
+                act.running.insert(
+                    id,
+                    Running {
+                        addr: Some(Migration::new(setup, ctx.address().recipient()).start()),
+                        started: true,
+                        source: msg.host.clone(),
+                        vm: msg.vm.clone(),
+                        to: peer.to_string(),
+                        peer,
+                        algorithm: "postcopy".into(),
+                        progress,
+                        events,
+                        waiters: Vec::new(),
+                    },
+                );
+                Ok((id, rx))
+            }),
+        )
     }
 }
 

@@ -56,6 +56,9 @@ pub(crate) struct SourceSetup {
     pub progress: Arc<super::progress::Progress>,
     /// The source host's cluster key.
     pub key: Option<crate::protocol::auth::ClusterKey>,
+    /// An operator's retry of a held post-copy copy (`migrate --recover`): the run reconnects
+    /// and carries the pull on, instead of starting from `premigration`.
+    pub retry_pull: bool,
 }
 
 /// Figures measured by earlier migrations (moving averages), used for predictions before this
@@ -315,7 +318,11 @@ impl SourceRun {
     /// Runs the migration to its end and returns the report.
     pub async fn run(mut self) -> MigrationReport {
         metrics::gauge!(metric::MIGRATIONS_IN_PROGRESS).increment(1.0);
-        let result = self.drive().await;
+        let result = if self.s.retry_pull {
+            self.retry_pull().await
+        } else {
+            self.drive().await
+        };
         let (outcome, error, location) = match result {
             Ok(()) if self.recoveries > 0 => (Outcome::Recovered, None, VmLocation::Target),
             Ok(()) => (Outcome::Completed, None, VmLocation::Target),
@@ -1136,8 +1143,13 @@ impl SourceRun {
         self.record_switchover(Duration::ZERO);
         self.pulling = true;
         // A fault at the pull's start is handled like any later link loss.
-        let mut lost = self.enter(Stage::Pull).err();
-        let mut missing = missing;
+        let lost = self.enter(Stage::Pull).err();
+        self.pull_until_done(missing, lost).await
+    }
+
+    /// The pull phase to its end, reconnecting (until the recovery timeout) each time the
+    /// link is lost: until this side frees its copy, the target may lack pages only it holds.
+    async fn pull_until_done(&mut self, mut missing: PageSet, mut lost: Option<Fail>) -> Result<(), Fail> {
         loop {
             let attempt = match lost.take() {
                 Some(fail) => Err(fail),
@@ -1153,6 +1165,21 @@ impl SourceRun {
                 Err(fail) => return Err(fail),
             }
         }
+    }
+
+    /// `migrate --recover`: the held copy of a post-copy migration whose recovery timed out.
+    /// The target (its copy awaiting pages) still takes a recovery link; the pull carries on
+    /// from the pages it lacks.
+    async fn retry_pull(&mut self) -> Result<(), Fail> {
+        self.algorithm = Algorithm::Postcopy;
+        self.s.committed.store(true, Ordering::Release);
+        self.activated = true;
+        self.pulling = true;
+        self.machine = StageMachine::resuming_pull();
+        self.current = Some(Stage::Pull);
+        self.stage_started = clock::now();
+        let lost = Fail::Link("recovery asked for by the operator".into());
+        self.pull_until_done(PageSet::empty(0), Some(lost)).await
     }
 
     async fn pull_and_verify(&mut self, missing: PageSet) -> Result<(), Fail> {

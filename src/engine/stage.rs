@@ -112,6 +112,12 @@ impl StageMachine {
         }
     }
 
+    /// A held post-copy copy whose pull an operator retries: it starts in `pull`, where the
+    /// migration it continues stopped.
+    pub fn resuming_pull() -> StageMachine {
+        StageMachine::In(Stage::Pull)
+    }
+
     /// Ends the last stage. Valid after activation (pre-copy) or commitment (post-copy).
     pub fn finish(self) -> Result<StageMachine, StageError> {
         match self {

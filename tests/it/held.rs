@@ -102,3 +102,56 @@ async fn test_a_target_lost_after_commit_leaves_a_copy_that_a_fenced_resume_runs
         Err(EngineError::ActionNotApplicable { .. })
     ));
 }
+
+/// A post-copy migration whose link stays down longer than both sides wait: the source copy
+/// is held `stale`, the target's `awaiting-pages`.
+async fn stranded_postcopy(e: &EngineHandle, vm: &str) {
+    let spec = VmSpec {
+        workload: common::writer(20_000_000, 2 * MIB),
+        ..VmSpec::new(vm, 16 * MIB)
+    };
+    e.create_vm("src", spec).await.expect("create");
+    let mut req = MigrationRequest::new(vm, "src", "dst").algorithm(Algorithm::Postcopy);
+    req.shaping.bandwidth_bytes_per_sec = Some(8_000_000);
+    req.faults = "postcopy-link-loss:60s@pull".parse().expect("plan");
+    req.recovery_timeout = std::time::Duration::from_millis(300);
+    let mut started = e.start_migration(req).await.expect("start");
+    let target_gave_up = common::target_stopped(&mut started.events).await;
+    assert!(target_gave_up.contains("stays paused"), "{target_gave_up}");
+    let r = e.report(started.id).await.expect("report");
+    assert_eq!(r.result, Outcome::Failed, "{:?}", r.error);
+    assert_eq!(r.vm_location, VmLocation::TargetAwaitingPages);
+    assert_eq!(held(e, "src", vm).await, Some(HeldReason::Stale));
+    assert_eq!(held(e, "dst", vm).await, Some(HeldReason::AwaitingPages));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_an_operator_recovers_a_postcopy_that_outlived_its_recovery_timeout() {
+    let e = common::engine(NativeLayout::XenHvm, NativeLayout::Kvm).await;
+    stranded_postcopy(&e, "rcv").await;
+    // Neither half runs while held.
+    assert!(!e.vm_info("src", "rcv").await.expect("src").state.is_running());
+    assert!(!e.vm_info("dst", "rcv").await.expect("dst").state.is_running());
+    let started = e.recover_held("src", "rcv", None).await.expect("recover");
+    let r = e.report(started.id).await.expect("report");
+    assert!(r.result.succeeded(), "{:?}: {:?}", r.result, r.error);
+    assert!(r.verified, "every page verified: {:?}", r.mismatched_pages);
+    common::assert_runs_only_on(&e, "dst", "src", "rcv").await;
+    assert_eq!(held(&e, "dst", "rcv").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_discarding_the_target_half_ends_its_wait_and_the_source_half_stays_held() {
+    let e = common::engine(NativeLayout::XenHvm, NativeLayout::Kvm).await;
+    stranded_postcopy(&e, "dsc").await;
+    e.discard_held("dst", "dsc").await.expect("discard target half");
+    assert!(e.vm_info("dst", "dsc").await.is_err(), "gone from the target");
+    // Recovery now finds nothing waiting: refused, and the source copy is held again.
+    let started = e.recover_held("src", "dsc", None).await.expect("recover starts");
+    let r = e.report(started.id).await.expect("report");
+    assert_eq!(r.result, Outcome::Failed);
+    assert_eq!(held(&e, "src", "dsc").await, Some(HeldReason::Stale));
+    e.discard_held("src", "dsc").await.expect("discard source half");
+    assert!(e.list_vms("src").await.expect("list").is_empty());
+    assert!(e.list_vms("dst").await.expect("list").is_empty());
+}
