@@ -199,6 +199,13 @@ impl EngineHandle {
             .count())
     }
 
+    /// The first step of a graceful shutdown, without waiting: every host refuses new incoming
+    /// migrations and aborts those not yet committed. Outgoing migrations go on. Watch
+    /// [`Self::list_migrations`] and [`Self::host_usage`]'s `active_incoming` for the rest.
+    pub async fn begin_shutdown(&self) -> Result<(), EngineError> {
+        self.ask(BeginShutdown).await.map(|_| ())
+    }
+
     /// Operator action on a copy held after a migration failed past commitment: run it again.
     /// Fenced: the peer is asked first and must answer that it does not hold the VM; a peer that
     /// cannot be asked refuses the resume unless `peer_is_dead`.

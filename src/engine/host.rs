@@ -77,6 +77,18 @@ impl Host {
         }
     }
 
+    /// Receivers still at work: each held `awaiting-pages` copy has one that only waits.
+    fn active_incoming(&self) -> usize {
+        let running = self.receivers.iter().filter(|r| r.connected()).count()
+            + self.incoming_queue.iter().filter(|(r, _)| r.connected()).count();
+        let waiting = self
+            .held
+            .values()
+            .filter(|h| h.reason == crate::vm::HeldReason::AwaitingPages)
+            .count();
+        running.saturating_sub(waiting)
+    }
+
     fn free_bytes(&self) -> u64 {
         self.config.memory_budget_bytes.saturating_sub(self.committed_bytes)
     }
@@ -265,6 +277,11 @@ pub struct HostUsage {
     pub rejected_connections: u64,
     /// Incoming migrations waiting for a slot under the cap.
     pub queued_incoming: usize,
+    /// Incoming migrations running (queued ones included), not counting targets whose copy is
+    /// held waiting for a recovery link: a shutdown waits for these.
+    pub active_incoming: usize,
+    /// Copies held for an operator action.
+    pub held: usize,
 }
 
 /// How much of the host is in use.
@@ -280,6 +297,8 @@ impl Handler<GetHostUsage> for Host {
             vms: self.vms.len(),
             rejected_connections: self.rejected.load(Ordering::Relaxed),
             queued_incoming: self.incoming_queue.iter().filter(|(r, _)| r.connected()).count(),
+            active_incoming: self.active_incoming(),
+            held: self.held.len(),
         })
     }
 }

@@ -8,12 +8,16 @@
 //!                 ◀──────────────────── Reserved | Abort{reason}
 //!  precopy        [page batches on the data plane] RoundDone{round, batches} ...
 //!  stopcopy       (source paused) last batches, Suspend{batches, missing}, VcpuState, DeviceState ─▶
+//!                 ◀──────────────────── Digests{received} (pre-copy, stop-and-copy: verified
+//!                                       against the source's memory before anything commits;
+//!                                       a difference is Abort{VerificationFailed}, a rollback)
 //!                 ◀──────────────────── Prepared  (every page applied, state loaded)
 //!  commitment     Commit ─────────────────────▶ (the target owns the VM from here)
 //!  activation     ◀──────────────────── Activated (target resumed, MACs announced)
+//!                 Complete ───────────────────▶ (pre-copy: the source has freed its copy)
 //!  pull           ◀── PageRequest{pages} (post-copy), pages pushed and pulled ...
 //!                 ◀──────────────────── Complete (post-copy: target holds every page)
-//!                 ◀──────────────────── Digests{received} (verification)
+//!                 ◀──────────────────── Digests{received} (post-copy verification)
 //!                 Complete ───────────────────▶ (source has freed its copy)
 //!  any time       Abort{reason} both ways; Ping both ways for liveness
 //!
@@ -22,6 +26,10 @@
 //!                 ◀─────── Welcome | Refuse (nothing awaits recovery)
 //!                 Authenticate{proof, empty without a key} ─▶ (handed to the waiting receiver)
 //!                 ◀──────────────────── Resumed{missing} (the pull carries on)
+//!
+//!  fence (before an operator resumes a held copy, on a new link):
+//!                 QueryVm{vm} ─────────────────▶
+//!                 ◀──────────────────── VmStatus{vm, state: absent | running | ...}
 //! ```
 //! In post-copy and hybrid, `Commit`/`Activated` come right after `Prepared` and the
 //! commitment stage ends when the target holds every page. Control frames are a 4-byte
