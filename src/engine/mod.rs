@@ -7,6 +7,7 @@
 //! * Actors: `Engine` (registry), `Host`, `Migration` (source side, runs [`source`]'s stages),
 //!   `Receiver` (target side).
 
+mod ask;
 mod error;
 mod events;
 pub mod faults;
