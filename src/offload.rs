@@ -105,7 +105,9 @@ mod tests {
 
     #[tokio::test]
     async fn test_panic_becomes_a_typed_error_with_its_message() {
-        let err = run("explode", || -> u32 { panic!("boom {}", 7) }).await.expect_err("panics");
+        let err = run("explode", || -> u32 { panic!("boom {}", 7) })
+            .await
+            .expect_err("panics");
         assert_eq!(
             err,
             OffloadError::Panicked {

@@ -165,8 +165,15 @@ mod tests {
     async fn test_panicking_sync_is_an_error_and_the_tracker_lives_on() {
         let tracker = DirtyTracker::new(Arc::new(Exploding(AtomicBitmap::new(8)))).start();
         tracker.send(StartDirtyLog).await.expect("answers").expect("starts");
-        let err = tracker.send(CollectDirtyPages).await.expect("answers").expect_err("panics");
-        assert!(matches!(err, DirtyError::Offload(OffloadError::Panicked { .. })), "{err:?}");
+        let err = tracker
+            .send(CollectDirtyPages)
+            .await
+            .expect("answers")
+            .expect_err("panics");
+        assert!(
+            matches!(err, DirtyError::Offload(OffloadError::Panicked { .. })),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("dirty log exploded"), "{err}");
         tracker.send(StopDirtyLog).await.expect("still answers").expect("stops");
     }

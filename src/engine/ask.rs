@@ -43,7 +43,12 @@ pub enum AskError {
 
 /// Sends `msg` to `addr` and waits at most `timeout` for the answer; `what` names the request
 /// in the error (e.g. `"vm pause"`).
-pub(crate) async fn ask<A, M>(addr: &Addr<A>, msg: M, what: &'static str, timeout: Duration) -> Result<M::Result, AskError>
+pub(crate) async fn ask<A, M>(
+    addr: &Addr<A>,
+    msg: M,
+    what: &'static str,
+    timeout: Duration,
+) -> Result<M::Result, AskError>
 where
     A: Actor + Handler<M>,
     A::Context: ToEnvelope<A, M>,
@@ -144,6 +149,9 @@ mod tests {
             }
         );
         assert_eq!(err.to_string(), "silent echo did not answer within 20ms");
-        assert!(matches!(EngineError::from(err), EngineError::Timeout { after_ms: 20, .. }));
+        assert!(matches!(
+            EngineError::from(err),
+            EngineError::Timeout { after_ms: 20, .. }
+        ));
     }
 }

@@ -67,15 +67,17 @@ impl GuestStep {
     }
 
     fn apply(self, guest: &dyn Guest) -> Result<(), VmmError> {
-        match self.run {
-            Some(true) => guest.resume()?,
-            Some(false) => guest.pause()?,
-            None => {}
-        }
+        let ran = match self.run {
+            Some(true) => guest.resume(),
+            Some(false) => guest.pause(),
+            None => Ok(()),
+        };
         if self.shutdown {
+            // A VM being stopped is gone whatever its pause said: its threads stop here.
             guest.shutdown();
+            return Ok(());
         }
-        Ok(())
+        ran
     }
 }
 
@@ -101,7 +103,10 @@ impl Vm {
 
     /// Runs `step` in this VM's turn: `step` sees the state every earlier command left and
     /// returns the reply, usually a guest call off the actor thread.
-    fn in_turn<T: 'static>(&mut self, step: impl FnOnce(&mut Vm, OwnedMutexGuard<()>) -> Reply<T> + 'static) -> Reply<T> {
+    fn in_turn<T: 'static>(
+        &mut self,
+        step: impl FnOnce(&mut Vm, OwnedMutexGuard<()>) -> Reply<T> + 'static,
+    ) -> Reply<T> {
         let turn = Arc::clone(&self.turn).lock_owned();
         Box::pin(turn.into_actor(self).then(move |guard, act, _| step(act, guard)))
     }
@@ -121,6 +126,13 @@ impl Vm {
         let work = offload::run(step.name(), move || step.apply(&*guest));
         Box::pin(work.into_actor(self).map(move |r, act, _| {
             drop(turn);
+            if step.shutdown && r.is_err() {
+                // The call panicked before the guest's threads stopped. The host has forgotten
+                // the VM already: stop them anyway, and report the panic.
+                let guest = Arc::clone(&act.guest);
+                drop(offload::run("vm-shutdown", move || guest.shutdown()));
+                act.state = next;
+            }
             flatten(r)?;
             act.state = next;
             Ok(next)
@@ -298,5 +310,51 @@ impl Handler<LoadVmState> for Vm {
                 flatten(r)
             }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{VmId, PAGE_SIZE};
+    use crate::vmm::sim::{SimGuest, WorkloadSpec};
+
+    fn vm() -> Addr<Vm> {
+        let config = VmConfig {
+            id: VmId("t".into()),
+            name: "t".into(),
+            vcpus: 1,
+            memory_bytes: 16 * u64::from(PAGE_SIZE),
+            page_size: PAGE_SIZE,
+            nics: Vec::new(),
+        };
+        let guest = SimGuest::create(config, NativeLayout::Kvm, WorkloadSpec::idle()).expect("guest");
+        guest.resume().expect("runs");
+        Vm::new(Arc::new(guest), Lifecycle::Running).start()
+    }
+
+    #[actix::test]
+    async fn test_commands_sent_together_take_turns_in_order() {
+        let vm = vm();
+        // Sent before the pause has answered: the save must still see the paused VM.
+        let (paused, saved, resumed) = tokio::join!(vm.send(PauseVm), vm.send(SaveVmState), vm.send(ResumeVm));
+        assert_eq!(paused.expect("answers").expect("pauses"), Lifecycle::Paused);
+        let (vcpus, _) = saved.expect("answers").expect("saves while paused");
+        assert_eq!(vcpus.len(), 1);
+        assert_eq!(resumed.expect("answers").expect("resumes"), Lifecycle::Running);
+        let info = vm.send(GetVmInfo).await.expect("answers");
+        assert_eq!(info.state, Lifecycle::Running);
+    }
+
+    #[actix::test]
+    async fn test_refused_transition_leaves_the_state() {
+        let vm = vm();
+        let err = vm.send(LoadVmState {
+            vcpus: Vec::new(),
+            devices: Vec::new(),
+        });
+        assert!(err.await.expect("answers").is_err());
+        assert!(vm.send(EndOutgoing { moved: true }).await.expect("answers").is_err());
+        assert_eq!(vm.send(GetVmInfo).await.expect("answers").state, Lifecycle::Running);
     }
 }

@@ -164,7 +164,9 @@ impl Handler<ReserveVm> for Backend {
 
     fn handle(&mut self, msg: ReserveVm, _: &mut Self::Context) -> Self::Result {
         let (kind, layout) = (self.kind, self.layout);
-        let work = offload::run("reserve-vm", move || reserve(kind, layout, msg.config, msg.demand_paged));
+        let work = offload::run("reserve-vm", move || {
+            reserve(kind, layout, msg.config, msg.demand_paged)
+        });
         Box::pin(async move { flatten(work.await) })
     }
 }
@@ -210,10 +212,8 @@ pub fn decorate_next_guest(vm: &str, decorator: GuestDecorator) -> Result<(), Vm
 fn decorate(guest: Arc<dyn Guest>) -> Arc<dyn Guest> {
     let decorator = {
         let mut waiting = DECORATORS.lock().unwrap_or_else(|p| p.into_inner());
-        match waiting.iter().position(|(id, _)| *id == guest.config().id.0) {
-            Some(i) => Some(waiting.swap_remove(i).1),
-            None => None,
-        }
+        let at = waiting.iter().position(|(id, _)| *id == guest.config().id.0);
+        at.map(|i| waiting.swap_remove(i).1)
     };
     match decorator {
         Some(d) => d(guest),
