@@ -24,6 +24,7 @@ pub mod engine;
 pub mod format;
 pub mod link;
 pub mod memory;
+pub mod offload;
 pub mod protocol;
 pub mod telemetry;
 pub mod units;

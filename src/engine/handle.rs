@@ -7,6 +7,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::broadcast;
 
+use super::ask::{ask, AskError};
 use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::HostUsage;
@@ -58,6 +59,10 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     /// Starts an engine on its own thread.
+    ///
+    /// The thread runs one actix System; its actors are tokio tasks, so a panicking handler
+    /// ends only its own actor and the System runs on (see the `ask` module). Guest and backend
+    /// calls never run on this thread ([`crate::offload`]).
     pub fn start() -> Result<Self, EngineError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -88,12 +93,11 @@ impl EngineHandle {
         M::Result: Send,
         Engine: Handler<M>,
     {
-        match tokio::time::timeout(ASK_TIMEOUT, self.addr.send(msg)).await {
-            Ok(r) => r.map_err(EngineError::from),
-            Err(_) => Err(EngineError::Timeout {
-                what: "engine".into(),
-                after_ms: ASK_TIMEOUT.as_millis() as u64,
-            }),
+        match ask(&self.addr, msg, "engine", ASK_TIMEOUT).await {
+            Ok(answer) => Ok(answer),
+            // The registry actor is the engine: with it gone, nothing answers.
+            Err(AskError::Stopped { .. }) => Err(EngineError::EngineStopped),
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -7,6 +7,7 @@
 //! * Actors: `Engine` (registry), `Host`, `Migration` (source side, runs [`source`]'s stages),
 //!   `Receiver` (target side).
 
+mod ask;
 mod drain;
 mod error;
 mod events;

@@ -64,6 +64,16 @@ pub enum VmmError {
     /// An injected or simulated backend failure.
     #[error("backend failure: {0}")]
     Failed(String),
+    /// Blocking guest work run off the actor thread panicked (or found no thread to run on).
+    #[error(transparent)]
+    Offload(#[from] crate::offload::OffloadError),
+}
+
+/// A thread name for a guest's thread: `prefix-id`, with the id escaped. A VM id comes from a
+/// user or a peer and may hold any character; `std::thread::Builder::spawn` panics on a name
+/// with a NUL byte, which must never follow from an id.
+pub fn guest_thread_name(prefix: &str, id: &crate::format::VmId) -> String {
+    format!("{prefix}-{}", id.0.escape_debug())
 }
 
 /// Where a post-copy target reports pages its guest touched before they arrived.
@@ -141,3 +151,19 @@ pub trait Guest: DirtyLogSource + Send + Sync + std::fmt::Debug {
 
 /// A shared guest.
 pub type GuestRef = Arc<dyn Guest>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::VmId;
+
+    #[test]
+    fn test_guest_thread_name_of_any_id_starts_a_thread() {
+        for id in ["a\u{0}b", "\u{0}", "plain", "é\n\t"] {
+            let name = guest_thread_name("t", &VmId(id.to_string()));
+            assert!(!name.contains('\0'), "{name:?}");
+            let t = std::thread::Builder::new().name(name).spawn(|| ()).expect("spawns");
+            t.join().expect("joins");
+        }
+    }
+}

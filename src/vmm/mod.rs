@@ -12,5 +12,5 @@ mod guest;
 pub mod kvm;
 pub mod sim;
 
-pub use backend::{Backend, BackendKind, CreateVm, DestroyGuest, ReserveVm};
-pub use guest::{FaultSink, Guest, GuestRef, GuestStats, VmmError};
+pub use backend::{decorate_next_guest, Backend, BackendKind, CreateVm, DestroyGuest, GuestDecorator, ReserveVm};
+pub use guest::{guest_thread_name, FaultSink, Guest, GuestRef, GuestStats, VmmError};

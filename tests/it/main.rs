@@ -6,6 +6,7 @@ mod algorithms;
 mod auth;
 mod cancel;
 mod compression;
+mod contained;
 mod embed;
 mod faults;
 mod fuzz;

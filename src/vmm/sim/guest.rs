@@ -125,7 +125,7 @@ impl SimGuest {
         });
         let thread_inner = Arc::clone(&inner);
         let writer = std::thread::Builder::new()
-            .name(format!("sim-writer-{}", inner.config.id))
+            .name(crate::vmm::guest_thread_name("sim-writer", &inner.config.id))
             .spawn(move || writer_loop(&thread_inner))
             .map_err(VmmError::Thread)?;
         Ok(Self {
