@@ -22,6 +22,12 @@ use actix::prelude::*;
 
 use super::error::EngineError;
 
+/// Bound on a guest command (pause, resume, state save or load, a dirty-log round): a kvm pause
+/// may take 5 s, and a command may wait behind the one before it.
+pub(crate) const GUEST_ASK: Duration = Duration::from_secs(30);
+/// Bound on creating or reserving a VM: committing a large guest's memory takes seconds.
+pub(crate) const BACKEND_ASK: Duration = Duration::from_secs(120);
+
 /// An internal request that got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AskError {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::ask::{ask, BACKEND_ASK, GUEST_ASK};
 use super::error::EngineError;
 use super::receiver::{AbortIncoming, Handover, Receiver, ReceiverParams};
 use super::request::HostConfig;
@@ -177,10 +178,12 @@ impl Handler<CreateVmOnHost> for Host {
         let bytes = config.memory_bytes;
         let id = msg.id;
         self.committed_bytes += bytes;
-        let create = self.backend.send(CreateVm {
+        let backend = self.backend.clone();
+        let create_vm = CreateVm {
             config,
             workload: msg.workload,
-        });
+        };
+        let create = async move { ask(&backend, create_vm, "vm create", BACKEND_ASK).await };
         Box::pin(create.into_actor(self).map(move |res, act, _| {
             let guest = match res {
                 Ok(Ok(g)) => g,
@@ -342,7 +345,8 @@ impl Handler<ReserveIncoming> for Host {
             return Box::pin(fut::ready(Err(e)));
         }
         self.committed_bytes += bytes;
-        let reserve = self.backend.send(ReserveVm { config, demand_paged });
+        let backend = self.backend.clone();
+        let reserve = async move { ask(&backend, ReserveVm { config, demand_paged }, "vm reserve", BACKEND_ASK).await };
         Box::pin(reserve.into_actor(self).map(move |res, act, _| {
             let guest = match res {
                 Ok(Ok(g)) => g,
@@ -704,11 +708,13 @@ impl Handler<ResumeHeldVm> for Host {
         };
         let id = msg.0;
         let run = async move {
-            vm.send(EndOutgoing { moved: false })
+            ask(&vm, EndOutgoing { moved: false }, "vm end outgoing", GUEST_ASK)
                 .await?
                 .map_err(|e| EngineError::Vm(e.to_string()))?;
-            vm.send(ResumeVm).await?.map_err(|e| EngineError::Vm(e.to_string()))?;
-            Ok::<_, EngineError>(vm.send(GetVmInfo).await?)
+            ask(&vm, ResumeVm, "vm resume", GUEST_ASK)
+                .await?
+                .map_err(|e| EngineError::Vm(e.to_string()))?;
+            Ok::<_, EngineError>(ask(&vm, GetVmInfo, "vm info", GUEST_ASK).await?)
         };
         Box::pin(run.into_actor(self).map(move |r, act, _| {
             if r.is_ok() {

@@ -12,6 +12,7 @@ use actix::prelude::*;
 use tokio::sync::{broadcast, mpsc};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::ask::{ask, BACKEND_ASK, GUEST_ASK};
 use super::error::Side;
 use super::events::MigrationEvent;
 use super::faults::{FaultKind, FaultPlan};
@@ -293,7 +294,9 @@ impl TargetRun {
         }
         let missing = self.vm.as_ref().map_or(0, |(_, g)| g.missing_pages());
         if let (Some((vm, _)), true) = (&self.vm, missing > 0) {
-            let _ = vm.send(PauseVm).await;
+            if let Err(e) = ask(vm, PauseVm, "vm pause", GUEST_ASK).await {
+                tracing::error!(error = %e, "the guest lacking pages did not pause");
+            }
         }
         tracing::warn!(host = %self.host_name, cause, missing, "post-copy link lost; guest paused, awaiting recovery");
         if let Some(events) = &self.params.events {
@@ -374,7 +377,7 @@ impl TargetRun {
         .await?;
         if !guest.is_running() {
             if let Some((vm, _)) = &self.vm {
-                match vm.send(ResumeVm).await {
+                match ask(vm, ResumeVm, "vm resume", GUEST_ASK).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
                     Err(e) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
@@ -772,7 +775,8 @@ impl TargetRun {
         data: (DataReceiver, FramePool),
     ) -> Result<(), Exit> {
         let (data_rx, pool) = data;
-        let (vm, guest) = match self.host.send(ReserveIncoming { config, demand_paged }).await {
+        let reserve = ReserveIncoming { config, demand_paged };
+        let (vm, guest) = match ask(&self.host, reserve, "reservation", BACKEND_ASK).await {
             Ok(Ok(x)) => x,
             Ok(Err(reason)) => return Err(Exit::Fail(reason)),
             Err(e) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
@@ -829,10 +833,15 @@ impl TargetRun {
         devices: Vec<crate::format::DeviceState>,
     ) -> Result<(), Exit> {
         let (vm, guest) = self.vm.clone().ok_or_else(|| violation("state before reservation"))?;
-        let load = vm.send(LoadVmState {
-            vcpus: vcpus.clone(),
-            devices,
-        });
+        let load = ask(
+            &vm,
+            LoadVmState {
+                vcpus: vcpus.clone(),
+                devices,
+            },
+            "vm state load",
+            GUEST_ASK,
+        );
         match load.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Exit::Fail(AbortReason::StateLoadFailed { detail: e.to_string() })),
@@ -862,7 +871,7 @@ impl TargetRun {
         if let Err(e) = guest.start_dirty_log() {
             return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }));
         }
-        match vm.send(ResumeVm).await {
+        match ask(&vm, ResumeVm, "vm resume", GUEST_ASK).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
             Err(e) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
@@ -972,7 +981,9 @@ impl TargetRun {
                 if guest.missing_pages() > 0 {
                     // Post-copy interrupted: pause here. The source never resumes its stale
                     // copy, and this one never runs with holes.
-                    let _ = vm.send(PauseVm).await;
+                    if let Err(e) = ask(&vm, PauseVm, "vm pause", GUEST_ASK).await {
+                        tracing::error!(error = %e, "the guest lacking pages did not pause");
+                    }
                 }
             } else {
                 self.host.do_send(ReleaseVm(guest.config().id.0.clone()));

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use actix::prelude::*;
 use tokio::sync::{broadcast, oneshot, watch};
 
+use super::ask::{ask, GUEST_ASK};
 use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::{
@@ -347,12 +348,12 @@ impl Engine {
                 vm: vm_id,
             })?;
             // Taking the VM first makes a second migration of it fail here, before any link.
-            vm.send(BeginOutgoing)
+            ask(&vm, BeginOutgoing, "vm begin outgoing", GUEST_ASK)
                 .await?
                 .map_err(|e| EngineError::Vm(e.to_string()))?;
             // From here every failure hands the VM back before returning.
             let taken = async {
-                let guest = vm.send(GetGuest).await?;
+                let guest = ask(&vm, GetGuest, "vm guest", GUEST_ASK).await?;
                 let caps = source.send(GetCapabilities).await?;
                 let tcp_end = match target_addr {
                     Some(addr) => Some(

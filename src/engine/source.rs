@@ -13,6 +13,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use super::ask::{ask, GUEST_ASK};
 use super::error::{EngineError, Side};
 use super::events::MigrationEvent;
 use super::faults::{Fault, FaultKind, FaultPlan};
@@ -660,7 +661,9 @@ impl SourceRun {
         M::Result: Send,
         Vm: Handler<M>,
     {
-        self.s.vm.send(msg).await.map_err(local)
+        ask(&self.s.vm, msg, std::any::type_name::<M>(), GUEST_ASK)
+            .await
+            .map_err(local)
     }
 
     // ---- the stages ----
@@ -827,7 +830,10 @@ impl SourceRun {
     async fn precopy(&mut self, pool: &Pool) -> Result<(AfterPrecopy, PageSet), Fail> {
         self.enter(Stage::Precopy)?;
         let tracker = DirtyTracker::new(Arc::clone(&self.s.guest) as Arc<dyn crate::dirty::DirtyLogSource>).start();
-        tracker.send(StartDirtyLog).await.map_err(local)?.map_err(local)?;
+        ask(&tracker, StartDirtyLog, "dirty log start", GUEST_ASK)
+            .await
+            .map_err(local)?
+            .map_err(local)?;
         self.tracker = Some(tracker.clone());
         let pages_total = self.s.guest.memory().page_count();
         let cfg = self.s.req.policy;
@@ -845,7 +851,10 @@ impl SourceRun {
             self.first_pass_done = true;
             let batches_total = self.plane.as_ref().map(|p| p.batches_sent()).unwrap_or(0);
             self.send(ControlMessage::RoundDone { round, batches_total }).await?;
-            let dirty = tracker.send(CollectDirtyPages).await.map_err(local)?.map_err(local)?;
+            let dirty = ask(&tracker, CollectDirtyPages, "dirty log collect", GUEST_ASK)
+                .await
+                .map_err(local)?
+                .map_err(local)?;
             let round_time = clock::now().duration_since(round_started).as_secs_f64().max(1e-6);
             let dirty_rate = dirty.len() as f64 / round_time;
             last_dirty_rate_bytes = dirty_rate * PAGE_SIZE as f64;
@@ -1009,9 +1018,12 @@ impl SourceRun {
         self.paused_at = Some(clock::now());
         self.paused_by_us = was_running;
         if let Some(tracker) = self.tracker.take() {
-            let last = tracker.send(CollectDirtyPages).await.map_err(local)?.map_err(local)?;
+            let last = ask(&tracker, CollectDirtyPages, "dirty log collect", GUEST_ASK)
+                .await
+                .map_err(local)?
+                .map_err(local)?;
             pages.union_with(&last);
-            let _ = tracker.send(StopDirtyLog).await;
+            let _ = ask(&tracker, StopDirtyLog, "dirty log stop", GUEST_ASK).await;
         }
         self.set_remaining(pages.len());
         Ok(pages)
@@ -1451,7 +1463,7 @@ impl SourceRun {
             }
         }
         if let Some(tracker) = self.tracker.take() {
-            let _ = tracker.send(StopDirtyLog).await;
+            let _ = ask(&tracker, StopDirtyLog, "dirty log stop", GUEST_ASK).await;
         }
         let outcome = fail.outcome();
         let stage = self.current;
@@ -1459,9 +1471,13 @@ impl SourceRun {
         let location = if !committed {
             // Before commitment the source copy is the only one: run it again.
             if self.paused_by_us {
-                let _ = self.s.vm.send(ResumeVm).await;
+                if let Err(e) = ask(&self.s.vm, ResumeVm, "vm resume", GUEST_ASK).await {
+                    tracing::error!(error = %e, "rollback: the source VM did not resume");
+                }
             }
-            let _ = self.s.vm.send(EndOutgoing { moved: false }).await;
+            if let Err(e) = ask(&self.s.vm, EndOutgoing { moved: false }, "vm end outgoing", GUEST_ASK).await {
+                tracing::error!(error = %e, "rollback: the source VM was not handed back");
+            }
             VmLocation::Source
         } else if self.activated && !self.pulling {
             VmLocation::Target

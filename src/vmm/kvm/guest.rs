@@ -281,7 +281,7 @@ impl KvmGuest {
             if boot {
                 setup_long_mode(&fd, CODE_ADDR, STACK_TOP).map_err(|e| VmmError::Failed(format!("boot: {e}")))?;
             }
-            let name = format!("kvm-vcpu{id}-{}", config.id);
+            let name = crate::vmm::guest_thread_name(&format!("kvm-vcpu{id}"), &config.id);
             let thread = VcpuThread::spawn(id, fd, Arc::clone(&msrs), Arc::clone(&view), Arc::clone(&report), name)
                 .map_err(|e| VmmError::Failed(e.to_string()))?;
             vcpus.push(thread);
