@@ -22,6 +22,7 @@ mod report;
 mod request;
 mod route;
 mod source;
+pub(crate) mod testpoint;
 pub mod stage;
 pub mod verify;
 
