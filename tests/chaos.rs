@@ -29,8 +29,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use chaos::{
-    send_signal, serve_has_drain_to, unique, wait_for, write_cluster_key, ChaosDaemon, DaemonSpec, Ran, Seen,
-    TempDir, POLL, TIMEOUT,
+    send_signal, serve_has_drain_to, unique, wait_for, write_cluster_key, ChaosDaemon, DaemonSpec, Ran, Seen, TempDir,
+    POLL, TIMEOUT,
 };
 
 /// How long the source holds at the cell's point: long enough for the harness to see the line
@@ -44,6 +44,8 @@ const STABLE: Duration = Duration::from_millis(1500);
 const BANDWIDTH: &str = "32MB";
 /// Post-copy recovery gives up after this long, so a cell with a dead target ends.
 const RECOVERY_TIMEOUT_S: &str = "5";
+/// Lines of a daemon's log shown when a cell cannot reach its point.
+const LOG_TAIL: usize = 12;
 /// Operator rounds (an action, then settling again) before the test gives up on a cell.
 const MAX_ACTIONS: usize = 4;
 
@@ -322,8 +324,12 @@ fn drive(cell: &Cell) -> Result<Outcome, String> {
     if !created.ok {
         return Err(created.summary());
     }
-    wait_for(|| pair.a.look(&vm).copy().filter(|c| c.writes > 0).map(|_| ()))
-        .ok_or("the VM's writer never wrote")?;
+    let mut last = Seen::Down;
+    wait_for(|| {
+        last = pair.a.look(&vm);
+        last.copy().filter(|c| c.writes > 0).map(|_| ())
+    })
+    .ok_or_else(|| format!("the VM's writer never wrote: a shows {}", show(&last)))?;
     let to = pair.b.migration_addr.to_string();
     let started = pair.a.cli(&[
         "migrate",
@@ -354,11 +360,13 @@ fn drive(cell: &Cell) -> Result<Outcome, String> {
         }
         if let Some(s) = pair.a.migration_status(id) {
             if !matches!(s["status"].as_str(), Some("queued" | "active")) {
+                let log = pair.a.stderr_lines();
                 break Err(format!(
-                    "migration ended {} in {} before the point ({})",
+                    "migration {id} ended {} in {} before the point ({}); the source's log ends:\n    {}",
                     s["status"],
                     s["stage"],
-                    s["error"].as_str().unwrap_or("")
+                    s["error"].as_str().unwrap_or(""),
+                    log[log.len().saturating_sub(LOG_TAIL)..].join("\n    ")
                 ));
             }
         }
@@ -396,7 +404,12 @@ fn drive(cell: &Cell) -> Result<Outcome, String> {
             break;
         };
         outcome.actions.push(ran.summary());
+        let worked = ran.ok;
         runs.push((side, ran, listed));
+        // A command that failed changed nothing: trying it again, or waiting, would not help.
+        if !worked {
+            break;
+        }
         (sa, sb, settled) = pair.settle();
     }
     outcome.final_state = format!("{} / {}", sa.short(), sb.short());
@@ -425,7 +438,11 @@ fn drive(cell: &Cell) -> Result<Outcome, String> {
                 wait_for(|| d.look(&vm).copy().filter(|c| c.writes > w0).map(|_| ()))
                     .ok_or_else(|| format!("the copy on {side:?} runs but its guest does not write"))
             }
-            other => Err(format!("{} running copies at the end: {}", other.len(), outcome.final_state)),
+            other => Err(format!(
+                "{} running copies at the end: {}",
+                other.len(),
+                outcome.final_state
+            )),
         };
         outcome.checks.push(("kept", kept));
     }
@@ -585,7 +602,16 @@ fn test_chaos_signals_never_leave_two_copies_or_an_unresolved_one() {
     let _ = writeln!(
         table,
         "{:>3} {:<13} {:<13} {:<6} {:<4} {:<7} {:<34} {:<34} {:<36} {:>6}  verdict",
-        "#", "algorithm", "point", "side", "sig", "reached", "after settling (a / b)", "final (a / b)", "checks", "time"
+        "#",
+        "algorithm",
+        "point",
+        "side",
+        "sig",
+        "reached",
+        "after settling (a / b)",
+        "final (a / b)",
+        "checks",
+        "time"
     );
     println!("{table}");
     let mut details = String::new();
@@ -607,7 +633,11 @@ fn test_chaos_signals_never_leave_two_copies_or_an_unresolved_one() {
             }
         }
     }
-    let summary = format!("{} cells: {} passed, {failed} failed", cells.len(), cells.len() - failed);
+    let summary = format!(
+        "{} cells: {} passed, {failed} failed",
+        cells.len(),
+        cells.len() - failed
+    );
     let _ = writeln!(table, "{summary}\n{details}");
     println!("{summary}\n{details}");
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-table.txt");

@@ -22,8 +22,8 @@ mod report;
 mod request;
 mod route;
 mod source;
-pub(crate) mod testpoint;
 pub mod stage;
+pub(crate) mod testpoint;
 pub mod verify;
 
 pub use error::{EngineError, Side};

@@ -97,10 +97,13 @@ fn parse(spec: &str) -> Result<Holds, TestpointError> {
         let point: Point = name.parse()?;
         let duration = match millis {
             None => DEFAULT_HOLD,
-            Some(m) => m.parse().map(Duration::from_millis).map_err(|_| TestpointError::BadMillis {
-                point: name.to_string(),
-                millis: m.to_string(),
-            })?,
+            Some(m) => m
+                .parse()
+                .map(Duration::from_millis)
+                .map_err(|_| TestpointError::BadMillis {
+                    point: name.to_string(),
+                    millis: m.to_string(),
+                })?,
         };
         holds[point.index()] = Some(duration);
     }

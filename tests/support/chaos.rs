@@ -251,9 +251,17 @@ impl ChaosDaemon {
     pub fn start(spec: &DaemonSpec<'_>) -> Result<ChaosDaemon, String> {
         let listen = spec.listen.to_string();
         let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--listen", &listen, "--api", "127.0.0.1:0", "--name", spec.name])
-            .arg("--cluster-key-file")
-            .arg(spec.key_file);
+        cmd.args([
+            "serve",
+            "--listen",
+            &listen,
+            "--api",
+            "127.0.0.1:0",
+            "--name",
+            spec.name,
+        ])
+        .arg("--cluster-key-file")
+        .arg(spec.key_file);
         if serve_has_drain_to() {
             cmd.args(["--drain-to", &spec.drain_to.to_string()]);
         }
@@ -339,9 +347,7 @@ impl ChaosDaemon {
             self.api,
             body.len()
         );
-        stream
-            .write_all(request.as_bytes())
-            .map_err(|e| format!("send: {e}"))?;
+        stream.write_all(request.as_bytes()).map_err(|e| format!("send: {e}"))?;
         let mut answer = Vec::new();
         // Bounded: a daemon's answer to these requests is small.
         stream
