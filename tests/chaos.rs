@@ -29,8 +29,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use chaos::{
-    send_signal, serve_has_drain_to, unique, wait_for, write_cluster_key, ChaosDaemon, DaemonSpec, Ran, Seen, TempDir,
-    POLL, TIMEOUT,
+    send_signal, serve_has, unique, wait_for, write_cluster_key, ChaosDaemon, DaemonSpec, Ran, Seen, TempDir, POLL,
+    TIMEOUT,
 };
 
 /// How long the source holds at the cell's point: long enough for the harness to see the line
@@ -298,6 +298,7 @@ fn drive(cell: &Cell) -> Result<Outcome, String> {
         listen,
         drain_to,
         key_file: &key,
+        dir: &dir.0,
         hold: &hold,
     };
     let a = ChaosDaemon::start(&spec("a", port_a, port_b))?;
@@ -597,7 +598,7 @@ fn test_chaos_signals_never_leave_two_copies_or_an_unresolved_one() {
             _ => "filtered by MIGRATORY_CHAOS",
         },
         cells.len(),
-        if serve_has_drain_to() { "passed" } else { "absent from serve (not passed)" },
+        if serve_has("--drain-to") { "passed" } else { "absent from serve (not passed)" },
     );
     let _ = writeln!(
         table,
@@ -644,5 +645,6 @@ fn test_chaos_signals_never_leave_two_copies_or_an_unresolved_one() {
     if std::fs::write(&path, &table).is_ok() {
         println!("table written to {}", path.display());
     }
+    chaos::remove_bin_copy();
     assert_eq!(failed, 0, "{summary}; the table above says which and why");
 }

@@ -18,8 +18,47 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_migratory");
+/// The binary under test, as cargo built it.
+const BUILT: &str = env!("CARGO_BIN_EXE_migratory");
+
+/// The binary the matrix runs: a private copy of [`BUILT`], taken once. A target directory
+/// shared between worktrees lets another branch's build replace the built file in the middle of
+/// a run, and the later cells would then test that branch's code.
+pub fn bin() -> &'static Path {
+    static COPY: OnceLock<PathBuf> = OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("chaos-bin"));
+        let copy = dir.join("migratory");
+        match std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(BUILT, &copy)) {
+            Ok(_) => copy,
+            Err(_) => PathBuf::from(BUILT),
+        }
+    })
+}
+
+/// Removes the copy [`bin`] made, once the matrix is done.
+pub fn remove_bin_copy() {
+    let copy = bin();
+    if copy != Path::new(BUILT) {
+        if let Some(dir) = copy.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// True if this build's `serve --help` lists `flag`: the matrix runs against the flags being
+/// built (`--drain-to`, `--api-token-file`) when they exist, and without them before.
+pub fn serve_has(flag: &'static str) -> bool {
+    static HELP: OnceLock<String> = OnceLock::new();
+    let help = HELP.get_or_init(|| {
+        Command::new(bin())
+            .args(["serve", "--help"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    });
+    help.contains(flag)
+}
 
 /// The bound on every wait of the matrix: a daemon's start, reaching a hold point, settling
 /// after a signal, a client command.
@@ -119,19 +158,6 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// True if this build's `serve` has `--drain-to` (the SIGTERM evacuation being built); without
-/// it the daemons start without the flag, so the matrix still runs against older code.
-pub fn serve_has_drain_to() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        Command::new(BIN)
-            .args(["serve", "--help"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--drain-to"))
-            .unwrap_or(false)
-    })
-}
-
 /// Sends `signal` to `pid`.
 pub fn send_signal(pid: u32, signal: libc::c_int) -> Result<(), String> {
     let pid = libc::pid_t::try_from(pid).map_err(|e| format!("pid {pid}: {e}"))?;
@@ -207,6 +233,8 @@ pub struct DaemonSpec<'a> {
     pub listen: SocketAddr,
     pub drain_to: SocketAddr,
     pub key_file: &'a Path,
+    /// Where the daemon may keep files (its API token).
+    pub dir: &'a Path,
     /// `MIGRATORY_TEST_HOLD` of the process.
     pub hold: &'a str,
 }
@@ -244,13 +272,15 @@ pub struct ChaosDaemon {
     /// Every stderr line so far, drained by a thread so the pipe never fills.
     stderr: Arc<Mutex<Vec<String>>>,
     exited: bool,
+    /// The API's bearer token, where the daemon has one.
+    token: Option<String>,
 }
 
 impl ChaosDaemon {
     /// Starts the daemon and waits (at most [`TIMEOUT`]) for its ready line.
     pub fn start(spec: &DaemonSpec<'_>) -> Result<ChaosDaemon, String> {
         let listen = spec.listen.to_string();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args([
             "serve",
             "--listen",
@@ -262,10 +292,16 @@ impl ChaosDaemon {
         ])
         .arg("--cluster-key-file")
         .arg(spec.key_file);
-        if serve_has_drain_to() {
+        if serve_has("--drain-to") {
             cmd.args(["--drain-to", &spec.drain_to.to_string()]);
         }
+        // The daemon makes the token file; the harness reads it once the daemon is ready.
+        let token_file = serve_has("--api-token-file").then(|| spec.dir.join(format!("api-token-{}", spec.name)));
+        if let Some(file) = &token_file {
+            cmd.arg("--api-token-file").arg(file);
+        }
         cmd.env_remove("MIGRATORY_CLUSTER_KEY")
+            .env_remove("MIGRATORY_API_TOKEN_FILE")
             .env("MIGRATORY_TEST_HOLD", spec.hold)
             // The hold line is a warning and the stage lines are info: keep both visible.
             .env("RUST_LOG", "info")
@@ -290,12 +326,18 @@ impl ChaosDaemon {
             api: spec.listen,
             stderr,
             exited: false,
+            token: None,
         };
         let prefix = format!("migratory: host {} serving migrations on ", spec.name);
         let deadline = Instant::now() + TIMEOUT;
         loop {
             if let Some(rest) = daemon.stderr_lines().iter().find_map(|l| l.strip_prefix(&prefix)) {
                 daemon.api = parse_ready(rest)?;
+                if let Some(file) = &token_file {
+                    let token =
+                        std::fs::read_to_string(file).map_err(|e| format!("API token {}: {e}", file.display()))?;
+                    daemon.token = Some(token.trim().to_string());
+                }
                 return Ok(daemon);
             }
             if !daemon.is_alive() || Instant::now() >= deadline {
@@ -342,8 +384,13 @@ impl ChaosDaemon {
             .and_then(|()| stream.set_write_timeout(Some(HTTP_TIMEOUT)))
             .map_err(|e| format!("socket: {e}"))?;
         let body = body.map(Value::to_string).unwrap_or_default();
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.api,
             body.len()
         );
@@ -407,13 +454,18 @@ impl ChaosDaemon {
     /// Runs the CLI client against this daemon, bounded by [`TIMEOUT`].
     pub fn cli(&self, args: &[&str]) -> Ran {
         let line = format!("{}: migratory {}", self.name, args.join(" "));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(args)
             .args(["--api", &format!("http://{}", self.api)])
             .env_remove("MIGRATORY_API")
+            .env_remove("MIGRATORY_API_TOKEN_FILE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        match &self.token {
+            Some(t) => cmd.env("MIGRATORY_API_TOKEN", t),
+            None => cmd.env_remove("MIGRATORY_API_TOKEN"),
+        };
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
