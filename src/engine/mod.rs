@@ -26,6 +26,7 @@ mod request;
 mod route;
 mod source;
 pub mod stage;
+pub(crate) mod testpoint;
 pub mod verify;
 
 pub use drain::{DrainReport, DrainedVm, StayedVm};

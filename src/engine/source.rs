@@ -590,6 +590,7 @@ impl SourceRun {
     }
 
     async fn expect(&mut self, want: &'static str) -> Result<ControlMessage, Fail> {
+        super::testpoint::hold_before_reply(want, self.s.id).await;
         let m = self.recv().await?;
         if m.name() == want {
             Ok(m)
@@ -856,6 +857,7 @@ impl SourceRun {
                 .map_err(local)?
                 .map_err(local)?;
             let round_time = clock::now().duration_since(round_started).as_secs_f64().max(1e-6);
+            super::testpoint::hold(super::testpoint::Point::PrecopyRound, self.s.id).await;
             let dirty_rate = dirty.len() as f64 / round_time;
             last_dirty_rate_bytes = dirty_rate * PAGE_SIZE as f64;
             if stats.bytes > 0 {
@@ -1017,6 +1019,7 @@ impl SourceRun {
         self.vm_call(PauseVm).await?.map_err(local)?;
         self.paused_at = Some(clock::now());
         self.paused_by_us = was_running;
+        super::testpoint::hold(super::testpoint::Point::Stopcopy, self.s.id).await;
         if let Some(tracker) = self.tracker.take() {
             let last = ask(&tracker, CollectDirtyPages, "dirty log collect", GUEST_ASK)
                 .await
@@ -1210,6 +1213,7 @@ impl SourceRun {
     async fn pull(&mut self, missing: PageSet) -> Result<(), Fail> {
         let plane = self.plane.as_ref().ok_or_else(|| Fail::Local("no data plane".into()))?;
         let mut pushed = plane.start_postcopy(missing).map_err(local)?;
+        super::testpoint::hold(super::testpoint::Point::Pull, self.s.id).await;
         let mut push_stats = None;
         loop {
             tokio::select! {
