@@ -622,7 +622,8 @@ async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration
         return bad_name("vm", &e);
     }
     if let Err(e) = check_peer(&b.to) {
-        return HttpResponse::BadRequest().json(serde_json::json!({ "error": format!("invalid `to`: {e}"), "field": "to" }));
+        return HttpResponse::BadRequest()
+            .json(serde_json::json!({ "error": format!("invalid `to`: {e}"), "field": "to" }));
     }
     if b.faults.is_some() && !state.fault_injection {
         return bad(
@@ -750,7 +751,11 @@ mod tests {
             let r = refusal(Some(&malformed)).unwrap();
             assert!(r.message.starts_with("malformed"), "{malformed}: {r:?}");
         }
-        for wrong in ["Bearer x", &format!("Bearer {}", &TOKEN[1..]), &format!("Bearer {TOKEN}0")] {
+        for wrong in [
+            "Bearer x",
+            &format!("Bearer {}", &TOKEN[1..]),
+            &format!("Bearer {TOKEN}0"),
+        ] {
             let r = refusal(Some(wrong)).unwrap();
             assert!(r.wrong && r.message == "wrong bearer token", "{wrong}: {r:?}");
             assert!(r.challenge.starts_with("Bearer "), "{r:?}");

@@ -136,7 +136,9 @@ fn test_api_needs_the_right_bearer_token() {
     assert_eq!(missing.status, 401, "{missing:?}");
     assert!(missing.error().starts_with("missing bearer token"), "{missing:?}");
     assert!(
-        missing.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")),
+        missing
+            .header("www-authenticate")
+            .is_some_and(|v| v.starts_with("Bearer")),
         "{missing:?}"
     );
 
@@ -150,7 +152,9 @@ fn test_api_needs_the_right_bearer_token() {
         assert_eq!(wrong.error(), expected);
         assert!(!wrong.body.contains(&token), "the answer leaks the token: {wrong:?}");
         assert!(
-            wrong.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")),
+            wrong
+                .header("www-authenticate")
+                .is_some_and(|v| v.starts_with("Bearer")),
             "{wrong:?}"
         );
     }
@@ -188,7 +192,11 @@ fn test_token_file_is_made_private_at_first_start_and_reused() {
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
     assert_eq!(mode(&file), 0o600);
     assert_eq!(mode(file.parent().expect("parent")), 0o700);
-    assert!(d.stderr_text().contains("made the API token file"), "{}", d.stderr_text());
+    assert!(
+        d.stderr_text().contains("made the API token file"),
+        "{}",
+        d.stderr_text()
+    );
     d.create_vm("vm1", "16MiB");
     drop(d);
 
@@ -201,7 +209,10 @@ fn test_token_file_is_made_private_at_first_start_and_reused() {
     );
     assert_eq!(token_of(&again), token);
     let log = again.stderr_text();
-    assert!(log.contains("warning: the API token file") && log.contains("644"), "{log}");
+    assert!(
+        log.contains("warning: the API token file") && log.contains("644"),
+        "{log}"
+    );
     assert!(!log.contains(&token), "the log shows the token: {log}");
     assert_eq!(request(&again.api, "GET", "/vms", Some(&token), None).status, 200);
 }
@@ -273,7 +284,13 @@ fn test_fault_injection_needs_its_flag() {
 
     let testing = Daemon::start("fe", "xen-hvm", &["--enable-fault-injection"]);
     testing.create_vm("vm1", "16MiB");
-    let raw = request(&testing.api, "POST", "/migrations", Some(&token_of(&testing)), Some(&body));
+    let raw = request(
+        &testing.api,
+        "POST",
+        "/migrations",
+        Some(&token_of(&testing)),
+        Some(&body),
+    );
     assert_eq!(raw.status, 202, "{raw:?}");
 }
 
@@ -281,7 +298,11 @@ fn test_fault_injection_needs_its_flag() {
 fn test_allow_peer_limits_where_vms_go() {
     let allowed = Daemon::start("pb", "kvm", &[]);
     let list = format!("127.0.0.2:7,{}", allowed.migration_addr);
-    let a = Daemon::start("pa", "xen-hvm", &["--allow-peer", &list, "--allow-peer", "localhost:19"]);
+    let a = Daemon::start(
+        "pa",
+        "xen-hvm",
+        &["--allow-peer", &list, "--allow-peer", "localhost:19"],
+    );
     a.create_vm("vm1", "16MiB");
     let run = a.cli(&["migrate", "vm1", "--to", "127.0.0.1:9"]);
     assert!(!run.status.success(), "{}", run.describe());
@@ -300,7 +321,12 @@ fn test_bad_ids_get_400_and_the_daemon_keeps_working() {
     let d = Daemon::start("ids", "kvm", &[]);
     let token = token_of(&d);
     let long = "x".repeat(4096);
-    for (what, id) in [("NUL", "a\0b"), ("slash", "a/b"), ("newline", "a\nb"), ("4 KiB", long.as_str())] {
+    for (what, id) in [
+        ("NUL", "a\0b"),
+        ("slash", "a/b"),
+        ("newline", "a\nb"),
+        ("4 KiB", long.as_str()),
+    ] {
         let create = request(&d.api, "POST", "/vms", Some(&token), Some(&create_body(id)));
         assert_eq!(create.status, 400, "{what}: {create:?}");
         assert_eq!(create.json()["field"], "id", "{what}: {create:?}");
@@ -322,7 +348,13 @@ fn test_bad_ids_get_400_and_the_daemon_keeps_working() {
     d.create_vm("vm-ok", "16MiB");
     let list = request(&d.api, "GET", "/vms", Some(&token), None);
     assert_eq!(list.status, 200, "{list:?}");
-    let ids: Vec<Value> = list.json().as_array().expect("a list").iter().map(|v| v["id"].clone()).collect();
+    let ids: Vec<Value> = list
+        .json()
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|v| v["id"].clone())
+        .collect();
     assert_eq!(ids, vec![json!("vm-ok")]);
 }
 
@@ -331,18 +363,33 @@ fn test_daemon_without_a_cluster_key_needs_insecure_no_auth() {
     let dir = Scratch::new("nokey");
     let token = dir.path("api-token");
     let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--name", "nokey", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-        .args(["--api-token-file", path_str(&token)])
-        .env_remove("MIGRATORY_CLUSTER_KEY");
+    cmd.args([
+        "serve",
+        "--name",
+        "nokey",
+        "--listen",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+    ])
+    .args(["--api-token-file", path_str(&token)])
+    .env_remove("MIGRATORY_CLUSTER_KEY");
     let run = PendingRun::spawn(cmd).expect("spawn serve").finish();
     assert!(!run.status.success(), "{}", run.describe());
-    for needed in ["no cluster key", "--cluster-key-file", "/dev/urandom", "--insecure-no-auth"] {
+    for needed in [
+        "no cluster key",
+        "--cluster-key-file",
+        "/dev/urandom",
+        "--insecure-no-auth",
+    ] {
         assert!(run.stderr.contains(needed), "{needed:?} missing: {}", run.describe());
     }
 
     let insecure = Daemon::start("insecure", "kvm", &["--insecure-no-auth"]);
     assert!(
-        insecure.stderr_text().contains("--insecure-no-auth: migrations are not authenticated"),
+        insecure
+            .stderr_text()
+            .contains("--insecure-no-auth: migrations are not authenticated"),
         "{}",
         insecure.stderr_text()
     );
@@ -350,9 +397,17 @@ fn test_daemon_without_a_cluster_key_needs_insecure_no_auth() {
 
     // The key may come from the environment; the host name is checked like any other name.
     let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--name", "a b", "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-        .args(["--api-token-file", path_str(&token)])
-        .env("MIGRATORY_CLUSTER_KEY", TEST_CLUSTER_KEY);
+    cmd.args([
+        "serve",
+        "--name",
+        "a b",
+        "--listen",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+    ])
+    .args(["--api-token-file", path_str(&token)])
+    .env("MIGRATORY_CLUSTER_KEY", TEST_CLUSTER_KEY);
     let run = PendingRun::spawn(cmd).expect("spawn serve").finish();
     assert!(!run.status.success(), "{}", run.describe());
     assert!(run.stderr.contains("--name: host name \"a b\""), "{}", run.describe());

@@ -248,7 +248,12 @@ impl Daemon {
             "netns", "exec", ns, BIN, "serve", "--listen", &listen, "--api", API_ADDR,
         ])
         .args(["--name", name, "--layout", layout])
-        .args(["--cluster-key-file", path_str(&key), "--api-token-file", path_str(&token)]);
+        .args([
+            "--cluster-key-file",
+            path_str(&key),
+            "--api-token-file",
+            path_str(&token),
+        ]);
         let serve::Started { child, stderr, ready } = serve::start(cmd, name, TIMEOUT);
         let ready = Ready::parse(&ready);
         assert_eq!(ready.migrations, listen, "daemon {name} in {ns}: {ready:?}");

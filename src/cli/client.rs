@@ -906,7 +906,11 @@ mod tests {
         let client = ApiClient::new(&server.url()).unwrap();
         client.get("/vms", None).unwrap();
         let seen = server.next_request();
-        assert!(!seen.head.to_ascii_lowercase().contains("authorization"), "{}", seen.head);
+        assert!(
+            !seen.head.to_ascii_lowercase().contains("authorization"),
+            "{}",
+            seen.head
+        );
         client.with_token(Some(token.clone())).get("/vms", None).unwrap();
         let seen = server.next_request();
         assert!(
@@ -940,7 +944,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let err = client.get("/vms", None).unwrap_err();
         assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
-        assert!(err.to_string().ends_with(&format!("/vms at unix:{}", path.display())), "{err}");
+        assert!(
+            err.to_string().ends_with(&format!("/vms at unix:{}", path.display())),
+            "{err}"
+        );
     }
 
     #[test]

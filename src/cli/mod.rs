@@ -407,10 +407,16 @@ mod tests {
         std::fs::write(&default, &t_default).unwrap();
         let env = || Some(t_env.clone());
         let get = |f, e, d, unix| resolve_token(f, e, d, unix).unwrap();
-        assert_eq!(get(Some(&flag), env(), Some(default.clone()), false), Some(t_flag.clone()));
+        assert_eq!(
+            get(Some(&flag), env(), Some(default.clone()), false),
+            Some(t_flag.clone())
+        );
         assert_eq!(get(Some(&flag), None, None, true), Some(t_flag));
         assert_eq!(get(None, env(), Some(default.clone()), false), Some(t_env));
-        assert_eq!(get(None, Some(" ".into()), Some(default.clone()), false), Some(t_default));
+        assert_eq!(
+            get(None, Some(" ".into()), Some(default.clone()), false),
+            Some(t_default)
+        );
         assert_eq!(get(None, None, Some(default.clone()), true), None);
         assert_eq!(get(None, None, Some(dir.join("absent")), false), None);
         assert_eq!(get(None, None, None, false), None);

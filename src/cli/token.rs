@@ -83,9 +83,7 @@ pub fn parse(text: &str, from: &str) -> Result<String, TokenError> {
         reason,
     };
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid(
-            "holds a space, a control or a non-ASCII character".to_string(),
-        ));
+        return Err(invalid("holds a space, a control or a non-ASCII character".to_string()));
     }
     if token.len() < MIN_TOKEN_CHARS {
         return Err(invalid(format!(
@@ -211,7 +209,11 @@ mod tests {
     #[test]
     fn test_bad_tokens_are_refused() {
         assert!(parse(&format!("  {}\n", "a".repeat(32)), "x").is_ok());
-        for bad in ["short", &format!("{} b", "a".repeat(32)), &format!("{}\r\nX: y", "a".repeat(32))] {
+        for bad in [
+            "short",
+            &format!("{} b", "a".repeat(32)),
+            &format!("{}\r\nX: y", "a".repeat(32)),
+        ] {
             assert!(matches!(parse(bad, "x"), Err(TokenError::Invalid { .. })), "{bad:?}");
         }
     }

@@ -147,9 +147,19 @@ mod tests {
     #[test]
     fn test_each_bad_name_gets_its_variant() {
         let long = "y".repeat(4096);
-        let cases: [(&str, fn(&NameError) -> bool); 12] = [
+        type Expect = fn(&NameError) -> bool;
+        let cases: [(&str, Expect); 12] = [
             ("", |e| matches!(e, NameError::Empty { limit: 64, .. })),
-            (&long, |e| matches!(e, NameError::TooLong { len: 4096, limit: 64, .. })),
+            (&long, |e| {
+                matches!(
+                    e,
+                    NameError::TooLong {
+                        len: 4096,
+                        limit: 64,
+                        ..
+                    }
+                )
+            }),
             ("a\0b", |e| matches!(e, NameError::BadCharacter { index: 1, .. })),
             ("a/b", |e| matches!(e, NameError::BadCharacter { index: 1, .. })),
             ("a\nb", |e| matches!(e, NameError::BadCharacter { index: 1, .. })),
