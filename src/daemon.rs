@@ -405,13 +405,13 @@ async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let expected = req.app_data::<web::Data<State>>().and_then(|s| s.token.clone());
-    let Some(expected) = expected else {
+    let state = req.app_data::<web::Data<State>>().cloned();
+    let Some(expected) = state.as_ref().and_then(|s| s.token.as_deref()) else {
         return next.call(req).await.map(ServiceResponse::map_into_left_body);
     };
-    let refusal = match bearer_refusal(req.headers().get(header::AUTHORIZATION), &expected) {
-        None => return next.call(req).await.map(ServiceResponse::map_into_left_body),
-        Some(r) => r,
+    let sent = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    let Err(refusal) = token::check_bearer(sent, expected) else {
+        return next.call(req).await.map(ServiceResponse::map_into_left_body);
     };
     if refusal.wrong {
         tracing::warn!(peer = ?req.peer_addr(), "API request with a wrong bearer token refused");
@@ -420,54 +420,6 @@ async fn require_token(
         .insert_header((header::WWW_AUTHENTICATE, refusal.challenge))
         .json(serde_json::json!({ "error": refusal.message }));
     Ok(req.into_response(response).map_into_right_body())
-}
-
-/// Why a request's credentials were refused.
-#[derive(Debug, PartialEq, Eq)]
-struct Refusal {
-    message: &'static str,
-    challenge: &'static str,
-    /// A token was sent and it was not the right one.
-    wrong: bool,
-}
-
-/// `None` when `header` carries `Bearer <expected>`; otherwise what to answer.
-fn bearer_refusal(header: Option<&HeaderValue>, expected: &str) -> Option<Refusal> {
-    let Some(value) = header else {
-        return Some(Refusal {
-            message: "missing bearer token: send `Authorization: Bearer <token>` with the token \
-                      from the daemon's API token file (--api-token-file)",
-            challenge: "Bearer realm=\"migratory\"",
-            wrong: false,
-        });
-    };
-    let bytes = value.as_bytes();
-    let scheme_ok = bytes.len() > 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ");
-    if !scheme_ok {
-        return Some(Refusal {
-            message: "malformed Authorization header: expected `Bearer <token>`",
-            challenge: "Bearer realm=\"migratory\", error=\"invalid_request\"",
-            wrong: false,
-        });
-    }
-    if same_secret(bytes[7..].trim_ascii(), expected.as_bytes()) {
-        return None;
-    }
-    Some(Refusal {
-        message: "wrong bearer token",
-        challenge: "Bearer realm=\"migratory\", error=\"invalid_token\"",
-        wrong: true,
-    })
-}
-
-/// Compares two secrets in time that depends only on their lengths (public: every token made
-/// here is 64 hex digits), so a caller cannot learn the token a byte at a time.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    let diff = given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    std::hint::black_box(diff) == 0
 }
 
 /// 400 naming the request field whose name was refused.
@@ -733,43 +685,6 @@ async fn metrics_text(metrics: web::Data<Option<PrometheusHandle>>) -> HttpRespo
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-
-    fn refusal(header: Option<&str>) -> Option<Refusal> {
-        let value = header.map(|h| HeaderValue::from_str(h).expect("a valid header value"));
-        bearer_refusal(value.as_ref(), TOKEN)
-    }
-
-    #[test]
-    fn test_bearer_check_tells_missing_malformed_and_wrong_apart() {
-        assert_eq!(refusal(Some(&format!("Bearer {TOKEN}"))), None);
-        assert_eq!(refusal(Some(&format!("bearer  {TOKEN} "))), None);
-        let missing = refusal(None).unwrap();
-        assert!(missing.message.starts_with("missing") && !missing.wrong, "{missing:?}");
-        for malformed in [TOKEN.to_string(), format!("Basic {TOKEN}"), "Bearer".to_string()] {
-            let r = refusal(Some(&malformed)).unwrap();
-            assert!(r.message.starts_with("malformed"), "{malformed}: {r:?}");
-        }
-        for wrong in [
-            "Bearer x",
-            &format!("Bearer {}", &TOKEN[1..]),
-            &format!("Bearer {TOKEN}0"),
-        ] {
-            let r = refusal(Some(wrong)).unwrap();
-            assert!(r.wrong && r.message == "wrong bearer token", "{wrong}: {r:?}");
-            assert!(r.challenge.starts_with("Bearer "), "{r:?}");
-            assert!(!r.message.contains(TOKEN));
-        }
-    }
-
-    #[test]
-    fn test_same_secret_needs_equal_length_and_bytes() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"ab", b"abc"));
-        assert!(!same_secret(b"", b"abc"));
-    }
 
     #[test]
     fn test_api_listen_parses_tcp_and_unix() {

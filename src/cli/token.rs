@@ -1,5 +1,5 @@
-//! The control API's bearer token: where its file lives, how `serve` creates it, and how both the
-//! daemon and the client read it.
+//! The control API's bearer token: where its file lives, how `serve` creates it and checks it
+//! on each request, and how both the daemon and the client read it.
 //!
 //! The file holds one line: the token, printable ASCII without spaces, at least
 //! [`MIN_TOKEN_CHARS`] characters (a fresh one is 32 random bytes as 64 hex digits). Its default
@@ -173,9 +173,96 @@ pub fn exposed_mode(path: &Path) -> Option<u32> {
     (mode & 0o077 != 0).then_some(mode)
 }
 
+/// Why a request's credentials were refused: what the daemon answers with its 401. The message
+/// says whether the token was missing or wrong, never what it is.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The `error` text.
+    pub message: &'static str,
+    /// The `WWW-Authenticate` header.
+    pub challenge: &'static str,
+    /// A token was sent and it was not the right one (worth a log line).
+    pub wrong: bool,
+}
+
+/// `Ok` when `authorization` (the header's value, if sent) is `Bearer <expected>`, the scheme
+/// in any case; otherwise what to answer.
+pub fn check_bearer(authorization: Option<&[u8]>, expected: &str) -> Result<(), Refusal> {
+    let Some(bytes) = authorization else {
+        return Err(Refusal {
+            message: "missing bearer token: send `Authorization: Bearer <token>` with the token \
+                      from the daemon's API token file (--api-token-file)",
+            challenge: "Bearer realm=\"migratory\"",
+            wrong: false,
+        });
+    };
+    let scheme_ok = bytes.len() > 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ");
+    if !scheme_ok {
+        return Err(Refusal {
+            message: "malformed Authorization header: expected `Bearer <token>`",
+            challenge: "Bearer realm=\"migratory\", error=\"invalid_request\"",
+            wrong: false,
+        });
+    }
+    if same_secret(bytes[7..].trim_ascii(), expected.as_bytes()) {
+        return Ok(());
+    }
+    Err(Refusal {
+        message: "wrong bearer token",
+        challenge: "Bearer realm=\"migratory\", error=\"invalid_token\"",
+        wrong: true,
+    })
+}
+
+/// Compares two secrets in time that depends only on their lengths (public: every token made
+/// here is 64 hex digits), so a caller cannot learn the token a byte at a time.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    let diff = given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn refusal(header: Option<&str>) -> Result<(), Refusal> {
+        check_bearer(header.map(str::as_bytes), TOKEN)
+    }
+
+    #[test]
+    fn test_bearer_check_tells_missing_malformed_and_wrong_apart() {
+        assert_eq!(refusal(Some(&format!("Bearer {TOKEN}"))), Ok(()));
+        assert_eq!(refusal(Some(&format!("bearer  {TOKEN} "))), Ok(()));
+        let missing = refusal(None).unwrap_err();
+        assert!(missing.message.starts_with("missing") && !missing.wrong, "{missing:?}");
+        for malformed in [TOKEN.to_string(), format!("Basic {TOKEN}"), "Bearer".to_string()] {
+            let r = refusal(Some(&malformed)).unwrap_err();
+            assert!(r.message.starts_with("malformed"), "{malformed}: {r:?}");
+        }
+        for wrong in [
+            "Bearer x",
+            &format!("Bearer {}", &TOKEN[1..]),
+            &format!("Bearer {TOKEN}0"),
+        ] {
+            let r = refusal(Some(wrong)).unwrap_err();
+            assert!(r.wrong && r.message == "wrong bearer token", "{wrong}: {r:?}");
+            assert!(r.challenge.starts_with("Bearer "), "{r:?}");
+            assert!(!r.message.contains(TOKEN));
+        }
+    }
+
+    #[test]
+    fn test_same_secret_needs_equal_length_and_bytes() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"ab", b"abc"));
+        assert!(!same_secret(b"", b"abc"));
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
