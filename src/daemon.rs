@@ -1,17 +1,35 @@
 //! `migratory serve`: one host per process. It accepts migrations over TCP and serves the
-//! HTTP/JSON control API (actix-web) with `/metrics` for Prometheus.
+//! HTTP/JSON control API (actix-web), and `/metrics` for Prometheus on a listener of its own.
+//!
+//! Who may do what:
+//! * the control API over TCP needs `Authorization: Bearer <token>`, the token being the one in
+//!   the token file (made at first start, mode 0600); over a Unix socket (`--api unix:PATH`,
+//!   mode 0600) the file permissions are the guard, as for QMP and libvirt;
+//! * `/metrics` (`--metrics ADDR`) needs nothing and serves nothing else;
+//! * peers must prove the cluster key, without which the daemon does not start unless told
+//!   `--insecure-no-auth`;
+//! * fault injection needs `--enable-fault-injection`, and `--allow-peer` limits where VMs go;
+//! * every VM id and host name is checked by [`check_name`] before it reaches the engine.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
+use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 
+use crate::cli::token;
 use migratory::engine::{EngineError, EngineHandle, HostConfig, MigrationRequest, VmSpec};
-use migratory::format::NativeLayout;
+use migratory::format::{check_name, NameError, NativeLayout};
 use migratory::link::tls::TlsSetup;
 use migratory::protocol::auth::ClusterKey;
 use migratory::protocol::Algorithm;
@@ -25,15 +43,69 @@ const MIN_BANDWIDTH: u64 = 64 * 1024;
 /// How long a SIGTERM waits for migrations past commitment to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// How long resolving a peer address may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest peer address (`HOST:PORT`) accepted: a DNS name plus a port.
+const MAX_PEER_BYTES: usize = 261;
+
+/// What the daemon says when it has no cluster key.
+const NO_CLUSTER_KEY: &str = "no cluster key: peers could not prove who they are. Pass \
+--cluster-key-file FILE or set MIGRATORY_CLUSTER_KEY; a key is at least 32 random bytes as hex, \
+made for example with `(umask 077; head -c 32 /dev/urandom | od -An -vtx1 | tr -d ' \\n' > cluster.key)` \
+and copied to every host. To send and accept unauthenticated migrations instead, pass --insecure-no-auth.";
+
+/// Where the control API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiListen {
+    /// TCP; every request needs the bearer token.
+    Tcp(SocketAddr),
+    /// A Unix socket of mode 0600; no token.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ApiListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs the socket's path, as in unix:/run/migratory/api.sock".into()),
+            Some(path) => Ok(ApiListen::Unix(PathBuf::from(path))),
+            None => s
+                .parse()
+                .map(ApiListen::Tcp)
+                .map_err(|_| format!("{s:?} is neither HOST:PORT (an IP address) nor unix:PATH")),
+        }
+    }
+}
+
 /// Flags of `migratory serve`.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Address to accept migrations on (port 0 picks one; the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: SocketAddr,
-    /// Address of the HTTP control API.
-    #[arg(long, default_value = "127.0.0.1:8000")]
-    api: SocketAddr,
+    /// Where the HTTP control API listens: IP:PORT (every request needs the bearer token) or
+    /// unix:PATH (a socket of mode 0600; no token).
+    #[arg(long, default_value = "127.0.0.1:8000", value_name = "IP:PORT|unix:PATH")]
+    api: ApiListen,
+    /// File holding the API's bearer token; made (32 random bytes as hex, mode 0600) if absent
+    /// [default: $MIGRATORY_API_TOKEN_FILE, else ~/.migratory/api-token].
+    #[arg(long, value_name = "PATH")]
+    api_token_file: Option<PathBuf>,
+    /// Serve `GET /metrics` for Prometheus on this address (no authentication, nothing else
+    /// served there); no metrics endpoint without it.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Accept `faults` in `POST /migrations` (for testing; refused with 403 otherwise).
+    #[arg(long)]
+    enable_fault_injection: bool,
+    /// Peers VMs may be migrated to (HOST:PORT; comma-separated or repeated); any when absent.
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    allow_peer: Vec<String>,
+    /// Run without a cluster key: migrations are neither authenticated nor required to be.
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// This host's name in reports.
     #[arg(long, default_value = "host")]
     name: String,
@@ -56,7 +128,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4)]
     max_incoming: usize,
     /// File holding the cluster key (else the MIGRATORY_CLUSTER_KEY variable; with neither,
-    /// migrations are unauthenticated).
+    /// the daemon refuses to start unless given --insecure-no-auth).
     #[arg(long)]
     cluster_key_file: Option<std::path::PathBuf>,
     /// PEM certificate chain of this host: with --tls-key and --tls-ca, every stream of every
@@ -74,7 +146,63 @@ pub struct ServeArgs {
 struct State {
     engine: EngineHandle,
     host: String,
-    metrics: Option<PrometheusHandle>,
+    /// The bearer token every request needs; `None` on a Unix socket.
+    token: Option<String>,
+    fault_injection: bool,
+    allowed_peers: Option<AllowedPeers>,
+}
+
+/// The `--allow-peer` list: as given, and resolved at start.
+#[derive(Debug)]
+struct AllowedPeers {
+    names: Vec<String>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl AllowedPeers {
+    /// Resolves every entry (each must resolve, or the daemon does not start).
+    async fn resolve(names: &[String]) -> Result<Option<Self>, String> {
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let mut addrs = Vec::new();
+        for name in names {
+            check_peer(name).map_err(|e| format!("--allow-peer: {e}"))?;
+            let found = resolve(name)
+                .await
+                .ok_or_else(|| format!("--allow-peer: cannot resolve {name:?} (HOST:PORT)"))?;
+            addrs.extend(found);
+        }
+        Ok(Some(AllowedPeers {
+            names: names.to_vec(),
+            addrs,
+        }))
+    }
+
+    fn permits(&self, to: &str, addr: SocketAddr) -> bool {
+        self.names.iter().any(|n| n == to) || self.addrs.contains(&addr)
+    }
+}
+
+/// Every address `peer` (`HOST:PORT`) resolves to, resolved off the worker thread and bounded in
+/// time: a slow resolver must not stall the API. `None` when it resolves to nothing in time.
+async fn resolve(peer: &str) -> Option<Vec<SocketAddr>> {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(peer.to_string())).await {
+        Ok(Ok(addrs)) => Some(addrs.collect::<Vec<_>>()).filter(|a| !a.is_empty()),
+        _ => None,
+    }
+}
+
+/// A peer address fit to resolve: printable ASCII without spaces, of bounded length. (It is an
+/// address, not a name: `[::1]:7000` is fine here.)
+fn check_peer(peer: &str) -> Result<(), String> {
+    if peer.is_empty() || peer.len() > MAX_PEER_BYTES || !peer.bytes().all(|b| b.is_ascii_graphic()) {
+        let shown: String = peer.chars().take(64).flat_map(char::escape_debug).collect();
+        return Err(format!(
+            "peer \"{shown}\" is not HOST:PORT (printable ASCII, at most {MAX_PEER_BYTES} bytes)"
+        ));
+    }
+    Ok(())
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -99,13 +227,23 @@ pub fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), String> {
+    check_name("host name", &args.name).map_err(|e| format!("--name: {e}"))?;
     let key = match &args.cluster_key_file {
         Some(path) => Some(ClusterKey::from_file(path).map_err(|e| e.to_string())?),
         None => ClusterKey::from_env().map_err(|e| e.to_string())?,
     };
-    if key.is_none() {
-        eprintln!("migratory: warning: no cluster key; migrations are not authenticated");
+    match (&key, args.insecure_no_auth) {
+        (None, false) => return Err(NO_CLUSTER_KEY.to_string()),
+        (None, true) => {
+            eprintln!("migratory: warning: --insecure-no-auth: migrations are not authenticated")
+        }
+        (Some(_), _) => {}
     }
+    let token = match &args.api {
+        ApiListen::Tcp(_) => Some(api_token(args.api_token_file.as_deref())?),
+        ApiListen::Unix(_) => None,
+    };
+    let allowed_peers = AllowedPeers::resolve(&args.allow_peer).await?;
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
         (Some(c), Some(k), Some(ca)) => Some(TlsSetup::from_pem_files(c, k, ca).map_err(|e| e.to_string())?),
         _ => None,
@@ -128,15 +266,22 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         .await
         .map_err(|e| e.to_string())?
         .ok_or("migration listener did not start")?;
+    let metrics_addr = match args.metrics {
+        Some(addr) => Some(serve_metrics(addr, metrics)?),
+        None => None,
+    };
     let state = web::Data::new(State {
         engine: engine.clone(),
         host: args.name.clone(),
-        metrics,
+        token,
+        fault_injection: args.enable_fault_injection,
+        allowed_peers,
     });
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(web::JsonConfig::default().limit(64 * 1024))
+            .wrap(from_fn(require_token))
             .route("/vms", web::get().to(list_vms))
             .route("/vms", web::post().to(create_vm))
             .route("/vms/{id}", web::delete().to(delete_vm))
@@ -144,18 +289,32 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
             .route("/migrations", web::post().to(start_migration))
             .route("/migrations/{id}", web::get().to(migration_status))
             .route("/migrations/{id}/cancel", web::post().to(cancel_migration))
-            .route("/metrics", web::get().to(metrics_text))
     })
     .workers(2)
-    .disable_signals()
-    .bind(args.api)
-    .map_err(|e| format!("cannot serve the API on {}: {e}", args.api))?;
-    let api = server.addrs().first().copied().unwrap_or(args.api);
+    .disable_signals();
+    let (server, api) = match &args.api {
+        ApiListen::Tcp(addr) => {
+            let server = server
+                .bind(addr)
+                .map_err(|e| format!("cannot serve the API on {addr}: {e}"))?;
+            let bound = server.addrs().first().copied().unwrap_or(*addr);
+            (server, format!("http://{bound}"))
+        }
+        ApiListen::Unix(path) => {
+            let server = server
+                .listen_uds(bind_unix(path)?)
+                .map_err(|e| format!("cannot serve the API on unix:{}: {e}", path.display()))?;
+            (server, format!("unix:{}", path.display()))
+        }
+    };
     let server = server.run();
     let handle = server.handle();
+    let metrics_note = metrics_addr
+        .map(|a| format!(", metrics on http://{a}/metrics"))
+        .unwrap_or_default();
     // One line a supervisor (or a test) can read to learn the bound addresses.
     eprintln!(
-        "migratory: host {} serving migrations on {migrations}, API on http://{api}",
+        "migratory: host {} serving migrations on {migrations}, API on {api}{metrics_note}",
         args.name
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -173,6 +332,99 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
     handle.stop(true).await;
     eprintln!("migratory: stopped");
     Ok(())
+}
+
+/// The API token from `flag`, else the default file; the file is made if absent, and a warning
+/// is printed when others may read it.
+fn api_token(flag: Option<&Path>) -> Result<String, String> {
+    let path = match flag {
+        Some(p) => p.to_path_buf(),
+        None => token::default_path().ok_or_else(|| token::TokenError::NoDefaultPath.to_string())?,
+    };
+    let fail = |e: token::TokenError| crate::cli::error_text(&e);
+    let (token, created) = token::create_or_read(&path).map_err(fail)?;
+    if created {
+        eprintln!("migratory: made the API token file {}", path.display());
+    }
+    if let Some(mode) = token::exposed_mode(&path) {
+        eprintln!(
+            "migratory: warning: the API token file {} has mode {mode:03o}: others on this machine may read it; chmod 600 it",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+/// Binds the API's Unix socket with mode 0600. A socket left by a daemon that died (nobody
+/// answers on it) is replaced; anything else at the path is left alone and refused.
+fn bind_unix(path: &Path) -> Result<UnixListener, String> {
+    let shown = path.display();
+    let listener = match UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+            let stale = is_socket
+                && UnixStream::connect(path).is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            if !stale {
+                return Err(format!(
+                    "cannot serve the API on unix:{shown}: the path exists and is not a dead socket"
+                ));
+            }
+            std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {shown}: {e}"))?;
+            UnixListener::bind(path).map_err(|e| format!("cannot serve the API on unix:{shown}: {e}"))?
+        }
+        Err(e) => return Err(format!("cannot serve the API on unix:{shown}: {e}")),
+    };
+    // The socket is created with the umask's mode; connecting needs write permission, so with a
+    // usual umask (022) nobody else can connect in the instant before this.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot make {shown} private: {e}"))?;
+    Ok(listener)
+}
+
+/// Serves `GET /metrics`, and nothing else, on `addr`; returns the bound address.
+fn serve_metrics(addr: SocketAddr, metrics: Option<PrometheusHandle>) -> Result<SocketAddr, String> {
+    let metrics = web::Data::new(metrics);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(metrics.clone())
+            .route("/metrics", web::get().to(metrics_text))
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(addr)
+    .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    let bound = server.addrs().first().copied().unwrap_or(addr);
+    actix_web::rt::spawn(server.run());
+    Ok(bound)
+}
+
+/// Lets a request through only with the right bearer token (when the listener needs one);
+/// otherwise answers 401 saying whether the token was missing or wrong, never what it is.
+async fn require_token(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let state = req.app_data::<web::Data<State>>().cloned();
+    let Some(expected) = state.as_ref().and_then(|s| s.token.as_deref()) else {
+        return next.call(req).await.map(ServiceResponse::map_into_left_body);
+    };
+    let sent = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    let Err(refusal) = token::check_bearer(sent, expected) else {
+        return next.call(req).await.map(ServiceResponse::map_into_left_body);
+    };
+    if refusal.wrong {
+        tracing::warn!(peer = ?req.peer_addr(), "API request with a wrong bearer token refused");
+    }
+    let response = HttpResponse::Unauthorized()
+        .insert_header((header::WWW_AUTHENTICATE, refusal.challenge))
+        .json(serde_json::json!({ "error": refusal.message }));
+    Ok(req.into_response(response).map_into_right_body())
+}
+
+/// 400 naming the request field whose name was refused.
+fn bad_name(field: &str, e: &NameError) -> HttpResponse {
+    HttpResponse::BadRequest().json(serde_json::json!({ "error": format!("invalid `{field}`: {e}"), "field": field }))
 }
 
 fn error(e: &EngineError) -> HttpResponse {
@@ -255,6 +507,9 @@ fn default_working_set() -> u64 {
 
 async fn create_vm(state: web::Data<State>, body: web::Json<CreateVm>) -> HttpResponse {
     let b = body.into_inner();
+    if let Err(e) = check_name("VM id", &b.id) {
+        return bad_name("id", &e);
+    }
     let pattern = match b.pattern.as_deref().map(str::parse::<Pattern>).transpose() {
         Ok(p) => p.unwrap_or_default(),
         Err(e) => return bad(StatusCode::BAD_REQUEST, e),
@@ -276,6 +531,9 @@ async fn create_vm(state: web::Data<State>, body: web::Json<CreateVm>) -> HttpRe
 }
 
 async fn delete_vm(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
+    if let Err(e) = check_name("VM id", &id) {
+        return bad_name("id", &e);
+    }
     match state.engine.delete_vm(&state.host, &id).await {
         Ok(()) => HttpResponse::NoContent().finish(),
         Err(e) => error(&e),
@@ -295,7 +553,7 @@ struct StartMigration {
     #[serde(default)]
     downtime_limit_ms: Option<f64>,
     /// Faults to inject, `KIND[@STAGE],...` (source side; target-side kinds need an
-    /// in-process target).
+    /// in-process target). Only with `serve --enable-fault-injection`.
     #[serde(default)]
     faults: Option<String>,
     /// Post-copy: seconds to keep reconnecting after the link fails in the pull phase (0 turns
@@ -312,25 +570,37 @@ struct StartMigration {
 
 async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration>) -> HttpResponse {
     let b = body.into_inner();
+    if let Err(e) = check_name("VM id", &b.vm) {
+        return bad_name("vm", &e);
+    }
+    if let Err(e) = check_peer(&b.to) {
+        return HttpResponse::BadRequest()
+            .json(serde_json::json!({ "error": format!("invalid `to`: {e}"), "field": "to" }));
+    }
+    if b.faults.is_some() && !state.fault_injection {
+        return bad(
+            StatusCode::FORBIDDEN,
+            "fault injection is off on this daemon: start it with --enable-fault-injection to accept `faults`".into(),
+        );
+    }
     let algorithm = match b.algorithm.as_deref().map(str::parse::<Algorithm>).transpose() {
         Ok(a) => a.unwrap_or(Algorithm::Precopy),
         Err(e) => return bad(StatusCode::BAD_REQUEST, e),
     };
-    let not_found = || {
-        bad(
+    let Some(addr) = resolve(&b.to).await.and_then(|a| a.first().copied()) else {
+        return bad(
             StatusCode::BAD_REQUEST,
             format!("cannot resolve peer {:?} (host:port)", b.to),
-        )
+        );
     };
-    // Resolved off the worker thread and bounded: a slow resolver must not stall the API.
-    let resolved = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(b.to.clone())).await;
-    let addr = match resolved {
-        Ok(Ok(mut a)) => match a.next() {
-            Some(a) => a,
-            None => return not_found(),
-        },
-        _ => return not_found(),
-    };
+    if let Some(allowed) = &state.allowed_peers {
+        if !allowed.permits(&b.to, addr) {
+            return bad(
+                StatusCode::FORBIDDEN,
+                format!("peer {:?} is not in this daemon's --allow-peer list", b.to),
+            );
+        }
+    }
     if let Some(rate) = b.bandwidth_bytes_per_sec {
         if rate < MIN_BANDWIDTH {
             return bad(
@@ -403,11 +673,41 @@ async fn cancel_migration(state: web::Data<State>, id: web::Path<u64>) -> HttpRe
     }
 }
 
-async fn metrics_text(state: web::Data<State>) -> HttpResponse {
-    match &state.metrics {
+async fn metrics_text(metrics: web::Data<Option<PrometheusHandle>>) -> HttpResponse {
+    match metrics.get_ref() {
         Some(h) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4")
             .body(h.render()),
         None => bad(StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_api_listen_parses_tcp_and_unix() {
+        assert_eq!(
+            "127.0.0.1:8000".parse::<ApiListen>(),
+            Ok(ApiListen::Tcp("127.0.0.1:8000".parse().unwrap()))
+        );
+        assert_eq!(
+            "unix:/run/m.sock".parse::<ApiListen>(),
+            Ok(ApiListen::Unix(PathBuf::from("/run/m.sock")))
+        );
+        for bad in ["unix:", "localhost:8000", "8000", ""] {
+            assert!(bad.parse::<ApiListen>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn test_peer_addresses_are_printable_and_bounded() {
+        for ok in ["127.0.0.1:7000", "[::1]:7000", "host.example:1"] {
+            assert_eq!(check_peer(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a b:1", "a\0:1", "h\n:1", &"h".repeat(300)] {
+            assert!(check_peer(bad).is_err(), "{bad:?}");
+        }
     }
 }

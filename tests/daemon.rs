@@ -48,12 +48,22 @@ impl TempDir {
         TempDir(dir)
     }
 
-    /// Writes a fresh random-looking cluster key file (48 bytes of text).
+    /// Writes a fresh cluster key file: 32 random bytes as hex, mode 0600.
     fn key_file(&self, name: &str) -> PathBuf {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut random = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .expect("read /dev/urandom");
+        let key: String = random.iter().map(|b| format!("{b:02x}")).collect();
         let path = self.0.join(name);
-        let key = format!("key-{name}-{}", unique("k"));
-        assert!(key.len() >= 16);
-        std::fs::write(&path, format!("{key}\n")).expect("write key file");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("{key}\n").as_bytes()))
+            .expect("write key file");
         path
     }
 }
@@ -259,9 +269,10 @@ fn test_wrong_cluster_key_is_refused_before_reservation() {
     let dir = TempDir::new();
     let key1 = dir.key_file("one.key");
     let key2 = dir.key_file("two.key");
+    // A daemon without a key must be told so: it refuses to start otherwise.
     let with = |key: &Option<&PathBuf>| -> Vec<String> {
         key.map(|k| vec!["--cluster-key-file".to_string(), path_arg(k).to_string()])
-            .unwrap_or_default()
+            .unwrap_or_else(|| vec!["--insecure-no-auth".to_string()])
     };
     // (case, source key, target key, should complete)
     let cases = [
@@ -591,7 +602,7 @@ fn test_promtool_accepts_a_real_scrape() {
     let a = Daemon::start("pa", "xen-hvm", &[]);
     let b = Daemon::start("pb", "kvm", &[]);
     migrate_every_algorithm(&a, &b);
-    let scrape = http_get(&a.api, "/metrics");
+    let scrape = http_get(a.metrics_url(), "/metrics");
     assert!(scrape.contains("migratory_stage_duration_seconds_bucket"), "{scrape}");
     let mut check = Command::new(promtool)
         .args(["check", "metrics"])
@@ -632,7 +643,7 @@ fn test_prometheus_scrapes_stage_durations_of_every_algorithm() {
         &config,
         format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: migratory\n    static_configs:\n      - targets: ['{}']\n",
-            a.api.trim_start_matches("http://")
+            a.metrics_url().trim_start_matches("http://")
         ),
     )
     .expect("config");

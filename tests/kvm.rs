@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-// Shared with the other process tests; this one uses only part of it.
-#[allow(dead_code)]
 #[path = "support/cli.rs"]
 mod cli;
 #[path = "support/daemon.rs"]

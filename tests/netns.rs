@@ -41,6 +41,7 @@ mod cli;
 mod serve;
 
 use cli::{is_finished, wait_until, CliHost, PendingRun, TIMEOUT};
+use serve::{path_str, Ready, Scratch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_migratory");
 
@@ -230,6 +231,8 @@ struct Daemon {
     api: String,
     /// Every stderr line so far, drained by a thread so the pipe never fills.
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Its cluster key and API token files (the namespaces share the file system).
+    scratch: Scratch,
 }
 
 impl Daemon {
@@ -237,23 +240,31 @@ impl Daemon {
     /// line.
     fn start(ns: &str, name: &str, layout: &str, ip: &str) -> Daemon {
         let listen = format!("{ip}:{MIGRATION_PORT}");
+        let scratch = Scratch::new(name);
+        let key = scratch.cluster_key();
+        let token = scratch.path("api-token");
         let mut cmd = Command::new("ip");
         cmd.args([
             "netns", "exec", ns, BIN, "serve", "--listen", &listen, "--api", API_ADDR,
         ])
-        .args(["--name", name, "--layout", layout]);
+        .args(["--name", name, "--layout", layout])
+        .args([
+            "--cluster-key-file",
+            path_str(&key),
+            "--api-token-file",
+            path_str(&token),
+        ]);
         let serve::Started { child, stderr, ready } = serve::start(cmd, name, TIMEOUT);
-        let api = ready
-            .strip_prefix(&format!("{listen}, API on "))
-            .unwrap_or_else(|| panic!("daemon {name} in {ns}: unexpected ready line tail {ready:?}"))
-            .to_string();
-        assert!(api.starts_with("http://"), "API address {api:?}");
+        let ready = Ready::parse(&ready);
+        assert_eq!(ready.migrations, listen, "daemon {name} in {ns}: {ready:?}");
+        assert!(ready.api.starts_with("http://"), "API address {:?}", ready.api);
         Daemon {
             name: name.to_string(),
             ns: ns.to_string(),
             child,
-            api,
+            api: ready.api,
             stderr,
+            scratch,
         }
     }
 
@@ -313,7 +324,8 @@ impl CliHost for Daemon {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns, BIN])
             .args(args)
-            .args(["--api", &self.api]);
+            .args(["--api", &self.api])
+            .args(["--token-file", path_str(&self.scratch.path("api-token"))]);
         cmd
     }
 }

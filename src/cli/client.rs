@@ -1,13 +1,17 @@
 //! A minimal blocking HTTP/1.1 client for the daemon's JSON control API.
 //!
 //! One request per connection (`Connection: close`), bodies framed by `Content-Length` or by the
-//! end of the stream. That is all the daemon speaks, and it keeps the binary free of an HTTP
-//! crate. Use [`ApiClient`] for requests and [`require_success`] to turn a non-2xx answer into
-//! [`ClientError::Refused`] carrying the daemon's `error` text.
+//! end of the stream, over TCP (`http://HOST:PORT[/prefix]`) or a Unix socket (`unix:PATH`).
+//! That is all the daemon speaks, and it keeps the binary free of an HTTP crate. Use
+//! [`ApiClient`] for requests (with [`ApiClient::with_token`] for the daemon's bearer token) and
+//! [`require_success`] to turn a non-2xx answer into [`ClientError::Refused`] carrying the
+//! daemon's `error` text.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -28,7 +32,7 @@ const MAX_QUOTED_CHARS: usize = 200;
 /// Why a request to the daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The base URL is not of the form `http://HOST:PORT[/prefix]`.
+    /// The base URL is not of the form `http://HOST:PORT[/prefix]` nor `unix:PATH`.
     #[error("invalid API URL {url:?}: {reason}")]
     InvalidUrl {
         /// What the user gave.
@@ -121,7 +125,7 @@ impl BaseUrl {
         };
         let trimmed = url.trim();
         let Some((scheme, rest)) = trimmed.split_once("://") else {
-            return Err(invalid("expected http://HOST:PORT[/prefix]"));
+            return Err(invalid("expected http://HOST:PORT[/prefix] or unix:PATH"));
         };
         if scheme.eq_ignore_ascii_case("https") {
             return Err(ClientError::TlsUnsupported { url: url.to_string() });
@@ -197,20 +201,109 @@ impl fmt::Display for BaseUrl {
     }
 }
 
+/// Where the daemon's API is: a TCP base URL or a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Endpoint {
+    Http(BaseUrl),
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, ClientError> {
+        let Some(path) = url.trim().strip_prefix("unix:") else {
+            return BaseUrl::parse(url).map(Endpoint::Http);
+        };
+        let invalid = |reason| ClientError::InvalidUrl {
+            url: url.to_string(),
+            reason,
+        };
+        if path.is_empty() {
+            return Err(invalid("expected unix:PATH with the socket's path"));
+        }
+        if path.contains('\0') {
+            return Err(invalid("a socket path cannot hold a NUL"));
+        }
+        Ok(Endpoint::Unix(PathBuf::from(path)))
+    }
+}
+
+/// One connection to the daemon.
+#[derive(Debug)]
+enum Connection {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Connection {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+            Connection::Unix(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.set_write_timeout(Some(timeout))
+            }
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.read(buf),
+            Connection::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Connection::Tcp(s) => s.write(buf),
+            Connection::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Connection::Tcp(s) => s.flush(),
+            Connection::Unix(s) => s.flush(),
+        }
+    }
+}
+
 /// A client of the daemon's control API at one base URL.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
-    base: BaseUrl,
+    endpoint: Endpoint,
     timeout: Duration,
+    /// Sent as `Authorization: Bearer`; checked for header safety by `token::parse`.
+    token: Option<String>,
 }
 
 impl ApiClient {
-    /// A client of the daemon at `url` (`http://HOST:PORT[/prefix]`; the port defaults to 80).
+    /// A client of the daemon at `url`: `http://HOST:PORT[/prefix]` (the port defaults to 80) or
+    /// `unix:PATH` (a Unix socket).
     pub fn new(url: &str) -> Result<Self, ClientError> {
         Ok(ApiClient {
-            base: BaseUrl::parse(url)?,
+            endpoint: Endpoint::parse(url)?,
             timeout: IO_TIMEOUT,
+            token: None,
         })
+    }
+
+    /// The same client, sending `token` (as [`super::token::parse`] returns it) with every
+    /// request.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Whether the daemon is reached over a Unix socket (where no token is needed).
+    pub fn is_unix(&self) -> bool {
+        matches!(self.endpoint, Endpoint::Unix(_))
     }
 
     /// `GET base+path`; returns the status and the JSON body (`Null` when empty).
@@ -229,15 +322,17 @@ impl ApiClient {
     }
 
     fn url_of(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
+        match &self.endpoint {
+            Endpoint::Http(base) => format!("{base}{path}"),
+            Endpoint::Unix(socket) => format!("{path} at unix:{}", socket.display()),
+        }
     }
 
     fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), ClientError> {
         let url = self.url_of(path);
         let mut stream = self.connect(&url)?;
         let io_err = |source: io::Error| self.io_error(&url, source);
-        stream.set_read_timeout(Some(self.timeout)).map_err(io_err)?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(io_err)?;
+        stream.set_timeouts(self.timeout).map_err(io_err)?;
         let request = self.encode_request(method, path, body);
         stream.write_all(&request).map_err(io_err)?;
         stream.flush().map_err(io_err)?;
@@ -247,19 +342,24 @@ impl ApiClient {
         Ok((status, value))
     }
 
-    fn connect(&self, url: &str) -> Result<TcpStream, ClientError> {
+    fn connect(&self, url: &str) -> Result<Connection, ClientError> {
         let connect_err = |source| ClientError::Connect {
             url: url.to_string(),
             source,
         };
-        let addrs: Vec<SocketAddr> = (self.base.host.as_str(), self.base.port)
+        let base = match &self.endpoint {
+            Endpoint::Http(base) => base,
+            // A local connect either succeeds or fails at once: no timeout needed.
+            Endpoint::Unix(socket) => return UnixStream::connect(socket).map(Connection::Unix).map_err(connect_err),
+        };
+        let addrs: Vec<SocketAddr> = (base.host.as_str(), base.port)
             .to_socket_addrs()
             .map_err(connect_err)?
             .collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name resolved to no address");
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, self.timeout) {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => return Ok(Connection::Tcp(stream)),
                 Err(e) => last = e,
             }
         }
@@ -268,12 +368,17 @@ impl ApiClient {
 
     fn encode_request(&self, method: &str, path: &str, body: Option<&Value>) -> Vec<u8> {
         let payload = body.map(Value::to_string);
+        let (prefix, authority) = match &self.endpoint {
+            Endpoint::Http(base) => (base.prefix.as_str(), base.authority()),
+            Endpoint::Unix(_) => ("", "localhost".to_string()),
+        };
         let mut head = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: migratory/{}\r\nAccept: application/json\r\nConnection: close\r\n",
-            self.base.prefix,
-            self.base.authority(),
+            "{method} {prefix}{path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: migratory/{}\r\nAccept: application/json\r\nConnection: close\r\n",
             env!("CARGO_PKG_VERSION"),
         );
+        if let Some(token) = &self.token {
+            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
         match &payload {
             Some(p) => {
                 head.push_str("Content-Type: application/json\r\n");
@@ -792,6 +897,64 @@ mod tests {
         let err = client.get("/vms", None).unwrap_err();
         assert!(matches!(err, ClientError::Timeout { .. }), "{err:?}");
         drop(listener);
+    }
+
+    #[test]
+    fn test_token_goes_in_an_authorization_header() {
+        let token = "t".repeat(64);
+        let server = FakeServer::start(vec![json_response(200, "[]"), json_response(200, "[]")]);
+        let client = ApiClient::new(&server.url()).unwrap();
+        client.get("/vms", None).unwrap();
+        let seen = server.next_request();
+        assert!(
+            !seen.head.to_ascii_lowercase().contains("authorization"),
+            "{}",
+            seen.head
+        );
+        client.with_token(Some(token.clone())).get("/vms", None).unwrap();
+        let seen = server.next_request();
+        assert!(
+            seen.head.contains(&format!("\r\nAuthorization: Bearer {token}\r\n")),
+            "{}",
+            seen.head
+        );
+    }
+
+    #[test]
+    fn test_unix_socket_carries_the_request() {
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("migratory-client-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut head = String::new();
+            while reader.read_line(&mut head).unwrap() > 2 && !head.ends_with("\r\n\r\n") {}
+            reader.get_mut().write_all(&json_response(200, "[]")).unwrap();
+            head
+        });
+        let client = ApiClient::new(&format!("unix:{}", path.display())).unwrap();
+        assert!(client.is_unix());
+        assert_eq!(client.get("/vms", None).unwrap(), (200, json!([])));
+        let head = server.join().unwrap();
+        assert!(head.starts_with("GET /vms HTTP/1.1\r\nHost: localhost\r\n"), "{head}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = client.get("/vms", None).unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+        assert!(
+            err.to_string().ends_with(&format!("/vms at unix:{}", path.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn test_unix_url_needs_a_path() {
+        assert!(matches!(ApiClient::new("unix:"), Err(ClientError::InvalidUrl { .. })));
+        assert!(ApiClient::new("unix:relative.sock").unwrap().is_unix());
+        assert!(!ApiClient::new("http://h:1").unwrap().is_unix());
     }
 
     #[test]

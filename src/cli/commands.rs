@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use migratory::format::check_name;
 use migratory::units::ByteSize;
 
 use super::client::{path_segment, require_success, ApiClient, ClientError};
@@ -27,6 +28,12 @@ pub enum CommandError {
     /// The request failed or the daemon refused it.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The API token could not be read.
+    #[error(transparent)]
+    Token(#[from] super::token::TokenError),
+    /// A VM id the daemon would refuse; caught before anything is sent.
+    #[error(transparent)]
+    InvalidName(#[from] migratory::format::NameError),
     /// A 2xx answer whose JSON does not have the expected shape.
     #[error("unexpected {what} from the daemon")]
     UnexpectedResponse {
@@ -166,7 +173,9 @@ pub fn execute(cmd: ClientCommand) -> Result<String, CommandError> {
 }
 
 fn connect(api: &ApiArgs) -> Result<ApiClient, CommandError> {
-    Ok(ApiClient::new(&api.base_url())?)
+    let client = ApiClient::new(&api.base_url())?;
+    let token = api.token(client.is_unix())?;
+    Ok(client.with_token(token))
 }
 
 fn decode<T: DeserializeOwned>(what: &'static str, value: Value) -> Result<T, CommandError> {
@@ -174,6 +183,7 @@ fn decode<T: DeserializeOwned>(what: &'static str, value: Value) -> Result<T, Co
 }
 
 fn create_vm(client: &ApiClient, args: &CreateVmArgs) -> Result<String, CommandError> {
+    check_name("VM id", &args.id)?;
     let body = json!({
         "id": args.id,
         "memory_bytes": args.memory.0,
@@ -235,11 +245,13 @@ fn list_vms(client: &ApiClient, raw: bool) -> Result<String, CommandError> {
 }
 
 fn delete_vm(client: &ApiClient, id: &str) -> Result<String, CommandError> {
+    check_name("VM id", id)?;
     require_success(client.delete(&format!("/vms/{}", path_segment(id)), None)?)?;
     Ok(format!("deleted VM {}\n", clean(id)))
 }
 
 fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<String, CommandError> {
+    check_name("VM id", &args.vm)?;
     let mut body = json!({
         "vm": args.vm,
         "to": args.to,
@@ -486,6 +498,7 @@ mod tests {
     fn api(server: &FakeServer) -> ApiArgs {
         ApiArgs {
             api: Some(server.url()),
+            token_file: None,
         }
     }
 
@@ -573,12 +586,35 @@ mod tests {
         let server = FakeServer::start(vec![b"HTTP/1.1 204 No Content\r\n\r\n".to_vec()]);
         let cmd = ClientCommand::Vm {
             action: VmAction::Delete {
-                id: "a/b".to_string(),
+                id: "a:b@c".to_string(),
                 api: api(&server),
             },
         };
-        assert_eq!(execute(cmd).unwrap(), "deleted VM a/b\n");
-        assert_eq!(sent_json(&server).0, "DELETE /vms/a%2Fb HTTP/1.1");
+        assert_eq!(execute(cmd).unwrap(), "deleted VM a:b@c\n");
+        assert_eq!(sent_json(&server).0, "DELETE /vms/a%3Ab%40c HTTP/1.1");
+    }
+
+    #[test]
+    fn test_bad_vm_ids_are_refused_before_anything_is_sent() {
+        // The server's first connection would be the first request sent; none must come.
+        let server = FakeServer::start(vec![json_response(500, r#"{"error": "reached the daemon"}"#)]);
+        let long = "v".repeat(65);
+        for id in ["a/b", "a\0b", "a\nb", "", long.as_str()] {
+            let delete = ClientCommand::Vm {
+                action: VmAction::Delete {
+                    id: id.to_string(),
+                    api: api(&server),
+                },
+            };
+            let mut migrate = migrate_args(&server, false);
+            migrate.vm = id.to_string();
+            for cmd in [delete, ClientCommand::Migrate(migrate)] {
+                let err = execute(cmd).unwrap_err();
+                assert!(matches!(err, CommandError::InvalidName(_)), "{id:?}: {err:?}");
+                assert!(err.to_string().starts_with("VM id"), "{err}");
+            }
+        }
+        assert!(server.requests.try_recv().is_err(), "a request reached the daemon");
     }
 
     #[test]
@@ -745,6 +781,7 @@ mod tests {
             id: 1,
             api: ApiArgs {
                 api: Some(format!("http://127.0.0.1:{port}")),
+                token_file: None,
             },
         };
         let line = super::super::error_line(&execute(cmd).unwrap_err());

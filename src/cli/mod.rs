@@ -3,19 +3,24 @@
 //! `migratory vm create|list|delete`, `migratory migrate`, `migratory status` and
 //! `migratory cancel` each send one request (or, with `migrate --wait`, a request and then a
 //! status poll) to the daemon at `--api URL` (else `$MIGRATORY_API`, else [`DEFAULT_API`]) and
-//! print the answer for a human, or as raw JSON with `--json` where a script wants it.
+//! print the answer for a human, or as raw JSON with `--json` where a script wants it. Over TCP
+//! each request carries the daemon's bearer token (see [`ApiArgs`]); over a Unix socket
+//! (`--api unix:PATH`) none is needed.
 //!
 //! * [`client`]: the blocking HTTP/1.1 transport and its errors; reach for it to add a request.
 //! * [`commands`]: what each subcommand sends and how its answer is printed.
+//! * [`token`]: the API token file, shared with `serve`, which creates it.
 //!
 //! Errors end as exactly one `migratory: <message>` line on stderr and a failure exit status, so
 //! scripts can rely on stdout holding only results.
 
 mod client;
 mod commands;
+pub mod token;
 
 use std::error::Error;
 use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use migratory::protocol::{Algorithm, CompressionChoice};
@@ -28,20 +33,61 @@ pub const DEFAULT_API: &str = "http://127.0.0.1:8000";
 /// The environment variable read when `--api` is absent.
 const API_ENV: &str = "MIGRATORY_API";
 
-/// Which daemon to talk to; flattened into every client subcommand.
+/// Which daemon to talk to, and how to prove the right to; flattened into every client
+/// subcommand.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApiArgs {
-    /// Base URL of the daemon's control API, http://HOST:PORT[/prefix] [env: MIGRATORY_API]
-    /// [default: http://127.0.0.1:8000].
+    /// The daemon's control API: http://HOST:PORT[/prefix], or unix:PATH for its Unix socket
+    /// [env: MIGRATORY_API] [default: http://127.0.0.1:8000].
     // Read by hand: clap's `env` feature is not enabled, and one variable does not justify it.
     #[arg(long, value_name = "URL")]
     pub api: Option<String>,
+    /// File holding the daemon's API token [default: $MIGRATORY_API_TOKEN (the token itself),
+    /// else the file $MIGRATORY_API_TOKEN_FILE, else ~/.migratory/api-token].
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl ApiArgs {
     /// The base URL: `--api`, else `$MIGRATORY_API`, else [`DEFAULT_API`].
     fn base_url(&self) -> String {
         resolve_api(self.api.as_deref(), std::env::var(API_ENV).ok())
+    }
+
+    /// The token to send, if any: see [`resolve_token`].
+    fn token(&self, unix: bool) -> Result<Option<String>, token::TokenError> {
+        resolve_token(
+            self.token_file.as_deref(),
+            std::env::var(token::TOKEN_ENV).ok(),
+            token::default_path(),
+            unix,
+        )
+    }
+}
+
+/// `--token-file`, else a non-empty `$MIGRATORY_API_TOKEN`, else the default token file if it
+/// exists. Over a Unix socket the default file is not consulted: the socket needs no token, and
+/// a user who may use it need not be able to read the file.
+fn resolve_token(
+    flag: Option<&Path>,
+    env: Option<String>,
+    default: Option<PathBuf>,
+    unix: bool,
+) -> Result<Option<String>, token::TokenError> {
+    if let Some(path) = flag {
+        return token::read(path).map(Some);
+    }
+    if let Some(text) = env.filter(|t| !t.trim().is_empty()) {
+        return token::parse(&text, token::TOKEN_ENV).map(Some);
+    }
+    let Some(path) = default.filter(|_| !unix) else {
+        return Ok(None);
+    };
+    match token::read(&path) {
+        Ok(t) => Ok(Some(t)),
+        // No daemon of this user made one: send none, and let the daemon say it is missing.
+        Err(token::TokenError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -216,7 +262,13 @@ fn print_stdout(text: &str) -> ExitCode {
 /// `migratory: ` and the error with its sources, flattened to a single line because callers
 /// (and scripts) count on exactly one line per failure, even if the daemon's text had newlines.
 fn error_line(err: &dyn Error) -> String {
-    let mut line = format!("migratory: {err}");
+    format!("migratory: {}", error_text(err))
+}
+
+/// The error and its sources as one line, `: `-separated, control characters blanked; for
+/// errors the daemon prints too.
+pub fn error_text(err: &dyn Error) -> String {
+    let mut line = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
         line.push_str(": ");
@@ -343,6 +395,34 @@ mod tests {
         assert_eq!(resolve_api(None, Some("http://b:2".into())), "http://b:2");
         assert_eq!(resolve_api(None, Some(" ".into())), DEFAULT_API);
         assert_eq!(resolve_api(None, None), DEFAULT_API);
+    }
+
+    #[test]
+    fn test_token_flag_wins_over_env_which_wins_over_the_default_file() {
+        let dir = std::env::temp_dir().join(format!("migratory-cli-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (flag, default) = (dir.join("flag"), dir.join("default"));
+        let (t_flag, t_env, t_default) = ("f".repeat(32), "e".repeat(32), "d".repeat(32));
+        std::fs::write(&flag, &t_flag).unwrap();
+        std::fs::write(&default, &t_default).unwrap();
+        let env = || Some(t_env.clone());
+        let get = |f, e, d, unix| resolve_token(f, e, d, unix).unwrap();
+        assert_eq!(
+            get(Some(&flag), env(), Some(default.clone()), false),
+            Some(t_flag.clone())
+        );
+        assert_eq!(get(Some(&flag), None, None, true), Some(t_flag));
+        assert_eq!(get(None, env(), Some(default.clone()), false), Some(t_env));
+        assert_eq!(
+            get(None, Some(" ".into()), Some(default.clone()), false),
+            Some(t_default)
+        );
+        assert_eq!(get(None, None, Some(default.clone()), true), None);
+        assert_eq!(get(None, None, Some(dir.join("absent")), false), None);
+        assert_eq!(get(None, None, None, false), None);
+        assert!(resolve_token(Some(&dir.join("absent")), None, None, false).is_err());
+        assert!(resolve_token(None, Some("short".into()), None, false).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 pub mod device;
 pub mod envelope;
+pub mod name;
 pub mod native;
 pub mod vcpu;
 pub mod vm_config;
@@ -29,6 +30,7 @@ pub use device::DeviceState;
 pub use envelope::{
     decode_vm_state, encode_vm_state, peek_version, ENVELOPE_HEADER_LEN, ENVELOPE_MAGIC, MAX_STATE_BYTES,
 };
+pub use name::{check_name, NameError, MAX_NAME_BYTES};
 pub use native::{NativeError, NativeLayout, NativeVcpu};
 pub use vcpu::{
     is_canonical, msr_index, DescriptorTable, Msr, PendingEvents, PendingException, Segment, SegmentAttributes,

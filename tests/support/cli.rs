@@ -1,7 +1,10 @@
 //! Driving a `migratory serve` daemon through the CLI client, shared by the process tests
-//! (`tests/daemon.rs`, `tests/netns.rs`). They differ only in how the client is launched
+//! (`tests/daemon.rs`, `tests/netns.rs`, `tests/kvm.rs`, `tests/api_auth.rs`). They differ only in how the client is launched
 //! (directly, or through `ip netns exec`), which is what [`CliHost::command`] says; the rest of
 //! the conversation with a daemon is the same and lives here.
+
+// Each test binary that includes this file uses a different part of it.
+#![allow(dead_code)]
 
 use std::io::Read;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -134,8 +137,10 @@ pub trait CliHost {
     /// Starts a client subcommand against this daemon without waiting for it.
     fn spawn_cli(&self, args: &[&str]) -> PendingRun {
         let mut cmd = self.command(args);
-        // `--api` decides, whatever the environment of the test runner says.
-        cmd.env_remove("MIGRATORY_API");
+        // `--api` and `--token-file` decide, whatever the environment of the test runner says.
+        for var in ["MIGRATORY_API", "MIGRATORY_API_TOKEN", "MIGRATORY_API_TOKEN_FILE"] {
+            cmd.env_remove(var);
+        }
         let what = format!("{cmd:?}");
         PendingRun::spawn(cmd).unwrap_or_else(|e| panic!("cannot spawn {what}: {e}"))
     }

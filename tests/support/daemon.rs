@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::cli::{wait_until, CliHost, TIMEOUT};
-use super::serve;
+use super::serve::{self, path_str, Ready, Scratch};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_migratory");
@@ -47,43 +48,85 @@ pub struct Daemon {
     pub child: Child,
     /// Where it accepts migrations.
     pub migration_addr: SocketAddr,
-    /// Base URL of its control API.
+    /// Its control API: `http://IP:PORT` or `unix:PATH`.
     pub api: String,
+    /// Base URL of its metrics listener (`--metrics`), if it has one.
+    pub metrics: Option<String>,
+    /// The API token file the CLI is given (`--token-file`) over TCP.
+    pub token_file: Option<PathBuf>,
     /// Every stderr line so far, drained by a thread so the pipe never fills.
     pub stderr: Arc<Mutex<Vec<String>>>,
+    /// Its key and token files; removed after the process is killed (fields drop after `drop`).
+    pub scratch: Scratch,
 }
 
 impl Daemon {
     /// Starts `migratory serve` on ephemeral ports and waits for its ready line.
     pub fn start(name: &str, layout: &str, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--layout", layout];
+        args.extend(extra);
+        Daemon::launch(name, &args, &[])
+    }
+
+    /// Starts `migratory serve --name NAME ARGS` with `env` set, and waits for its ready line.
+    /// What `args` leaves out gets the test defaults: `--metrics 127.0.0.1:0`, an
+    /// `--api-token-file` in the daemon's scratch directory (the daemon makes it), and the
+    /// shared test cluster key unless `--cluster-key-file` or `--insecure-no-auth` is given.
+    pub fn launch(name: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let scratch = Scratch::new(name);
+        let has = |flag: &str| args.contains(&flag);
         let mut cmd = Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-            "--name",
-            name,
-            "--layout",
-            layout,
-        ])
-        .args(extra);
+        cmd.args(["serve", "--name", name]).args(args);
+        if !has("--metrics") {
+            cmd.args(["--metrics", "127.0.0.1:0"]);
+        }
+        // Where the daemon keeps its token: the flag, else what `env` says, else (a test default)
+        // the scratch directory.
+        let env_path = |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| PathBuf::from(v));
+        let token_file = if has("--api-token-file") {
+            args.iter()
+                .position(|a| *a == "--api-token-file")
+                .and_then(|i| args.get(i + 1))
+                .map(PathBuf::from)
+        } else if let Some(file) = env_path("MIGRATORY_API_TOKEN_FILE") {
+            Some(file)
+        } else if let Some(home) = env_path("HOME") {
+            Some(home.join(".migratory").join("api-token"))
+        } else {
+            let path = scratch.path("api-token");
+            cmd.args(["--api-token-file", path_str(&path)]);
+            Some(path)
+        };
+        if !has("--cluster-key-file") && !has("--insecure-no-auth") {
+            cmd.args(["--cluster-key-file", path_str(&scratch.cluster_key())]);
+        }
+        // Only what the test says decides: nothing from the runner's environment.
+        cmd.env_remove("MIGRATORY_API_TOKEN_FILE");
+        cmd.envs(env.iter().copied());
         let serve::Started { child, stderr, ready } = serve::start(cmd, name, TIMEOUT);
-        let (migration, api) = ready
-            .split_once(", API on ")
-            .unwrap_or_else(|| panic!("unexpected ready line tail {ready:?}"));
-        let migration_addr = migration
+        let ready = Ready::parse(&ready);
+        let migration_addr = ready
+            .migrations
             .parse()
-            .unwrap_or_else(|e| panic!("migration address {migration:?}: {e}"));
-        assert!(api.starts_with("http://"), "API address {api:?}");
+            .unwrap_or_else(|e| panic!("migration address {:?}: {e}", ready.migrations));
+        let token_file = token_file.filter(|_| ready.api.starts_with("http://"));
         Daemon {
             name: name.to_string(),
             child,
             migration_addr,
-            api: api.to_string(),
+            api: ready.api,
+            metrics: ready.metrics,
+            token_file,
             stderr,
+            scratch,
         }
+    }
+
+    /// Base URL of the metrics listener; panics if the daemon has none.
+    pub fn metrics_url(&self) -> &str {
+        self.metrics
+            .as_deref()
+            .unwrap_or_else(|| panic!("daemon {} serves no metrics", self.name))
     }
 
     pub fn pid(&self) -> u32 {
@@ -174,6 +217,9 @@ impl CliHost for Daemon {
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.args(args).args(["--api", &self.api]);
+        if let Some(token) = &self.token_file {
+            cmd.args(["--token-file", path_str(token)]);
+        }
         cmd
     }
 }

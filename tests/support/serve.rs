@@ -1,11 +1,114 @@
 //! Starting a `migratory serve` process and waiting for its ready line, shared by the process
-//! tests (`tests/daemon.rs`, `tests/netns.rs`).
+//! tests (`tests/daemon.rs`, `tests/netns.rs`, `tests/kvm.rs`, `tests/api_auth.rs`), and the
+//! files a daemon needs: its cluster key and its API token file, in a [`Scratch`] directory of
+//! its own.
+
+// Each test binary that includes this file uses a different part of it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+/// The cluster key of every test daemon that is not testing keys: 32 random bytes as hex, as
+/// the daemon demands. Daemons of one test must share it to migrate between them.
+pub const TEST_CLUSTER_KEY: &str = "bb6c7bcadfacc9f1d8ed038f325b22bbf18be8bf15b3cccc53b48f635e20d340";
+
+/// A private temporary directory (mode 0700) for one daemon's files, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(prefix: &str) -> Scratch {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "migratory-test-{prefix}-{}-{nanos}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod scratch dir");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `contents` to `name` with mode 0600; returns its path.
+    pub fn private_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.path(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        std::io::Write::write_all(&mut file, contents.as_bytes()).expect("write private file");
+        path
+    }
+
+    /// The file holding [`TEST_CLUSTER_KEY`].
+    pub fn cluster_key(&self) -> PathBuf {
+        self.private_file("cluster.key", &format!("{TEST_CLUSTER_KEY}\n"))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// What a ready line says after `serving migrations on `: `MIGRATIONS, API on API[, metrics on
+/// http://ADDR/metrics]`.
+#[derive(Debug)]
+pub struct Ready {
+    /// The migration listener, `IP:PORT`.
+    pub migrations: String,
+    /// `http://IP:PORT` or `unix:PATH`.
+    pub api: String,
+    /// `http://IP:PORT` of the metrics listener, when there is one.
+    pub metrics: Option<String>,
+}
+
+impl Ready {
+    pub fn parse(tail: &str) -> Ready {
+        let (migrations, rest) = tail
+            .split_once(", API on ")
+            .unwrap_or_else(|| panic!("unexpected ready line tail {tail:?}"));
+        let (api, metrics) = match rest.split_once(", metrics on ") {
+            Some((api, metrics)) => {
+                let base = metrics
+                    .strip_suffix("/metrics")
+                    .unwrap_or_else(|| panic!("unexpected metrics address in {tail:?}"));
+                (api, Some(base.to_string()))
+            }
+            None => (rest, None),
+        };
+        assert!(
+            api.starts_with("http://") || api.starts_with("unix:"),
+            "API address {api:?}"
+        );
+        Ready {
+            migrations: migrations.to_string(),
+            api: api.to_string(),
+            metrics,
+        }
+    }
+}
 
 /// A started daemon: the process, every stderr line so far (drained by a thread so the pipe
 /// never fills), and what its ready line says after `serving migrations on `.
