@@ -5,6 +5,7 @@ mod cli;
 mod daemon;
 mod exporter;
 mod progress;
+mod shutdown;
 
 use std::process::ExitCode;
 use std::time::Duration;

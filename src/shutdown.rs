@@ -126,7 +126,12 @@ async fn holders(engine: &EngineHandle, host: &str) -> Vec<String> {
                     "{} ({}: {})",
                     v.config.id,
                     h.reason.name(),
-                    h.reason.actions().iter().map(|a| a.name()).collect::<Vec<_>>().join(" or ")
+                    h.reason
+                        .actions()
+                        .iter()
+                        .map(|a| a.name())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
                 ),
                 None => format!("{} ({})", v.config.id, v.state),
             })

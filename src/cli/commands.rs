@@ -17,7 +17,7 @@ use migratory::format::check_name;
 use migratory::units::ByteSize;
 
 use super::client::{path_segment, require_success, ApiClient, ClientError};
-use super::{ApiArgs, ClientCommand, CreateVmArgs, MigrateArgs, VmAction};
+use super::{operator, ApiArgs, ClientCommand, CreateVmArgs, MigrateArgs, VmAction};
 
 /// How often `migrate --wait` asks for the migration's status.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -55,13 +55,21 @@ pub enum CommandError {
         /// The final status line, still owed to stdout.
         summary: String,
     },
+    /// An operator command that did only part of its work.
+    #[error("{what}")]
+    Incomplete {
+        /// What is missing.
+        what: String,
+        /// What it did, still owed to stdout.
+        summary: String,
+    },
 }
 
 impl CommandError {
     /// Text that belongs on stdout even though the command failed.
     pub fn stdout(&self) -> Option<&str> {
         match self {
-            CommandError::NotCompleted { summary, .. } => Some(summary),
+            CommandError::NotCompleted { summary, .. } | CommandError::Incomplete { summary, .. } => Some(summary),
             _ => None,
         }
     }
@@ -166,9 +174,17 @@ pub fn execute(cmd: ClientCommand) -> Result<String, CommandError> {
         ClientCommand::Vm {
             action: VmAction::Delete { id, api },
         } => delete_vm(&connect(&api)?, &id),
+        ClientCommand::Vm {
+            action: VmAction::Resume { id, peer_is_dead, api },
+        } => operator::resume(&connect(&api)?, &id, peer_is_dead),
+        ClientCommand::Vm {
+            action: VmAction::Discard { id, api },
+        } => operator::discard(&connect(&api)?, &id),
         ClientCommand::Migrate(args) => migrate(&connect(&args.api)?, &args, POLL_INTERVAL),
         ClientCommand::Status { id, json, api } => status(&connect(&api)?, id, json),
         ClientCommand::Cancel { id, api } => cancel(&connect(&api)?, id),
+        ClientCommand::Drain(args) => operator::drain(&connect(&args.api)?, &args, POLL_INTERVAL),
+        ClientCommand::Shutdown { force, api } => operator::shutdown(&connect(&api)?, force),
     }
 }
 
@@ -178,7 +194,7 @@ fn connect(api: &ApiArgs) -> Result<ApiClient, CommandError> {
     Ok(client.with_token(token))
 }
 
-fn decode<T: DeserializeOwned>(what: &'static str, value: Value) -> Result<T, CommandError> {
+pub(super) fn decode<T: DeserializeOwned>(what: &'static str, value: Value) -> Result<T, CommandError> {
     serde_json::from_value(value).map_err(|source| CommandError::UnexpectedResponse { what, source })
 }
 
@@ -252,9 +268,17 @@ fn delete_vm(client: &ApiClient, id: &str) -> Result<String, CommandError> {
 
 fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<String, CommandError> {
     check_name("VM id", &args.vm)?;
+    if args.recover {
+        let id = operator::recover(client, &args.vm, args.to.as_deref())?;
+        if !args.wait {
+            return Ok(format!("migration {id} started: recovery of {}\n", clean(&args.vm)));
+        }
+        return finish_waiting(client, args, id, poll);
+    }
+    let to = args.to.clone().unwrap_or_default();
     let mut body = json!({
         "vm": args.vm,
-        "to": args.to,
+        "to": to,
         "algorithm": args.algorithm.name(),
         "streams": args.streams,
         "bandwidth_bytes_per_sec": args.bandwidth.map(|b| b.0),
@@ -282,11 +306,16 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
             "migration {} started: {} -> {} ({})\n",
             started.id,
             clean(&args.vm),
-            args.to,
+            to,
             args.algorithm
         ));
     }
-    let last = wait_until_finished(client, started.id, poll)?;
+    finish_waiting(client, args, started.id, poll)
+}
+
+/// `--wait`: polls migration `id` to its end and prints its summary (or report).
+fn finish_waiting(client: &ApiClient, args: &MigrateArgs, id: u64, poll: Duration) -> Result<String, CommandError> {
+    let last = wait_until_finished(client, id, poll)?;
     let summary = if args.json {
         let report = last.report.clone().unwrap_or(Value::Null);
         format!(
@@ -505,7 +534,8 @@ mod tests {
     fn migrate_args(server: &FakeServer, wait: bool) -> MigrateArgs {
         MigrateArgs {
             vm: "vm1".to_string(),
-            to: "127.0.0.1:7001".to_string(),
+            to: Some("127.0.0.1:7001".to_string()),
+            recover: false,
             algorithm: Algorithm::Precopy,
             streams: 2,
             bandwidth: None,

@@ -16,6 +16,7 @@
 
 mod client;
 mod commands;
+mod operator;
 pub mod token;
 
 use std::error::Error;
@@ -128,6 +129,16 @@ pub enum ClientCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Move every VM off the daemon's host to peers, one at a time (held copies stay).
+    Drain(operator::DrainArgs),
+    /// Shut the daemon down as SIGTERM does (finish, evacuate with --drain-to, exit when empty).
+    Shutdown {
+        /// End now, destroying any VM still here (as a second SIGTERM does).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 /// `migratory vm ...`.
@@ -146,6 +157,24 @@ pub enum VmAction {
     /// Delete a VM from the daemon's host.
     Delete {
         /// The VM to delete.
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Run a held copy (`committed-unconfirmed`) again. Fenced: the peer is asked first, and a
+    /// peer that cannot be asked refuses it unless --peer-is-dead.
+    Resume {
+        /// The held VM.
+        id: String,
+        /// The peer is known to be dead: resume even if it cannot be asked.
+        #[arg(long)]
+        peer_is_dead: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Destroy a held copy (`committed-unconfirmed`, `stale`, `unverified`, `awaiting-pages`).
+    Discard {
+        /// The held VM.
         id: String,
         #[command(flatten)]
         api: ApiArgs,
@@ -181,9 +210,13 @@ pub struct CreateVmArgs {
 pub struct MigrateArgs {
     /// The VM to migrate.
     pub vm: String,
-    /// The peer host's migration listener.
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer)]
-    pub to: String,
+    /// The peer host's migration listener (with --recover: where the target listens now, if it
+    /// moved).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer, required_unless_present = "recover")]
+    pub to: Option<String>,
+    /// Carry on the post-copy pull of a held `stale` copy whose recovery timed out.
+    #[arg(long)]
+    pub recover: bool,
     /// stop-and-copy, precopy, postcopy, hybrid or auto.
     #[arg(long, default_value = "precopy")]
     pub algorithm: Algorithm,
@@ -305,7 +338,7 @@ mod tests {
             panic!("{cmd:?}")
         };
         assert_eq!(args.vm, "vm1");
-        assert_eq!(args.to, "127.0.0.1:7001");
+        assert_eq!(args.to.as_deref(), Some("127.0.0.1:7001"));
         assert_eq!(args.algorithm, Algorithm::Precopy);
         assert_eq!((args.streams, args.bandwidth, args.downtime_limit_ms), (2, None, 300.0));
         assert!(!args.wait && args.api.api.is_none());

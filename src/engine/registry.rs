@@ -91,6 +91,12 @@ impl Handler<AddHost> for Engine {
         if self.hosts.contains_key(&msg.0.name) {
             return Err(EngineError::DuplicateHost(msg.0.name));
         }
+        crate::format::check_name("host name", &msg.0.name).map_err(|e| {
+            EngineError::InvalidConfig(crate::format::FormatError::InvalidConfig {
+                field: "host name",
+                value: e.to_string(),
+            })
+        })?;
         msg.0
             .backend
             .check_available()

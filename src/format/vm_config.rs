@@ -137,8 +137,9 @@ impl VmConfig {
                 value: value.to_string(),
             }
         }
-        if self.id.0.is_empty() {
-            return Err(invalid("id", "\"\""));
+        // Ids reach thread names, logs, paths and peers: the same rule at every entry.
+        if let Err(e) = super::check_name("VM id", &self.id.0) {
+            return Err(invalid("id", e));
         }
         if self.page_size != PAGE_SIZE {
             return Err(invalid("page_size", self.page_size));

@@ -11,11 +11,14 @@
 //! * fault injection needs `--enable-fault-injection`, and `--allow-peer` limits where VMs go;
 //! * every VM id and host name is checked by [`check_name`] before it reaches the engine.
 
+mod ops;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use actix_web::body::{EitherBody, MessageBody};
@@ -39,9 +42,6 @@ use migratory::vmm::sim::{Pattern, WorkloadSpec};
 
 /// Slowest bandwidth cap accepted for a migration (bytes/s).
 const MIN_BANDWIDTH: u64 = 64 * 1024;
-
-/// How long a SIGTERM waits for migrations past commitment to finish.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// How long resolving a peer address may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -141,6 +141,11 @@ pub struct ServeArgs {
     /// PEM certificate of the cluster CA that signs every host.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_ca: Option<std::path::PathBuf>,
+    /// On SIGTERM, move every VM still here to these peers' migration listeners (HOST:PORT;
+    /// comma-separated or repeated) before exiting. Without it a daemon that hosts VMs stays up
+    /// after SIGTERM until they are gone or a second SIGTERM destroys them.
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    drain_to: Vec<String>,
 }
 
 struct State {
@@ -150,6 +155,14 @@ struct State {
     token: Option<String>,
     fault_injection: bool,
     allowed_peers: Option<AllowedPeers>,
+    /// Set once a shutdown began: no new VM is created here.
+    shutting_down: AtomicBool,
+    /// Turns true when a shutdown must end now (a second SIGTERM, `POST /shutdown {force}`).
+    force: tokio::sync::watch::Sender<bool>,
+    /// `POST /shutdown` asks for what SIGTERM does.
+    shutdown_requested: tokio::sync::Notify,
+    /// The last evacuation started through `POST /drain`.
+    drain: ops::SharedDrain,
 }
 
 /// The `--allow-peer` list: as given, and resolved at start.
@@ -244,6 +257,14 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         ApiListen::Unix(_) => None,
     };
     let allowed_peers = AllowedPeers::resolve(&args.allow_peer).await?;
+    let mut drain_to = Vec::with_capacity(args.drain_to.len());
+    for peer in &args.drain_to {
+        check_peer(peer).map_err(|e| format!("--drain-to: {e}"))?;
+        let found = resolve(peer)
+            .await
+            .ok_or_else(|| format!("--drain-to: cannot resolve {peer:?} (HOST:PORT)"))?;
+        drain_to.extend(found.into_iter().next());
+    }
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
         (Some(c), Some(k), Some(ca)) => Some(TlsSetup::from_pem_files(c, k, ca).map_err(|e| e.to_string())?),
         _ => None,
@@ -276,7 +297,12 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         token,
         fault_injection: args.enable_fault_injection,
         allowed_peers,
+        shutting_down: AtomicBool::new(false),
+        force: tokio::sync::watch::channel(false).0,
+        shutdown_requested: tokio::sync::Notify::new(),
+        drain: ops::SharedDrain::default(),
     });
+    let shared = state.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -285,6 +311,12 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
             .route("/vms", web::get().to(list_vms))
             .route("/vms", web::post().to(create_vm))
             .route("/vms/{id}", web::delete().to(delete_vm))
+            .route("/vms/{id}/resume", web::post().to(ops::resume_vm))
+            .route("/vms/{id}/discard", web::post().to(ops::discard_vm))
+            .route("/vms/{id}/recover", web::post().to(ops::recover_vm))
+            .route("/drain", web::post().to(ops::start_drain))
+            .route("/drain", web::get().to(ops::drain_status))
+            .route("/shutdown", web::post().to(ops::shutdown))
             .route("/migrations", web::get().to(list_migrations))
             .route("/migrations", web::post().to(start_migration))
             .route("/migrations/{id}", web::get().to(migration_status))
@@ -307,7 +339,7 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
             (server, format!("unix:{}", path.display()))
         }
     };
-    let server = server.run();
+    let mut server = server.run();
     let handle = server.handle();
     let metrics_note = metrics_addr
         .map(|a| format!(", metrics on http://{a}/metrics"))
@@ -320,18 +352,34 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     tokio::select! {
-        r = server => return r.map_err(|e| e.to_string()),
+        r = &mut server => return r.map_err(|e| e.to_string()),
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        _ = shared.shutdown_requested.notified() => {}
     }
-    eprintln!("migratory: shutting down: cancelling outgoing migrations, aborting incoming ones");
-    let still = engine.shutdown(SHUTDOWN_GRACE).await.map_err(|e| e.to_string())?;
-    if still > 0 {
-        eprintln!("migratory: {still} migrations past commitment still running after {SHUTDOWN_GRACE:?}");
-    }
+    shared.shutting_down.store(true, Ordering::Release);
+    // A second SIGTERM (or Ctrl-C) ends a shutdown that waits for VMs to leave.
+    let forcer = shared.clone();
+    actix_web::rt::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("migratory: second SIGTERM: forcing the exit");
+        forcer.force.send_replace(true);
+    });
+    let ended = crate::shutdown::graceful(&engine, &args.name, &drain_to, shared.force.subscribe()).await;
     handle.stop(true).await;
-    eprintln!("migratory: stopped");
-    Ok(())
+    if let ApiListen::Unix(path) = &args.api {
+        let _ = std::fs::remove_file(path);
+    }
+    match ended {
+        crate::shutdown::Ended::Empty => {
+            eprintln!("migratory: stopped");
+            Ok(())
+        }
+        crate::shutdown::Ended::Forced => Err("forced exit: the VMs named above were destroyed".into()),
+    }
 }
 
 /// The API token from `flag`, else the default file; the file is made if absent, and a warning
@@ -459,19 +507,35 @@ struct VmView {
     verify_passes: u64,
     /// Pages a self-checking guest found not as it wrote them; must stay 0.
     integrity_errors: u64,
+    /// Why a copy is held (not running, not migrating), if it is.
+    reason: Option<String>,
+    /// The operator actions that apply to a held copy.
+    actions: Vec<&'static str>,
 }
 
 impl From<&VmInfo> for VmView {
     fn from(v: &VmInfo) -> Self {
         Self {
             id: v.config.id.0.clone(),
-            state: v.state.name().to_string(),
+            state: match &v.held {
+                Some(h) => h.reason.name().to_string(),
+                None => v.state.name().to_string(),
+            },
             memory_bytes: v.config.memory_bytes,
             vcpus: v.config.vcpus,
             layout: v.layout.to_string(),
             writes: v.stats.writes,
             verify_passes: v.stats.verify_passes,
             integrity_errors: v.stats.integrity_errors,
+            reason: v.held.as_ref().map(|h| match &h.peer {
+                Some(peer) => format!("{} (peer {peer})", h.detail),
+                None => h.detail.clone(),
+            }),
+            actions: v
+                .held
+                .as_ref()
+                .map(|h| h.reason.actions().iter().map(|a| a.name()).collect())
+                .unwrap_or_default(),
         }
     }
 }
@@ -506,6 +570,12 @@ fn default_working_set() -> u64 {
 }
 
 async fn create_vm(state: web::Data<State>, body: web::Json<CreateVm>) -> HttpResponse {
+    if state.shutting_down.load(Ordering::Acquire) {
+        return bad(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("host {} is shutting down: it takes no new VM", state.host),
+        );
+    }
     let b = body.into_inner();
     if let Err(e) = check_name("VM id", &b.id) {
         return bad_name("id", &e);
