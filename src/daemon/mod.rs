@@ -339,8 +339,11 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
             (server, format!("unix:{}", path.display()))
         }
     };
-    let mut server = server.run();
+    let server = server.run();
     let handle = server.handle();
+    // Polled on its own task: the server takes its stop command there, and it must keep
+    // serving the API while a shutdown waits for VMs to leave.
+    let mut server = actix_web::rt::spawn(server);
     let metrics_note = metrics_addr
         .map(|a| format!(", metrics on http://{a}/metrics"))
         .unwrap_or_default();
@@ -352,7 +355,12 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
     tokio::select! {
-        r = &mut server => return r.map_err(|e| e.to_string()),
+        r = &mut server => {
+            return match r {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("the API server stopped: {e}")),
+            }
+        }
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
         _ = shared.shutdown_requested.notified() => {}

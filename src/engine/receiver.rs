@@ -324,34 +324,47 @@ impl TargetRun {
                 timeout.as_secs_f64(),
             ))
         };
-        match tokio::time::timeout(timeout, handovers.recv()).await {
-            Ok(Some(h)) => return Ok(h),
-            Ok(None) => return Err(Exit::Discarded),
-            Err(_) if missing == 0 => return Err(gave_up()),
-            Err(_) => {}
-        }
-        // The guest lacks pages only the source holds: nothing here can decide for it. Hold the
-        // copy for an operator, and still take a recovery link (`migrate --recover`) until the
-        // operator discards it, which closes the host's sender.
-        let (Some((_, guest)), Exit::RecoveryTimeout(detail)) = (&self.vm, gave_up()) else {
-            return Err(gave_up());
+        // The guest lacks pages only the source holds: nothing here can decide for it. From
+        // now on the copy is held for an operator (`vm list` says so), and it still takes a
+        // recovery link, automatic or `migrate --recover`, until the operator discards it,
+        // which closes the host's sender.
+        let vm = self.vm.as_ref().map(|(_, g)| g.config().id.0.clone());
+        let hold = |detail: String| {
+            if let (Some(vm), true) = (&vm, missing > 0) {
+                self.host.do_send(HoldVm {
+                    vm: vm.clone(),
+                    copy: HeldCopy {
+                        reason: HeldReason::AwaitingPages,
+                        detail,
+                        peer: None,
+                    },
+                });
+            }
         };
-        let vm = guest.config().id.0.clone();
-        tracing::warn!(host = %self.host_name, vm = %vm, reason = %detail, "incoming post-copy stopped; copy held");
-        if let Some(events) = &self.params.events {
-            let _ = events.send(MigrationEvent::TargetStopped { reason: detail.clone() });
-        }
-        self.host.do_send(HoldVm {
-            vm: vm.clone(),
-            copy: HeldCopy {
-                reason: HeldReason::AwaitingPages,
-                detail,
-                peer: None,
-            },
-        });
-        match handovers.recv().await {
+        hold(format!(
+            "post-copy link lost ({cause}); paused with {missing} pages missing, waiting for the source to reconnect"
+        ));
+        let received = match tokio::time::timeout(timeout, handovers.recv()).await {
+            Ok(r) => r,
+            Err(_) if missing == 0 => return Err(gave_up()),
+            Err(_) => {
+                let detail = match gave_up() {
+                    Exit::RecoveryTimeout(d) => d,
+                    _ => String::new(),
+                };
+                tracing::warn!(host = %self.host_name, vm = ?vm, reason = %detail, "incoming post-copy stopped; copy held");
+                if let Some(events) = &self.params.events {
+                    let _ = events.send(MigrationEvent::TargetStopped { reason: detail.clone() });
+                }
+                hold(detail);
+                handovers.recv().await
+            }
+        };
+        match received {
             Some(h) => {
-                self.host.do_send(UnholdVm(vm));
+                if let Some(vm) = vm {
+                    self.host.do_send(UnholdVm(vm));
+                }
                 Ok(h)
             }
             None => Err(Exit::Discarded),

@@ -10,7 +10,7 @@
 //! | `committed-unconfirmed` | source | complete, paused; the target may or may not have activated | `resume` (fenced by asking the peer), `discard` |
 //! | `stale` | source | paused since a post-copy switchover; holds pages the target may lack | `recover`, `discard` |
 //! | `unverified` | source | paused; the target runs the VM but its pages were not (or not all) confirmed | `discard` |
-//! | `awaiting-pages` | target | owns the VM but lacks pages only the source holds; paused | `recover` (from the source), `discard` |
+//! | `awaiting-pages` | target | owns the VM but lacks pages only the source holds; paused, still takes a recovery link | `discard` here; `recover` on the source's host |
 
 use std::net::SocketAddr;
 
@@ -60,14 +60,15 @@ impl HeldReason {
         }
     }
 
-    /// The operator actions that apply.
+    /// The operator actions that work on the host holding the copy.
     pub fn actions(self) -> &'static [OperatorAction] {
         use OperatorAction::*;
         match self {
             HeldReason::CommittedUnconfirmed => &[Resume, Discard],
             HeldReason::Stale => &[Recover, Discard],
             HeldReason::Unverified => &[Discard],
-            HeldReason::AwaitingPages => &[Recover, Discard],
+            // Recovery runs from the source's host, which holds the pages: here only discard.
+            HeldReason::AwaitingPages => &[Discard],
         }
     }
 }
