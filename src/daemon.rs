@@ -100,7 +100,13 @@ pub fn serve(args: ServeArgs) -> ExitCode {
 
 async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), String> {
     let key = match &args.cluster_key_file {
-        Some(path) => Some(ClusterKey::from_file(path).map_err(|e| e.to_string())?),
+        Some(path) => {
+            let loaded = ClusterKey::from_file(path).map_err(|e| e.to_string())?;
+            if let Some(loose) = loaded.loose_permissions {
+                eprintln!("migratory: warning: {loose}");
+            }
+            Some(loaded.key)
+        }
         None => ClusterKey::from_env().map_err(|e| e.to_string())?,
     };
     if key.is_none() {

@@ -321,6 +321,8 @@ impl Engine {
         let (target_addr, streams, bandwidth) = (req.target_addr, req.streams, req.shaping.bandwidth_bytes_per_sec);
         let shared_budget = budget.clone();
         let tls = self.host_configs.get(&req.source).and_then(|c| c.tls.clone());
+        let link_key = self.host_configs.get(&req.source).and_then(|c| c.cluster_key.clone());
+        let route_key = link_key.clone();
         let route_tls = tls.clone();
         let end_addr = req.target_addr;
         let prepare = async move {
@@ -339,7 +341,7 @@ impl Engine {
                 let caps = source.send(GetCapabilities).await?;
                 let tcp_end = match target_addr {
                     Some(addr) => Some(
-                        crate::link::tcp::connect(addr, streams, bandwidth, shared_budget, tls.as_ref())
+                        crate::link::tcp::connect(addr, streams, bandwidth, shared_budget, tls.as_ref(), link_key.as_ref())
                             .await
                             .map_err(|e| EngineError::Link {
                                 stage: "premigration".into(),
@@ -377,6 +379,7 @@ impl Engine {
                         bandwidth,
                         budget,
                         tls: route_tls,
+                        key: route_key,
                     };
                     (end, route)
                 }
