@@ -422,6 +422,8 @@ mod tests {
             Ok::<_, SecureError>(h)
         });
         let client = client_handshake(&mut c, b"PREA", 9, client_key.as_ref(), b"", false).await;
+        // A client that gave up hangs up, as its socket would.
+        drop(c);
         (client, server.await.expect("server task"))
     }
 
