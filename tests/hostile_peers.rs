@@ -86,7 +86,10 @@ async fn assert_stays_on_source(src: &EngineHandle, dst: &EngineHandle, vm: &str
         if now > before.stats.writes {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{vm} makes no progress on the source");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{vm} makes no progress on the source"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -124,7 +127,9 @@ async fn test_wrong_key_refused_before_anything_is_reserved() {
     assert_eq!(answer[0], 1, "the listener demands a key");
     s.write_all(&[0x42; 32]).await.expect("guess");
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut rest)).await.expect("closed");
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut rest))
+        .await
+        .expect("closed");
     assert!(rest.is_empty(), "no confirmation for a wrong proof");
     let usage = dst.host_usage("dst").await.expect("usage");
     assert_eq!((usage.vms, usage.committed_bytes), (0, 0), "nothing reserved");
@@ -159,7 +164,9 @@ async fn relay(target: SocketAddr, tamper: Tamper) -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(target).await else { return };
+                let Ok(server) = TcpStream::connect(target).await else {
+                    return;
+                };
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
                 tokio::spawn(async move {
@@ -222,7 +229,10 @@ async fn check_tampering_aborts(tamper: Tamper) {
         .await
         .expect("migration ends in time")
         .expect("report");
-    println!("{tamper:?}: {:?} at {:?}: {:?}", report.result, report.vm_location, report.error);
+    println!(
+        "{tamper:?}: {:?} at {:?}: {:?}",
+        report.result, report.vm_location, report.error
+    );
     // The source only sees its link go: a link failure, before commitment.
     assert!(
         matches!(report.result, Outcome::Failed | Outcome::Aborted),
@@ -238,7 +248,10 @@ async fn check_tampering_aborts(tamper: Tamper) {
 async fn test_relay_flipping_a_control_bit_closes_the_link() {
     let before = migratory::link::secure::rejected_frames();
     check_tampering_aborts(Tamper::ControlBit).await;
-    assert!(migratory::link::secure::rejected_frames() > before, "the bad MAC is counted");
+    assert!(
+        migratory::link::secure::rejected_frames() > before,
+        "the bad MAC is counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,7 +285,9 @@ async fn test_unauthenticated_huge_frames_do_not_grow_memory() {
     for i in 0..64u64 {
         let chunk = Arc::clone(&chunk);
         peers.push(tokio::spawn(async move {
-            let Ok(mut s) = TcpStream::connect(addr).await else { return };
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return;
+            };
             // A keyed hello, then instead of a proof a 32 MiB frame and its bytes.
             let mut hello = preamble(1000 + i, 0, 1);
             hello.push(1);
@@ -289,10 +304,16 @@ async fn test_unauthenticated_huge_frames_do_not_grow_memory() {
         }));
     }
     for p in peers {
-        tokio::time::timeout(TIMEOUT, p).await.expect("peer ends").expect("peer task");
+        tokio::time::timeout(TIMEOUT, p)
+            .await
+            .expect("peer ends")
+            .expect("peer task");
     }
     let grown = rss_bytes().saturating_sub(before);
-    println!("resident memory grew by {:.1} MiB for 64 peers of 32 MiB frames", grown as f64 / MIB as f64);
+    println!(
+        "resident memory grew by {:.1} MiB for 64 peers of 32 MiB frames",
+        grown as f64 / MIB as f64
+    );
     assert!(grown < 64 * MIB, "grew by {grown} bytes");
     let usage = dst.host_usage("dst").await.expect("usage");
     assert_eq!(usage.vms, 0);
@@ -314,7 +335,9 @@ async fn test_ten_thousand_idle_connections_do_not_stop_a_migration() {
     let crowd = tokio::time::timeout(TIMEOUT, async {
         let mut held = Vec::with_capacity(10_000);
         for _ in 0..10_000 {
-            let Ok(sock) = tokio::net::TcpSocket::new_v4() else { break };
+            let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
+                break;
+            };
             if sock.bind("127.0.0.2:0".parse().expect("addr")).is_err() {
                 break;
             }

@@ -341,12 +341,19 @@ impl Engine {
                 let caps = source.send(GetCapabilities).await?;
                 let tcp_end = match target_addr {
                     Some(addr) => Some(
-                        crate::link::tcp::connect(addr, streams, bandwidth, shared_budget, tls.as_ref(), link_key.as_ref())
-                            .await
-                            .map_err(|e| EngineError::Link {
-                                stage: "premigration".into(),
-                                detail: format!("cannot connect to {addr}: {e}"),
-                            })?,
+                        crate::link::tcp::connect(
+                            addr,
+                            streams,
+                            bandwidth,
+                            shared_budget,
+                            tls.as_ref(),
+                            link_key.as_ref(),
+                        )
+                        .await
+                        .map_err(|e| EngineError::Link {
+                            stage: "premigration".into(),
+                            detail: format!("cannot connect to {addr}: {e}"),
+                        })?,
                     ),
                     None => None,
                 };

@@ -146,7 +146,7 @@ pub fn raise_nofile_limit() -> Result<(u64, u64), io::Error> {
         }
         lim = raised;
     }
-    Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+    Ok((lim.rlim_cur, lim.rlim_max))
 }
 
 #[cfg(test)]

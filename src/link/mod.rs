@@ -16,7 +16,8 @@ mod shaper;
 pub mod tcp;
 pub mod tls;
 
-pub use actor::{event_channel, CloseLink, Keepalive, Link, LinkEvent, LinkEvents, SendControl, LINK_EVENTS, LINK_EVENT_BYTES,
+pub use actor::{
+    event_channel, CloseLink, Keepalive, Link, LinkEvent, LinkEvents, SendControl, LINK_EVENTS, LINK_EVENT_BYTES,
 };
 pub use inproc::{pair, pair_with_budget};
 pub use pool::FramePool;

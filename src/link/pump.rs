@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::secure::{FrameMac, Session, Side, TAG_LEN};
 use super::{
-    ControlChannel, DataReceiver, DataSender, FramePool, LinkEnd, LinkFault, Timed, TokenBucket,
-    CONTROL_CHANNEL_BYTES, CONTROL_CHANNEL_FRAMES, DATA_CHANNEL_FRAMES, URGENT_CHANNEL_FRAMES,
+    ControlChannel, DataReceiver, DataSender, FramePool, LinkEnd, LinkFault, Timed, TokenBucket, CONTROL_CHANNEL_BYTES,
+    CONTROL_CHANNEL_FRAMES, DATA_CHANNEL_FRAMES, URGENT_CHANNEL_FRAMES,
 };
 use crate::protocol::frame::{MAX_FRAME_LEN, TAG_PAGES};
 use crate::protocol::pages::FLAG_PULLED;

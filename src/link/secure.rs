@@ -307,7 +307,9 @@ where
         (MODE_KEYED, Some(_)) => {}
         (m, _) => return Err(SecureError::BadMode(m)),
     }
-    let Some(key) = key else { return Err(SecureError::KeyRequired) };
+    let Some(key) = key else {
+        return Err(SecureError::KeyRequired);
+    };
     labelled(key, SERVER_PROOF, link_id, &n_c, n_s, binding)
         .verify_slice(proof_s)
         .map_err(|_| SecureError::BadProof { side: "server" })?;
@@ -386,7 +388,9 @@ where
         (MODE_KEYED, Some(_)) => {}
         (m, _) => return Err(SecureError::BadMode(m)),
     }
-    let Some(key) = key else { return Err(SecureError::KeyRequired) };
+    let Some(key) = key else {
+        return Err(SecureError::KeyRequired);
+    };
     answer.extend_from_slice(&hmac32(labelled(key, SERVER_PROOF, link_id, n_c, &n_s, binding)));
     s.write_all(&answer).await?;
     s.flush().await?;

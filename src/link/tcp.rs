@@ -239,7 +239,10 @@ pub async fn serve(
     options: ServeOptions,
 ) {
     let gate = Gate::new(options.limits, options.allowed_peers.clone());
-    let acceptor = options.tls.as_ref().map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.server)));
+    let acceptor = options
+        .tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.server)));
     let shared = Arc::new(Shared {
         key: options.key,
         acceptor,

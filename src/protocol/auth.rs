@@ -237,7 +237,10 @@ mod tests {
 
     #[test]
     fn test_key_length_and_debug() {
-        assert!(matches!(ClusterKey::new(b"short"), Err(AuthError::KeyLength { len: 5 })));
+        assert!(matches!(
+            ClusterKey::new(b"short"),
+            Err(AuthError::KeyLength { len: 5 })
+        ));
         assert!(matches!(
             ClusterKey::new(&[7; MIN_KEY_LEN - 1]),
             Err(AuthError::KeyLength { len: 31 })
@@ -251,13 +254,24 @@ mod tests {
         let k = ClusterKey::from_hex(format!("  {hex}\n").as_bytes()).expect("hex key");
         let mut raw = Vec::new();
         for _ in 0..2 {
-            raw.extend([0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]);
+            raw.extend([
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
+            ]);
         }
         assert_eq!(k, ClusterKey::new(&raw).expect("raw"));
-        assert!(matches!(ClusterKey::from_hex(&hex.as_bytes()[..62]), Err(AuthError::KeyLength { len: 31 })));
-        assert!(matches!(ClusterKey::from_hex(&hex.as_bytes()[..63]), Err(AuthError::NotHex { .. })));
+        assert!(matches!(
+            ClusterKey::from_hex(&hex.as_bytes()[..62]),
+            Err(AuthError::KeyLength { len: 31 })
+        ));
+        assert!(matches!(
+            ClusterKey::from_hex(&hex.as_bytes()[..63]),
+            Err(AuthError::NotHex { .. })
+        ));
         let text_key = "correct horse battery staple, and more of it";
-        assert!(matches!(ClusterKey::from_hex(text_key.as_bytes()), Err(AuthError::NotHex { .. })));
+        assert!(matches!(
+            ClusterKey::from_hex(text_key.as_bytes()),
+            Err(AuthError::NotHex { .. })
+        ));
     }
 
     #[test]

@@ -49,7 +49,11 @@ async fn assert_refused(src_key: Option<ClusterKey>, dst_key: Option<ClusterKey>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_same_key_migrates() {
-    let e = setup(key("a shared key of at least 32 bytes"), key("a shared key of at least 32 bytes")).await;
+    let e = setup(
+        key("a shared key of at least 32 bytes"),
+        key("a shared key of at least 32 bytes"),
+    )
+    .await;
     let report = e
         .migrate(MigrationRequest::new("vm", "src", "dst"))
         .await
@@ -60,7 +64,11 @@ async fn test_same_key_migrates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_wrong_key_is_refused() {
-    let error = assert_refused(key("the source's own key, 32 bytes long"), key("the target's other key, 32 bytes long")).await;
+    let error = assert_refused(
+        key("the source's own key, 32 bytes long"),
+        key("the target's other key, 32 bytes long"),
+    )
+    .await;
     assert!(error.contains("authentication failed"), "{error}");
 }
 
