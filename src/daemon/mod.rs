@@ -100,7 +100,8 @@ pub struct ServeArgs {
     /// Accept `faults` in `POST /migrations` (for testing; refused with 403 otherwise).
     #[arg(long)]
     enable_fault_injection: bool,
-    /// Peers VMs may be migrated to (HOST:PORT; comma-separated or repeated); any when absent.
+    /// Peers VMs may be migrated to (HOST:PORT; comma-separated or repeated), and the only
+    /// addresses whose connections the migration listener takes; any when absent.
     #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
     allow_peer: Vec<String>,
     /// Run without a cluster key: migrations are neither authenticated nor required to be.
@@ -242,7 +243,13 @@ pub fn serve(args: ServeArgs) -> ExitCode {
 async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), String> {
     check_name("host name", &args.name).map_err(|e| format!("--name: {e}"))?;
     let key = match &args.cluster_key_file {
-        Some(path) => Some(ClusterKey::from_file(path).map_err(|e| e.to_string())?),
+        Some(path) => {
+            let loaded = ClusterKey::from_file(path).map_err(|e| e.to_string())?;
+            if let Some(loose) = loaded.loose_permissions {
+                eprintln!("migratory: warning: {loose}");
+            }
+            Some(loaded.key)
+        }
         None => ClusterKey::from_env().map_err(|e| e.to_string())?,
     };
     match (&key, args.insecure_no_auth) {
@@ -269,6 +276,11 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         (Some(c), Some(k), Some(ca)) => Some(TlsSetup::from_pem_files(c, k, ca).map_err(|e| e.to_string())?),
         _ => None,
     };
+    // Every connection, idle or hostile, costs a descriptor: take what the hard limit allows.
+    match migratory::link::tcp::raise_nofile_limit() {
+        Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit"),
+        Err(e) => eprintln!("migratory: warning: cannot raise the open-file limit: {e}"),
+    }
     let engine = EngineHandle::start().map_err(|e| e.to_string())?;
     let host = HostConfig {
         listen: Some(args.listen),
@@ -279,6 +291,11 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         cluster_key: key,
         tls,
         backend: args.backend,
+        // The same list bounds who may connect: a connection from any other address is closed
+        // before it can say anything.
+        allowed_peers: allowed_peers
+            .as_ref()
+            .map(|a| a.addrs.iter().map(|addr| addr.ip()).collect()),
         ..HostConfig::new(args.name.clone(), args.layout)
     };
     engine.add_host(host).await.map_err(|e| e.to_string())?;

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::sync::mpsc;
 
 use super::host::{Host, QueryVmState};
 use crate::link::tls::TlsSetup;
-use crate::link::{CloseLink, Keepalive, Link, LinkEvent, SendControl};
+use crate::link::{event_channel, CloseLink, Keepalive, Link, LinkEvent, SendControl};
+use crate::protocol::auth::ClusterKey;
 use crate::protocol::ControlMessage;
 use crate::vm::Peer;
 
@@ -26,6 +26,7 @@ pub(crate) async fn ask_peer(
     vm: &str,
     local: Option<Addr<Host>>,
     tls: Option<&TlsSetup>,
+    key: Option<&ClusterKey>,
 ) -> Result<String, String> {
     match peer {
         Peer::Local(name) => match local {
@@ -35,17 +36,24 @@ pub(crate) async fn ask_peer(
                 .map_err(|e| format!("host {name}: {e}")),
             None => Err(format!("host {name} is gone from this engine")),
         },
-        Peer::Remote(addr) => tokio::time::timeout(QUERY_TIMEOUT, ask_remote(*addr, vm, tls))
+        Peer::Remote(addr) => tokio::time::timeout(QUERY_TIMEOUT, ask_remote(*addr, vm, tls, key))
             .await
             .map_err(|_| format!("{addr} did not answer within {QUERY_TIMEOUT:?}"))?,
     }
 }
 
-async fn ask_remote(addr: SocketAddr, vm: &str, tls: Option<&TlsSetup>) -> Result<String, String> {
-    let end = crate::link::tcp::connect(addr, 1, None, None, tls)
+/// The query goes over a link authenticated like a migration's (cluster key, TLS): a fence
+/// believes only a peer that proved the key.
+async fn ask_remote(
+    addr: SocketAddr,
+    vm: &str,
+    tls: Option<&TlsSetup>,
+    key: Option<&ClusterKey>,
+) -> Result<String, String> {
+    let end = crate::link::tcp::connect(addr, 1, None, None, tls, key)
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let (owner, mut inbox) = mpsc::unbounded_channel();
+    let (owner, mut inbox) = event_channel();
     let link = Link::new(end.control, owner, Keepalive::default()).start();
     let asked = link
         .send(SendControl(ControlMessage::QueryVm { vm: vm.to_string() }))

@@ -103,7 +103,13 @@ impl Actor for Host {
             let (tx, mut rx) = tokio::sync::mpsc::channel(16);
             let key = self.config.cluster_key.clone();
             let tls = self.config.tls.clone();
-            ctx.spawn(tcp::serve(listener, tx, Arc::clone(&self.rejected), tls).into_actor(self));
+            let options = tcp::ServeOptions {
+                tls,
+                key: key.clone(),
+                allowed_peers: self.config.allowed_peers.clone(),
+                ..Default::default()
+            };
+            ctx.spawn(tcp::serve(listener, tx, Arc::clone(&self.rejected), options).into_actor(self));
             let me = ctx.address();
             ctx.spawn(
                 async move {

@@ -67,7 +67,7 @@ pub struct ReceiverParams {
 /// phase lost its link.
 pub struct Handover {
     link: Addr<Link>,
-    inbox: mpsc::UnboundedReceiver<LinkEvent>,
+    inbox: crate::link::LinkEvents,
     data: (DataReceiver, FramePool),
 }
 
@@ -219,7 +219,7 @@ fn violation(detail: impl Into<String>) -> Exit {
 impl TargetRun {
     async fn run(mut self) {
         let Some(end) = self.end.take() else { return };
-        let (owner_tx, mut inbox) = mpsc::unbounded_channel();
+        let (owner_tx, mut inbox) = crate::link::event_channel();
         let link = Link::new(end.control, owner_tx, self.params.keepalive).start();
         self.link = Some(link);
         self.data = Some((end.data_rx, end.pool));
@@ -373,7 +373,7 @@ impl TargetRun {
 
     /// Carries the pull phase on over a recovery link: the data plane reads from it, the
     /// source learns which pages are still missing, and the guest runs again.
-    async fn take_over(&mut self, h: Handover) -> Result<mpsc::UnboundedReceiver<LinkEvent>, Exit> {
+    async fn take_over(&mut self, h: Handover) -> Result<crate::link::LinkEvents, Exit> {
         if let Some(old) = self.link.replace(h.link) {
             old.do_send(CloseLink);
         }
@@ -453,7 +453,7 @@ impl TargetRun {
     /// Queued behind the host's cap: the Link already answers the source's pings, and the
     /// source's Hello waits in the inbox until a slot frees, the step bound passes, or the host
     /// shuts down.
-    async fn wait_for_slot(&mut self, inbox: &mut mpsc::UnboundedReceiver<LinkEvent>) -> Result<(), Exit> {
+    async fn wait_for_slot(&mut self, inbox: &mut crate::link::LinkEvents) -> Result<(), Exit> {
         let Some(mut slot) = self.slot.take() else {
             return Ok(());
         };
@@ -508,7 +508,7 @@ impl TargetRun {
 
     async fn drive(
         &mut self,
-        inbox: &mut mpsc::UnboundedReceiver<LinkEvent>,
+        inbox: &mut crate::link::LinkEvents,
         fault_tx: &mpsc::UnboundedSender<u64>,
         fault_rx: &mut mpsc::UnboundedReceiver<u64>,
         handovers: &mut mpsc::Receiver<Handover>,
@@ -1023,7 +1023,7 @@ impl TargetRun {
 /// `Abort` (the data channel and a failed send see the close at once; the Abort frame carries
 /// the link's latency). The Link delivers every queued frame before it reports the loss, so
 /// reading the inbox to its end finds the Abort if there is one.
-async fn prefer_peer_abort(exit: Exit, inbox: &mut mpsc::UnboundedReceiver<LinkEvent>, bound: Duration) -> Exit {
+async fn prefer_peer_abort(exit: Exit, inbox: &mut crate::link::LinkEvents, bound: Duration) -> Exit {
     if !matches!(exit, Exit::LinkLost(_)) {
         return exit;
     }

@@ -345,6 +345,8 @@ impl Engine {
         let (target_addr, streams, bandwidth) = (req.target_addr, req.streams, req.shaping.bandwidth_bytes_per_sec);
         let shared_budget = budget.clone();
         let tls = self.host_configs.get(&req.source).and_then(|c| c.tls.clone());
+        let link_key = self.host_configs.get(&req.source).and_then(|c| c.cluster_key.clone());
+        let route_key = link_key.clone();
         let route_tls = tls.clone();
         let end_addr = req.target_addr;
         let prepare = async move {
@@ -363,12 +365,19 @@ impl Engine {
                 let caps = source.send(GetCapabilities).await?;
                 let tcp_end = match target_addr {
                     Some(addr) => Some(
-                        crate::link::tcp::connect(addr, streams, bandwidth, shared_budget, tls.as_ref())
-                            .await
-                            .map_err(|e| EngineError::Link {
-                                stage: "premigration".into(),
-                                detail: format!("cannot connect to {addr}: {e}"),
-                            })?,
+                        crate::link::tcp::connect(
+                            addr,
+                            streams,
+                            bandwidth,
+                            shared_budget,
+                            tls.as_ref(),
+                            link_key.as_ref(),
+                        )
+                        .await
+                        .map_err(|e| EngineError::Link {
+                            stage: "premigration".into(),
+                            detail: format!("cannot connect to {addr}: {e}"),
+                        })?,
                     ),
                     None => None,
                 };
@@ -401,6 +410,7 @@ impl Engine {
                         bandwidth,
                         budget,
                         tls: route_tls,
+                        key: route_key,
                     };
                     (end, route)
                 }
@@ -649,6 +659,7 @@ impl Handler<ResumeHeld> for Engine {
         let host = self.host(&msg.host);
         let hosts = self.hosts.clone();
         let tls = self.host_configs.get(&msg.host).and_then(|c| c.tls.clone());
+        let key = self.host_configs.get(&msg.host).and_then(|c| c.cluster_key.clone());
         Box::pin(async move {
             let host = host?;
             let held = host.send(CheckResumable(msg.vm.clone())).await??;
@@ -662,7 +673,7 @@ impl Handler<ResumeHeld> for Engine {
                 Peer::Local(name) => hosts.get(name).cloned(),
                 Peer::Remote(_) => None,
             };
-            match super::fence::ask_peer(&peer, &msg.vm, local, tls.as_ref()).await {
+            match super::fence::ask_peer(&peer, &msg.vm, local, tls.as_ref(), key.as_ref()).await {
                 Ok(state) if state == super::fence::ABSENT => {}
                 Ok(state) => {
                     return Err(EngineError::Fenced {
@@ -753,6 +764,7 @@ impl Handler<RecoverHeld> for Engine {
                             bandwidth: None,
                             budget: act.budgets.get(&msg.host).cloned(),
                             tls: act.host_configs.get(&msg.host).and_then(|c| c.tls.clone()),
+                            key: act.host_configs.get(&msg.host).and_then(|c| c.cluster_key.clone()),
                         }
                     }
                     Peer::Local(name) => match act.hosts.get(name) {

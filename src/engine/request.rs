@@ -40,6 +40,8 @@ pub struct HostConfig {
     pub cluster_key: Option<crate::protocol::auth::ClusterKey>,
     /// TLS with mutual authentication for every stream, both ways; `None` is plain TCP.
     pub tls: Option<crate::link::tls::TlsSetup>,
+    /// If given, only these peers may connect to `listen`.
+    pub allowed_peers: Option<Vec<std::net::IpAddr>>,
 }
 
 impl HostConfig {
@@ -59,6 +61,7 @@ impl HostConfig {
             bandwidth_budget_bytes_per_sec: None,
             cluster_key: None,
             tls: None,
+            allowed_peers: None,
         }
     }
 }

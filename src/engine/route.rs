@@ -10,6 +10,7 @@ use super::host::{AcceptLink, Host};
 use super::receiver::ReceiverParams;
 use crate::link::tls::TlsSetup;
 use crate::link::{self, LinkEnd, Shaping, TokenBucket};
+use crate::protocol::auth::ClusterKey;
 
 /// The way to the target.
 #[derive(Debug, Clone)]
@@ -28,6 +29,7 @@ pub(crate) enum Route {
         bandwidth: Option<u64>,
         budget: Option<Arc<Mutex<TokenBucket>>>,
         tls: Option<TlsSetup>,
+        key: Option<ClusterKey>,
     },
 }
 
@@ -60,7 +62,8 @@ impl Route {
                 bandwidth,
                 budget,
                 tls,
-            } => link::tcp::connect(*addr, *streams, *bandwidth, budget.clone(), tls.as_ref())
+                key,
+            } => link::tcp::connect(*addr, *streams, *bandwidth, budget.clone(), tls.as_ref(), key.as_ref())
                 .await
                 .map_err(|e| format!("cannot connect to {addr}: {e}")),
         }

@@ -203,7 +203,7 @@ enum AfterPrecopy {
 pub(crate) struct SourceRun {
     s: SourceSetup,
     link: Option<Addr<Link>>,
-    inbox: Option<mpsc::UnboundedReceiver<LinkEvent>>,
+    inbox: Option<crate::link::LinkEvents>,
     plane: Option<SourcePlane>,
     tracker: Option<Addr<DirtyTracker>>,
     machine: StageMachine,
@@ -605,7 +605,7 @@ impl SourceRun {
     async fn with_cancel<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, crate::dataplane::DataPlaneError>>,
-        inbox: &mut mpsc::UnboundedReceiver<LinkEvent>,
+        inbox: &mut crate::link::LinkEvents,
     ) -> Result<T, Fail> {
         let mut cancel = self.s.cancel.clone();
         let cancellable = self.cancellable();
@@ -714,7 +714,7 @@ impl SourceRun {
 
     /// Starts a Link actor on `control`; its events arrive in `self.inbox`.
     fn open_link(&mut self, control: crate::link::ControlChannel) {
-        let (owner_tx, inbox) = mpsc::unbounded_channel();
+        let (owner_tx, inbox) = crate::link::event_channel();
         self.link = Some(Link::new(control, owner_tx, self.s.req.keepalive).start());
         self.inbox = Some(inbox);
     }
@@ -776,6 +776,7 @@ impl SourceRun {
                 tx: mpsc::channel(1).0,
                 rx: mpsc::channel(1).1,
                 latency: Duration::ZERO,
+                fault: Default::default(),
             },
         );
         self.open_link(control);

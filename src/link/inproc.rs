@@ -37,6 +37,7 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             tx: c_ab_tx,
             rx: c_ba_rx,
             latency: shaping.latency,
+            fault: Default::default(),
         },
         data_tx: DataSender {
             tx: d_ab_tx,
@@ -60,6 +61,7 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             tx: c_ba_tx,
             rx: c_ab_rx,
             latency: shaping.latency,
+            fault: Default::default(),
         },
         data_tx: DataSender {
             tx: d_ba_tx,

@@ -7,13 +7,18 @@
 //! later, both seen by the engine as the same channels.
 
 mod actor;
+pub mod gate;
 mod inproc;
 mod pool;
+mod pump;
+pub mod secure;
 mod shaper;
 pub mod tcp;
 pub mod tls;
 
-pub use actor::{CloseLink, Keepalive, Link, LinkEvent, SendControl};
+pub use actor::{
+    event_channel, CloseLink, Keepalive, Link, LinkEvent, LinkEvents, SendControl, LINK_EVENTS, LINK_EVENT_BYTES,
+};
 pub use inproc::{pair, pair_with_budget};
 pub use pool::FramePool;
 pub use shaper::{Shaping, TokenBucket};
@@ -29,6 +34,9 @@ use crossbeam::channel;
 pub const DATA_CHANNEL_FRAMES: usize = 16;
 /// Control frames in flight per direction.
 pub const CONTROL_CHANNEL_FRAMES: usize = 4096;
+/// Bytes of control frames from a TCP peer waiting for the Link at once: with frames of up to
+/// 32 MiB, a count alone would let one peer park 128 GiB in the channel.
+pub const CONTROL_CHANNEL_BYTES: usize = 64 << 20;
 
 /// Errors of a link.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -50,6 +58,53 @@ pub enum LinkError {
     /// The send queue is full: the peer does not keep up.
     #[error("control queue full ({CONTROL_CHANNEL_FRAMES} frames)")]
     Backpressure,
+    /// A frame whose MAC does not verify: changed, replayed, dropped or reordered on the way.
+    #[error("frame {seq} on connection {conn} failed authentication (changed, replayed or reordered)")]
+    Tampered {
+        /// Connection: 0 control, 1.. data.
+        conn: u8,
+        /// The frame's place in that connection's direction.
+        seq: u64,
+    },
+    /// The owner's event queue is full: the peer sends faster than the owner reads.
+    #[error("peer floods the link: {events} messages of {bytes} bytes wait for the owner")]
+    Overflow {
+        /// Messages waiting.
+        events: usize,
+        /// Their frames' bytes, the one that did not fit included.
+        bytes: usize,
+    },
+}
+
+/// Why a transport closed a link under the Link actor, for the actor to report instead of a
+/// plain [`LinkError::Closed`]. Shared by the control reader and the data threads of one link.
+#[derive(Debug, Clone, Default)]
+pub struct LinkFault(Arc<FaultState>);
+
+#[derive(Debug, Default)]
+struct FaultState {
+    error: std::sync::OnceLock<LinkError>,
+    raised: tokio::sync::Notify,
+}
+
+impl LinkFault {
+    /// Records `err` (the first one wins) and wakes whoever waits in [`Self::raised`].
+    pub fn raise(&self, err: LinkError) {
+        let _ = self.0.error.set(err);
+        self.0.raised.notify_one();
+    }
+
+    /// The recorded error, if any.
+    pub fn get(&self) -> Option<LinkError> {
+        self.0.error.get().cloned()
+    }
+
+    /// Returns once an error is recorded.
+    pub async fn raised(&self) {
+        while self.0.error.get().is_none() {
+            self.0.raised.notified().await;
+        }
+    }
 }
 
 /// A frame with the instant it may be delivered (send time plus link latency).
@@ -70,6 +125,8 @@ pub struct ControlChannel {
     pub rx: tokio::sync::mpsc::Receiver<Timed>,
     /// Latency added to each frame sent.
     pub latency: Duration,
+    /// Set by the transport when it closes the link for a reason of its own.
+    pub fault: LinkFault,
 }
 
 /// Frames in flight on the urgent lane (post-copy pulls).

@@ -1,52 +1,57 @@
 //! TCP links: one ordered control connection and N data connections per migration.
 //!
 //! Every connection opens with a preamble (`MIGRLINK`, version, link id, role, stream count)
-//! so the listener can group a link's connections. Control frames are bridged by two tokio
-//! tasks into the same channels an in-process link uses; page frames are written and read by
-//! one blocking thread per direction per stream, straight from and into pooled buffers. Every
-//! length is checked against [`MAX_FRAME_LEN`] before a buffer is sized.
+//! so the listener can group a link's connections. The control connection then runs the
+//! cluster-key handshake of [`super::secure`] (diagram there); data connections are opened
+//! only once it has succeeded, and each proves the session before it joins its link. Control
+//! frames are bridged by two tokio tasks into the same channels an in-process link uses; page
+//! frames are written and read by one blocking thread per direction per stream, straight from
+//! and into pooled buffers ([`super::pump`]). Every length is checked against
+//! [`crate::protocol::frame::MAX_FRAME_LEN`] before a buffer is sized.
+//!
+//! Before a connection has authenticated it is bounded: it must finish within
+//! [`AUTH_TIMEOUT`] of accept, it is only ever read in small fixed-size pieces (no frame, and
+//! so nothing near the 64 KiB cap on pre-authentication frames), and it holds one of a capped
+//! number of slots ([`AcceptLimits`], in total and per remote address; an optional allow-list
+//! refuses everyone else). Connections beyond the caps are closed at once and counted.
 //!
 //! Page batches of one migration may arrive out of order across streams; the target's data
 //! plane applies a page only if its round is not older than the one already applied.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BufMut;
-use crossbeam::channel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use super::gate::{AcceptLimits, Gate};
+use super::pump::{build_end, on_conn, Conn};
+use super::secure::{self, SecureError, Session, Side, PROOF_LEN};
 use super::tls::TlsSetup;
-use super::{
-    ControlChannel, DataReceiver, DataSender, FramePool, LinkEnd, Timed, TokenBucket, CONTROL_CHANNEL_FRAMES,
-    DATA_CHANNEL_FRAMES, URGENT_CHANNEL_FRAMES,
-};
-use crate::protocol::frame::{MAX_FRAME_LEN, TAG_PAGES};
-use crate::protocol::pages::FLAG_PULLED;
-use crate::protocol::pages::{start_frame_buffer, FRAME_CAPACITY};
+use super::{LinkEnd, TokenBucket};
+use crate::protocol::auth::ClusterKey;
+
+pub use super::gate::raise_nofile_limit;
 
 const PREAMBLE_MAGIC: &[u8; 8] = b"MIGRLINK";
-const PREAMBLE_VERSION: u8 = 1;
+/// 2: the control preamble is followed by the handshake, a data preamble by its proof.
+const PREAMBLE_VERSION: u8 = 2;
 const PREAMBLE_LEN: usize = 8 + 1 + 8 + 1 + 1;
 /// Most data streams one link may open.
 pub const MAX_STREAMS: u8 = 16;
-/// A connection must send its preamble within this.
-const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A link's connections must all arrive within this of the first.
+/// A connection must be authenticated (TLS, preamble, key proof) within this of its accept.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// A link's connections must all arrive within this of its control connection.
 const ASSEMBLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Links being assembled at once; beyond this the oldest is dropped.
+/// Authenticated links being assembled at once; beyond this the oldest is dropped.
 const MAX_PENDING_LINKS: usize = 64;
-/// How often a blocked data-stream reader looks up to see whether its consumer is gone.
-const READ_POLL: Duration = Duration::from_millis(200);
-/// Longest a connect (with its TLS handshake and preamble) may take.
+/// Longest a connect (with its TLS handshake, preamble and proofs) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest one control frame may take to write: a peer that stops reading is gone.
-const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of TCP links.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +76,18 @@ pub enum TcpLinkError {
     /// A deadline passed.
     #[error("timed out: {0}")]
     Timeout(&'static str),
+    /// The peers could not authenticate each other.
+    #[error(transparent)]
+    Handshake(#[from] SecureError),
+    /// A data connection for a link that has no authenticated control connection here, or for
+    /// a role already taken.
+    #[error("data connection {role} of link {link_id:#x} does not fit an authenticated link")]
+    Orphan {
+        /// The link id it named.
+        link_id: u64,
+        /// Its role.
+        role: u8,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,43 +141,33 @@ fn link_id() -> u64 {
     crate::memory::SplitMix64::new(seed).next()
 }
 
-/// A connection on its way to a link: its handshake (TLS) is done and its preamble exchanged.
-enum Conn {
-    Plain(TcpStream),
-    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-async fn open(addr: SocketAddr, preamble: Preamble, tls: Option<&TlsSetup>) -> Result<Conn, TcpLinkError> {
+async fn open(addr: SocketAddr, tls: Option<&TlsSetup>) -> Result<Conn, TcpLinkError> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     match tls {
-        None => {
-            let mut tcp = tcp;
-            tcp.write_all(&preamble.encode()).await?;
-            Ok(Conn::Plain(tcp))
-        }
+        None => Ok(Conn::Plain(tcp)),
         Some(tls) => {
             let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
             let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
-            let mut s = tokio::time::timeout(PREAMBLE_TIMEOUT, connector.connect(name, tcp))
+            let s = tokio::time::timeout(AUTH_TIMEOUT, connector.connect(name, tcp))
                 .await
                 .map_err(|_| TcpLinkError::Timeout("TLS handshake"))??;
-            s.write_all(&preamble.encode()).await?;
-            s.flush().await?;
             Ok(Conn::TlsClient(Box::new(s)))
         }
     }
 }
 
 /// Opens a link to `addr` with `streams` data connections, shaped to `bandwidth` bytes per
-/// second if given, charged to a host's shared `budget` if given, over TLS if `tls` is given.
+/// second if given, charged to a host's shared `budget` if given, over TLS if `tls` is given,
+/// proving `key` if given (a keyed listener refuses a link without it, and a keyed client
+/// refuses a listener that does not prove the same key).
 pub async fn connect(
     addr: SocketAddr,
     streams: u8,
     bandwidth: Option<u64>,
     budget: Option<Arc<Mutex<TokenBucket>>>,
     tls: Option<&TlsSetup>,
+    key: Option<&ClusterKey>,
 ) -> Result<LinkEnd, TcpLinkError> {
     if streams == 0 || streams > MAX_STREAMS {
         return Err(TcpLinkError::Streams {
@@ -169,403 +176,248 @@ pub async fn connect(
         });
     }
     let id = link_id();
-    let preamble = |role| Preamble {
-        link_id: id,
-        role,
-        streams,
+    let preamble = |role| {
+        Preamble {
+            link_id: id,
+            role,
+            streams,
+        }
+        .encode()
     };
-    let bounded = |role| async move {
-        tokio::time::timeout(CONNECT_TIMEOUT, open(addr, preamble(role), tls))
-            .await
-            .map_err(|_| TcpLinkError::Timeout("connect"))?
+    let opened = async {
+        let mut control = open(addr, tls).await?;
+        let binding = control.binding();
+        let is_tls = control.is_tls();
+        let session = on_conn!(&mut control, s => {
+            secure::client_handshake(s, &preamble(0), id, key, &binding, is_tls).await
+        })?;
+        let mut data = Vec::with_capacity(streams as usize);
+        for role in 1..=streams {
+            let mut conn = open(addr, tls).await?;
+            let mut hello = preamble(role).to_vec();
+            hello.extend_from_slice(&session.prove_data(role, &conn.binding()));
+            on_conn!(&mut conn, s => {
+                s.write_all(&hello).await?;
+                s.flush().await?;
+            });
+            data.push(conn);
+        }
+        Ok::<_, TcpLinkError>((control, data, session))
     };
-    let control = bounded(0).await?;
-    let mut data = Vec::with_capacity(streams as usize);
-    for role in 1..=streams {
-        data.push(bounded(role).await?);
-    }
+    let (control, data, session) = tokio::time::timeout(CONNECT_TIMEOUT, opened)
+        .await
+        .map_err(|_| TcpLinkError::Timeout("connect"))??;
     let mut budgets: Vec<_> = bandwidth
         .map(|r| Arc::new(Mutex::new(TokenBucket::new(r))))
         .into_iter()
         .collect();
     budgets.extend(budget);
-    build_end(control, data, budgets)
+    Ok(build_end(control, data, budgets, &session, Side::Client)?)
+}
+
+/// How a listener accepts links.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Mutual TLS on every connection.
+    pub tls: Option<TlsSetup>,
+    /// The cluster key every peer must prove; `None` accepts unauthenticated links (the
+    /// pre-authentication bounds still hold).
+    pub key: Option<ClusterKey>,
+    /// If given, only these peers may connect; others are closed at accept.
+    pub allowed_peers: Option<Vec<IpAddr>>,
+    /// Caps on connections not yet authenticated.
+    pub limits: AcceptLimits,
 }
 
 /// Accepts links on `listener` and hands each assembled [`LinkEnd`] to `links`. Runs until
-/// `links` is closed. Connections that do not open with a valid preamble in time are dropped
-/// and counted in the returned error tally.
+/// `links` is closed. Connections refused at accept (caps, allow-list), that do not
+/// authenticate in time, or that do not fit a link are dropped and counted in `rejected`.
 pub async fn serve(
     listener: TcpListener,
     links: mpsc::Sender<LinkEnd>,
-    rejected: Arc<std::sync::atomic::AtomicU64>,
-    tls: Option<TlsSetup>,
+    rejected: Arc<AtomicU64>,
+    options: ServeOptions,
 ) {
-    let (arrived_tx, mut arrived) = mpsc::channel::<(Preamble, Conn)>(256);
-    let acceptor = tls.map(|t| tokio_rustls::TlsAcceptor::from(t.server));
-    let accept = async {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+    let gate = Gate::new(options.limits, options.allowed_peers.clone());
+    let acceptor = options
+        .tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.server)));
+    let shared = Arc::new(Shared {
+        key: options.key,
+        acceptor,
+        assembly: Mutex::new(HashMap::new()),
+        links,
+        rejected,
+    });
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
                 Err(_) => {
                     // Out of descriptors or similar: back off instead of spinning the thread.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
-            };
-            let tx = arrived_tx.clone();
-            let rejected = Arc::clone(&rejected);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                // Handshake and preamble share one deadline: a silent or slow peer costs a task
-                // for at most that long.
-                let greeted = tokio::time::timeout(PREAMBLE_TIMEOUT, async move {
-                    let _ = stream.set_nodelay(true);
-                    let mut buf = [0u8; PREAMBLE_LEN];
-                    let conn = match acceptor {
-                        None => {
-                            let mut s = stream;
-                            s.read_exact(&mut buf).await?;
-                            Conn::Plain(s)
-                        }
-                        Some(a) => {
-                            let mut s = a.accept(stream).await?;
-                            s.read_exact(&mut buf).await?;
-                            Conn::TlsServer(Box::new(s))
-                        }
-                    };
-                    Ok::<_, io::Error>((buf, conn))
-                })
-                .await;
-                match greeted {
-                    Ok(Ok((buf, conn))) => match Preamble::decode(&buf) {
-                        Ok(p) => {
-                            let _ = tx.send((p, conn)).await;
-                        }
-                        Err(_) => {
-                            rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    },
-                    _ => {
-                        rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            });
-        }
-    };
-    let assemble = async {
-        let mut pending: HashMap<u64, PendingLink> = HashMap::new();
-        while let Some((p, stream)) = arrived.recv().await {
-            let now = tokio::time::Instant::now();
-            pending.retain(|_, (t, _, _)| now.duration_since(*t) < ASSEMBLY_TIMEOUT);
-            if !pending.contains_key(&p.link_id) && pending.len() >= MAX_PENDING_LINKS {
-                if let Some(oldest) = pending.iter().min_by_key(|(_, (t, _, _))| *t).map(|(k, _)| *k) {
-                    pending.remove(&oldest);
-                }
-            }
-            let entry = pending
-                .entry(p.link_id)
-                .or_insert_with(|| (now, None, (0..p.streams).map(|_| None).collect()));
-            // A mismatched stream count or a role already taken is refused alone: it must not
-            // disturb the link being assembled.
-            let taken = match p.role {
-                0 => entry.1.is_some(),
-                r => entry.2.get(r as usize - 1).is_none_or(Option::is_some),
-            };
-            if entry.2.len() != p.streams as usize || taken {
-                rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            },
+            _ = shared.links.closed() => return,
+        };
+        let ticket = match gate.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(_) => {
+                // Closed at once: a refused peer costs a descriptor for no longer than this.
+                drop(stream);
+                shared.rejected.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            match p.role {
-                0 => entry.1 = Some(stream),
-                r => entry.2[r as usize - 1] = Some(stream),
-            }
-            let complete = entry.1.is_some() && entry.2.iter().all(Option::is_some);
-            if complete {
-                if let Some((_, Some(control), data)) = pending.remove(&p.link_id) {
-                    let end = build_end(control, data.into_iter().flatten().collect(), Vec::new());
-                    match end {
-                        Ok(end) => {
-                            if links.send(end).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(_) => {
-                            rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let admitted = tokio::time::timeout(AUTH_TIMEOUT, shared.authenticate(stream)).await;
+            // Authenticated, failed or timed out: the connection no longer counts as waiting.
+            drop(ticket);
+            let complete = match admitted {
+                Ok(Ok(complete)) => complete,
+                Ok(Err(_)) | Err(_) => {
+                    shared.rejected.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            if let Some(link) = complete {
+                let CompleteLink { control, data, session } = link;
+                match build_end(control, data, Vec::new(), &session, Side::Server) {
+                    Ok(end) => {
+                        let _ = shared.links.send(end).await;
+                    }
+                    Err(_) => {
+                        shared.rejected.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
-        }
-    };
-    tokio::select! {
-        _ = accept => {}
-        _ = assemble => {}
+        });
     }
 }
 
-/// A link being assembled: when its first connection came, its control connection, its data
-/// connections by role.
-type PendingLink = (tokio::time::Instant, Option<Conn>, Vec<Option<Conn>>);
-
-fn build_end(control: Conn, data: Vec<Conn>, budgets: Vec<Arc<Mutex<TokenBucket>>>) -> Result<LinkEnd, TcpLinkError> {
-    let (out_tx, out_rx) = mpsc::channel::<Timed>(CONTROL_CHANNEL_FRAMES);
-    let (in_tx, in_rx) = mpsc::channel::<Timed>(CONTROL_CHANNEL_FRAMES);
-    match control {
-        Conn::Plain(s) => spawn_control(s, out_rx, in_tx),
-        Conn::TlsClient(s) => spawn_control(*s, out_rx, in_tx),
-        Conn::TlsServer(s) => spawn_control(*s, out_rx, in_tx),
-    }
-
-    let pool = FramePool::new();
-    let (bulk_tx, bulk_rx) = channel::bounded::<Timed>(DATA_CHANNEL_FRAMES);
-    let (urg_tx, urg_rx) = channel::bounded::<Timed>(URGENT_CHANNEL_FRAMES);
-    let (in_bulk_tx, in_bulk_rx) = channel::bounded::<Timed>(DATA_CHANNEL_FRAMES);
-    let (in_urg_tx, in_urg_rx) = channel::bounded::<Timed>(URGENT_CHANNEL_FRAMES);
-    let alive = Arc::new(());
-    let sending = Arc::new(());
-    // Writer threads take frames from one queue; with more than one, frames may overtake.
-    let mut writers = 0usize;
-    for (i, conn) in data.into_iter().enumerate() {
-        let (b, u, p, sa) = (bulk_rx.clone(), urg_rx.clone(), pool.clone(), Arc::downgrade(&sending));
-        let (ib, iu, ip, a) = (
-            in_bulk_tx.clone(),
-            in_urg_tx.clone(),
-            pool.clone(),
-            Arc::downgrade(&alive),
-        );
-        let writer = std::thread::Builder::new().name(format!("migratory-tx{i}"));
-        let reader = std::thread::Builder::new().name(format!("migratory-rx{i}"));
-        match conn {
-            Conn::Plain(s) => {
-                let s = s.into_std()?;
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(READ_POLL))?;
-                s.set_write_timeout(Some(READ_POLL))?;
-                let mut r = s.try_clone()?;
-                let mut w = s;
-                writers += 1;
-                writer.spawn(move || {
-                    data_writer(&mut w, &b, &u, &p, &sa);
-                    let _ = w.shutdown(std::net::Shutdown::Write);
-                })?;
-                reader.spawn(move || {
-                    data_reader(&mut r, &ib, &iu, &ip, &a);
-                    // Only our reading side: the same socket may still carry frames the other way.
-                    let _ = r.shutdown(std::net::Shutdown::Read);
-                })?;
-            }
-            // Over TLS a data connection carries pages one way, source to target: the
-            // connecting side only writes it, the accepting side only reads it.
-            Conn::TlsClient(s) => {
-                let (tcp, tls) = (*s).into_inner();
-                let tcp = tcp.into_std()?;
-                tcp.set_nonblocking(false)?;
-                tcp.set_write_timeout(Some(READ_POLL))?;
-                let mut w = rustls::StreamOwned::new(tls, tcp);
-                writers += 1;
-                writer.spawn(move || {
-                    data_writer(&mut w, &b, &u, &p, &sa);
-                    w.conn.send_close_notify();
-                    let _ = w.flush();
-                    let _ = w.sock.shutdown(std::net::Shutdown::Write);
-                })?;
-            }
-            Conn::TlsServer(s) => {
-                let (tcp, tls) = (*s).into_inner();
-                let tcp = tcp.into_std()?;
-                tcp.set_nonblocking(false)?;
-                tcp.set_read_timeout(Some(READ_POLL))?;
-                let mut r = rustls::StreamOwned::new(tls, tcp);
-                reader.spawn(move || {
-                    data_reader(&mut r, &ib, &iu, &ip, &a);
-                    let _ = r.sock.shutdown(std::net::Shutdown::Both);
-                })?;
-            }
-        }
-    }
-    Ok(LinkEnd {
-        control: ControlChannel {
-            tx: out_tx,
-            rx: in_rx,
-            latency: Duration::ZERO,
-        },
-        data_tx: DataSender {
-            tx: bulk_tx,
-            urgent: urg_tx,
-            budgets,
-            latency: Duration::ZERO,
-            _alive: Some(sending),
-            injected: Default::default(),
-            ordered: writers <= 1,
-        },
-        data_rx: DataReceiver {
-            rx: in_bulk_rx,
-            urgent: in_urg_rx,
-            _alive: Some(alive),
-        },
-        pool,
-    })
+/// What every connection task of one listener shares.
+struct Shared {
+    key: Option<ClusterKey>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Authenticated links waiting for their data connections, by link id.
+    assembly: Mutex<HashMap<u64, PendingLink>>,
+    links: mpsc::Sender<LinkEnd>,
+    rejected: Arc<AtomicU64>,
 }
 
-fn spawn_control<S>(stream: S, out: mpsc::Receiver<Timed>, inbound: mpsc::Sender<Timed>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-{
-    let (r, w) = tokio::io::split(stream);
-    tokio::spawn(control_writer(w, out));
-    tokio::spawn(control_reader(r, inbound));
+/// An authenticated link being assembled.
+struct PendingLink {
+    since: tokio::time::Instant,
+    session: Session,
+    /// Set once the client has been told it is accepted.
+    control: Option<Conn>,
+    data: Vec<Option<Conn>>,
 }
 
-async fn control_writer<W: tokio::io::AsyncWrite>(w: tokio::io::WriteHalf<W>, mut rx: mpsc::Receiver<Timed>) {
-    let mut w = w;
-    while let Some(t) = rx.recv().await {
-        // A peer that stops reading is as gone as one that closed.
-        match tokio::time::timeout(CONTROL_WRITE_TIMEOUT, w.write_all(&t.frame)).await {
-            Ok(Ok(())) => {}
-            _ => return,
-        }
-    }
-    let _ = w.shutdown().await;
+/// A link with every connection in place.
+struct CompleteLink {
+    control: Conn,
+    data: Vec<Conn>,
+    session: Session,
 }
 
-async fn control_reader<R: tokio::io::AsyncRead>(r: tokio::io::ReadHalf<R>, tx: mpsc::Sender<Timed>) {
-    // Ends with the socket or with the Link: a silent peer must not keep this task forever.
-    let closed = tx.clone();
-    tokio::select! {
-        _ = read_control_frames(r, tx) => {}
-        _ = closed.closed() => {}
-    }
-}
-
-async fn read_control_frames<R: tokio::io::AsyncRead>(r: tokio::io::ReadHalf<R>, tx: mpsc::Sender<Timed>) {
-    let mut r = r;
-    loop {
-        let mut len = [0u8; 4];
-        if r.read_exact(&mut len).await.is_err() {
-            return;
-        }
-        let n = u32::from_be_bytes(len) as usize;
-        if n == 0 || n > MAX_FRAME_LEN {
-            return;
-        }
-        // The buffer grows with what actually arrives, not with what the length claims.
-        let mut frame = Vec::with_capacity(4 + n.min(64 * 1024));
-        frame.extend_from_slice(&len);
-        match (&mut r).take(n as u64).read_to_end(&mut frame).await {
-            Ok(got) if got == n => {}
-            _ => return,
-        }
-        let t = Timed {
-            due: std::time::Instant::now(),
-            frame: bytes::Bytes::from(frame),
+impl Shared {
+    /// TLS, preamble and proof of one accepted connection; returns the link it completed.
+    async fn authenticate(&self, stream: TcpStream) -> Result<Option<CompleteLink>, TcpLinkError> {
+        let _ = stream.set_nodelay(true);
+        let mut conn = match &self.acceptor {
+            None => Conn::Plain(stream),
+            Some(a) => Conn::TlsServer(Box::new(a.accept(stream).await?)),
         };
-        if tx.send(t).await.is_err() {
-            return;
+        let mut buf = [0u8; PREAMBLE_LEN];
+        on_conn!(&mut conn, s => s.read_exact(&mut buf).await)?;
+        let p = Preamble::decode(&buf)?;
+        let binding = conn.binding();
+        if p.role == 0 {
+            let is_tls = conn.is_tls();
+            let hs = on_conn!(&mut conn, s => {
+                secure::server_handshake(s, p.link_id, self.key.as_ref(), &binding, is_tls).await
+            })?;
+            self.register(p, hs.session.clone())?;
+            // Registered before the client hears it is accepted: its data connections, opened
+            // only after that, always find the link.
+            let confirmed = on_conn!(&mut conn, s => hs.confirm(s).await);
+            let mut assembly = self.assembly.lock().unwrap_or_else(|e| e.into_inner());
+            if confirmed.is_err() {
+                assembly.remove(&p.link_id);
+                return Err(confirmed.err().map_or(TcpLinkError::Timeout("confirm"), Into::into));
+            }
+            let Some(link) = assembly.get_mut(&p.link_id) else {
+                return Err(TcpLinkError::Timeout("assembly"));
+            };
+            link.control = Some(conn);
+            Ok(take_if_complete(&mut assembly, p.link_id))
+        } else {
+            let mut proof = [0u8; PROOF_LEN];
+            on_conn!(&mut conn, s => s.read_exact(&mut proof).await)?;
+            let mut assembly = self.assembly.lock().unwrap_or_else(|e| e.into_inner());
+            let orphan = TcpLinkError::Orphan {
+                link_id: p.link_id,
+                role: p.role,
+            };
+            let Some(link) = assembly.get_mut(&p.link_id) else {
+                return Err(orphan);
+            };
+            link.session.verify_data(p.role, &binding, &proof)?;
+            if link.data.len() != p.streams as usize {
+                return Err(orphan);
+            }
+            match link.data.get_mut(p.role as usize - 1) {
+                Some(slot @ None) => *slot = Some(conn),
+                _ => return Err(orphan),
+            }
+            Ok(take_if_complete(&mut assembly, p.link_id))
         }
     }
-}
 
-fn data_writer<W: Write>(
-    s: &mut W,
-    bulk: &channel::Receiver<Timed>,
-    urgent: &channel::Receiver<Timed>,
-    pool: &FramePool,
-    alive: &Weak<()>,
-) {
-    loop {
-        let next = match urgent.try_recv() {
-            Ok(t) => Ok(t),
-            Err(_) => channel::select! {
-                recv(urgent) -> t => t,
-                recv(bulk) -> t => t,
+    /// Makes room for a freshly authenticated link.
+    fn register(&self, p: Preamble, session: Session) -> Result<(), TcpLinkError> {
+        let mut assembly = self.assembly.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        assembly.retain(|_, l| now.duration_since(l.since) < ASSEMBLY_TIMEOUT);
+        if assembly.contains_key(&p.link_id) {
+            return Err(TcpLinkError::Orphan {
+                link_id: p.link_id,
+                role: 0,
+            });
+        }
+        if assembly.len() >= MAX_PENDING_LINKS {
+            if let Some(oldest) = assembly.iter().min_by_key(|(_, l)| l.since).map(|(k, _)| *k) {
+                assembly.remove(&oldest);
+            }
+        }
+        assembly.insert(
+            p.link_id,
+            PendingLink {
+                since: now,
+                session,
+                control: None,
+                data: (0..p.streams).map(|_| None).collect(),
             },
-        };
-        let Ok(t) = next else { break };
-        if !matches!(write_full(s, &t.frame, alive), Ok(true)) {
-            break;
-        }
-        pool.give(t.frame);
+        );
+        Ok(())
     }
-    let _ = s.flush();
 }
 
-/// Writes `buf` completely; `Ok(false)` if every sender went away while the peer was not
-/// reading (a stopped or silent peer must not hold this thread forever). Both a plain socket
-/// and a rustls stream report a timed-out write before consuming anything, so retrying is safe.
-fn write_full<W: Write>(s: &mut W, buf: &[u8], alive: &Weak<()>) -> io::Result<bool> {
-    let mut at = 0;
-    while at < buf.len() {
-        match s.write(&buf[at..]) {
-            Ok(0) => return Ok(false),
-            Ok(n) => at += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                if alive.upgrade().is_none() {
-                    return Ok(false);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+fn take_if_complete(assembly: &mut HashMap<u64, PendingLink>, id: u64) -> Option<CompleteLink> {
+    let link = assembly.get(&id)?;
+    if link.control.is_none() || link.data.iter().any(Option::is_none) {
+        return None;
     }
-    Ok(true)
-}
-
-/// Reads into `buf` completely; `Ok(false)` if the consumer went away or the peer closed.
-fn read_full<R: Read>(s: &mut R, buf: &mut [u8], alive: &Weak<()>) -> io::Result<bool> {
-    let mut at = 0;
-    while at < buf.len() {
-        match s.read(&mut buf[at..]) {
-            Ok(0) => return Ok(false),
-            Ok(n) => at += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                if alive.upgrade().is_none() {
-                    return Ok(false);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(true)
-}
-
-fn data_reader<R: Read>(
-    s: &mut R,
-    bulk: &channel::Sender<Timed>,
-    urgent: &channel::Sender<Timed>,
-    pool: &FramePool,
-    alive: &Weak<()>,
-) {
-    loop {
-        let mut len = [0u8; 4];
-        if !matches!(read_full(s, &mut len, alive), Ok(true)) {
-            break;
-        }
-        let n = u32::from_be_bytes(len) as usize;
-        // Page frames never exceed a full batch.
-        if !(2..=FRAME_CAPACITY - 4).contains(&n) {
-            break;
-        }
-        let mut buf = pool.take();
-        start_frame_buffer(&mut buf);
-        buf.put_slice(&len);
-        buf.resize(4 + n, 0);
-        if !matches!(read_full(s, &mut buf[4..], alive), Ok(true)) {
-            break;
-        }
-        if buf[4] != TAG_PAGES {
-            break;
-        }
-        let lane = if buf[5] & FLAG_PULLED != 0 { urgent } else { bulk };
-        let t = Timed {
-            due: std::time::Instant::now(),
-            frame: buf.freeze(),
-        };
-        if lane.send(t).is_err() {
-            break;
-        }
-    }
+    let link = assembly.remove(&id)?;
+    Some(CompleteLink {
+        control: link.control?,
+        data: link.data.into_iter().flatten().collect(),
+        session: link.session,
+    })
 }
 
 #[cfg(test)]

@@ -9,22 +9,32 @@
 //! ```
 //! Each proof covers the other side's fresh nonce, so a recorded exchange cannot be replayed,
 //! and the two labels keep a proof from being reflected back.
+//!
+//! Over TCP the transport proves the same key first, before the engine sees a single frame,
+//! and authenticates every frame after (see [`crate::link::secure`]); this exchange then runs
+//! inside an authenticated link, and on its own for in-process links.
+//!
+//! A key is at least [`MIN_KEY_LEN`] random bytes, written as hex in a key file or in
+//! [`KEY_ENV`]; [`ClusterKey::from_file`] also says whether the file is readable by others, and
+//! leaves it to the caller to warn.
 
 use std::fmt;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Bytes of a nonce.
 pub const NONCE_LEN: usize = 32;
-/// Environment variable holding the cluster key when no file is given.
+/// Environment variable holding the cluster key (hex) when no file is given.
 pub const KEY_ENV: &str = "MIGRATORY_CLUSTER_KEY";
-/// Shortest key accepted.
-const MIN_KEY_LEN: usize = 16;
-/// Longest key file read.
-const MAX_KEY_LEN: usize = 4096;
+/// Shortest key accepted: 256 bits, so that guessing it is out of reach.
+pub const MIN_KEY_LEN: usize = 32;
+/// Longest key accepted.
+const MAX_KEY_LEN: usize = 2048;
+/// Longest key file read (hex digits and whitespace).
+const MAX_KEY_FILE_LEN: usize = 2 * MAX_KEY_LEN + 64;
 
 /// Errors of authentication.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +53,12 @@ pub enum AuthError {
         /// Its length.
         len: usize,
     },
+    /// The key text is not hexadecimal.
+    #[error("cluster key is not hex: {detail}")]
+    NotHex {
+        /// What was wrong (never the key itself).
+        detail: String,
+    },
     /// No randomness for a nonce.
     #[error("cannot read /dev/urandom: {0}")]
     Random(std::io::Error),
@@ -58,49 +74,106 @@ impl fmt::Debug for ClusterKey {
     }
 }
 
+/// A key file that others than its owner may read: the caller decides how loudly to say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoosePermissions {
+    /// The file.
+    pub path: PathBuf,
+    /// Its permission bits (e.g. `0o644`).
+    pub mode: u32,
+}
+
+impl fmt::Display for LoosePermissions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cluster key file {} has mode {:o}: group or others may read it (chmod 600)",
+            self.path.display(),
+            self.mode
+        )
+    }
+}
+
+/// A key read from a file, with what the file's permissions give away.
+#[derive(Debug, Clone)]
+pub struct LoadedKey {
+    /// The key.
+    pub key: ClusterKey,
+    /// Set if the file is group- or world-readable.
+    pub loose_permissions: Option<LoosePermissions>,
+}
+
 impl ClusterKey {
-    /// A key from bytes (trailing whitespace, such as a file's final newline, is dropped).
+    /// A key from raw bytes (at least [`MIN_KEY_LEN`] of them).
     pub fn new(bytes: &[u8]) -> Result<Self, AuthError> {
-        let end = bytes
-            .iter()
-            .rposition(|b| !b.is_ascii_whitespace())
-            .map_or(0, |i| i + 1);
-        let key = &bytes[..end];
-        if key.len() < MIN_KEY_LEN || key.len() > MAX_KEY_LEN {
-            return Err(AuthError::KeyLength { len: key.len() });
+        if bytes.len() < MIN_KEY_LEN || bytes.len() > MAX_KEY_LEN {
+            return Err(AuthError::KeyLength { len: bytes.len() });
         }
-        Ok(Self(key.to_vec()))
+        Ok(Self(bytes.to_vec()))
     }
 
-    /// Reads a key file (at most 4 KiB).
-    pub fn from_file(path: &Path) -> Result<Self, AuthError> {
+    /// A key from its hex text, as a key file or [`KEY_ENV`] holds it (surrounding whitespace,
+    /// such as a file's final newline, is dropped).
+    pub fn from_hex(text: &[u8]) -> Result<Self, AuthError> {
+        let text = text.trim_ascii();
+        if text.len() % 2 != 0 {
+            return Err(AuthError::NotHex {
+                detail: format!("{} digits, an odd count", text.len()),
+            });
+        }
+        let digit = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(AuthError::NotHex {
+                detail: "a character that is not a hex digit".into(),
+            }),
+        };
+        let bytes = text
+            .chunks_exact(2)
+            .map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?))
+            .collect::<Result<Vec<u8>, AuthError>>()?;
+        Self::new(&bytes)
+    }
+
+    /// Reads a hex key file; also reports whether group or others may read it.
+    pub fn from_file(path: &Path) -> Result<LoadedKey, AuthError> {
         let read = |e| AuthError::Read {
             path: path.display().to_string(),
             source: e,
         };
+        let file = std::fs::File::open(path).map_err(read)?;
+        let mode = {
+            use std::os::unix::fs::PermissionsExt;
+            file.metadata().map_err(read)?.permissions().mode() & 0o777
+        };
         let mut buf = Vec::new();
-        std::fs::File::open(path)
-            .map_err(read)?
-            .take(MAX_KEY_LEN as u64 + 1)
+        file.take(MAX_KEY_FILE_LEN as u64 + 1)
             .read_to_end(&mut buf)
             .map_err(read)?;
-        Self::new(&buf)
+        let key = Self::from_hex(&buf)?;
+        let loose_permissions = (mode & 0o077 != 0).then(|| LoosePermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+        Ok(LoadedKey { key, loose_permissions })
     }
 
-    /// The key from [`KEY_ENV`], if set.
+    /// The key from [`KEY_ENV`] (hex), if set.
     pub fn from_env() -> Result<Option<Self>, AuthError> {
         match std::env::var_os(KEY_ENV) {
-            Some(v) => Self::new(v.as_encoded_bytes()).map(Some),
+            Some(v) => Self::from_hex(v.as_encoded_bytes()).map(Some),
             None => Ok(None),
         }
     }
 
+    /// HMAC-SHA256 keyed with the cluster key.
+    pub(crate) fn hmac(&self) -> Hmac<Sha256> {
+        keyed(&self.0)
+    }
+
     fn mac(&self, label: &[u8], first: &[u8], second: &[u8]) -> Hmac<Sha256> {
-        // HMAC takes keys of any length; new_from_slice cannot fail for it.
-        let mut m = match Hmac::<Sha256>::new_from_slice(&self.0) {
-            Ok(m) => m,
-            Err(_) => unreachable!("HMAC accepts keys of every length"),
-        };
+        let mut m = self.hmac();
         m.update(label);
         m.update(&(first.len() as u32).to_be_bytes());
         m.update(first);
@@ -116,6 +189,14 @@ impl ClusterKey {
     /// Checks a proof in constant time.
     pub fn verify(&self, label: &[u8], first: &[u8], second: &[u8], proof: &[u8]) -> bool {
         self.mac(label, first, second).verify_slice(proof).is_ok()
+    }
+}
+
+/// HMAC-SHA256 under `key` (a cluster key or a session key).
+pub(crate) fn keyed(key: &[u8]) -> Hmac<Sha256> {
+    match Hmac::<Sha256>::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => unreachable!("HMAC accepts keys of every length"),
     }
 }
 
@@ -137,10 +218,13 @@ pub fn nonce() -> Result<Vec<u8>, AuthError> {
 mod tests {
     use super::*;
 
+    fn key_of(byte: u8) -> ClusterKey {
+        ClusterKey::new(&[byte; MIN_KEY_LEN]).expect("key")
+    }
+
     #[test]
     fn test_proofs_bind_key_label_and_nonces() {
-        let k = ClusterKey::new(b"correct horse battery staple\n").expect("key");
-        let other = ClusterKey::new(b"another key of enough length").expect("key");
+        let (k, other) = (key_of(1), key_of(2));
         let (a, b) = (nonce().expect("nonce"), nonce().expect("nonce"));
         let p = k.prove(TARGET, &a, &b);
         assert!(k.verify(TARGET, &a, &b, &p));
@@ -157,7 +241,52 @@ mod tests {
             ClusterKey::new(b"short"),
             Err(AuthError::KeyLength { len: 5 })
         ));
-        let k = ClusterKey::new(b"0123456789abcdef").expect("key");
-        assert_eq!(format!("{k:?}"), "ClusterKey(<16 bytes>)");
+        assert!(matches!(
+            ClusterKey::new(&[7; MIN_KEY_LEN - 1]),
+            Err(AuthError::KeyLength { len: 31 })
+        ));
+        assert_eq!(format!("{:?}", key_of(3)), "ClusterKey(<32 bytes>)");
+    }
+
+    #[test]
+    fn test_hex_key_trimmed_and_checked() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let k = ClusterKey::from_hex(format!("  {hex}\n").as_bytes()).expect("hex key");
+        let mut raw = Vec::new();
+        for _ in 0..2 {
+            raw.extend([
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
+            ]);
+        }
+        assert_eq!(k, ClusterKey::new(&raw).expect("raw"));
+        assert!(matches!(
+            ClusterKey::from_hex(&hex.as_bytes()[..62]),
+            Err(AuthError::KeyLength { len: 31 })
+        ));
+        assert!(matches!(
+            ClusterKey::from_hex(&hex.as_bytes()[..63]),
+            Err(AuthError::NotHex { .. })
+        ));
+        let text_key = "correct horse battery staple, and more of it";
+        assert!(matches!(
+            ClusterKey::from_hex(text_key.as_bytes()),
+            Err(AuthError::NotHex { .. })
+        ));
+    }
+
+    #[test]
+    fn test_key_file_reports_loose_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("migratory-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("cluster.key");
+        std::fs::write(&path, format!("{}\n", "ab".repeat(32))).expect("write");
+        for (mode, loose) in [(0o600, false), (0o640, true), (0o604, true), (0o400, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let loaded = ClusterKey::from_file(&path).expect("key file");
+            assert_eq!(loaded.key, ClusterKey::new(&[0xab; 32]).expect("key"));
+            assert_eq!(loaded.loose_permissions.is_some(), loose, "mode {mode:o}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -49,7 +49,11 @@ async fn assert_refused(src_key: Option<ClusterKey>, dst_key: Option<ClusterKey>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_same_key_migrates() {
-    let e = setup(key("sixteen byte key, shared"), key("sixteen byte key, shared")).await;
+    let e = setup(
+        key("a shared key of at least 32 bytes"),
+        key("a shared key of at least 32 bytes"),
+    )
+    .await;
     let report = e
         .migrate(MigrationRequest::new("vm", "src", "dst"))
         .await
@@ -60,18 +64,22 @@ async fn test_same_key_migrates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_wrong_key_is_refused() {
-    let error = assert_refused(key("the source's own key!"), key("the target's other key")).await;
+    let error = assert_refused(
+        key("the source's own key, 32 bytes long"),
+        key("the target's other key, 32 bytes long"),
+    )
+    .await;
     assert!(error.contains("authentication failed"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_missing_key_is_refused_by_a_keyed_target() {
-    let error = assert_refused(None, key("the target's only key")).await;
+    let error = assert_refused(None, key("the target's only key, 32 bytes long")).await;
     assert!(error.contains("requires a cluster key"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_keyed_source_refuses_an_unkeyed_target() {
-    let error = assert_refused(key("the source's only key"), None).await;
+    let error = assert_refused(key("the source's only key, 32 bytes long"), None).await;
     assert!(error.contains("target's proof does not match"), "{error}");
 }
