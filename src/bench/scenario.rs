@@ -103,8 +103,14 @@ impl Scenario {
 /// the report, and for a kvm guest what the guest reported about itself on the target.
 pub async fn run(s: &Scenario) -> Result<(MigrationReport, Option<GuestStats>), String> {
     let err = |e: migratory::engine::EngineError| e.to_string();
+    // Keyed as a daemon must be: over TCP every frame then carries its MAC, and that cost is
+    // part of what is measured.
+    let key = migratory::protocol::auth::nonce()
+        .and_then(|bytes| migratory::protocol::auth::ClusterKey::new(&bytes))
+        .map_err(|e| e.to_string())?;
     let host = |name: &str, layout| HostConfig {
         backend: s.backend,
+        cluster_key: Some(key.clone()),
         ..HostConfig::new(name, layout)
     };
     let src = EngineHandle::start().map_err(err)?;

@@ -16,7 +16,7 @@
 //!   for role r in 1..=streams, a new connection:
 //!   preamble(link, role r, streams) ‖ HMAC(k_c2s, "data" ‖ link ‖ r ‖ binding_r) ──▶
 //!                                                       joins the link only if it verifies
-//! then every frame, each direction, each connection c:  frame ‖ HMAC(k_dir, c ‖ seq ‖ frame)[..16]
+//! then every frame, each direction, each connection c:  frame ‖ GMAC(k_dir, nonce = c ‖ seq, frame)
 //! ```
 //! `K` is the cluster key, `n_c`/`n_s` fresh 32-byte nonces, and `k_c2s`/`k_s2c` =
 //! `HMAC(K, "c2s"/"s2c" ‖ link ‖ n_c ‖ n_s ‖ binding)` the session keys, one per direction.
@@ -24,6 +24,12 @@
 //! being reflected. `seq` is implicit: it counts frames per connection and direction from 0, so
 //! a frame replayed, dropped or moved fails the next MAC and closes the link
 //! ([`super::LinkError::Tampered`]).
+//!
+//! The frame MAC is AES-256-GCM with the frame as associated data and nothing to encrypt
+//! (GMAC; `ring`, already linked for rustls). HMAC-SHA256 cost about 30% of a stream's
+//! throughput on this project's machines even with SHA-NI; GHASH with carry-less multiply runs
+//! several times faster. The 96-bit nonce is the connection and the sequence number: unique
+//! under each session key, which lives for one link only.
 //!
 //! Under TLS the same handshake runs inside the TLS stream, with `binding` the TLS exporter
 //! of that connection (RFC 5705/8446 keying material), so a proof cannot be lifted into another
@@ -39,6 +45,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -218,12 +225,22 @@ impl Session {
     }
 }
 
-/// The MAC of one direction of one connection: a keyed HMAC and the next sequence number.
-#[derive(Clone)]
+/// The MAC of one direction of one connection: a GMAC key and the next sequence number.
 pub struct FrameMac {
-    mac: Hmac<Sha256>,
+    key: LessSafeKey,
+    /// The key's bytes, for a clone (ring's key schedule is not `Clone`).
+    raw: [u8; 32],
     conn: u8,
     seq: u64,
+}
+
+impl Clone for FrameMac {
+    fn clone(&self) -> Self {
+        Self {
+            seq: self.seq,
+            ..Self::new(&self.raw, self.conn)
+        }
+    }
 }
 
 impl std::fmt::Debug for FrameMac {
@@ -234,41 +251,56 @@ impl std::fmt::Debug for FrameMac {
 
 impl FrameMac {
     fn new(key: &[u8; 32], conn: u8) -> Self {
+        // A 32-byte key is exactly what AES-256 takes; `new` fails only on a wrong length.
+        let unbound = UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key is an AES-256 key");
         Self {
-            // Keyed once: each frame clones the prepared inner and outer states.
-            mac: keyed(key),
+            key: LessSafeKey::new(unbound),
+            raw: *key,
             conn,
             seq: 0,
         }
     }
 
-    fn next(&mut self, frame: &[u8]) -> Hmac<Sha256> {
-        let mut m = self.mac.clone();
-        m.update(&[self.conn]);
-        m.update(&self.seq.to_be_bytes());
-        m.update(frame);
+    /// The tag of the next frame in this direction, advancing the sequence number.
+    fn next(&mut self, frame: &[u8]) -> Tag {
+        let mut nonce = [0u8; NONCE_LEN_GCM];
+        nonce[0] = self.conn;
+        nonce[4..].copy_from_slice(&self.seq.to_be_bytes());
         self.seq += 1;
-        m
+        self.key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(frame), &mut [])
+            // Sealing nothing fails only past GCM's length limit (64 GiB of data), far above
+            // any frame this crate builds.
+            .expect("GMAC of a frame within GCM's limits")
     }
 
     /// The tag of the next frame sent.
     pub fn seal(&mut self, frame: &[u8]) -> [u8; TAG_LEN] {
-        let full = self.next(frame).finalize().into_bytes();
         let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&full[..TAG_LEN]);
+        tag.copy_from_slice(self.next(frame).as_ref());
         tag
     }
 
     /// Checks the tag of the next frame received; a mismatch is counted and typed.
     pub fn open(&mut self, frame: &[u8], tag: &[u8]) -> Result<(), LinkError> {
         let (conn, seq) = (self.conn, self.seq);
-        self.next(frame).verify_truncated_left(tag).map_err(|_| {
-            REJECTED_FRAMES.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(LINK_FRAMES_REJECTED_TOTAL).increment(1);
-            LinkError::Tampered { conn, seq }
-        })
+        let expected = self.next(frame);
+        if tag.len() == TAG_LEN && constant_time_eq(expected.as_ref(), tag) {
+            return Ok(());
+        }
+        REJECTED_FRAMES.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(LINK_FRAMES_REJECTED_TOTAL).increment(1);
+        Err(LinkError::Tampered { conn, seq })
     }
 }
+
+/// Compares two tags without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// GCM's nonce: 96 bits.
+const NONCE_LEN_GCM: usize = 12;
 
 fn fresh_nonce(key: Option<&ClusterKey>) -> Result<Vec<u8>, SecureError> {
     Ok(match key {
