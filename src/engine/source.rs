@@ -1033,14 +1033,27 @@ impl SourceRun {
         Ok(pages)
     }
 
-    /// The injected `lose-dirty-page`: the first page of the switchover's set is forgotten.
+    /// The injected `lose-dirty-page`: a guest write the dirty log missed. One byte of a page
+    /// of the paused source changes behind the log, and the page leaves the switchover's set, so
+    /// the target keeps an older copy of it. The page is the first of the set, or page 0 when
+    /// the set is empty (the write alone then makes the copies differ).
     fn maybe_lose_page(&self, pages: &mut PageSet) {
-        if self.lose_page.take() {
-            let first = pages.iter().next();
-            if let Some(p) = first {
-                tracing::warn!(page = p, "injected fault: a dirty page is lost at the switchover");
-                pages.remove(p);
-            }
+        if !self.lose_page.take() {
+            return;
+        }
+        let page = pages.iter().next().unwrap_or(0);
+        pages.remove(page);
+        let memory = self.s.guest.memory();
+        let mut bytes = vec![0u8; PAGE_SIZE];
+        let written = memory
+            .read_page(crate::units::PageIndex(page), &mut bytes)
+            .and_then(|()| {
+                bytes[0] = bytes[0].wrapping_add(1);
+                memory.write_page(crate::units::PageIndex(page), &bytes)
+            });
+        match written {
+            Ok(()) => tracing::warn!(page, "injected fault: a guest write the dirty log missed"),
+            Err(e) => tracing::warn!(page, error = %e, "injected fault: the lost write could not be made"),
         }
     }
 

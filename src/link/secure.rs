@@ -77,8 +77,6 @@ pub const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-migratory-link-v1";
 /// Frames refused for a bad MAC since the process started (also the
 /// `migratory_link_frames_rejected_total` counter).
 static REJECTED_FRAMES: AtomicU64 = AtomicU64::new(0);
-/// Metric: frames that failed authentication.
-pub const LINK_FRAMES_REJECTED_TOTAL: &str = "migratory_link_frames_rejected_total";
 
 /// Frames this process refused because their MAC did not verify.
 pub fn rejected_frames() -> u64 {
@@ -92,10 +90,10 @@ pub enum SecureError {
     #[error("handshake: {0}")]
     Io(#[from] std::io::Error),
     /// The peer requires a cluster key and this side has none.
-    #[error("the peer requires a cluster key and none is configured here")]
+    #[error("authentication failed: the peer requires a cluster key and none is configured here")]
     KeyRequired,
     /// This side has a key and the peer offers no authentication.
-    #[error("the peer does not authenticate (it has no cluster key); refusing an unauthenticated link")]
+    #[error("authentication failed: the peer has no cluster key; refusing an unauthenticated link")]
     PeerUnauthenticated,
     /// An unknown mode byte.
     #[error("bad handshake mode {0:#04x}")]
@@ -289,7 +287,7 @@ impl FrameMac {
             return Ok(());
         }
         REJECTED_FRAMES.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(LINK_FRAMES_REJECTED_TOTAL).increment(1);
+        metrics::counter!(crate::telemetry::metric::LINK_FRAMES_REJECTED_TOTAL).increment(1);
         Err(LinkError::Tampered { conn, seq })
     }
 }

@@ -15,6 +15,9 @@ pub const COMPRESSION_SAVED_BYTES_TOTAL: &str = "migratory_compression_saved_byt
 pub const POSTCOPY_FAULTS_TOTAL: &str = "migratory_postcopy_faults_total";
 /// Counter: injected faults, by `kind`.
 pub const FAULTS_INJECTED_TOTAL: &str = "migratory_faults_injected_total";
+/// Counter: frames refused on TCP links because their MAC did not verify (changed, replayed,
+/// reordered, or not from the peer that proved the cluster key); each one closes its link.
+pub const LINK_FRAMES_REJECTED_TOTAL: &str = "migratory_link_frames_rejected_total";
 /// Histogram: duration of each stage, by `stage` and `algorithm`.
 pub const STAGE_DURATION_SECONDS: &str = "migratory_stage_duration_seconds";
 /// Histogram: downtime (pause on the source to resume on the target), by `algorithm`.
@@ -63,6 +66,7 @@ pub fn register_zeroes() {
     }
     metrics::counter!(COMPRESSION_SAVED_BYTES_TOTAL).increment(0);
     metrics::counter!(POSTCOPY_FAULTS_TOTAL).increment(0);
+    metrics::counter!(LINK_FRAMES_REJECTED_TOTAL).increment(0);
     metrics::gauge!(MIGRATIONS_IN_PROGRESS).increment(0.0);
     metrics::gauge!(REMAINING_PAGES).increment(0.0);
 }
@@ -84,6 +88,10 @@ pub fn describe_all() {
     );
     describe_counter!(POSTCOPY_FAULTS_TOTAL, "Post-copy faults taken on targets");
     describe_counter!(FAULTS_INJECTED_TOTAL, "Injected faults by kind");
+    describe_counter!(
+        LINK_FRAMES_REJECTED_TOTAL,
+        "Frames refused on TCP links for a MAC that did not verify"
+    );
     describe_histogram!(
         STAGE_DURATION_SECONDS,
         Unit::Seconds,
