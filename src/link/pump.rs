@@ -350,6 +350,7 @@ struct DataOut {
 
 impl DataOut {
     fn run<W: Write>(&mut self, s: &mut W) {
+        let mut scratch = Vec::with_capacity(if self.mac.is_some() { FRAME_CAPACITY } else { 0 });
         loop {
             let next = match self.urgent.try_recv() {
                 Ok(t) => Ok(t),
@@ -359,14 +360,25 @@ impl DataOut {
                 },
             };
             let Ok(t) = next else { break };
-            if !matches!(write_full(s, &t.frame, &self.alive), Ok(true)) {
-                break;
-            }
-            if let Some(m) = self.mac.as_mut() {
-                let tag = m.seal(&t.frame);
-                if !matches!(write_full(s, &tag, &self.alive), Ok(true)) {
-                    break;
+            let written = match self.mac.as_mut() {
+                None => write_full(s, &t.frame, &self.alive),
+                Some(m) => {
+                    // Sealed in a copy: the frame is shared and goes back to the pool.
+                    scratch.clear();
+                    scratch.extend_from_slice(&t.frame);
+                    let (header, body) = scratch.split_at_mut(4.min(t.frame.len()));
+                    let tag = m.seal_data(header, body);
+                    write_full(s, &scratch, &self.alive).and_then(|ok| {
+                        if ok {
+                            write_full(s, &tag, &self.alive)
+                        } else {
+                            Ok(false)
+                        }
+                    })
                 }
+            };
+            if !matches!(written, Ok(true)) {
+                break;
             }
             self.pool.give(t.frame);
         }
@@ -408,7 +420,8 @@ impl DataIn {
                 if !matches!(read_full(s, &mut tag, &self.alive), Ok(true)) {
                     break;
                 }
-                if let Err(e) = m.open(&buf, &tag) {
+                let (header, body) = buf.split_at_mut(4);
+                if let Err(e) = m.open_data(header, body, &tag) {
                     // The whole link goes: the control side reports why.
                     self.fault.raise(e);
                     break;

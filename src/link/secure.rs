@@ -16,7 +16,8 @@
 //!   for role r in 1..=streams, a new connection:
 //!   preamble(link, role r, streams) ‖ HMAC(k_c2s, "data" ‖ link ‖ r ‖ binding_r) ──▶
 //!                                                       joins the link only if it verifies
-//! then every frame, each direction, each connection c:  frame ‖ GMAC(k_dir, nonce = c ‖ seq, frame)
+//! then every control frame, each direction:   frame ‖ GMAC(k_dir, nonce = 0 ‖ seq, frame)
+//! and every page frame on data connection c:  len ‖ AES-GCM(k_dir, nonce = c ‖ seq, aad = len, body) ‖ tag
 //! ```
 //! `K` is the cluster key, `n_c`/`n_s` fresh 32-byte nonces, and `k_c2s`/`k_s2c` =
 //! `HMAC(K, "c2s"/"s2c" ‖ link ‖ n_c ‖ n_s ‖ binding)` the session keys, one per direction.
@@ -25,11 +26,13 @@
 //! a frame replayed, dropped or moved fails the next MAC and closes the link
 //! ([`super::LinkError::Tampered`]).
 //!
-//! The frame MAC is AES-256-GCM with the frame as associated data and nothing to encrypt
-//! (GMAC; `ring`, already linked for rustls). HMAC-SHA256 cost about 30% of a stream's
-//! throughput on this project's machines even with SHA-NI; GHASH with carry-less multiply runs
-//! several times faster. The 96-bit nonce is the connection and the sequence number: unique
-//! under each session key, which lives for one link only.
+//! Frames are sealed with AES-256-GCM (`ring`, already linked for rustls). Control frames are
+//! small and only authenticated (GMAC: the frame as associated data). Page frames are
+//! encrypted as well, because that is the fast path: on this project's machines ring seals
+//! 1 MiB of data at about 7.4 GB/s but authenticates associated data alone at 1.7 GB/s, and
+//! HMAC-SHA256 (the first version) at 1.4 GB/s, which cost half of a stream's throughput. Page
+//! contents are private on the wire as a side effect. The 96-bit nonce is the connection and
+//! the sequence number: unique under each session key, which lives for one link only.
 //!
 //! Under TLS the same handshake runs inside the TLS stream, with `binding` the TLS exporter
 //! of that connection (RFC 5705/8446 keying material), so a proof cannot be lifted into another
@@ -46,6 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hmac::{Hmac, Mac};
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
+
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -259,17 +263,56 @@ impl FrameMac {
         }
     }
 
-    /// The tag of the next frame in this direction, advancing the sequence number.
-    fn next(&mut self, frame: &[u8]) -> Tag {
+    /// The nonce of the next frame in this direction, advancing the sequence number.
+    fn nonce(&mut self) -> Nonce {
         let mut nonce = [0u8; NONCE_LEN_GCM];
         nonce[0] = self.conn;
         nonce[4..].copy_from_slice(&self.seq.to_be_bytes());
         self.seq += 1;
+        Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// The tag of the next frame in this direction, advancing the sequence number.
+    fn next(&mut self, frame: &[u8]) -> Tag {
+        let nonce = self.nonce();
         self.key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(frame), &mut [])
+            .seal_in_place_separate_tag(nonce, Aad::from(frame), &mut [])
             // Sealing nothing fails only past GCM's length limit (64 GiB of data), far above
             // any frame this crate builds.
             .expect("GMAC of a frame within GCM's limits")
+    }
+
+    /// Seals the next page frame: `body` is encrypted in place and `header` (the length
+    /// prefix) is authenticated with it. Encrypting is the fast path here: ring's AES-GCM runs
+    /// its stitched AES and GHASH code over data it encrypts (about 7 GB/s on this project's
+    /// machines) but hashes associated data alone at about 1.7 GB/s, barely ahead of HMAC.
+    pub fn seal_data(&mut self, header: &[u8], body: &mut [u8]) -> [u8; TAG_LEN] {
+        let nonce = self.nonce();
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), body)
+            .expect("a page frame is within GCM's limits");
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Opens the next page frame in place: `body` is decrypted if, and only if, `header`,
+    /// `body` and `tag` are exactly what the peer sealed at this position.
+    pub fn open_data(&mut self, header: &[u8], body: &mut [u8], tag: &[u8]) -> Result<(), LinkError> {
+        let (conn, seq) = (self.conn, self.seq);
+        let nonce = self.nonce();
+        let opened = <[u8; TAG_LEN]>::try_from(tag).ok().and_then(|t| {
+            self.key
+                .open_in_place_separate_tag(nonce, Aad::from(header), Tag::from(t), body, 0..)
+                .ok()
+        });
+        if opened.is_some() {
+            return Ok(());
+        }
+        REJECTED_FRAMES.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::metric::LINK_FRAMES_REJECTED_TOTAL).increment(1);
+        Err(LinkError::Tampered { conn, seq })
     }
 
     /// The tag of the next frame sent.
@@ -488,6 +531,35 @@ mod tests {
         let (c, s) = run(None, None).await;
         assert!(c.is_ok() && s.is_ok());
         assert!(c.expect("open").frame_macs(Side::Client, 0).is_none());
+    }
+
+    #[test]
+    fn test_page_frames_are_encrypted_and_refused_when_changed_or_moved() {
+        let s = Session::new(Some(&key(5)), 7, &[3; 32], &[4; 32], b"", false);
+        let (mut out, _) = s.frame_macs(Side::Client, 1).expect("macs");
+        let (_, mut inn) = s.frame_macs(Side::Server, 1).expect("macs");
+        let plain = vec![0xAB; 4096];
+        let header = [0, 0, 16, 0];
+        let mut first = plain.clone();
+        let t0 = out.seal_data(&header, &mut first);
+        assert_ne!(first, plain, "the body travels encrypted");
+        let mut second = plain.clone();
+        let t1 = out.seal_data(&header, &mut second);
+        assert_ne!(first, second, "each frame has its own nonce");
+        // A flipped bit, a changed length, or the frames swapped: refused.
+        let mut probe = inn.clone();
+        let mut flipped = first.clone();
+        flipped[100] ^= 1;
+        assert!(probe.open_data(&header, &mut flipped, &t0).is_err());
+        let mut probe = inn.clone();
+        assert!(probe.open_data(&[0, 0, 16, 1], &mut first.clone(), &t0).is_err());
+        let mut probe = inn.clone();
+        assert!(probe.open_data(&header, &mut second.clone(), &t1).is_err(), "reordered");
+        // In order and intact: the bytes come back.
+        assert_eq!(inn.open_data(&header, &mut first, &t0), Ok(()));
+        assert_eq!(first, plain);
+        assert_eq!(inn.open_data(&header, &mut second, &t1), Ok(()));
+        assert_eq!(second, plain);
     }
 
     #[test]
