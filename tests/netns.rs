@@ -529,7 +529,7 @@ fn link_down_in_postcopy_pauses_then_recovers(bed: &Testbed, hosts: &Hosts, to: 
     wait_until("the target to pause vm-c", TIMEOUT, || {
         // The target first: both ends notice the silence at about the same moment.
         let vm = dst.vm("vm-c");
-        if vm.as_ref().is_some_and(|vm| is_paused(vm)) {
+        if vm.as_ref().is_some_and(is_paused) {
             return Ok(());
         }
         let s = src.status(id);
@@ -549,7 +549,7 @@ fn link_down_in_postcopy_pauses_then_recovers(bed: &Testbed, hosts: &Hosts, to: 
     );
     let vm = dst.vm("vm-c");
     assert!(
-        vm.as_ref().is_some_and(|vm| is_paused(vm)),
+        vm.as_ref().is_some_and(is_paused),
         "vm-c on the target while the link is down: {vm:?}"
     );
     let outage = down_at.elapsed();
