@@ -40,11 +40,19 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The base URL asks for TLS, which this client does not speak.
-    #[error("invalid API URL {url:?}: https is not supported by this client (no TLS); use http://")]
+    /// The base URL asks for TLS, and no client certificate was given.
+    #[error("API URL {url:?} is https: give --tls-cert, --tls-key and --tls-ca (the cluster's mutual TLS)")]
     TlsUnsupported {
         /// What the user gave.
         url: String,
+    },
+    /// The TLS session could not be set up.
+    #[error("TLS with {url}: {detail}")]
+    Tls {
+        /// Where.
+        url: String,
+        /// What failed.
+        detail: String,
     },
     /// No address of the host accepted a connection.
     #[error("cannot connect to {url}")]
@@ -115,6 +123,8 @@ struct BaseUrl {
     port: u16,
     /// Path prefix without a trailing slash: empty or `/something`.
     prefix: String,
+    /// `https`: mutual TLS with the cluster's certificates.
+    tls: bool,
 }
 
 impl BaseUrl {
@@ -127,11 +137,9 @@ impl BaseUrl {
         let Some((scheme, rest)) = trimmed.split_once("://") else {
             return Err(invalid("expected http://HOST:PORT[/prefix] or unix:PATH"));
         };
-        if scheme.eq_ignore_ascii_case("https") {
-            return Err(ClientError::TlsUnsupported { url: url.to_string() });
-        }
-        if !scheme.eq_ignore_ascii_case("http") {
-            return Err(invalid("only http:// URLs are supported"));
+        let tls = scheme.eq_ignore_ascii_case("https");
+        if !tls && !scheme.eq_ignore_ascii_case("http") {
+            return Err(invalid("only http:// and https:// URLs are supported"));
         }
         // Anything that could not go verbatim into the request line would let a URL inject headers.
         if rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -172,6 +180,7 @@ impl BaseUrl {
         }
         let port = match port {
             // The URL convention: no port means the scheme's default.
+            None if tls => 443,
             None => 80,
             Some(p) => match p.parse::<u16>() {
                 Ok(p) if p != 0 => p,
@@ -182,6 +191,7 @@ impl BaseUrl {
             host: host.to_string(),
             port,
             prefix: path.trim_end_matches('/').to_string(),
+            tls,
         })
     }
 
@@ -197,7 +207,8 @@ impl BaseUrl {
 
 impl fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.authority(), self.prefix)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority(), self.prefix)
     }
 }
 
@@ -232,6 +243,7 @@ impl Endpoint {
 enum Connection {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Connection {
@@ -245,6 +257,10 @@ impl Connection {
                 s.set_read_timeout(Some(timeout))?;
                 s.set_write_timeout(Some(timeout))
             }
+            Connection::Tls(s) => {
+                s.sock.set_read_timeout(Some(timeout))?;
+                s.sock.set_write_timeout(Some(timeout))
+            }
         }
     }
 }
@@ -254,6 +270,7 @@ impl Read for Connection {
         match self {
             Connection::Tcp(s) => s.read(buf),
             Connection::Unix(s) => s.read(buf),
+            Connection::Tls(s) => s.read(buf),
         }
     }
 }
@@ -263,6 +280,7 @@ impl Write for Connection {
         match self {
             Connection::Tcp(s) => s.write(buf),
             Connection::Unix(s) => s.write(buf),
+            Connection::Tls(s) => s.write(buf),
         }
     }
 
@@ -270,6 +288,7 @@ impl Write for Connection {
         match self {
             Connection::Tcp(s) => s.flush(),
             Connection::Unix(s) => s.flush(),
+            Connection::Tls(s) => s.flush(),
         }
     }
 }
@@ -281,6 +300,8 @@ pub struct ApiClient {
     timeout: Duration,
     /// Sent as `Authorization: Bearer`; checked for header safety by `token::parse`.
     token: Option<String>,
+    /// For `https://`: the cluster's client identity and CA.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl ApiClient {
@@ -291,7 +312,19 @@ impl ApiClient {
             endpoint: Endpoint::parse(url)?,
             timeout: IO_TIMEOUT,
             token: None,
+            tls: None,
         })
+    }
+
+    /// The same client, speaking mutual TLS with `config` to an `https://` URL.
+    pub fn with_tls(mut self, config: Option<std::sync::Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = config;
+        self
+    }
+
+    /// True if the URL is `https://`.
+    pub fn is_tls(&self) -> bool {
+        matches!(&self.endpoint, Endpoint::Http(b) if b.tls)
     }
 
     /// The same client, sending `token` (as [`super::token::parse`] returns it) with every
@@ -359,11 +392,28 @@ impl ApiClient {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name resolved to no address");
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, self.timeout) {
+                Ok(stream) if base.tls => return self.start_tls(base, stream, url),
                 Ok(stream) => return Ok(Connection::Tcp(stream)),
                 Err(e) => last = e,
             }
         }
         Err(connect_err(last))
+    }
+
+    /// Wraps `stream` in a TLS session that proves this client's certificate and checks the
+    /// daemon's against the cluster CA.
+    fn start_tls(&self, base: &BaseUrl, stream: TcpStream, url: &str) -> Result<Connection, ClientError> {
+        let config = self
+            .tls
+            .clone()
+            .ok_or_else(|| ClientError::TlsUnsupported { url: url.to_string() })?;
+        let tls_err = |detail: String| ClientError::Tls {
+            url: url.to_string(),
+            detail,
+        };
+        let name = rustls::pki_types::ServerName::try_from(base.host.clone()).map_err(|e| tls_err(e.to_string()))?;
+        let session = rustls::ClientConnection::new(config, name).map_err(|e| tls_err(e.to_string()))?;
+        Ok(Connection::Tls(Box::new(rustls::StreamOwned::new(session, stream))))
     }
 
     fn encode_request(&self, method: &str, path: &str, body: Option<&Value>) -> Vec<u8> {
@@ -726,10 +776,17 @@ mod tests {
     }
 
     #[test]
-    fn test_url_parsing_rejects_https_naming_tls() {
-        let err = BaseUrl::parse("https://127.0.0.1:8443").unwrap_err();
-        assert!(matches!(err, ClientError::TlsUnsupported { .. }));
-        assert!(err.to_string().contains("TLS"), "{err}");
+    fn test_https_needs_the_cluster_certificates() {
+        let base = BaseUrl::parse("https://127.0.0.1:8443").unwrap();
+        assert!(base.tls);
+        assert_eq!(base.to_string(), "https://127.0.0.1:8443");
+        assert_eq!(BaseUrl::parse("https://127.0.0.1").unwrap().port, 443);
+        // Without --tls-* the client refuses before it sends anything.
+        let server = FakeServer::start(vec![]);
+        let url = server.url().replacen("http://", "https://", 1);
+        let err = ApiClient::new(&url).unwrap().get("/vms", None).unwrap_err();
+        assert!(matches!(err, ClientError::TlsUnsupported { .. }), "{err}");
+        assert!(err.to_string().contains("--tls-cert"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum CommandError {
     /// The API token could not be read.
     #[error(transparent)]
     Token(#[from] super::token::TokenError),
+    /// The client's TLS files could not be read.
+    #[error(transparent)]
+    Tls(#[from] migratory::link::tls::TlsError),
     /// A VM id the daemon would refuse; caught before anything is sent.
     #[error(transparent)]
     InvalidName(#[from] migratory::format::NameError),
@@ -189,8 +192,10 @@ pub fn execute(cmd: ClientCommand) -> Result<String, CommandError> {
 }
 
 fn connect(api: &ApiArgs) -> Result<ApiClient, CommandError> {
-    let client = ApiClient::new(&api.base_url())?;
-    let token = api.token(client.is_unix())?;
+    let client = ApiClient::new(&api.base_url())?.with_tls(api.tls()?);
+    // Over mutual TLS the client certificate is the credential; a token is sent only when
+    // one is configured by name (flag or variable), not from the default file.
+    let token = api.token(client.is_unix() || client.is_tls())?;
     Ok(client.with_token(token))
 }
 
@@ -528,6 +533,9 @@ mod tests {
         ApiArgs {
             api: Some(server.url()),
             token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 
@@ -812,6 +820,9 @@ mod tests {
             api: ApiArgs {
                 api: Some(format!("http://127.0.0.1:{port}")),
                 token_file: None,
+                tls_cert: None,
+                tls_key: None,
+                tls_ca: None,
             },
         };
         let line = super::super::error_line(&execute(cmd).unwrap_err());

@@ -47,12 +47,30 @@ pub struct ApiArgs {
     /// else the file $MIGRATORY_API_TOKEN_FILE, else ~/.migratory/api-token].
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// For an https:// API (a daemon run with --api-tls): this client's PEM certificate,
+    /// signed by the cluster CA; with --tls-key and --tls-ca.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's PEM private key.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA's PEM certificate, which signed the daemon's.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl ApiArgs {
     /// The base URL: `--api`, else `$MIGRATORY_API`, else [`DEFAULT_API`].
     fn base_url(&self) -> String {
         resolve_api(self.api.as_deref(), std::env::var(API_ENV).ok())
+    }
+
+    /// The client's TLS identity, when `--tls-*` are given.
+    fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, migratory::link::tls::TlsError> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(c), Some(k), Some(ca)) => Ok(Some(migratory::link::tls::TlsSetup::from_pem_files(c, k, ca)?.client)),
+            _ => Ok(None),
+        }
     }
 
     /// The token to send, if any: see [`resolve_token`].

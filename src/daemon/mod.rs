@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// [default: $MIGRATORY_API_TOKEN_FILE, else ~/.migratory/api-token].
     #[arg(long, value_name = "PATH")]
     api_token_file: Option<PathBuf>,
+    /// Serve the API over mutual TLS with this host's --tls-cert and --tls-key: only clients
+    /// whose certificate the cluster CA (--tls-ca) signed get an answer, and no bearer token is
+    /// needed (the certificate is the credential).
+    #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_ca"])]
+    api_tls: bool,
     /// Serve `GET /metrics` for Prometheus on this address (no authentication, nothing else
     /// served there); no metrics endpoint without it.
     #[arg(long, value_name = "IP:PORT")]
@@ -260,7 +265,9 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         (Some(_), _) => {}
     }
     let token = match &args.api {
+        ApiListen::Tcp(_) if args.api_tls => None,
         ApiListen::Tcp(_) => Some(api_token(args.api_token_file.as_deref())?),
+        ApiListen::Unix(_) if args.api_tls => return Err("--api-tls needs an IP:PORT API, not a Unix socket".into()),
         ApiListen::Unix(_) => None,
     };
     let allowed_peers = AllowedPeers::resolve(&args.allow_peer).await?;
@@ -289,7 +296,7 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         max_incoming: args.max_incoming,
         bandwidth_budget_bytes_per_sec: args.bandwidth_budget.map(|b| b.0),
         cluster_key: key,
-        tls,
+        tls: tls.clone(),
         backend: args.backend,
         // The same list bounds who may connect: a connection from any other address is closed
         // before it can say anything.
@@ -342,13 +349,22 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
     .workers(2)
     .disable_signals();
     let (server, api) = match &args.api {
-        ApiListen::Tcp(addr) => {
-            let server = server
-                .bind(addr)
-                .map_err(|e| format!("cannot serve the API on {addr}: {e}"))?;
-            let bound = server.addrs().first().copied().unwrap_or(*addr);
-            (server, format!("http://{bound}"))
-        }
+        ApiListen::Tcp(addr) => match tls.as_ref().filter(|_| args.api_tls) {
+            Some(tls) => {
+                let server = server
+                    .bind_rustls_0_23(addr, (*tls.server).clone())
+                    .map_err(|e| format!("cannot serve the API on {addr}: {e}"))?;
+                let bound = server.addrs().first().copied().unwrap_or(*addr);
+                (server, format!("https://{bound}"))
+            }
+            None => {
+                let server = server
+                    .bind(addr)
+                    .map_err(|e| format!("cannot serve the API on {addr}: {e}"))?;
+                let bound = server.addrs().first().copied().unwrap_or(*addr);
+                (server, format!("http://{bound}"))
+            }
+        },
         ApiListen::Unix(path) => {
             let server = server
                 .listen_uds(bind_unix(path)?)

@@ -78,7 +78,7 @@ pub fn path_str(p: &Path) -> &str {
 pub struct Ready {
     /// The migration listener, `IP:PORT`.
     pub migrations: String,
-    /// `http://IP:PORT` or `unix:PATH`.
+    /// `http://IP:PORT`, `https://IP:PORT` or `unix:PATH`.
     pub api: String,
     /// `http://IP:PORT` of the metrics listener, when there is one.
     pub metrics: Option<String>,
@@ -99,7 +99,7 @@ impl Ready {
             None => (rest, None),
         };
         assert!(
-            api.starts_with("http://") || api.starts_with("unix:"),
+            api.starts_with("http://") || api.starts_with("https://") || api.starts_with("unix:"),
             "API address {api:?}"
         );
         Ready {
