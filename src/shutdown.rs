@@ -100,8 +100,10 @@ async fn wait_for_migrations(engine: &EngineHandle, host: &str, force: &mut watc
                     .filter(|s| matches!(s.status, Phase::Active | Phase::Queued))
                     .count()
             })
-            .unwrap_or(0);
-        let incoming = engine.host_usage(host).await.map(|u| u.active_incoming).unwrap_or(0);
+            .unwrap_or(1);
+        // A question the engine cannot answer counts as something still running: exiting on
+        // an error could take VMs with the process.
+        let incoming = engine.host_usage(host).await.map(|u| u.active_incoming).unwrap_or(1);
         if outgoing == 0 && incoming == 0 {
             return true;
         }
@@ -136,7 +138,7 @@ async fn holders(engine: &EngineHandle, host: &str) -> Vec<String> {
                 None => format!("{} ({})", v.config.id, v.state),
             })
             .collect(),
-        Err(_) => Vec::new(),
+        Err(e) => vec![format!("(the VM list could not be read: {e})")],
     }
 }
 

@@ -40,7 +40,13 @@ pub struct Host {
     held: HashMap<String, HeldCopy>,
     /// Set at shutdown: incoming links are refused.
     closing: bool,
+    /// VMs this host took past `Commit`, newest last (bounded): a fence that asks about one
+    /// that has since left must not hear `absent`, or a stale copy elsewhere could resume.
+    committed_here: std::collections::VecDeque<String>,
 }
+
+/// How many VMs a host remembers having taken past `Commit`.
+const COMMITTED_MEMORY: usize = 4096;
 
 impl Host {
     /// A host; its backend runs on its own arbiter thread so that filling or mapping guest
@@ -66,6 +72,7 @@ impl Host {
             recoverable: HashMap::new(),
             held: HashMap::new(),
             closing: false,
+            committed_here: std::collections::VecDeque::new(),
         }
     }
 
@@ -385,6 +392,8 @@ impl Handler<ReleaseVm> for Host {
             self.committed_bytes -= bytes;
             vm.do_send(StopVm);
         }
+        self.held.remove(&msg.0);
+        self.recoverable.remove(&msg.0);
     }
 }
 
@@ -470,6 +479,15 @@ pub struct DeleteVm(pub String);
 impl Handler<DeleteVm> for Host {
     type Result = ResponseActFuture<Self, Result<(), EngineError>>;
     fn handle(&mut self, msg: DeleteVm, _: &mut Self::Context) -> Self::Result {
+        if let Some(h) = self.held.get(&msg.0) {
+            let err = EngineError::ActionNotApplicable {
+                vm: msg.0,
+                state: h.reason.name().to_string(),
+                action: "delete",
+                hint: "; a held copy ends by discard (or the other actions it lists)".into(),
+            };
+            return Box::pin(fut::ready(Err(err)));
+        }
         let Some((vm, _)) = self.vms.get(&msg.0).cloned() else {
             let err = EngineError::UnknownVm {
                 host: self.config.name.clone(),
@@ -745,7 +763,14 @@ impl Handler<QueryVmState> for Host {
             return Box::pin(async move { state });
         }
         let Some((vm, _)) = self.vms.get(&msg.0).cloned() else {
-            return Box::pin(async { "absent".to_string() });
+            // Taken past commitment, then gone (moved on, deleted, discarded): it may run
+            // somewhere else now.
+            let state = if self.committed_here.contains(&msg.0) {
+                "left-after-commit"
+            } else {
+                "absent"
+            };
+            return Box::pin(async move { state.to_string() });
         };
         Box::pin(async move {
             match vm.send(GetVmInfo).await {
@@ -754,6 +779,22 @@ impl Handler<QueryVmState> for Host {
                 Err(_) => "stopping".to_string(),
             }
         })
+    }
+}
+
+/// This host took `0` past `Commit`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RecordCommitted(pub String);
+
+impl Handler<RecordCommitted> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: RecordCommitted, _: &mut Self::Context) {
+        self.committed_here.retain(|v| *v != msg.0);
+        self.committed_here.push_back(msg.0);
+        while self.committed_here.len() > COMMITTED_MEMORY {
+            self.committed_here.pop_front();
+        }
     }
 }
 

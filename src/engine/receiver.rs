@@ -17,8 +17,8 @@ use super::error::Side;
 use super::events::MigrationEvent;
 use super::faults::{FaultKind, FaultPlan};
 use super::host::{
-    FindRecoverable, HoldVm, Host, IncomingEnded, QueryVmState, RegisterRecoverable, ReleaseVm, ReserveIncoming,
-    UnholdVm, UnregisterRecoverable,
+    FindRecoverable, HoldVm, Host, IncomingEnded, QueryVmState, RecordCommitted, RegisterRecoverable, ReleaseVm,
+    ReserveIncoming, UnholdVm, UnregisterRecoverable,
 };
 use super::receiver_state::{ReceiverAction, ReceiverState};
 use super::stage::Stage;
@@ -789,7 +789,10 @@ impl TargetRun {
     ) -> Result<(), Exit> {
         let (data_rx, pool) = data;
         let reserve = ReserveIncoming { config, demand_paged };
-        let (vm, guest) = match ask(&self.host, reserve, "reservation", BACKEND_ASK).await {
+        // Longer than the host's own bound on the backend: the host answers first, and a
+        // reservation is never made for an asker that has gone.
+        let bound = BACKEND_ASK + Duration::from_secs(30);
+        let (vm, guest) = match ask(&self.host, reserve, "reservation", bound).await {
             Ok(Ok(x)) => x,
             Ok(Err(reason)) => return Err(Exit::Fail(reason)),
             Err(e) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
@@ -880,6 +883,15 @@ impl TargetRun {
 
     async fn activate(&mut self) -> Result<(), Exit> {
         let (vm, guest) = self.vm.clone().ok_or_else(|| violation("commit before reservation"))?;
+        let id = guest.config().id.0.clone();
+        // A post-copy link lost from here on is recoverable: the recovery path is registered
+        // before anything else can fail.
+        if self.postcopy {
+            // The host keeps the only sender: discarding the copy there ends a wait for recovery.
+            if let Some(to) = self.handover_to.take() {
+                self.host.do_send(RegisterRecoverable { vm: id.clone(), to });
+            }
+        }
         // Track what the guest writes from now on: those pages may differ from what arrived.
         if let Err(e) = guest.start_dirty_log() {
             return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() }));
@@ -889,17 +901,13 @@ impl TargetRun {
             Ok(Err(e)) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
             Err(e) => return Err(Exit::Fail(AbortReason::TargetFailed { detail: e.to_string() })),
         }
+        // The VM has run here: a fence asking later must not hear `absent`, even once the VM
+        // has moved on, or the source's older copy could resume beside it.
+        self.host.do_send(RecordCommitted(id));
         self.announce(guest.as_ref());
         self.send(ControlMessage::Activated).await?;
         if self.postcopy {
             self.pulling = true;
-            // The host keeps the only sender: discarding the copy there ends a wait for recovery.
-            if let Some(to) = self.handover_to.take() {
-                self.host.do_send(RegisterRecoverable {
-                    vm: guest.config().id.0.clone(),
-                    to,
-                });
-            }
             self.check_pull_done().await
         } else {
             Ok(())
@@ -991,12 +999,31 @@ impl TargetRun {
         self.plane = None;
         if let Some((vm, guest)) = self.vm.take() {
             if self.committed {
-                if guest.missing_pages() > 0 {
+                let missing = guest.missing_pages();
+                if missing > 0 {
                     // Post-copy interrupted: pause here. The source never resumes its stale
                     // copy, and this one never runs with holes.
                     if let Err(e) = ask(&vm, PauseVm, "vm pause", GUEST_ASK).await {
                         tracing::error!(error = %e, "the guest lacking pages did not pause");
                     }
+                }
+                // A copy this host owns that does not run (its activation failed, or it lacks
+                // pages) is held for an operator; a discarded one is gone already and the
+                // host ignores this.
+                if !matches!(exit, Exit::Clean | Exit::Answered) && (missing > 0 || !guest.is_running()) {
+                    let reason = if missing > 0 {
+                        HeldReason::AwaitingPages
+                    } else {
+                        HeldReason::CommittedUnconfirmed
+                    };
+                    self.host.do_send(HoldVm {
+                        vm: guest.config().id.0.clone(),
+                        copy: HeldCopy {
+                            reason,
+                            detail: why.clone().unwrap_or_default(),
+                            peer: None,
+                        },
+                    });
                 }
             } else {
                 self.host.do_send(ReleaseVm(guest.config().id.0.clone()));

@@ -664,9 +664,14 @@ impl Handler<ResumeHeld> for Engine {
             let host = host?;
             let held = host.send(CheckResumable(msg.vm.clone())).await??;
             let Some(peer) = held.peer else {
+                if msg.peer_is_dead {
+                    tracing::warn!(vm = %msg.vm, "resuming a held copy with no peer recorded: the operator says the peer is dead");
+                    return host.send(ResumeHeldVm(msg.vm)).await?;
+                }
                 return Err(EngineError::Fenced {
                     vm: msg.vm,
-                    detail: "no peer is recorded for this copy".into(),
+                    detail: "no peer is recorded for this copy; if the other side is dead, resume with --peer-is-dead"
+                        .into(),
                 });
             };
             let local = match &peer {

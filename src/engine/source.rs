@@ -239,6 +239,9 @@ pub(crate) struct SourceRun {
     fail_pause: Cell<bool>,
     /// Injected: the switchover's dirty set loses one page.
     lose_page: Cell<bool>,
+    /// The switchover handed pages over to demand paging (post-copy): past `Commit` the target
+    /// may run with holes only this copy can fill.
+    demand_paged: bool,
     /// An injected post-copy link loss: the link stays down until then.
     link_down_until: Cell<Option<Instant>>,
     recoveries: u32,
@@ -298,6 +301,7 @@ impl SourceRun {
             plan: RefCell::new(plan),
             fail_pause: Cell::new(false),
             lose_page: Cell::new(false),
+            demand_paged: false,
             link_down_until: Cell::new(None),
             recoveries: 0,
             codecs: PageCodecs::NONE,
@@ -1017,9 +1021,11 @@ impl SourceRun {
         if self.fail_pause.get() {
             return Err(Fail::Local("injected fault: backend error on pause".into()));
         }
+        // Marked before the ask: if it times out, the pause still lands later in the VM's turn,
+        // and a rollback must resume after it.
+        self.paused_by_us = was_running;
         self.vm_call(PauseVm).await?.map_err(local)?;
         self.paused_at = Some(clock::now());
-        self.paused_by_us = was_running;
         super::testpoint::hold(super::testpoint::Point::Stopcopy, self.s.id).await;
         if let Some(tracker) = self.tracker.take() {
             let last = ask(&tracker, CollectDirtyPages, "dirty log collect", GUEST_ASK)
@@ -1161,6 +1167,7 @@ impl SourceRun {
         self.enter(Stage::Stopcopy)?;
         let mut missing = self.pause_and_collect(missing).await?;
         self.maybe_lose_page(&mut missing);
+        self.demand_paged = true;
         self.send_state(missing.to_bytes()).await?;
         self.expect("Prepared").await?;
         self.enter(Stage::Activation)?;
@@ -1499,7 +1506,7 @@ impl SourceRun {
             VmLocation::Source
         } else if self.activated && !self.pulling {
             VmLocation::Target
-        } else if self.activated {
+        } else if self.activated || self.demand_paged {
             // Post-copy cut short: the target runs the VM but lacks pages only this paused
             // copy holds. Keep it; never resume it.
             VmLocation::TargetAwaitingPages

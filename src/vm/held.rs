@@ -8,7 +8,7 @@
 //! | reason | side | the copy | actions |
 //! |---|---|---|---|
 //! | `committed-unconfirmed` | source | complete, paused; the target may or may not have activated | `resume` (fenced by asking the peer), `discard` |
-//! | `stale` | source | paused since a post-copy switchover; holds pages the target may lack | `recover`, `discard` |
+//! | `stale` | source | paused since a post-copy switchover; holds pages the target may lack | `recover`, `resume` (fenced), `discard` |
 //! | `unverified` | source | paused; the target runs the VM but its pages were not (or not all) confirmed | `discard` |
 //! | `awaiting-pages` | target | owns the VM but lacks pages only the source holds; paused, still takes a recovery link | `discard` here; `recover` on the source's host |
 
@@ -65,7 +65,9 @@ impl HeldReason {
         use OperatorAction::*;
         match self {
             HeldReason::CommittedUnconfirmed => &[Resume, Discard],
-            HeldReason::Stale => &[Recover, Discard],
+            // Resume too: when the target never took `Commit` (or discarded its half before it
+            // ran), the fence hears `absent` and this complete copy is the VM.
+            HeldReason::Stale => &[Recover, Resume, Discard],
             HeldReason::Unverified => &[Discard],
             // Recovery runs from the source's host, which holds the pages: here only discard.
             HeldReason::AwaitingPages => &[Discard],
@@ -107,7 +109,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_every_held_copy_has_discard_and_only_complete_copies_resume() {
+    fn test_every_held_copy_has_discard_and_only_complete_source_copies_resume() {
         for r in [
             HeldReason::CommittedUnconfirmed,
             HeldReason::Stale,
@@ -115,8 +117,10 @@ mod tests {
             HeldReason::AwaitingPages,
         ] {
             assert!(r.actions().contains(&OperatorAction::Discard), "{}", r.name());
+            // Only a source copy, which is complete, may resume (and only past the fence).
             let resumable = r.actions().contains(&OperatorAction::Resume);
-            assert_eq!(resumable, r == HeldReason::CommittedUnconfirmed, "{}", r.name());
+            let source_side = matches!(r, HeldReason::CommittedUnconfirmed | HeldReason::Stale);
+            assert_eq!(resumable, source_side, "{}", r.name());
         }
     }
 }
