@@ -43,6 +43,9 @@ use migratory::vmm::sim::{Pattern, WorkloadSpec};
 /// Slowest bandwidth cap accepted for a migration (bytes/s).
 const MIN_BANDWIDTH: u64 = 64 * 1024;
 
+/// Open API connections per worker (two workers).
+const API_MAX_CONNECTIONS_PER_WORKER: usize = 512;
+
 /// How long resolving a peer address may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -347,6 +350,10 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
             .route("/migrations/{id}/cancel", web::post().to(cancel_migration))
     })
     .workers(2)
+    // Bounded: each open API connection costs buffers, and a crowd of idle ones must not grow
+    // the daemon without limit; beyond this, connections wait in the kernel's backlog.
+    .max_connections(API_MAX_CONNECTIONS_PER_WORKER)
+    .backlog(1024)
     .disable_signals();
     let (server, api) = match &args.api {
         ApiListen::Tcp(addr) => match tls.as_ref().filter(|_| args.api_tls) {
