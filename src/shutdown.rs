@@ -124,17 +124,7 @@ async fn holders(engine: &EngineHandle, host: &str) -> Vec<String> {
         Ok(vms) => vms
             .iter()
             .map(|v| match &v.held {
-                Some(h) => format!(
-                    "{} ({}: {})",
-                    v.config.id,
-                    h.reason.name(),
-                    h.reason
-                        .actions()
-                        .iter()
-                        .map(|a| a.name())
-                        .collect::<Vec<_>>()
-                        .join(" or ")
-                ),
+                Some(h) => format!("{} ({}: {})", v.config.id, h.reason.name(), h.reason.actions_text()),
                 None => format!("{} ({})", v.config.id, v.state),
             })
             .collect(),

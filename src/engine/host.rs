@@ -626,15 +626,7 @@ impl Host {
                 vm: vm.to_string(),
                 state: h.reason.name().to_string(),
                 action: action.name(),
-                hint: format!(
-                    "; it takes {}",
-                    h.reason
-                        .actions()
-                        .iter()
-                        .map(|a| a.name())
-                        .collect::<Vec<_>>()
-                        .join(" or ")
-                ),
+                hint: format!("; it takes {}", h.reason.actions_text()),
             }),
             None if self.vms.contains_key(vm) => Err(EngineError::ActionNotApplicable {
                 vm: vm.to_string(),

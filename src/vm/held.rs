@@ -60,6 +60,11 @@ impl HeldReason {
         }
     }
 
+    /// The actions for a person: `resume or discard`.
+    pub fn actions_text(self) -> String {
+        self.actions().iter().map(|a| a.name()).collect::<Vec<_>>().join(" or ")
+    }
+
     /// The operator actions that work on the host holding the copy.
     pub fn actions(self) -> &'static [OperatorAction] {
         use OperatorAction::*;
