@@ -11,10 +11,11 @@ use super::ask::{ask, AskError};
 use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::HostUsage;
+use super::operator::{DiscardHeld, RecoverHeld, ResumeHeld};
 use super::progress::MigrationStatus;
 use super::registry::{
-    AddHost, BeginShutdown, Cancel, CreateVmIn, DeleteVmIn, DiscardHeld, Engine, GetStatus, ListStatus, ListVmsIn,
-    ListenAddress, RecoverHeld, ResumeHeld, StartMigration, Subscribe, UsageOf, WaitReport,
+    AddHost, BeginShutdown, Cancel, CreateVmIn, DeleteVmIn, Engine, GetStatus, ListStatus, ListVmsIn, ListenAddress,
+    StartMigration, Subscribe, UsageOf, WaitReport,
 };
 use super::report::MigrationReport;
 use super::request::{HostConfig, MigrationRequest, VmSpec};

@@ -16,6 +16,7 @@ mod fence;
 mod handle;
 pub mod host;
 pub mod migration;
+mod operator;
 pub mod policy;
 mod progress;
 pub mod receiver;

@@ -11,8 +11,8 @@ use super::ask::{ask, GUEST_ASK};
 use super::error::EngineError;
 use super::events::MigrationEvent;
 use super::host::{
-    AbortAllIncoming, AcceptLink, CheckResumable, CloseIncoming, CreateVmOnHost, DeleteVm, DiscardVm, GetCapabilities,
-    GetHostUsage, GetVm, HoldVm, Host, HostUsage, ListVms, ReleaseVm, ResumeHeldVm, TakeForRecovery,
+    AbortAllIncoming, AcceptLink, CloseIncoming, CreateVmOnHost, DeleteVm, GetCapabilities, GetHostUsage, GetVm,
+    HoldVm, Host, HostUsage, ListVms, ReleaseVm,
 };
 use super::migration::{CancelMigration, Migration, MigrationFinished};
 use super::progress::{MigrationStatus, Phase, Progress};
@@ -28,22 +28,22 @@ use crate::vm::{BeginOutgoing, EndOutgoing, GetGuest, HeldCopy, HeldReason, Peer
 /// flat in memory.
 const REPORT_HISTORY: usize = 1024;
 /// Events buffered per subscriber before it lags.
-const EVENT_BUFFER: usize = 1024;
+pub(super) const EVENT_BUFFER: usize = 1024;
 
 #[derive(Debug)]
-struct Running {
-    addr: Option<Addr<Migration>>,
+pub(super) struct Running {
+    pub(super) addr: Option<Addr<Migration>>,
     /// True once it holds a slot (launching or running), false while queued.
-    started: bool,
-    source: String,
-    vm: String,
-    to: String,
+    pub(super) started: bool,
+    pub(super) source: String,
+    pub(super) vm: String,
+    pub(super) to: String,
     /// Where the other copy goes, should this one be held.
-    peer: Peer,
-    algorithm: String,
-    progress: Arc<Progress>,
-    events: broadcast::Sender<MigrationEvent>,
-    waiters: Vec<oneshot::Sender<MigrationReport>>,
+    pub(super) peer: Peer,
+    pub(super) algorithm: String,
+    pub(super) progress: Arc<Progress>,
+    pub(super) events: broadcast::Sender<MigrationEvent>,
+    pub(super) waiters: Vec<oneshot::Sender<MigrationReport>>,
 }
 
 /// A migration waiting for a slot under its source host's cap.
@@ -56,15 +56,15 @@ struct Queued {
 /// Registry of hosts and migrations.
 #[derive(Debug, Default)]
 pub struct Engine {
-    hosts: HashMap<String, Addr<Host>>,
-    host_configs: HashMap<String, HostConfig>,
+    pub(super) hosts: HashMap<String, Addr<Host>>,
+    pub(super) host_configs: HashMap<String, HostConfig>,
     addresses: HashMap<String, std::net::SocketAddr>,
-    running: HashMap<u64, Running>,
+    pub(super) running: HashMap<u64, Running>,
     queue: VecDeque<Queued>,
     finished: VecDeque<MigrationReport>,
-    next_id: u64,
-    measured: Arc<Mutex<Measured>>,
-    budgets: HashMap<String, Arc<Mutex<TokenBucket>>>,
+    pub(super) next_id: u64,
+    pub(super) measured: Arc<Mutex<Measured>>,
+    pub(super) budgets: HashMap<String, Arc<Mutex<TokenBucket>>>,
 }
 
 impl Actor for Engine {
@@ -72,7 +72,7 @@ impl Actor for Engine {
 }
 
 impl Engine {
-    fn host(&self, name: &str) -> Result<Addr<Host>, EngineError> {
+    pub(super) fn host(&self, name: &str) -> Result<Addr<Host>, EngineError> {
         self.hosts
             .get(name)
             .cloned()
@@ -638,219 +638,5 @@ fn held_reason(location: VmLocation) -> Option<HeldReason> {
         VmLocation::Target => Some(HeldReason::Unverified),
         VmLocation::TargetAwaitingPages => Some(HeldReason::Stale),
         VmLocation::Undetermined => Some(HeldReason::CommittedUnconfirmed),
-    }
-}
-
-/// Operator action `resume` on a held copy, fenced: the peer is asked first.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<VmInfo, EngineError>")]
-pub struct ResumeHeld {
-    /// Host holding the copy.
-    pub host: String,
-    /// The VM.
-    pub vm: String,
-    /// Resume even when the peer cannot be asked: the operator knows it is dead.
-    pub peer_is_dead: bool,
-}
-
-impl Handler<ResumeHeld> for Engine {
-    type Result = ResponseFuture<Result<VmInfo, EngineError>>;
-    fn handle(&mut self, msg: ResumeHeld, _: &mut Self::Context) -> Self::Result {
-        let host = self.host(&msg.host);
-        let hosts = self.hosts.clone();
-        let tls = self.host_configs.get(&msg.host).and_then(|c| c.tls.clone());
-        let key = self.host_configs.get(&msg.host).and_then(|c| c.cluster_key.clone());
-        Box::pin(async move {
-            let host = host?;
-            let held = host.send(CheckResumable(msg.vm.clone())).await??;
-            let Some(peer) = held.peer else {
-                if msg.peer_is_dead {
-                    tracing::warn!(vm = %msg.vm, "resuming a held copy with no peer recorded: the operator says the peer is dead");
-                    return host.send(ResumeHeldVm(msg.vm)).await?;
-                }
-                return Err(EngineError::Fenced {
-                    vm: msg.vm,
-                    detail: "no peer is recorded for this copy; if the other side is dead, resume with --peer-is-dead"
-                        .into(),
-                });
-            };
-            let local = match &peer {
-                Peer::Local(name) => hosts.get(name).cloned(),
-                Peer::Remote(_) => None,
-            };
-            match super::fence::ask_peer(&peer, &msg.vm, local, tls.as_ref(), key.as_ref()).await {
-                Ok(state) if state == super::fence::ABSENT => {}
-                Ok(state) => {
-                    return Err(EngineError::Fenced {
-                        vm: msg.vm,
-                        detail: format!("{peer} holds it ({state}); discard this copy instead"),
-                    })
-                }
-                Err(why) if msg.peer_is_dead => {
-                    tracing::warn!(vm = %msg.vm, %peer, why, "resuming a held copy: the operator says the peer is dead");
-                }
-                Err(why) => {
-                    return Err(EngineError::Fenced {
-                        vm: msg.vm,
-                        detail: format!("{why}; if {peer} is dead, resume with --peer-is-dead"),
-                    })
-                }
-            }
-            host.send(ResumeHeldVm(msg.vm)).await?
-        })
-    }
-}
-
-/// Operator action `recover` on a held post-copy source copy (`stale`): reconnect to the
-/// target (or `to`, a restarted one) and carry the pull on. Returns the new migration's id.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<(u64, broadcast::Receiver<MigrationEvent>), EngineError>")]
-pub struct RecoverHeld {
-    /// Host holding the copy.
-    pub host: String,
-    /// The VM.
-    pub vm: String,
-    /// Where the target now listens, if not where it did.
-    pub to: Option<std::net::SocketAddr>,
-    /// How long to keep reconnecting.
-    pub recovery_timeout: std::time::Duration,
-}
-
-impl Handler<RecoverHeld> for Engine {
-    type Result = ResponseActFuture<Self, Result<(u64, broadcast::Receiver<MigrationEvent>), EngineError>>;
-    fn handle(&mut self, msg: RecoverHeld, _: &mut Self::Context) -> Self::Result {
-        let host = self.host(&msg.host);
-        Box::pin(
-            async move {
-                let host = host?;
-                let (held, vm) = host.send(TakeForRecovery(msg.vm.clone())).await??;
-                let guest = vm.send(GetGuest).await;
-                let caps = host.send(GetCapabilities).await;
-                Ok::<_, EngineError>((msg, held, vm, guest, caps))
-            }
-            .into_actor(self)
-            .map(|r, act, ctx| {
-                let (msg, held, vm, guest, caps) = r?;
-                let hold_again = |act: &Engine, e: EngineError| {
-                    if let Some(h) = act.hosts.get(&msg.host) {
-                        h.do_send(HoldVm {
-                            vm: msg.vm.clone(),
-                            copy: held.clone(),
-                        });
-                    }
-                    Err(e)
-                };
-                let (guest, caps) = match (guest, caps) {
-                    (Ok(g), Ok(c)) => (g, c),
-                    (Err(e), _) | (_, Err(e)) => return hold_again(act, e.into()),
-                };
-                let peer = match (msg.to, &held.peer) {
-                    (Some(addr), _) => Peer::Remote(addr),
-                    (None, Some(p)) => p.clone(),
-                    (None, None) => {
-                        return hold_again(
-                            act,
-                            EngineError::Fenced {
-                                vm: msg.vm.clone(),
-                                detail: "no peer is recorded for this copy: give --to".into(),
-                            },
-                        )
-                    }
-                };
-                let mut req = MigrationRequest::new(msg.vm.clone(), msg.host.clone(), peer.to_string())
-                    .algorithm(crate::protocol::Algorithm::Postcopy);
-                req.recovery_timeout = msg.recovery_timeout;
-                let route = match &peer {
-                    Peer::Remote(addr) => {
-                        req.target_addr = Some(*addr);
-                        Route::Tcp {
-                            addr: *addr,
-                            streams: 1,
-                            bandwidth: None,
-                            budget: act.budgets.get(&msg.host).cloned(),
-                            tls: act.host_configs.get(&msg.host).and_then(|c| c.tls.clone()),
-                            key: act.host_configs.get(&msg.host).and_then(|c| c.cluster_key.clone()),
-                        }
-                    }
-                    Peer::Local(name) => match act.hosts.get(name) {
-                        Some(target) => {
-                            req.target = name.clone();
-                            Route::InProcess {
-                                target: target.clone(),
-                                shaping: req.shaping,
-                                budget: None,
-                                params: ReceiverParams {
-                                    keepalive: req.keepalive,
-                                    step_timeout: req.step_timeout,
-                                    events: None,
-                                    key: act.host_configs.get(name).and_then(|c| c.cluster_key.clone()),
-                                    faults: Default::default(),
-                                    recovery_timeout: req.recovery_timeout,
-                                    refuse_new: false,
-                                },
-                            }
-                        }
-                        None => return hold_again(act, EngineError::UnknownHost(name.clone())),
-                    },
-                };
-                act.next_id += 1;
-                let id = act.next_id;
-                let (events, rx) = broadcast::channel(EVENT_BUFFER);
-                let progress = Arc::new(Progress::default());
-                // No link yet: the first thing the run does is open the recovery link, which
-                // replaces this unused in-process end.
-                let (placeholder, _) = link::pair(link::Shaping::default());
-                let setup = SourceSetup {
-                    id,
-                    vm,
-                    guest,
-                    end: placeholder,
-                    route,
-                    caps,
-                    events: events.clone(),
-                    cancel: watch::channel(false).1,
-                    committed: Arc::new(AtomicBool::new(true)),
-                    measured: Arc::clone(&act.measured),
-                    progress: Arc::clone(&progress),
-                    key: act.host_configs.get(&msg.host).and_then(|c| c.cluster_key.clone()),
-                    retry_pull: true,
-                    req: req.clone(),
-                };
-                act.running.insert(
-                    id,
-                    Running {
-                        addr: Some(Migration::new(setup, ctx.address().recipient()).start()),
-                        started: true,
-                        source: msg.host.clone(),
-                        vm: msg.vm.clone(),
-                        to: peer.to_string(),
-                        peer,
-                        algorithm: "postcopy".into(),
-                        progress,
-                        events,
-                        waiters: Vec::new(),
-                    },
-                );
-                Ok((id, rx))
-            }),
-        )
-    }
-}
-
-/// Operator action `discard` on a held copy.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<(), EngineError>")]
-pub struct DiscardHeld {
-    /// Host holding the copy.
-    pub host: String,
-    /// The VM.
-    pub vm: String,
-}
-
-impl Handler<DiscardHeld> for Engine {
-    type Result = ResponseFuture<Result<(), EngineError>>;
-    fn handle(&mut self, msg: DiscardHeld, _: &mut Self::Context) -> Self::Result {
-        let host = self.host(&msg.host);
-        Box::pin(async move { host?.send(DiscardVm(msg.vm)).await?.map(|_| ()) })
     }
 }
