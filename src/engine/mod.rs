@@ -2,6 +2,7 @@
 //!
 //! * [`EngineHandle`]: start an engine, add hosts, create VMs, migrate, watch, cancel.
 //! * [`stage`]: the six stages (plus `pull`) and the one function that orders them.
+//! * [`plan`]: one plan per algorithm, the interface the source run (and a model) drives.
 //! * [`policy`]: pure decisions (convergence, stall handling, rate, `auto`'s choice).
 //! * [`receiver_state`]: the target's protocol state machine, pure.
 //! * Actors: `Engine` (registry), `Host`, `Migration` (source side, runs [`source`]'s stages),
@@ -17,6 +18,7 @@ mod handle;
 pub mod host;
 pub mod migration;
 mod operator;
+pub mod plan;
 pub mod policy;
 mod progress;
 pub mod receiver;

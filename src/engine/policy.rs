@@ -211,15 +211,29 @@ pub fn decide_round(cfg: &PolicyConfig, ctx: &RoundContext<'_>) -> Decision {
     };
     match cause {
         None => Decision::Continue,
-        Some(reason) => on_stall(cfg, ctx, reason, predicted),
+        Some(reason) => stall_decision(
+            cfg,
+            matches!(ctx.algorithm, Algorithm::Auto | Algorithm::Hybrid),
+            ctx.postcopy_in_pool,
+            reason,
+            predicted,
+        ),
     }
 }
 
-fn on_stall(cfg: &PolicyConfig, ctx: &RoundContext<'_>, reason: Reason, predicted: Duration) -> Decision {
-    let request_allows_postcopy = matches!(ctx.algorithm, Algorithm::Auto | Algorithm::Hybrid);
+/// What a stall (`reason`) turns into under `cfg.on_stall`. `request_allows_postcopy`: the
+/// request is one that may end in post-copy on its own (`auto`, `hybrid`); `predicted`: the
+/// downtime of stopping now.
+pub fn stall_decision(
+    cfg: &PolicyConfig,
+    request_allows_postcopy: bool,
+    postcopy_in_pool: bool,
+    reason: Reason,
+    predicted: Duration,
+) -> Decision {
     let postcopy = match cfg.on_stall {
-        StallAction::Auto => request_allows_postcopy && ctx.postcopy_in_pool,
-        StallAction::Postcopy => ctx.postcopy_in_pool,
+        StallAction::Auto => request_allows_postcopy && postcopy_in_pool,
+        StallAction::Postcopy => postcopy_in_pool,
         StallAction::ForceStopAndCopy | StallAction::Abort => false,
     };
     if postcopy {

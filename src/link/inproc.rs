@@ -45,7 +45,7 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             budgets: a_budgets,
             latency: shaping.latency,
             _alive: None,
-            injected: Default::default(),
+            throttle: None,
             // One channel: frames arrive in the order sent.
             ordered: true,
         },
@@ -69,7 +69,7 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
             budgets: cap().into_iter().collect(),
             latency: shaping.latency,
             _alive: None,
-            injected: Default::default(),
+            throttle: None,
             // One channel: frames arrive in the order sent.
             ordered: true,
         },

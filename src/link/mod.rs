@@ -132,12 +132,13 @@ pub struct ControlChannel {
 /// Frames in flight on the urgent lane (post-copy pulls).
 pub const URGENT_CHANNEL_FRAMES: usize = 64;
 
-/// Faults injected into a link's data path: a stall (no bytes until an instant) and a
-/// bandwidth collapse (an extra, low rate).
-#[derive(Debug, Default)]
-pub struct InjectedLinkFaults {
-    stall_until: Mutex<Option<Instant>>,
-    collapse: Mutex<Option<TokenBucket>>,
+/// Extra pacing of a data sender: a decorator that slows, or watches, what leaves. Fault
+/// injection installs one (a stall, a bandwidth collapse, byte triggers); a link without one
+/// pays nothing for it.
+pub trait Throttle: Send + Sync + std::fmt::Debug {
+    /// How long a frame of `bytes` waits before it leaves; called once per frame, on the data
+    /// plane's thread, before the frame is sent.
+    fn delay(&self, bytes: usize) -> Duration;
 }
 
 /// Sends page batch frames to the peer, shaped by the link's shared bandwidth budget. Two
@@ -153,8 +154,8 @@ pub struct DataSender {
     /// Held while anyone may send; socket writers blocked on a stalled peer give up when the
     /// last clone is gone.
     _alive: Option<Arc<()>>,
-    /// Injected stalls and collapses, shared by every clone.
-    injected: Arc<InjectedLinkFaults>,
+    /// A decorator's extra pacing (fault injection), if any.
+    throttle: Option<Arc<dyn Throttle>>,
     /// True if bulk frames arrive in the order sent (one stream carries them).
     ordered: bool,
 }
@@ -166,14 +167,9 @@ impl DataSender {
         self.ordered
     }
 
-    /// Fault injection: no bytes leave until `duration` has passed.
-    pub fn stall(&self, duration: Duration) {
-        *self.injected.stall_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + duration);
-    }
-
-    /// Fault injection: from now on the link carries at most `bytes_per_sec`.
-    pub fn collapse(&self, bytes_per_sec: u64) {
-        *self.injected.collapse.lock().unwrap_or_else(|p| p.into_inner()) = Some(TokenBucket::new(bytes_per_sec));
+    /// Installs `throttle` on this sender and the clones made from it after.
+    pub fn throttle(&mut self, throttle: Arc<dyn Throttle>) {
+        self.throttle = Some(throttle);
     }
 
     fn pace(&self, bytes: usize, stop: &AtomicBool) {
@@ -183,22 +179,8 @@ impl DataSender {
             .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).take(bytes as u64))
             .max()
             .unwrap_or_default();
-        let collapsed = self
-            .injected
-            .collapse
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .map(|b| b.take(bytes as u64))
-            .unwrap_or_default();
-        let stalled = self
-            .injected
-            .stall_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map(|t| t.saturating_duration_since(Instant::now()))
-            .unwrap_or_default();
-        let wait = budgets.max(collapsed).max(stalled);
+        let extra = self.throttle.as_ref().map(|t| t.delay(bytes)).unwrap_or_default();
+        let wait = budgets.max(extra);
         // In slices, so that a cancel is not held up by a long wait on a slow link.
         let until = Instant::now() + wait;
         while !stop.load(Ordering::Acquire) {

@@ -196,7 +196,7 @@ pub(super) fn build_end(
             budgets,
             latency: Duration::ZERO,
             _alive: Some(sending),
-            injected: Default::default(),
+            throttle: None,
             ordered: writers <= 1,
         },
         data_rx: DataReceiver {
