@@ -391,7 +391,9 @@ mod serde_bytes_compat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::frame::{decode_control, encode_control, frame_body};
+    use crate::format::{DeviceState, MacAddr, NativeLayout, NicConfig, VcpuState, VmConfig, VmId, PAGE_SIZE};
+    use crate::protocol::frame::{decode_control, encode_control, frame_body, FrameDecoder};
+    use crate::protocol::negotiation::Compression;
 
     #[test]
     fn test_messages_round_trip() {
@@ -413,6 +415,144 @@ mod tests {
             let back = decode_control(&frame_body(&f).expect("body")).expect("decode");
             assert_eq!(back, m);
         }
+    }
+
+    /// The messages stored in `tests/data/protocol-v2-control.bin`, one frame each, as protocol
+    /// version 2 encodes them. Never change them: the file is what peers of version 2 send.
+    fn golden_messages() -> Vec<ControlMessage> {
+        let caps = |layouts: Vec<NativeLayout>| Capabilities {
+            protocol_min: 2,
+            protocol_max: 2,
+            format_versions: vec![1],
+            algorithms: Algorithm::ALL.to_vec(),
+            layouts,
+            compression: vec![Compression::None, Compression::Lz4, Compression::Xbzrle],
+        };
+        let bytes = |n: u8| (0..32).map(|i| i ^ n).collect::<Vec<u8>>();
+        let detail = || "golden detail".to_string();
+        let reasons = || {
+            vec![
+                AbortReason::Cancelled,
+                AbortReason::VersionMismatch {
+                    source_min: 2,
+                    source_max: 3,
+                    target_min: 1,
+                    target_max: 1,
+                },
+                AbortReason::FormatVersion {
+                    offered: 2,
+                    supported: vec![1],
+                },
+                AbortReason::Negotiation { detail: detail() },
+                AbortReason::Unauthenticated { detail: detail() },
+                AbortReason::InsufficientMemory {
+                    requested_bytes: 1 << 30,
+                    available_bytes: 1 << 20,
+                },
+                AbortReason::ReservationFailed { detail: detail() },
+                AbortReason::StateLoadFailed { detail: detail() },
+                AbortReason::ProtocolViolation { detail: detail() },
+                AbortReason::SourceFailed { detail: detail() },
+                AbortReason::TargetFailed { detail: detail() },
+                AbortReason::NotConverging { detail: detail() },
+                AbortReason::VerificationFailed {
+                    pages: 3,
+                    first: vec![1, 5, 9],
+                },
+                AbortReason::ShuttingDown,
+                AbortReason::Timeout {
+                    stage: "stopcopy".into(),
+                    after_ms: 30_000,
+                },
+            ]
+        };
+        let mut out = vec![
+            ControlMessage::Hello {
+                capabilities: caps(vec![NativeLayout::Kvm, NativeLayout::XenHvm]),
+                requested: Algorithm::Hybrid,
+                vm: "golden-vm".into(),
+                nonce: bytes(1),
+                resume: false,
+            },
+            ControlMessage::Welcome {
+                version: 2,
+                capabilities: caps(vec![NativeLayout::XenHvm]),
+                nonce: bytes(2),
+                proof: bytes(3),
+            },
+            ControlMessage::Authenticate { proof: bytes(4) },
+            ControlMessage::Reserve {
+                config: VmConfig {
+                    id: VmId("golden-vm".into()),
+                    name: "protocol v2 golden".into(),
+                    vcpus: 1,
+                    memory_bytes: 16 << 20,
+                    page_size: PAGE_SIZE,
+                    nics: vec![NicConfig {
+                        id: "net0".into(),
+                        mac: MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
+                    }],
+                },
+                algorithm: Algorithm::Postcopy,
+            },
+            ControlMessage::Reserved,
+            ControlMessage::RoundDone {
+                round: 3,
+                batches_total: 77,
+            },
+            ControlMessage::Suspend {
+                batches_total: 80,
+                missing: vec![0xff, 0x01],
+            },
+            ControlMessage::VcpuState {
+                vcpus: vec![VcpuState::initial_long_mode(0)],
+            },
+            ControlMessage::DeviceState {
+                devices: vec![DeviceState {
+                    name: "serial0".into(),
+                    version: 1,
+                    data: b"16550A".to_vec(),
+                }],
+            },
+            ControlMessage::Prepared,
+            ControlMessage::Commit,
+            ControlMessage::Activated,
+            ControlMessage::PageRequest { pages: vec![7, 3] },
+            ControlMessage::Resumed { missing: vec![0x0f] },
+            ControlMessage::Complete,
+            ControlMessage::Digests {
+                first_page: 0,
+                digests: vec![u64::MAX, 1],
+                last: true,
+                memory_mismatches: vec![5],
+                faults: 2,
+                fault_wait_s: 0.25,
+            },
+            ControlMessage::QueryVm { vm: "golden-vm".into() },
+            ControlMessage::VmStatus {
+                vm: "golden-vm".into(),
+                state: "absent".into(),
+            },
+            ControlMessage::Ping { seq: 9 },
+        ];
+        out.extend(reasons().into_iter().map(|reason| ControlMessage::Refuse { reason }));
+        out.extend(reasons().into_iter().map(|reason| ControlMessage::Abort { reason }));
+        out
+    }
+
+    #[test]
+    fn test_golden_v2_frames_decode_and_encode_byte_identical() {
+        let golden = include_bytes!("../../tests/data/protocol-v2-control.bin");
+        let mut decoder = FrameDecoder::new();
+        decoder.feed(golden);
+        let mut encoded = Vec::new();
+        for expected in golden_messages() {
+            let body = decoder.next_body().expect("frame").expect("a frame per message");
+            assert_eq!(decode_control(&body).expect("decode"), expected);
+            encoded.extend_from_slice(&encode_control(&expected).expect("encode"));
+        }
+        assert_eq!(decoder.next_body(), Ok(None), "no frames beyond the messages");
+        assert!(encoded == golden, "known values encode as protocol version 2 did");
     }
 
     #[test]
