@@ -650,6 +650,7 @@ impl TargetRun {
                     }
                     return Exit::Answered;
                 }
+                ReceiverAction::Abort { reason } => Err(Exit::Fail(reason)),
                 ReceiverAction::Aborted { reason } => return Exit::PeerAborted(reason),
             };
             if let Err(e) = result {
@@ -731,7 +732,7 @@ impl TargetRun {
     async fn negotiate(
         &mut self,
         source: &Capabilities,
-        requested: Option<crate::protocol::Algorithm>,
+        requested: Option<crate::format::Wire<crate::protocol::Algorithm>>,
         source_nonce: Vec<u8>,
     ) -> Result<(), Exit> {
         if self.params.refuse_new && requested.is_some() {

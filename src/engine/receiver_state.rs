@@ -2,7 +2,8 @@
 //! receiver must do with it. The enum is consumed by value; an unexpected message is a typed
 //! error naming the state and the message.
 
-use crate::format::{DeviceState, VcpuState, VmConfig};
+use crate::format::{DeviceState, VcpuState, VmConfig, Wire};
+use crate::protocol::negotiation::known_algorithm;
 use crate::protocol::{AbortReason, Algorithm, Capabilities, ControlMessage};
 
 /// Where the target is in the protocol.
@@ -63,8 +64,8 @@ pub enum ReceiverAction {
     Negotiate {
         /// Source's capabilities.
         capabilities: Capabilities,
-        /// Requested algorithm.
-        requested: Algorithm,
+        /// Requested algorithm, perhaps one this build does not know.
+        requested: Wire<Algorithm>,
         /// The source's nonce.
         nonce: Vec<u8>,
     },
@@ -121,6 +122,12 @@ pub enum ReceiverAction {
     AnswerQuery {
         /// The VM.
         vm: String,
+    },
+    /// Answer `Abort{reason}` and release everything: the message asks for what this build
+    /// cannot do.
+    Abort {
+        /// Why.
+        reason: AbortReason,
     },
     /// The source aborted: release everything.
     Aborted {
@@ -179,13 +186,16 @@ impl ReceiverState {
                 },
             ),
             (S::AwaitReserve, M::Authenticate { proof }) => (S::AwaitReserve, A::Authenticate { proof }),
-            (S::AwaitReserve, M::Reserve { config, algorithm }) => (
-                S::Receiving,
-                A::Reserve {
-                    config,
-                    demand_paged: algorithm == Algorithm::Postcopy,
-                },
-            ),
+            (S::AwaitReserve, M::Reserve { config, algorithm }) => match known_algorithm(algorithm) {
+                Ok(algorithm) => (
+                    S::Receiving,
+                    A::Reserve {
+                        config,
+                        demand_paged: algorithm == Algorithm::Postcopy,
+                    },
+                ),
+                Err(e) => (S::Done, A::Abort { reason: e.into() }),
+            },
             (S::Receiving, M::RoundDone { batches_total, .. }) => (S::Receiving, A::NoteRound { batches_total }),
             (S::Receiving, M::Suspend { batches_total, missing }) => {
                 (S::AwaitVcpus, A::Suspend { batches_total, missing })
@@ -227,7 +237,7 @@ mod tests {
         let (s, _) = ReceiverState::AwaitHello
             .step(ControlMessage::Hello {
                 capabilities: Capabilities::full(vec![NativeLayout::Kvm]),
-                requested: Algorithm::Precopy,
+                requested: Algorithm::Precopy.into(),
                 vm: "v".into(),
                 nonce: Vec::new(),
                 resume: false,
@@ -241,6 +251,27 @@ mod tests {
             }),
             Ok((ReceiverState::Done, ReceiverAction::Aborted { .. }))
         ));
+    }
+
+    #[test]
+    fn test_a_reserve_for_an_unknown_algorithm_is_refused_by_name() {
+        let reserve = ControlMessage::Reserve {
+            config: VmConfig {
+                id: crate::format::VmId("v".into()),
+                name: "v".into(),
+                vcpus: 1,
+                memory_bytes: 1 << 20,
+                page_size: crate::format::PAGE_SIZE,
+                nics: Vec::new(),
+            },
+            algorithm: Wire::Unknown("quantum-copy".into()),
+        };
+        let (s, a) = ReceiverState::AwaitReserve.step(reserve).expect("answered");
+        assert_eq!(s, ReceiverState::Done);
+        let ReceiverAction::Abort { reason } = a else {
+            panic!("not refused: {a:?}");
+        };
+        assert!(reason.to_string().contains("\"quantum-copy\""), "{reason}");
     }
 
     #[test]

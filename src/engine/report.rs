@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::stage::Stage;
+use crate::telemetry::metric;
 
 /// How a migration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,16 +27,13 @@ impl Outcome {
     /// Label value of `migratory_migrations_total{result}`.
     pub fn label(self) -> &'static str {
         match self {
-            Outcome::Completed => "completed",
-            Outcome::Cancelled => "cancelled",
-            Outcome::Aborted => "aborted",
-            Outcome::Failed => "failed",
-            Outcome::Recovered => "recovered",
+            Outcome::Completed => metric::result::COMPLETED,
+            Outcome::Cancelled => metric::result::CANCELLED,
+            Outcome::Aborted => metric::result::ABORTED,
+            Outcome::Failed => metric::result::FAILED,
+            Outcome::Recovered => metric::result::RECOVERED,
         }
     }
-
-    /// Every label value, for registering the series at zero.
-    pub const LABELS: [&'static str; 5] = ["completed", "cancelled", "aborted", "failed", "recovered"];
 
     /// True if the VM arrived: completed, with or without a recovery on the way.
     pub fn succeeded(self) -> bool {
@@ -241,5 +239,22 @@ impl MigrationReport {
     /// Stage names in order.
     pub fn stage_names(&self) -> Vec<&'static str> {
         self.stages.iter().map(|s| s.name).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_outcome_labels_are_the_ones_registered_at_zero() {
+        let every = [
+            Outcome::Completed,
+            Outcome::Cancelled,
+            Outcome::Aborted,
+            Outcome::Failed,
+            Outcome::Recovered,
+        ];
+        assert_eq!(every.map(Outcome::label), metric::result::ALL);
     }
 }

@@ -9,6 +9,8 @@
 //! - [`VmState`] gathers all of the above; [`encode_vm_state`] and [`decode_vm_state`] write and
 //!   read it inside a checked envelope (magic, version, length cap, checksum), which is what goes
 //!   to disk or over the wire.
+//! - [`Wire`] carries a value of an enum that newer builds extend (a [`NativeLayout`] in a
+//!   peer's offer), so that one this build does not know is named instead of failing a decode.
 //!
 //! Validation lives next to each type (`validate`) and is run by the envelope on both encode and
 //! decode, so nothing that would be refused on reading is ever written.
@@ -22,6 +24,7 @@ pub mod name;
 pub mod native;
 pub mod vcpu;
 pub mod vm_config;
+pub mod wire;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -37,6 +40,7 @@ pub use vcpu::{
     VcpuState, LAPIC_REGISTER_BYTES, MAX_MSRS, MAX_XSAVE_BYTES, MSRS_WITH_OWN_FIELD, XSAVE_LEGACY_BYTES,
 };
 pub use vm_config::{MacAddr, NicConfig, VmConfig, VmId, MAX_NICS, MAX_VCPUS, MAX_VM_MEMORY_BYTES, PAGE_SIZE};
+pub use wire::Wire;
 
 /// Version of the common format written by this build.
 ///

@@ -36,8 +36,24 @@
 //! big-endian length, a tag byte and a MessagePack body; page batches are a tag byte, a small
 //! binary header and page bytes, raw or, where both ends offered it, LZ4-compressed or as an
 //! XBZRLE delta (see [`pages`], [`lz4_page`], [`xbzrle`]).
+//!
+//! # Module order
+//! The modules form a graph without cycles; each uses only those listed before it (and, from
+//! outside the protocol, `format`, `units` and, for page batches, `memory`):
+//!
+//! ```text
+//! capabilities, auth, lz4_page, xbzrle   (leaves: nothing else from protocol)
+//! message      -> capabilities
+//! frame        -> message
+//! pages        -> frame, lz4_page, xbzrle
+//! negotiation  -> capabilities, message, pages
+//! ```
+//! Values a newer peer may extend (algorithms, layouts, compression methods, abort reasons)
+//! decode even when unknown, and are refused by name where they matter: see
+//! [`capabilities`], [`crate::format::Wire`] and [`negotiation::known_algorithm`].
 
 pub mod auth;
+pub mod capabilities;
 pub mod frame;
 pub mod lz4_page;
 pub mod message;
@@ -45,7 +61,8 @@ pub mod negotiation;
 pub mod pages;
 pub mod xbzrle;
 
+pub use capabilities::{Algorithm, Capabilities, Compression, PROTOCOL_VERSION};
 pub use frame::{FrameError, MAX_FRAME_LEN};
-pub use message::{AbortReason, Algorithm, ControlMessage};
-pub use negotiation::{Capabilities, Compression, CompressionChoice, NegotiationError, Pool, PROTOCOL_VERSION};
+pub use message::{AbortReason, ControlMessage};
+pub use negotiation::{CompressionChoice, NegotiationError, Pool};
 pub use pages::{PageBatch, PageCodecs, PageKind, PagePayload, BATCH_PAGES};

@@ -1,8 +1,10 @@
-//! Capabilities and their intersection, the pool a migration may use.
+//! The pool a migration may use: the intersection of both sides' [`Capabilities`].
 //!
 //! Negotiation happens before anything is reserved: the source states what it speaks and
 //! offers in `Hello`, the target answers with its own in `Welcome` (or refuses), and both
-//! compute the same [`Pool`]. A request outside it fails with an error naming both offers.
+//! compute the same [`Pool`]. A request outside it fails with an error naming both offers; a
+//! request for an algorithm this build does not know (from a newer peer) fails with an error
+//! naming it ([`known_algorithm`]).
 //!
 //! Compression follows the same rule: a method is used only if both sides offer it, and an
 //! explicit request for one the peer lacks is refused ([`choose_compression`]). Peers built
@@ -13,48 +15,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
-use super::message::{AbortReason, Algorithm};
+use super::capabilities::{names, Algorithm, Capabilities, Compression};
+use super::message::AbortReason;
 use super::pages::PageCodecs;
-use crate::format::{NativeLayout, FORMAT_VERSION};
-
-/// Newest protocol version this build speaks. Version 2 verifies page digests before
-/// `Commit`; version 1 freed the source copy before its verification.
-pub const PROTOCOL_VERSION: u32 = 2;
-/// Oldest protocol version this build still accepts. Version 1 is refused: its order frees the
-/// source copy before the target's digests are checked, and it was never released.
-pub const MIN_PROTOCOL_VERSION: u32 = 2;
-
-/// Page compression of the data plane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Compression {
-    /// Raw pages (zero pages are always sent as markers).
-    None,
-    /// Full pages as LZ4 blocks when that saves enough.
-    Lz4,
-    /// Re-sent pages as deltas against the copy the target already holds.
-    Xbzrle,
-    /// A method a newer peer offers and this build does not know; never in a pool.
-    #[serde(other)]
-    Unknown,
-}
-
-impl Compression {
-    /// Every method this build speaks.
-    pub const ALL: [Compression; 3] = [Compression::None, Compression::Lz4, Compression::Xbzrle];
-
-    /// The name used in offers, reports and errors.
-    pub fn name(self) -> &'static str {
-        match self {
-            Compression::None => "none",
-            Compression::Lz4 => "lz4",
-            Compression::Xbzrle => "xbzrle",
-            Compression::Unknown => "unknown",
-        }
-    }
-}
+use crate::format::Wire;
 
 /// What a migration asks of page compression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -153,107 +117,6 @@ impl FromStr for CompressionChoice {
     }
 }
 
-/// What one side speaks and offers.
-///
-/// On the wire, `compression` keeps only `none` (what peers built before page compression
-/// accept) and the methods go in `page_compression`, which those peers ignore and which is
-/// empty when they send theirs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(into = "CapabilitiesWire", from = "CapabilitiesWire")]
-pub struct Capabilities {
-    /// Oldest protocol version spoken.
-    pub protocol_min: u32,
-    /// Newest protocol version spoken.
-    pub protocol_max: u32,
-    /// Common-format versions read and written.
-    pub format_versions: Vec<u32>,
-    /// Algorithms offered.
-    pub algorithms: Vec<Algorithm>,
-    /// Native layouts of this side's backends (informational: state always travels in the
-    /// common format).
-    pub layouts: Vec<NativeLayout>,
-    /// Compression offered.
-    pub compression: Vec<Compression>,
-}
-
-impl Capabilities {
-    /// Everything this build supports, for a host whose backends use `layouts`.
-    pub fn full(layouts: Vec<NativeLayout>) -> Self {
-        Self {
-            protocol_min: MIN_PROTOCOL_VERSION,
-            protocol_max: PROTOCOL_VERSION,
-            format_versions: vec![FORMAT_VERSION],
-            algorithms: Algorithm::ALL.to_vec(),
-            layouts,
-            compression: Compression::ALL.to_vec(),
-        }
-    }
-}
-
-/// [`Capabilities`] as it travels.
-#[derive(Serialize, Deserialize)]
-struct CapabilitiesWire {
-    protocol_min: u32,
-    protocol_max: u32,
-    format_versions: Vec<u32>,
-    algorithms: Vec<Algorithm>,
-    layouts: Vec<NativeLayout>,
-    compression: Vec<Compression>,
-    #[serde(default)]
-    page_compression: Vec<Compression>,
-}
-
-impl From<Capabilities> for CapabilitiesWire {
-    fn from(c: Capabilities) -> Self {
-        let (legacy, methods) = c.compression.into_iter().partition(|m| *m == Compression::None);
-        Self {
-            protocol_min: c.protocol_min,
-            protocol_max: c.protocol_max,
-            format_versions: c.format_versions,
-            algorithms: c.algorithms,
-            layouts: c.layouts,
-            compression: legacy,
-            page_compression: methods,
-        }
-    }
-}
-
-impl From<CapabilitiesWire> for Capabilities {
-    fn from(w: CapabilitiesWire) -> Self {
-        let mut compression: Vec<Compression> = Vec::new();
-        for m in w.compression.into_iter().chain(w.page_compression) {
-            if m != Compression::Unknown && !compression.contains(&m) {
-                compression.push(m);
-            }
-        }
-        Self {
-            protocol_min: w.protocol_min,
-            protocol_max: w.protocol_max,
-            format_versions: w.format_versions,
-            algorithms: w.algorithms,
-            layouts: w.layouts,
-            compression,
-        }
-    }
-}
-
-impl fmt::Display for Capabilities {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let algs: Vec<&str> = self.algorithms.iter().map(|a| a.name()).collect();
-        let layouts: Vec<String> = self.layouts.iter().map(|l| l.to_string()).collect();
-        write!(
-            f,
-            "protocol {}..={}, format {:?}, algorithms [{}], layouts [{}], compression [{}]",
-            self.protocol_min,
-            self.protocol_max,
-            self.format_versions,
-            algs.join(", "),
-            layouts.join(", "),
-            compression_names(&self.compression)
-        )
-    }
-}
-
 /// What both sides agreed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pool {
@@ -294,6 +157,12 @@ pub enum NegotiationError {
         source_versions: Vec<u32>,
         /// Target's versions.
         target_versions: Vec<u32>,
+    },
+    /// A peer asked for an algorithm this build does not know (a newer peer's).
+    #[error("algorithm {name:?} is unknown to this build, which knows [{}]", names(&Algorithm::ALL))]
+    UnknownAlgorithm {
+        /// The name the peer sent.
+        name: String,
     },
     /// The request is outside the pool.
     #[error("algorithm {requested} is not in the common pool; source offers [{source_offer}], target offers [{target_offer}]")]
@@ -345,14 +214,6 @@ impl From<NegotiationError> for AbortReason {
     }
 }
 
-fn names(algs: &[Algorithm]) -> String {
-    algs.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
-}
-
-fn compression_names(methods: &[Compression]) -> String {
-    methods.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
-}
-
 /// The source's choice of page encodings for a migration asked to use `choice` on a link
 /// capped at `link_bytes_per_sec`, given both sides' offers. `auto` takes what both offer of
 /// [`auto_compression`]; an explicit method one side lacks is refused, as an algorithm outside
@@ -376,8 +237,8 @@ pub fn choose_compression(
     if choice != CompressionChoice::Auto && usable != wanted {
         return Err(NegotiationError::Compression {
             requested: choice,
-            source_offer: compression_names(&source.compression),
-            target_offer: compression_names(&target.compression),
+            source_offer: names(&source.compression),
+            target_offer: names(&target.compression),
         });
     }
     Ok(usable)
@@ -407,10 +268,24 @@ pub fn accept_hello(source: &Capabilities, target: &Capabilities) -> Result<u32,
     Ok(version)
 }
 
+/// An algorithm a peer asked for (in `Hello` or `Reserve`), refused if this build does not
+/// know it.
+pub fn known_algorithm(requested: Wire<Algorithm>) -> Result<Algorithm, NegotiationError> {
+    requested
+        .known()
+        .map_err(|name| NegotiationError::UnknownAlgorithm { name })
+}
+
 /// Both sides' computation of the pool, and the check of the requested algorithm against it.
-/// `auto` needs at least one concrete algorithm in the pool.
-pub fn negotiate(source: &Capabilities, target: &Capabilities, requested: Algorithm) -> Result<Pool, NegotiationError> {
+/// `auto` needs at least one concrete algorithm in the pool. The request is the source's own
+/// [`Algorithm`] or, on the target, the [`Wire`] value its `Hello` carried.
+pub fn negotiate(
+    source: &Capabilities,
+    target: &Capabilities,
+    requested: impl Into<Wire<Algorithm>>,
+) -> Result<Pool, NegotiationError> {
     let version = accept_hello(source, target)?;
+    let requested = known_algorithm(requested.into())?;
     let algorithms: Vec<Algorithm> = source
         .algorithms
         .iter()
@@ -441,6 +316,11 @@ pub fn negotiate(source: &Capabilities, target: &Capabilities, requested: Algori
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::NativeLayout;
+    use crate::protocol::capabilities::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    use crate::protocol::frame::{decode_control, TAG_CONTROL};
+    use crate::protocol::ControlMessage;
+    use serde::{Deserialize, Serialize};
 
     fn caps(algs: &[Algorithm]) -> Capabilities {
         Capabilities {
@@ -582,10 +462,74 @@ mod tests {
         let bytes = rmp_serde::to_vec_named(&new).expect("encode");
         let back: Capabilities = rmp_serde::from_slice(&bytes).expect("decode");
         assert_eq!(back, new);
-        let mut newer = serde_json::to_value(CapabilitiesWire::from(new.clone())).expect("json");
+        let mut newer = serde_json::to_value(&new).expect("json");
         newer["page_compression"] = serde_json::json!(["lz4", "zstd", "xbzrle"]);
         let back: Capabilities = serde_json::from_value(newer).expect("unknown methods are tolerated");
         assert_eq!(back.compression, Compression::ALL.to_vec());
+    }
+
+    /// A `Hello` as a newer build sends it: an algorithm, a layout and a compression method
+    /// this build does not know, a field it has never heard of, and a request for the unknown
+    /// algorithm.
+    fn newer_hello() -> ControlMessage {
+        let hello = serde_json::json!({
+            "type": "Hello",
+            "capabilities": {
+                "protocol_min": 2,
+                "protocol_max": 3,
+                "format_versions": [1],
+                "algorithms": ["quantum-copy", "precopy", "postcopy"],
+                "layouts": ["qemu-x86", "kvm"],
+                "compression": ["none"],
+                "page_compression": ["zstd", "xbzrle"],
+            },
+            "requested": "quantum-copy",
+            "vm": "v",
+            "nonce": [],
+            "resume": false,
+            "priority": 7,
+        });
+        let mut body = vec![TAG_CONTROL];
+        body.extend(rmp_serde::to_vec_named(&hello).expect("encode"));
+        decode_control(&body).expect("a newer peer's Hello decodes")
+    }
+
+    #[test]
+    fn test_a_newer_peers_unknown_offers_are_not_in_common() {
+        let ControlMessage::Hello { capabilities, .. } = newer_hello() else {
+            panic!("not a Hello");
+        };
+        let ours = Capabilities::full(vec![NativeLayout::Kvm]);
+        let pool = negotiate(&capabilities, &ours, Algorithm::Precopy).expect("pool");
+        assert_eq!(pool.algorithms, vec![Algorithm::Precopy, Algorithm::Postcopy]);
+        assert_eq!(pool.compression, vec![Compression::None, Compression::Xbzrle]);
+        assert_eq!(names(&capabilities.layouts), "qemu-x86, kvm");
+    }
+
+    #[test]
+    fn test_a_request_for_an_unknown_algorithm_is_refused_by_name() {
+        let ControlMessage::Hello {
+            capabilities,
+            requested,
+            ..
+        } = newer_hello()
+        else {
+            panic!("not a Hello");
+        };
+        let ours = Capabilities::full(vec![NativeLayout::Kvm]);
+        let err = negotiate(&capabilities, &ours, requested).expect_err("refused");
+        assert_eq!(
+            err,
+            NegotiationError::UnknownAlgorithm {
+                name: "quantum-copy".into()
+            }
+        );
+        // Peers of every build read the refusal: it travels as a negotiation failure.
+        match AbortReason::from(err) {
+            AbortReason::Negotiation { detail } => assert!(detail.contains("\"quantum-copy\""), "{detail}"),
+            other => panic!("refused as {other:?}"),
+        }
+        assert_eq!(known_algorithm(Wire::Known(Algorithm::Hybrid)), Ok(Algorithm::Hybrid));
     }
 
     #[test]

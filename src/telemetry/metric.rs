@@ -39,6 +39,28 @@ pub const LINK_THROUGHPUT_BYTES_PER_SECOND: &str = "migratory_link_throughput_by
 /// Gauge: downtime the policy expects if it stopped now.
 pub const EXPECTED_DOWNTIME_SECONDS: &str = "migratory_expected_downtime_seconds";
 
+/// Values of the `algorithm` label: the algorithms' names (`protocol::Algorithm::name`, whose
+/// tests check that the two agree).
+pub const ALGORITHMS: [&str; 5] = ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto"];
+
+/// Values of the `result` label of [`MIGRATIONS_TOTAL`], one per way a migration ends. They
+/// live here, below the engine, so that registering the series needs nothing from above; the
+/// engine's `Outcome::label` returns them.
+pub mod result {
+    /// The VM runs on the target.
+    pub const COMPLETED: &str = "completed";
+    /// The user cancelled before commitment.
+    pub const CANCELLED: &str = "cancelled";
+    /// The policy or the peer aborted before commitment.
+    pub const ABORTED: &str = "aborted";
+    /// Something failed.
+    pub const FAILED: &str = "failed";
+    /// Completed after a post-copy recovery.
+    pub const RECOVERED: &str = "recovered";
+    /// Every value, to register the series at zero.
+    pub const ALL: [&str; 5] = [COMPLETED, CANCELLED, ABORTED, FAILED, RECOVERED];
+}
+
 /// Histogram buckets for durations, in seconds: migration timescales, from 100 µs (a post-copy
 /// fault, a fast stage) to 5 minutes (a large VM over a slow link).
 pub const DURATION_BUCKETS_SECONDS: &[f64] = &[
@@ -52,9 +74,9 @@ pub const ROUND_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 30
 /// Records every counter series the engine can produce at zero, so a scrape shows them from
 /// the start and `increase()` counts a series' first event.
 pub fn register_zeroes() {
-    for algorithm in ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto"] {
-        for result in crate::engine::Outcome::LABELS {
-            metrics::counter!(MIGRATIONS_TOTAL, "algorithm" => algorithm, "result" => result).increment(0);
+    for algorithm in ALGORITHMS {
+        for outcome in result::ALL {
+            metrics::counter!(MIGRATIONS_TOTAL, "algorithm" => algorithm, "result" => outcome).increment(0);
         }
     }
     for kind in ["normal", "zero", "retransmitted", "pulled"] {

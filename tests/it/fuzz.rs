@@ -12,7 +12,7 @@ fn message(i: u8, n: u64) -> ControlMessage {
     match i % 12 {
         0 => ControlMessage::Hello {
             capabilities: Capabilities::full(vec![NativeLayout::Kvm]),
-            requested: Algorithm::ALL[(n % 5) as usize],
+            requested: Algorithm::ALL[(n % 5) as usize].into(),
             vm: format!("vm{n}"),
             nonce: vec![n as u8; (n % 40) as usize],
             resume: n % 3 == 0,
