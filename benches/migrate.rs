@@ -6,7 +6,7 @@
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::protocol::Algorithm;
-use migratory::vmm::sim::WorkloadSpec;
+use migratory::vmm::WorkloadSpec;
 
 fn main() {
     let mib: u64 = std::env::var("MIGRATORY_BENCH_MIB")

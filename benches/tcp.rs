@@ -13,7 +13,7 @@ use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmS
 use migratory::format::NativeLayout;
 use migratory::link::tls::TlsSetup;
 use migratory::protocol::Algorithm;
-use migratory::vmm::sim::WorkloadSpec;
+use migratory::vmm::WorkloadSpec;
 
 fn plain_tcp_bytes_per_sec(bytes: u64) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");

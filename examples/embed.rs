@@ -6,7 +6,7 @@
 use migratory::engine::{EngineHandle, HostConfig, MigrationEvent, MigrationRequest, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::protocol::Algorithm;
-use migratory::vmm::sim::WorkloadSpec;
+use migratory::vmm::WorkloadSpec;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -19,7 +19,7 @@ use migratory::format::NativeLayout;
 use migratory::link::Shaping;
 use migratory::protocol::Algorithm;
 use migratory::units::ByteSize;
-use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use migratory::vmm::{BackendSpec, BackendSpecError, Pattern, WorkloadSpec};
 
 #[derive(Debug, Parser)]
 #[command(name = "migratory", version, about = "Live VM migration engine")]
@@ -64,15 +64,15 @@ struct DemoArgs {
     #[arg(long, default_value_t = 0.1)]
     zero_fraction: f64,
     /// Hypervisor of both hosts: `sim` (synthetic guest, runs everywhere) or `kvm` (a real
-    /// self-checking guest on /dev/kvm; both layouts are then `kvm`).
-    #[arg(long, default_value = "sim")]
-    backend: migratory::vmm::BackendKind,
-    /// Native layout of the source host's backend.
-    #[arg(long, default_value = "xen-hvm")]
-    source_layout: NativeLayout,
-    /// Native layout of the target host's backend.
-    #[arg(long, default_value = "kvm")]
-    target_layout: NativeLayout,
+    /// self-checking guest on /dev/kvm, whose layout is always `kvm`).
+    #[arg(long, default_value = "sim", value_parser = clap::builder::PossibleValuesParser::new(BackendSpec::NAMES))]
+    backend: String,
+    /// Native layout of the source host's backend [sim default: xen-hvm].
+    #[arg(long)]
+    source_layout: Option<NativeLayout>,
+    /// Native layout of the target host's backend [sim default: kvm].
+    #[arg(long)]
+    target_layout: Option<NativeLayout>,
     /// Link bandwidth cap (e.g. 1GB for 1 GB/s); unlimited by default.
     #[arg(long)]
     bandwidth: Option<ByteSize>,
@@ -124,6 +124,13 @@ fn main() -> ExitCode {
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
+    let backends = match demo_backends(&args) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("migratory: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let prometheus = exporter::install();
     if let (Some(addr), Some(handle)) = (args.metrics, prometheus.clone()) {
         match exporter::serve_metrics(addr, handle) {
@@ -148,7 +155,7 @@ fn demo(args: DemoArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run_demo(&args));
+    let result = runtime.block_on(run_demo(&args, backends));
     match result {
         Ok(report) => {
             if args.json {
@@ -186,16 +193,26 @@ fn demo(args: DemoArgs) -> ExitCode {
     }
 }
 
-async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine::EngineError> {
+/// The demo's two backends, from `--backend` and the layouts given for each host.
+fn demo_backends(args: &DemoArgs) -> Result<(BackendSpec, BackendSpec), BackendSpecError> {
+    Ok((
+        BackendSpec::from_flags(&args.backend, args.source_layout, NativeLayout::XenHvm)?,
+        BackendSpec::from_flags(&args.backend, args.target_layout, NativeLayout::Kvm)?,
+    ))
+}
+
+async fn run_demo(
+    args: &DemoArgs,
+    (source, target): (BackendSpec, BackendSpec),
+) -> Result<MigrationReport, migratory::engine::EngineError> {
     let engine = EngineHandle::start()?;
-    let kvm = args.backend == migratory::vmm::BackendKind::Kvm;
-    for (name, layout) in [("source", args.source_layout), ("target", args.target_layout)] {
-        engine
-            .add_host(HostConfig {
-                backend: args.backend,
-                ..HostConfig::new(name, layout)
-            })
-            .await?;
+    let (what, layout) = match &source {
+        BackendSpec::Sim { layout } => ("sim VM", *layout),
+        _ => ("kvm VM running the self-checking guest", NativeLayout::Kvm),
+    };
+    let kvm = matches!(source, BackendSpec::Kvm);
+    for (name, backend) in [("source", source), ("target", target)] {
+        engine.add_host(HostConfig::with_backend(name, backend)).await?;
     }
     let workload = WorkloadSpec {
         rate_bytes_per_sec: args.dirty_rate.0,
@@ -211,11 +228,6 @@ async fn run_demo(args: &DemoArgs) -> Result<MigrationReport, migratory::engine:
         ..VmSpec::new("demo-vm", args.memory.0)
     };
     if !args.json {
-        let (what, layout) = if kvm {
-            ("kvm VM running the self-checking guest", NativeLayout::Kvm)
-        } else {
-            ("sim VM", args.source_layout)
-        };
         eprintln!(
             "creating a {} {what} on `source` ({layout}), writer {} at {}/s over {}...",
             args.memory, args.pattern, args.dirty_rate, args.working_set

@@ -10,7 +10,7 @@ use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmL
 use migratory::format::NativeLayout;
 use migratory::link::tcp::raise_nofile_limit;
 use migratory::protocol::auth::ClusterKey;
-use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use migratory::vmm::{Pattern, WorkloadSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -153,8 +153,8 @@ async fn test_kvm_postcopy_recovers_from_a_link_loss_with_the_guest_intact() {
     use migratory::engine::{EngineHandle, HostConfig, MigrationEvent, MigrationRequest, Outcome, VmSpec};
     use migratory::format::NativeLayout;
     use migratory::protocol::Algorithm;
-    use migratory::vmm::sim::{Pattern, WorkloadSpec};
-    use migratory::vmm::BackendKind;
+    use migratory::vmm::BackendSpec;
+    use migratory::vmm::{Pattern, WorkloadSpec};
 
     if !kvm_present("test_kvm_postcopy_recovers_from_a_link_loss_with_the_guest_intact") {
         return;
@@ -162,7 +162,7 @@ async fn test_kvm_postcopy_recovers_from_a_link_loss_with_the_guest_intact() {
     let e = EngineHandle::start().expect("engine");
     for name in ["src", "dst"] {
         e.add_host(HostConfig {
-            backend: BackendKind::Kvm,
+            backend: BackendSpec::Kvm,
             ..HostConfig::new(name, NativeLayout::Kvm)
         })
         .await
@@ -213,5 +213,27 @@ async fn test_kvm_postcopy_recovers_from_a_link_loss_with_the_guest_intact() {
             vm.stats
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A kvm host keeps vCPU state in the kvm layout: asking it for another is refused with the
+/// reason before anything starts, not quietly overridden. Needs no /dev/kvm.
+#[test]
+fn test_kvm_with_another_layout_is_refused_on_the_command_line() {
+    let refusals: [&[&str]; 2] = [
+        &["demo", "--backend", "kvm", "--source-layout", "xen-hvm"],
+        &["serve", "--backend", "kvm", "--layout", "xen-hvm", "--insecure-no-auth"],
+    ];
+    for args in refusals {
+        let out = std::process::Command::new(daemon::BIN)
+            .args(args)
+            .output()
+            .expect("run migratory");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} ran: {stderr}");
+        assert!(
+            stderr.contains("the kvm backend keeps vCPU state in the kvm layout, not xen-hvm"),
+            "{args:?}: {stderr}"
+        );
     }
 }

@@ -5,7 +5,7 @@
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::protocol::Algorithm;
-use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use migratory::vmm::{Pattern, WorkloadSpec};
 
 const MIB: u64 = 1 << 20;
 

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use migratory::engine::MigrationReport;
 use migratory::protocol::Algorithm;
-use migratory::vmm::{BackendKind, GuestStats};
+use migratory::vmm::{BackendSpec, GuestStats};
 use serde::Serialize;
 
 use scenario::{Load, Scenario, Via};
@@ -106,7 +106,7 @@ struct Target {
 /// The kvm rows: a real guest writing the hot set, each algorithm that keeps it running, both
 /// links. Only where /dev/kvm opens.
 fn kvm_scenarios(sizes: &[u64]) -> Vec<Scenario> {
-    if BackendKind::Kvm.check_available().is_err() {
+    if BackendSpec::Kvm.check_available().is_err() {
         return Vec::new();
     }
     let mut out = Vec::new();
@@ -119,7 +119,8 @@ fn kvm_scenarios(sizes: &[u64]) -> Vec<Scenario> {
         ] {
             for via in [Via::InProcess, Via::Tcp(1)] {
                 out.push(Scenario {
-                    backend: BackendKind::Kvm,
+                    source: BackendSpec::Kvm,
+                    target: BackendSpec::Kvm,
                     ..Scenario::new(memory, Load::HotSet, algorithm, via)
                 });
             }
@@ -198,7 +199,7 @@ fn row(s: &Scenario, r: &MigrationReport, guest: Option<GuestStats>, memcpy: f64
             0.0
         },
         transfer_ratio: transfer_ratio(r, base),
-        vmm: s.backend.to_string(),
+        vmm: s.source.to_string(),
         guest_integrity_errors: guest.map(|g| g.integrity_errors),
     }
 }

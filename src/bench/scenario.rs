@@ -6,8 +6,7 @@ use std::time::Duration;
 use migratory::engine::{EngineHandle, HostConfig, MigrationReport, MigrationRequest, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::protocol::{Algorithm, CompressionChoice};
-use migratory::vmm::sim::{Pattern, WorkloadSpec};
-use migratory::vmm::{BackendKind, GuestStats};
+use migratory::vmm::{BackendSpec, GuestStats, Pattern, WorkloadSpec};
 use serde::Serialize;
 
 /// What the guest does while it moves.
@@ -70,7 +69,7 @@ impl Via {
 }
 
 /// One migration to measure.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Scenario {
     pub memory: u64,
     pub load: Load,
@@ -80,8 +79,11 @@ pub struct Scenario {
     /// The link's bandwidth cap; `None` is as fast as the machine goes. A capped scenario keeps
     /// the engine's default downtime limit (DESIGN's 10 ms is a loopback target).
     pub link_bytes_per_sec: Option<u64>,
-    /// The hypervisor of both hosts: the sim, or real guests on /dev/kvm.
-    pub backend: BackendKind,
+    /// The source host's hypervisor: by default the sim in the xen-hvm layout, so that every
+    /// migration converts vCPU state.
+    pub source: BackendSpec,
+    /// The target host's hypervisor: by default the sim in the kvm layout.
+    pub target: BackendSpec,
 }
 
 impl Scenario {
@@ -94,7 +96,8 @@ impl Scenario {
             via,
             compression: CompressionChoice::default(),
             link_bytes_per_sec: None,
-            backend: BackendKind::Sim,
+            source: BackendSpec::sim(NativeLayout::XenHvm),
+            target: BackendSpec::sim(NativeLayout::Kvm),
         }
     }
 }
@@ -108,23 +111,22 @@ pub async fn run(s: &Scenario) -> Result<(MigrationReport, Option<GuestStats>), 
     let key = migratory::protocol::auth::nonce()
         .and_then(|bytes| migratory::protocol::auth::ClusterKey::new(&bytes))
         .map_err(|e| e.to_string())?;
-    let host = |name: &str, layout| HostConfig {
-        backend: s.backend,
+    let host = |name: &str, backend: &BackendSpec| HostConfig {
         cluster_key: Some(key.clone()),
-        ..HostConfig::new(name, layout)
+        ..HostConfig::with_backend(name, backend.clone())
     };
     let src = EngineHandle::start().map_err(err)?;
-    src.add_host(host("a", NativeLayout::XenHvm)).await.map_err(err)?;
+    src.add_host(host("a", &s.source)).await.map_err(err)?;
     let (dst, target, addr) = match s.via {
         Via::InProcess => {
-            src.add_host(host("b", NativeLayout::Kvm)).await.map_err(err)?;
+            src.add_host(host("b", &s.target)).await.map_err(err)?;
             (None, "b".to_string(), None)
         }
         Via::Tcp(_) => {
             let dst = EngineHandle::start().map_err(err)?;
             let listen = HostConfig {
                 listen: Some(([127, 0, 0, 1], 0).into()),
-                ..host("b", NativeLayout::Kvm)
+                ..host("b", &s.target)
             };
             dst.add_host(listen).await.map_err(err)?;
             let addr = dst
@@ -135,7 +137,7 @@ pub async fn run(s: &Scenario) -> Result<(MigrationReport, Option<GuestStats>), 
             (Some(dst), addr.to_string(), Some(addr))
         }
     };
-    let kvm = s.backend == BackendKind::Kvm;
+    let kvm = matches!(s.source, BackendSpec::Kvm);
     let spec = VmSpec {
         workload: s.load.workload(s.memory),
         // The kvm guest has one vCPU.

@@ -8,7 +8,7 @@ use std::time::Instant;
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, VmLocation, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::protocol::Algorithm;
-use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use migratory::vmm::{Pattern, WorkloadSpec};
 use serde::Serialize;
 
 const MIB: u64 = 1 << 20;

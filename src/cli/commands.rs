@@ -527,7 +527,7 @@ mod tests {
     use super::super::client::test_server::{json_response, FakeServer};
     use super::*;
     use migratory::protocol::Algorithm;
-    use migratory::vmm::sim::Pattern;
+    use migratory::vmm::Pattern;
 
     fn api(server: &FakeServer) -> ApiArgs {
         ApiArgs {

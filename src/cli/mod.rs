@@ -26,7 +26,7 @@ use std::process::ExitCode;
 
 use migratory::protocol::{Algorithm, CompressionChoice};
 use migratory::units::ByteSize;
-use migratory::vmm::sim::Pattern;
+use migratory::vmm::Pattern;
 
 /// Where the daemon listens when neither `--api` nor `$MIGRATORY_API` says otherwise.
 pub const DEFAULT_API: &str = "http://127.0.0.1:8000";

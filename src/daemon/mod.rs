@@ -39,7 +39,7 @@ use migratory::protocol::auth::ClusterKey;
 use migratory::protocol::Algorithm;
 use migratory::units::ByteSize;
 use migratory::vm::VmInfo;
-use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use migratory::vmm::{BackendSpec, Pattern, WorkloadSpec};
 
 /// Slowest bandwidth cap accepted for a migration (bytes/s).
 const MIN_BANDWIDTH: u64 = 64 * 1024;
@@ -119,12 +119,12 @@ pub struct ServeArgs {
     /// This host's name in reports.
     #[arg(long, default_value = "host")]
     name: String,
-    /// Native vCPU layout of this host's sim backend.
+    /// Native vCPU layout of this host's backend (a kvm backend's is always `kvm`).
     #[arg(long, default_value = "kvm")]
     layout: NativeLayout,
     /// Hypervisor: `sim` or `kvm` (real guests on /dev/kvm; layout `kvm`).
-    #[arg(long, default_value = "sim")]
-    backend: migratory::vmm::BackendKind,
+    #[arg(long, default_value = "sim", value_parser = clap::builder::PossibleValuesParser::new(BackendSpec::NAMES))]
+    backend: String,
     /// Memory budget for VMs and incoming reservations.
     #[arg(long, default_value = "16GiB")]
     memory_budget: ByteSize,
@@ -251,6 +251,8 @@ pub fn serve(args: ServeArgs) -> ExitCode {
 
 async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), String> {
     check_name("host name", &args.name).map_err(|e| format!("--name: {e}"))?;
+    let backend =
+        BackendSpec::from_flags(&args.backend, Some(args.layout), NativeLayout::Kvm).map_err(|e| e.to_string())?;
     let key = match &args.cluster_key_file {
         Some(path) => {
             let loaded = ClusterKey::from_file(path).map_err(|e| e.to_string())?;
@@ -301,13 +303,12 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         bandwidth_budget_bytes_per_sec: args.bandwidth_budget.map(|b| b.0),
         cluster_key: key,
         tls: tls.clone(),
-        backend: args.backend,
         // The same list bounds who may connect: a connection from any other address is closed
         // before it can say anything.
         allowed_peers: allowed_peers
             .as_ref()
             .map(|a| a.addrs.iter().map(|addr| addr.ip()).collect()),
-        ..HostConfig::new(args.name.clone(), args.layout)
+        ..HostConfig::with_backend(args.name.clone(), backend)
     };
     engine.add_host(host).await.map_err(|e| e.to_string())?;
     let migrations = engine

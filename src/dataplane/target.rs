@@ -349,7 +349,7 @@ mod tests {
 
     #[test]
     fn test_corrupted_page_is_refused_not_applied() {
-        let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::sim::WorkloadSpec::idle()).expect("src");
+        let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::WorkloadSpec::idle()).expect("src");
         let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
         let (a, b) = pair(Shaping::default());
         let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool, PageCodecs::NONE).expect("plane");
@@ -390,7 +390,7 @@ mod tests {
     #[test]
     fn test_compressed_and_delta_pages_are_applied() {
         use crate::dataplane::encoder::SourceEncoder;
-        let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::sim::WorkloadSpec::idle()).expect("src");
+        let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::WorkloadSpec::idle()).expect("src");
         let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
         let (a, b) = pair(Shaping::default());
         let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool, BOTH).expect("plane");

@@ -16,23 +16,23 @@ use super::ask::{ask, BACKEND_ASK};
 use super::error::EngineError;
 use super::receiver::{AbortIncoming, Handover, Receiver, ReceiverParams};
 use super::request::HostConfig;
-use crate::format::NativeLayout;
 use crate::format::{MacAddr, NicConfig, VmConfig, VmId};
 use crate::link::{tcp, Keepalive, LinkEnd};
 use crate::protocol::{AbortReason, Capabilities};
 use crate::units::PAGE_SIZE;
 use crate::vm::{GetVmInfo, HeldCopy, Lifecycle, StopVm, Vm, VmInfo};
-use crate::vmm::sim::WorkloadSpec;
-use crate::vmm::{Backend, BackendKind, CreateVm, Guest, ReserveVm};
+use crate::vmm::{Backend, CreateVm, Guest, HypervisorCapabilities, ReserveVm, WorkloadSpec};
 
 /// Incoming links allowed to wait for a slot; more are closed at once.
 const MAX_QUEUED_INCOMING: usize = 16;
 
-/// A host: its sim backend, VMs, memory budget and capabilities.
+/// A host: its backend, VMs, memory budget and capabilities.
 #[derive(Debug)]
 pub struct Host {
     config: HostConfig,
     backend: Addr<Backend>,
+    /// What the backend can do, asked once (kvm probes userfaultfd to answer).
+    backend_caps: HypervisorCapabilities,
     backend_arbiter: Arbiter,
     vms: HashMap<String, (Addr<Vm>, u64)>,
     committed_bytes: u64,
@@ -57,17 +57,15 @@ const COMMITTED_MEMORY: usize = 4096;
 impl Host {
     /// A host; its backend runs on its own arbiter thread so that filling or mapping guest
     /// memory never blocks the engine's actors.
-    pub fn new(mut config: HostConfig, listener: Option<tokio::net::TcpListener>) -> Self {
+    pub fn new(config: HostConfig, listener: Option<tokio::net::TcpListener>) -> Self {
         let backend_arbiter = Arbiter::new();
-        if config.backend == BackendKind::Kvm {
-            // KVM keeps vCPU state in its own structures; that is the layout this host offers.
-            config.layout = NativeLayout::Kvm;
-        }
-        let (kind, layout) = (config.backend, config.layout);
-        let backend = Backend::start_in_arbiter(&backend_arbiter.handle(), move |_| Backend::new(kind, layout));
+        let hypervisor = config.backend.hypervisor();
+        let backend_caps = hypervisor.capabilities();
+        let backend = Backend::start_in_arbiter(&backend_arbiter.handle(), move |_| Backend::new(hypervisor));
         Self {
             config,
             backend,
+            backend_caps,
             backend_arbiter,
             vms: HashMap::new(),
             committed_bytes: 0,
@@ -82,12 +80,16 @@ impl Host {
         }
     }
 
+    /// What this host offers a peer: the algorithms both its configuration and its backend
+    /// allow (a backend that cannot post-copy takes post-copy off, so negotiation refuses it),
+    /// in the backend's layouts.
     fn capabilities(&self) -> Capabilities {
+        let algorithms = self.config.algorithms.iter().copied();
         Capabilities {
-            algorithms: self.config.algorithms.clone(),
+            algorithms: algorithms.filter(|a| self.backend_caps.offers(*a)).collect(),
             format_versions: self.config.format_versions.clone(),
             compression: self.config.compression.clone(),
-            ..Capabilities::full(vec![self.config.layout])
+            ..Capabilities::full(self.backend_caps.layouts.clone())
         }
     }
 

@@ -6,17 +6,15 @@ use super::policy::PolicyConfig;
 use crate::format::NativeLayout;
 use crate::link::{Keepalive, Shaping};
 use crate::protocol::{Algorithm, Compression, CompressionChoice};
-use crate::vmm::sim::WorkloadSpec;
+use crate::vmm::{BackendSpec, WorkloadSpec};
 
 /// A host to add to the engine.
 #[derive(Debug, Clone)]
 pub struct HostConfig {
     /// Unique name.
     pub name: String,
-    /// Native layout of the host's sim backend (a kvm backend's is always `kvm`).
-    pub layout: NativeLayout,
-    /// The hypervisor the host runs: `sim` (default) or `kvm`.
-    pub backend: crate::vmm::BackendKind,
+    /// The hypervisor the host runs, and its native layout where it has a choice.
+    pub backend: BackendSpec,
     /// Memory budget for VMs, in bytes.
     pub memory_budget_bytes: u64,
     /// Algorithms the host offers (all by default).
@@ -45,12 +43,22 @@ pub struct HostConfig {
 }
 
 impl HostConfig {
-    /// A host offering every algorithm with a 64 GiB budget.
+    /// A sim host keeping vCPU state in `layout`, offering every algorithm with a 64 GiB budget.
     pub fn new(name: impl Into<String>, layout: NativeLayout) -> Self {
+        Self::with_backend(name, BackendSpec::sim(layout))
+    }
+
+    /// A kvm host (guests on /dev/kvm, vCPU state in the kvm layout), otherwise as [`Self::new`].
+    pub fn kvm(name: impl Into<String>) -> Self {
+        Self::with_backend(name, BackendSpec::Kvm)
+    }
+
+    /// A host running `backend`, otherwise as [`Self::new`]. It offers peers only the
+    /// algorithms both its configuration and its backend allow.
+    pub fn with_backend(name: impl Into<String>, backend: BackendSpec) -> Self {
         Self {
             name: name.into(),
-            layout,
-            backend: crate::vmm::BackendKind::Sim,
+            backend,
             memory_budget_bytes: 64 << 30,
             algorithms: Algorithm::ALL.to_vec(),
             format_versions: vec![crate::format::FORMAT_VERSION],

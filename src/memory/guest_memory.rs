@@ -40,18 +40,24 @@ pub enum MemoryError {
 /// Like the memory of a real VM, it is written by the guest while the VMM reads it; torn reads of
 /// a page being written are expected and harmless, because the write marks the page dirty and
 /// the page is sent again in a later round or after the pause.
+///
+/// Those racing reads are plain copies, as in every VMM, not the volatile accesses that
+/// vm-memory uses: Rust's memory model gives a read that races with a guest store no defined
+/// result, and the code relies on the compiler treating each copy of a page as opaque (it does:
+/// the pointer comes from mmap, and no copy is read twice). Every result taken with the guest
+/// running is re-checked with the guest paused (the last dirty round, verification).
 #[derive(Debug)]
 pub struct GuestMemory {
     base: NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the mapping is plain memory owned by this value for its whole life; every access goes
-// through raw pointers with bounds checked against `len`, and concurrent access from several
-// threads is the intended use (see the type's doc on racing readers and writers).
+// SAFETY: the mapping belongs to this value alone (only `Drop` unmaps it), and nothing about it
+// is tied to the thread that made it; the raw pointer is what keeps the auto trait away.
 unsafe impl Send for GuestMemory {}
-// SAFETY: as for Send; no method hands out a Rust reference into the mapping that outlives the
-// call.
+// SAFETY: every method takes `&self` and reaches the memory through bounds-checked raw pointers
+// or views that do not outlive the call, so sharing the value shares nothing more than the
+// bytes, whose concurrent use by guest and VMM is the point (see the type's doc).
 unsafe impl Sync for GuestMemory {}
 
 /// Mappings at least this large are committed by several threads.
@@ -70,7 +76,7 @@ impl GuestMemory {
     /// Maps `bytes` and commits every page now: what a reservation wants, so that a host that
     /// cannot back the VM fails at reservation, and pages arriving later do not each pay a page
     /// fault on the receive path. Large mappings are committed by several threads (see
-    /// [`Self::populate`]).
+    /// `populate`).
     pub fn new_populated(bytes: u64) -> Result<Self, MemoryError> {
         Self::map(bytes, true)
     }
@@ -80,8 +86,8 @@ impl GuestMemory {
             return Err(MemoryError::BadSize { bytes });
         }
         let len = bytes as usize;
-        // SAFETY: a fresh anonymous mapping with no address hint aliases nothing; the result is
-        // checked for MAP_FAILED before use.
+        // SAFETY: with a null hint and no MAP_FIXED, mmap only creates a new mapping and never
+        // replaces an existing one; the result is checked for MAP_FAILED before use.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -210,7 +216,8 @@ impl GuestMemory {
                 pages: self.page_count(),
             });
         }
-        // SAFETY: index < page_count, so the offset stays inside the mapping.
+        // SAFETY: index < page_count, so the offset (at most `len - PAGE_SIZE`, and `map`
+        // keeps `len` within isize::MAX) stays inside the mapping.
         Ok(unsafe { self.base.as_ptr().add(index.0 as usize * PAGE_SIZE) })
     }
 
@@ -218,7 +225,9 @@ impl GuestMemory {
     pub fn read_page(&self, index: PageIndex, dst: &mut [u8]) -> Result<(), MemoryError> {
         let src = self.page_ptr(index)?;
         assert_eq!(dst.len(), PAGE_SIZE, "read_page needs a page-sized buffer");
-        // SAFETY: src is a whole page inside the mapping, dst is a distinct page-sized buffer.
+        // SAFETY: `src` is a whole page inside the live mapping. `dst` is a `&mut` of one page,
+        // so it cannot lie in the mapping (this type never hands out a `&mut` into it). A guest
+        // store during the copy tears it; see the type's doc.
         unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
         Ok(())
     }
@@ -227,7 +236,9 @@ impl GuestMemory {
     pub fn write_page(&self, index: PageIndex, src: &[u8]) -> Result<(), MemoryError> {
         let dst = self.page_ptr(index)?;
         assert_eq!(src.len(), PAGE_SIZE, "write_page needs a page-sized buffer");
-        // SAFETY: dst is a whole page inside the mapping, src a distinct page-sized buffer.
+        // SAFETY: `dst` is a whole page inside the live mapping, and no Rust reference into it
+        // is live: the only views are `with_page`'s, which never reach this call, so `src`
+        // (one page, checked above) does not overlap it either.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE) };
         Ok(())
     }
@@ -235,7 +246,8 @@ impl GuestMemory {
     /// Fills page `index` with zeros.
     pub fn zero_page(&self, index: PageIndex) -> Result<(), MemoryError> {
         let dst = self.page_ptr(index)?;
-        // SAFETY: dst is a whole page inside the mapping.
+        // SAFETY: `dst` is a whole page inside the live mapping, and no Rust reference into it
+        // is live (as in `write_page`).
         unsafe { std::ptr::write_bytes(dst, 0, PAGE_SIZE) };
         Ok(())
     }
@@ -245,7 +257,9 @@ impl GuestMemory {
     /// covered by dirty tracking.
     fn with_page<R>(&self, index: PageIndex, f: impl FnOnce(&[u8]) -> R) -> Result<R, MemoryError> {
         let p = self.page_ptr(index)?;
-        // SAFETY: p is a whole page inside the mapping; the slice does not escape `f`.
+        // SAFETY: `p` is a whole page inside the mapping, which outlives the slice (it does not
+        // escape `f`), and anonymous memory is always initialised (zero until written). A
+        // guest store while `f` reads shows up as a torn page; see the type's doc.
         let page = unsafe { std::slice::from_raw_parts(p, PAGE_SIZE) };
         Ok(f(page))
     }
@@ -271,7 +285,9 @@ impl GuestMemory {
         let p = self.page_ptr(index)?;
         let word = word % (PAGE_SIZE / 8);
         // SAFETY: the page start is page-aligned (mmap is), so p + 8*word is 8-byte aligned and
-        // inside the page; AtomicU64 has the layout of u64.
+        // inside the page; AtomicU64 has the layout of u64, and the reference lives for this
+        // call only. A reader copying the page meanwhile races with the store (see the type's
+        // doc); two stores to one word do not, being atomic.
         let cell = unsafe { &*(p.add(word * 8) as *const AtomicU64) };
         cell.store(value, Ordering::Relaxed);
         Ok(())
@@ -299,7 +315,9 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
-        // SAFETY: base/len are exactly the mapping made in `new`, unmapped once, here.
+        // SAFETY: base/len are exactly the mapping made in `map`, unmapped once, here; `&mut
+        // self` proves no view into it is live. Users outside Rust (a KVM memory slot, vCPU
+        // threads, a userfaultfd registration) are torn down first by the guest that owns both.
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.len);
         }

@@ -1,4 +1,4 @@
-//! Guest memory: one anonymous mapping per VM, addressed by [`PageIndex`].
+//! Guest memory: one anonymous mapping per VM, addressed by [`PageIndex`](crate::units::PageIndex).
 //!
 //! Use [`GuestMemory`] wherever page bytes are read or written; the data plane reads straight
 //! from it into a batch buffer and writes straight from a received batch into it, so each page is

@@ -321,7 +321,7 @@ impl Handler<LoadVmState> for Vm {
 mod tests {
     use super::*;
     use crate::format::{VmId, PAGE_SIZE};
-    use crate::vmm::sim::{SimGuest, WorkloadSpec};
+    use crate::vmm::{sim::SimGuest, WorkloadSpec};
 
     fn vm() -> Addr<Vm> {
         let config = VmConfig {

@@ -1,56 +1,12 @@
-//! The Backend actor: one hypervisor on a host.
+//! The Backend actor: one hypervisor on a host, its blocking calls run off the actor thread.
 
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 
-use super::sim::{SimGuest, WorkloadSpec};
-use super::{Guest, VmmError};
-use crate::format::{NativeLayout, VmConfig};
+use super::{Guest, Hypervisor, VmmError, WorkloadSpec};
+use crate::format::VmConfig;
 use crate::offload::{self, OffloadError};
-
-/// Which hypervisor a host runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum BackendKind {
-    /// The synthetic guest; runs everywhere.
-    #[default]
-    Sim,
-    /// Real guests on /dev/kvm (x86-64 Linux); their native layout is always `kvm`.
-    Kvm,
-}
-
-impl std::fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            BackendKind::Sim => "sim",
-            BackendKind::Kvm => "kvm",
-        })
-    }
-}
-
-impl std::str::FromStr for BackendKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "sim" => Ok(BackendKind::Sim),
-            "kvm" => Ok(BackendKind::Kvm),
-            other => Err(format!("unknown backend {other:?} (sim, kvm)")),
-        }
-    }
-}
-
-impl BackendKind {
-    /// Checks that this host can run the backend: for kvm, that /dev/kvm opens.
-    pub fn check_available(self) -> Result<(), VmmError> {
-        match self {
-            BackendKind::Sim => Ok(()),
-            #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-            BackendKind::Kvm => super::kvm::open_kvm().map(|_| ()),
-            #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-            BackendKind::Kvm => Err(VmmError::Failed("the kvm backend needs x86-64 Linux".into())),
-        }
-    }
-}
 
 /// A hypervisor on a host: creates, reserves and destroys guests in its native layout.
 ///
@@ -60,57 +16,14 @@ impl BackendKind {
 /// holds no state that the calls change, so several may be in flight at once.
 #[derive(Debug)]
 pub struct Backend {
-    kind: BackendKind,
-    layout: NativeLayout,
+    hypervisor: Arc<dyn Hypervisor>,
 }
 
 impl Backend {
-    /// A sim backend keeping vCPU state in `layout`.
-    pub fn sim(layout: NativeLayout) -> Self {
-        Self {
-            kind: BackendKind::Sim,
-            layout,
-        }
+    /// The actor over `hypervisor`.
+    pub fn new(hypervisor: Arc<dyn Hypervisor>) -> Self {
+        Self { hypervisor }
     }
-
-    /// A backend of `kind`; `layout` applies to sim (kvm's layout is kvm).
-    pub fn new(kind: BackendKind, layout: NativeLayout) -> Self {
-        Self { kind, layout }
-    }
-}
-
-fn create(kind: BackendKind, layout: NativeLayout, msg: CreateVm) -> Result<Arc<dyn Guest>, VmmError> {
-    let guest: Arc<dyn Guest> = match kind {
-        BackendKind::Sim => {
-            let guest = SimGuest::create(msg.config, layout, msg.workload)?;
-            guest.resume()?;
-            Arc::new(guest)
-        }
-        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-        BackendKind::Kvm => Arc::new(super::kvm::KvmGuest::create(msg.config, msg.workload)?),
-        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-        BackendKind::Kvm => return Err(VmmError::Failed("the kvm backend needs x86-64 Linux".into())),
-    };
-    Ok(decorate(guest))
-}
-
-fn reserve(
-    kind: BackendKind,
-    layout: NativeLayout,
-    config: VmConfig,
-    demand_paged: bool,
-) -> Result<Arc<dyn Guest>, VmmError> {
-    let guest: Arc<dyn Guest> = match kind {
-        BackendKind::Sim => {
-            let _ = demand_paged; // the sim's demand paging works on present pages
-            Arc::new(SimGuest::reserve(config, layout)?)
-        }
-        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-        BackendKind::Kvm => Arc::new(super::kvm::KvmGuest::reserve(config, demand_paged)?),
-        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
-        BackendKind::Kvm => return Err(VmmError::Failed("the kvm backend needs x86-64 Linux".into())),
-    };
-    Ok(decorate(guest))
 }
 
 impl Actor for Backend {
@@ -123,7 +36,7 @@ impl Actor for Backend {
 pub struct CreateVm {
     /// The VM's configuration.
     pub config: VmConfig,
-    /// What its writer does.
+    /// What the guest does.
     pub workload: WorkloadSpec,
 }
 
@@ -153,8 +66,10 @@ impl Handler<CreateVm> for Backend {
     type Result = ResponseFuture<Result<Arc<dyn Guest>, VmmError>>;
 
     fn handle(&mut self, msg: CreateVm, _: &mut Self::Context) -> Self::Result {
-        let (kind, layout) = (self.kind, self.layout);
-        let work = offload::run("create-vm", move || create(kind, layout, msg));
+        let hypervisor = Arc::clone(&self.hypervisor);
+        let work = offload::run("create-vm", move || {
+            hypervisor.create_guest(msg.config, msg.workload).map(decorate)
+        });
         Box::pin(async move { flatten(work.await) })
     }
 }
@@ -163,9 +78,9 @@ impl Handler<ReserveVm> for Backend {
     type Result = ResponseFuture<Result<Arc<dyn Guest>, VmmError>>;
 
     fn handle(&mut self, msg: ReserveVm, _: &mut Self::Context) -> Self::Result {
-        let (kind, layout) = (self.kind, self.layout);
+        let hypervisor = Arc::clone(&self.hypervisor);
         let work = offload::run("reserve-vm", move || {
-            reserve(kind, layout, msg.config, msg.demand_paged)
+            hypervisor.reserve_guest(msg.config, msg.demand_paged).map(decorate)
         });
         Box::pin(async move { flatten(work.await) })
     }

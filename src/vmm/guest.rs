@@ -61,6 +61,14 @@ pub enum VmmError {
         /// What the hypervisor said.
         detail: String,
     },
+    /// A backend this build or platform does not have.
+    #[error("the {backend} backend needs {needs}")]
+    Unsupported {
+        /// The backend.
+        backend: &'static str,
+        /// What it needs.
+        needs: &'static str,
+    },
     /// An injected or simulated backend failure.
     #[error("backend failure: {0}")]
     Failed(String),

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use migratory::engine::{EngineHandle, HostConfig, MigrationEvent, MigrationReport, Stage, StartedMigration};
 use migratory::format::NativeLayout;
-use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use migratory::vmm::{Pattern, WorkloadSpec};
 
 /// The one bound every wait in these tests uses.
 pub const TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,8 +1,11 @@
 //! Refusals before anything is reserved.
 
+use std::sync::Arc;
+
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmLocation, VmSpec};
-use migratory::format::NativeLayout;
+use migratory::format::{NativeLayout, VmConfig};
 use migratory::protocol::Algorithm;
+use migratory::vmm::{BackendSpec, Guest, Hypervisor, HypervisorCapabilities, VmmError, WorkloadSpec};
 
 use crate::common::{self, MIB};
 
@@ -86,4 +89,60 @@ async fn test_reservation_over_the_memory_budget_is_refused() {
     );
     assert_eq!(report.vm_location, VmLocation::Source);
     common::assert_runs_only_on(&e, "src", "dst", "vm").await;
+}
+
+/// A backend that cannot page a guest in on demand (as kvm where userfaultfd is forbidden): the
+/// sim, without post-copy.
+#[derive(Debug)]
+struct NoDemandPaging(Arc<dyn Hypervisor>);
+
+impl Hypervisor for NoDemandPaging {
+    fn name(&self) -> &str {
+        "sim-without-demand-paging"
+    }
+
+    fn capabilities(&self) -> HypervisorCapabilities {
+        self.0.capabilities().without_postcopy()
+    }
+
+    fn check_available(&self) -> Result<(), VmmError> {
+        self.0.check_available()
+    }
+
+    fn create_guest(&self, config: VmConfig, workload: WorkloadSpec) -> Result<Arc<dyn Guest>, VmmError> {
+        self.0.create_guest(config, workload)
+    }
+
+    fn reserve_guest(&self, config: VmConfig, demand_paged: bool) -> Result<Arc<dyn Guest>, VmmError> {
+        assert!(
+            !demand_paged,
+            "a post-copy reservation reached a backend that cannot post-copy"
+        );
+        self.0.reserve_guest(config, demand_paged)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_target_whose_backend_cannot_post_copy_refuses_it_at_negotiation() {
+    let sim = BackendSpec::sim(NativeLayout::Kvm).hypervisor();
+    let backend = BackendSpec::Custom(Arc::new(NoDemandPaging(sim)));
+    let e = engine_with_target(HostConfig::with_backend("dst", backend)).await;
+    for algorithm in [Algorithm::Postcopy, Algorithm::Hybrid] {
+        let req = MigrationRequest::new("vm", "src", "dst").algorithm(algorithm);
+        let error = assert_refused_before_reservation(&e, req).await;
+        assert!(
+            error.contains(&format!("algorithm {algorithm} is not in the common pool")),
+            "{error}"
+        );
+        assert!(
+            error.contains("target offers [stop-and-copy, precopy, auto]"),
+            "{error}"
+        );
+    }
+    // What the backend can do still goes through it.
+    let report = e
+        .migrate(MigrationRequest::new("vm", "src", "dst"))
+        .await
+        .expect("report");
+    assert_eq!(report.result, Outcome::Completed, "{:?}", report.error);
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use migratory::engine::{MigrationRequest, Outcome, PolicyConfig, StallAction, VmLocation, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::protocol::CompressionChoice;
-use migratory::vmm::sim::{Pattern, WorkloadSpec};
+use migratory::vmm::{Pattern, WorkloadSpec};
 
 use crate::common::{self, MIB};
 

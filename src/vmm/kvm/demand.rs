@@ -108,7 +108,8 @@ impl DemandPaging {
         }
         let uffd = Arc::new(Userfault::new().map_err(|e| VmmError::Failed(format!("userfaultfd: {e}")))?);
         // SAFETY: the whole mapping is private, anonymous and owned by the guest, which keeps it
-        // alive past `finish` (the registration ends there or with the descriptor).
+        // alive past `finish` (the registration ends there or with the descriptor). A thread
+        // that touches a missing page (the vCPU, a digest) waits for its install: post-copy.
         unsafe { uffd.register(memory.as_ptr(), memory.len()) }
             .map_err(|e| VmmError::Failed(format!("userfaultfd register: {e}")))?;
         // Registered first, dropped second: a touch in between would otherwise map a zero page
@@ -116,8 +117,8 @@ impl DemandPaging {
         for (first, count) in runs(missing) {
             let at = memory.page_ptr(PageIndex(first))?;
             // SAFETY: the run lies inside `memory`, a private anonymous mapping this guest owns;
-            // no Rust reference into guest RAM exists (all access goes through raw pointers),
-            // and the guest has not run here, so dropping these pages loses nothing.
+            // no Rust reference into guest RAM outlives a `GuestMemory` call, and the guest has
+            // not run here, so dropping these pages loses nothing.
             unsafe { discard(at, count as usize * PAGE_SIZE) }.map_err(|e| VmmError::Failed(e.to_string()))?;
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -151,7 +152,8 @@ impl DemandPaging {
                     // SAFETY: `dst` is a page of the registered mapping with no Rust reference
                     // into it; `bytes` is a network buffer, never registered guest RAM.
                     Some(bytes) => unsafe { uffd.copy(dst, bytes) },
-                    // SAFETY: as above.
+                    // SAFETY: `dst` is a page of the registered mapping with no Rust reference
+                    // into it; a zero-page install reads no source.
                     None => unsafe { uffd.zero(dst, PAGE_SIZE) },
                 };
                 res.map_err(|e| VmmError::Failed(format!("install page {page}: {e}")))?;
@@ -221,6 +223,21 @@ impl Drop for DemandPaging {
     fn drop(&mut self) {
         self.finish();
     }
+}
+
+/// Checks that this host can demand-page a kvm guest: a userfaultfd opens (one that takes
+/// KVM's kernel-mode faults, see [`Userfault::new`]) and registers anonymous memory with the
+/// ioctls an install needs. What [`DemandPaging::begin`] does, on one page of memory that no
+/// thread touches.
+pub fn check_demand_paging() -> Result<(), VmmError> {
+    let probe = GuestMemory::new(PAGE_SIZE as u64)?;
+    let uffd = Userfault::new().map_err(|e| VmmError::Failed(format!("userfaultfd: {e}")))?;
+    // SAFETY: `probe` is a private anonymous mapping owned here, declared before `uffd` so that
+    // it outlives the registration; no thread touches it, so none can block on a fault.
+    unsafe { uffd.register(probe.as_ptr(), probe.len()) }
+        .map_err(|e| VmmError::Failed(format!("userfaultfd register: {e}")))?;
+    uffd.unregister(probe.as_ptr(), probe.len())
+        .map_err(|e| VmmError::Failed(format!("userfaultfd unregister: {e}")))
 }
 
 /// Runs of consecutive pages in `set`, as (first page, count).
@@ -294,6 +311,17 @@ mod tests {
             set.insert(p);
         }
         assert_eq!(runs(&set), vec![(1, 3), (7, 1), (9, 2)]);
+    }
+
+    #[test]
+    fn test_the_check_agrees_with_beginning_demand_paging() {
+        let memory = GuestMemory::new_populated(4 * PAGE_SIZE as u64).expect("memory");
+        let mut missing = PageSet::empty(4);
+        missing.insert(1);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let began = DemandPaging::new(&memory).begin(&memory, &missing, tx);
+        let checked = check_demand_paging();
+        assert_eq!(checked.is_ok(), began.is_ok(), "check {checked:?}, begin {began:?}");
     }
 
     #[test]

@@ -19,12 +19,11 @@ use crate::format::native::kvm::KvmVcpu;
 use crate::format::{DeviceState, NativeLayout, NativeVcpu, VcpuState, VmConfig, LAPIC_REGISTER_BYTES};
 use crate::memory::GuestMemory;
 use crate::units::PAGE_SIZE;
-use crate::vmm::sim::{Pattern, WorkloadSpec};
-use crate::vmm::{FaultSink, Guest, GuestStats, VmmError};
+use crate::vmm::{FaultSink, Guest, GuestStats, Pattern, VmmError, WorkloadSpec};
 
 /// Device blob carrying what the VMM (not the guest) knows: the pacing and the program's shape.
 pub const KVM_GUEST_DEVICE: &str = "kvm-guest";
-/// Version of [`KVM_GUEST_DEVICE`]'s layout: five little-endian u64s (see [`Pacing::to_blob`]).
+/// Version of [`KVM_GUEST_DEVICE`]'s layout: five little-endian u64s (see `Pacing::to_blob`).
 pub const KVM_GUEST_DEVICE_VERSION: u32 = 1;
 const KVM_GUEST_BLOB_LEN: usize = 5 * 8;
 /// The TSS KVM needs on Intel hosts: three pages just below the 4 GiB boundary's BIOS area.
@@ -251,11 +250,13 @@ impl KvmGuest {
             memory_size: memory.len() as u64,
             userspace_addr: memory.as_ptr() as u64,
         };
-        // SAFETY: the region is this guest's own mapping, which outlives the VM (field order
-        // drops the VM and every vCPU thread first); nothing else is mapped at guest address 0.
+        // SAFETY: `userspace_addr..+memory_size` is exactly `memory`'s live mapping, which
+        // outlives the VM: in `Self` the VM and the vCPU threads are fields before `memory`, and
+        // on an early return below, `memory` is a parameter, dropped after every local. Slot 0
+        // is this VM's only slot, so it overlaps no other.
         unsafe { vm.set_user_memory_region(region) }.map_err(hv("KVM_SET_USER_MEMORY_REGION"))?;
-        // SAFETY: the raw region describes exactly `memory`'s mapping, which this guest keeps
-        // alive for longer than the view (see the field order); the view never unmaps it.
+        // SAFETY: the raw region is exactly `memory`'s mapping, present in the process and
+        // alive for longer than the view (as for the VM above); a raw region never unmaps it.
         let raw = unsafe {
             MmapRegion::build_raw(
                 memory.as_ptr(),
@@ -363,7 +364,8 @@ impl KvmGuest {
             memory_size: self.memory.len() as u64,
             userspace_addr: self.memory.as_ptr() as u64,
         };
-        // SAFETY: the same slot over the same mapping as at creation; only the flags change.
+        // SAFETY: the same slot over the same live mapping as at creation (`self.memory`, which
+        // outlives `self.vm`); only the flags change.
         unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| DirtyError::Log(e.to_string()))?;
         *logging = on;
         Ok(())

@@ -590,7 +590,7 @@ mod tests {
                 };
                 // SAFETY: the region is one live anonymous mapping of exactly `ram_bytes`, owned by
                 // `mem`, which TestGuest drops after the VM (field order), so the kernel never
-                // sees it unmapped while the VM exists.
+                // sees it unmapped while the VM exists; slot 0 is the VM's only slot.
                 unsafe { vm.set_user_memory_region(region) }.unwrap();
                 write_boot_tables(&mem, ram_bytes).unwrap();
                 mem.write_slice(&assemble(&spec).unwrap(), GuestAddress(CODE_ADDR))

@@ -148,8 +148,9 @@ pub fn restore(vcpu: &VcpuFd, state: &KvmVcpu) -> Result<(), VcpuStateError> {
             b[..bytes.len()].copy_from_slice(bytes);
             *word = u32::from_le_bytes(b);
         }
-        // SAFETY: `xsave` is a plain 4 KiB `kvm_xsave` with no trailing flexible array in use;
-        // KVM_SET_XSAVE reads exactly that size, which is what `set_xsave` requires.
+        // SAFETY: KVM_SET_XSAVE reads past the 4 KiB of `kvm_xsave` only when the process has
+        // enabled XSTATE features dynamically (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM, e.g. for
+        // AMX). This VMM never does, so KVM reads exactly `xsave`, which lives for the call.
         unsafe { vcpu.set_xsave(&xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
     }
     let entries: Vec<kvm_msr_entry> = state

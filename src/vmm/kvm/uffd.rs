@@ -813,7 +813,8 @@ mod tests {
     impl Region {
         fn new(pages: usize) -> Self {
             let len = pages * PAGE_SIZE;
-            // SAFETY: a fresh anonymous mapping with no hint aliases nothing; checked below.
+            // SAFETY: with a null hint and no MAP_FIXED, mmap only creates a new mapping and
+            // never replaces one; MAP_FAILED is checked below.
             let ptr = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
@@ -830,7 +831,8 @@ mod tests {
 
         fn page(&self, index: usize) -> *mut u8 {
             assert!(index * PAGE_SIZE < self.len);
-            // SAFETY: in bounds, checked above.
+            // SAFETY: `index * PAGE_SIZE < len`, checked above, so the offset stays in the
+            // mapping.
             unsafe { self.base.add(index * PAGE_SIZE) }
         }
     }
@@ -895,8 +897,8 @@ mod tests {
         assert_eq!(reader.recv_timeout(TIMEOUT).unwrap(), 0xAB);
 
         let other = vec![0xCD; PAGE_SIZE];
-        // SAFETY: as above.
         assert_eq!(
+            // SAFETY: page 5 is registered and unreferenced; `other` is heap memory outside it.
             unsafe { uffd.copy(region.page(5), &other) }.unwrap(),
             Install::AlreadyPresent
         );
@@ -930,15 +932,15 @@ mod tests {
         // SAFETY: the region is ours and no reference into it exists.
         unsafe { uffd.register(region.base, region.len) }.unwrap();
 
-        // SAFETY: page 7 is registered and unreferenced.
         assert_eq!(
+            // SAFETY: page 7 is registered, and no Rust reference points into the region.
             unsafe { uffd.zero(region.page(7), PAGE_SIZE) }.unwrap(),
             Install::Installed
         );
         assert_eq!(touch(region.page(7).wrapping_add(9)).recv_timeout(TIMEOUT).unwrap(), 0);
         assert_quiet(&uffd);
-        // SAFETY: as above.
         assert_eq!(
+            // SAFETY: page 7 is still registered and unreferenced; it only reads as zero now.
             unsafe { uffd.zero(region.page(7), PAGE_SIZE) }.unwrap(),
             Install::AlreadyPresent
         );
@@ -954,8 +956,8 @@ mod tests {
         unsafe { uffd.zero(region.page(12), PAGE_SIZE) }.unwrap();
 
         let src: Vec<u8> = (10..14u8).flat_map(|i| [i; PAGE_SIZE]).collect();
-        // SAFETY: pages 10..14 are registered and unreferenced; `src` is outside the region.
         assert_eq!(
+            // SAFETY: pages 10..14 are registered and unreferenced; `src` is outside the region.
             unsafe { uffd.copy(region.page(10), &src) }.unwrap(),
             Install::AlreadyPresent
         );
@@ -1081,7 +1083,7 @@ mod tests {
     fn test_misaligned_ranges_are_refused_before_the_kernel() {
         let Some(uffd) = uffd_or_skip() else { return };
         let region = Region::new(PAGES);
-        // SAFETY: refused before any ioctl.
+        // SAFETY: the misaligned range is refused before any ioctl, so nothing is registered.
         let err = unsafe { uffd.register(region.base.wrapping_add(1), PAGE_SIZE) }.unwrap_err();
         assert!(
             matches!(
@@ -1095,7 +1097,7 @@ mod tests {
         );
         // SAFETY: the region is ours and no reference into it exists.
         unsafe { uffd.register(region.base, region.len) }.unwrap();
-        // SAFETY: refused before any ioctl.
+        // SAFETY: a 100-byte source is refused before any ioctl, so nothing is written.
         let err = unsafe { uffd.copy(region.page(1), &[0; 100]) }.unwrap_err();
         assert!(
             matches!(

@@ -145,15 +145,17 @@ fn kick_signal() -> libc::c_int {
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler is an
-        // async-signal-safe function that does nothing. SA_RESTART is deliberately absent so
-        // that KVM_RUN returns EINTR instead of being restarted.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(kick_signal(), &action, std::ptr::null_mut());
-        }
+        // SAFETY: `sigaction` is integers, a handler address and a signal set, for all of
+        // which zero is a valid value ("no flags, default handler, empty set").
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
+        // SAFETY: writes only the set it is given, which lives in `action` for the call.
+        unsafe { libc::sigemptyset(&raw mut action.sa_mask) };
+        // SAFETY: the new action is a valid struct read for the call, the old one is not asked
+        // for (null). The handler does nothing, so it is async-signal-safe, and the signal is
+        // ours (above SIGRTMIN). SA_RESTART is deliberately absent so that KVM_RUN returns
+        // EINTR instead of being restarted.
+        unsafe { libc::sigaction(kick_signal(), &raw const action, std::ptr::null_mut()) };
     });
 }
 
@@ -197,12 +199,23 @@ impl VcpuThread {
         })
     }
 
+    /// Signals the thread out of `KVM_RUN`, unless `stop` has taken its handle (it then kicks
+    /// the thread itself until it ends).
     fn kick(&self) {
-        // SAFETY: the pthread_t came from the thread itself and the thread is joined only in
-        // `stop`, after which no kick is sent; a signal to an exited thread is ESRCH, harmless.
-        unsafe {
-            libc::pthread_kill(self.pthread, kick_signal());
+        let join = self.join.lock().unwrap_or_else(|p| p.into_inner());
+        if join.is_some() {
+            // Under the lock, so that `stop` cannot take the handle and join meanwhile.
+            self.signal();
         }
+    }
+
+    /// Sends the kick signal. Only while the thread's handle is unjoined: held in `join`
+    /// (under its lock) or by `stop` before it joins.
+    fn signal(&self) {
+        // SAFETY: the pthread_t came from the thread itself, and the thread is not joined yet
+        // (see above), so the id is still its own even if the thread has exited: the signal
+        // reaches it, or fails with ESRCH. The handler it runs does nothing.
+        unsafe { libc::pthread_kill(self.pthread, kick_signal()) };
     }
 
     fn ask<T>(&self, name: &'static str, make: impl FnOnce(Sender<T>) -> Command) -> Result<T, VcpuError> {
@@ -260,7 +273,7 @@ impl VcpuThread {
         if let Some(h) = handle {
             let _ = self.tx.send(Command::Stop);
             while !h.is_finished() {
-                self.kick();
+                self.signal();
                 std::thread::sleep(KICK_EVERY);
             }
             let _ = h.join();

@@ -5,13 +5,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::workload::{WorkloadSpec, WorkloadState, WORKLOAD_DEVICE, WORKLOAD_DEVICE_VERSION};
+use super::writer::{WorkloadState, WORKLOAD_DEVICE, WORKLOAD_DEVICE_VERSION};
 use crate::dirty::{AtomicBitmap, DirtyLogSource, PageSet};
 use crate::format::{DeviceState, NativeLayout, NativeVcpu, VcpuState, VmConfig};
 use crate::memory::GuestMemory;
 use crate::telemetry::metric;
 use crate::units::PageIndex;
-use crate::vmm::{FaultSink, Guest, GuestStats, VmmError};
+use crate::vmm::{FaultSink, Guest, GuestStats, VmmError, WorkloadSpec};
 
 /// Longest a writer burst holds the run lock; bounds how long `pause` can wait.
 const MAX_BURST_PAGES: u64 = 2048;
@@ -421,7 +421,7 @@ fn wait_for_page<'a>(
 mod tests {
     use super::*;
     use crate::format::{MacAddr, NicConfig, VmId};
-    use crate::vmm::sim::Pattern;
+    use crate::vmm::Pattern;
 
     const WAIT: Duration = Duration::from_secs(10);
 

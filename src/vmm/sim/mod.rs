@@ -7,7 +7,8 @@
 //! everywhere.
 
 mod guest;
-mod workload;
+mod hypervisor;
+mod writer;
 
 pub use guest::SimGuest;
-pub use workload::{Pattern, WorkloadSpec};
+pub use hypervisor::SimHypervisor;

@@ -1,104 +1,10 @@
-//! What the simulated guest writes: rate, working set and pattern, and the state that lets a
-//! migrated writer carry on where it stopped.
-
-use std::fmt;
-use std::str::FromStr;
+//! The sim's writer as it runs: the state that lets a migrated writer carry on where it
+//! stopped, and the device blob that carries it. What it writes is the backend-neutral
+//! [`WorkloadSpec`].
 
 use crate::memory::SplitMix64;
 use crate::units::PAGE_SIZE;
-use crate::vmm::VmmError;
-
-/// Where the writer's stores land.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Pattern {
-    /// Uniformly random pages over all of memory; the working set is ignored.
-    Uniform,
-    /// Uniformly random pages inside the working set (the hot set, at the start of memory).
-    #[default]
-    HotSet,
-    /// Page after page through the working set, wrapping around.
-    Sequential,
-}
-
-impl Pattern {
-    fn code(self) -> u8 {
-        match self {
-            Pattern::Uniform => 0,
-            Pattern::HotSet => 1,
-            Pattern::Sequential => 2,
-        }
-    }
-
-    fn from_code(c: u8) -> Option<Self> {
-        match c {
-            0 => Some(Pattern::Uniform),
-            1 => Some(Pattern::HotSet),
-            2 => Some(Pattern::Sequential),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Pattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Pattern::Uniform => "uniform",
-            Pattern::HotSet => "hot-set",
-            Pattern::Sequential => "sequential",
-        })
-    }
-}
-
-impl FromStr for Pattern {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "uniform" => Ok(Pattern::Uniform),
-            "hot-set" | "hotset" => Ok(Pattern::HotSet),
-            "sequential" => Ok(Pattern::Sequential),
-            other => Err(format!("unknown pattern {other:?} (uniform, hot-set, sequential)")),
-        }
-    }
-}
-
-/// The writer workload of a sim guest.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WorkloadSpec {
-    /// Dirtying rate in bytes of pages per second (each store dirties one page); 0 = idle.
-    pub rate_bytes_per_sec: u64,
-    /// Size of the working set in bytes (rounded down to pages, at least one page).
-    pub working_set_bytes: u64,
-    /// Where stores land.
-    pub pattern: Pattern,
-    /// Fraction of pages left zero when memory is filled (0.0..=1.0).
-    pub zero_fraction: f64,
-    /// Seed of content and choices.
-    pub seed: u64,
-}
-
-impl Default for WorkloadSpec {
-    fn default() -> Self {
-        Self {
-            rate_bytes_per_sec: 0,
-            working_set_bytes: 64 << 20,
-            pattern: Pattern::HotSet,
-            zero_fraction: 0.1,
-            seed: 0x5eed,
-        }
-    }
-}
-
-impl WorkloadSpec {
-    /// An idle guest.
-    pub fn idle() -> Self {
-        Self::default()
-    }
-
-    /// Pages per second the writer dirties.
-    pub fn pages_per_sec(&self) -> f64 {
-        self.rate_bytes_per_sec as f64 / PAGE_SIZE as f64
-    }
-}
+use crate::vmm::{Pattern, VmmError, WorkloadSpec};
 
 /// The writer's live state: what a device blob carries to the target.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,7 +66,7 @@ impl WorkloadState {
         ] {
             v.extend_from_slice(&x.to_le_bytes());
         }
-        v.push(self.spec.pattern.code());
+        v.push(pattern_code(self.spec.pattern));
         v
     }
 
@@ -178,7 +84,7 @@ impl WorkloadState {
             a.copy_from_slice(&data[i * 8..i * 8 + 8]);
             u64::from_le_bytes(a)
         };
-        let pattern = Pattern::from_code(data[48]).ok_or_else(bad)?;
+        let pattern = pattern_from_code(data[48]).ok_or_else(bad)?;
         Ok(Self {
             spec: WorkloadSpec {
                 rate_bytes_per_sec: word(0),
@@ -191,6 +97,24 @@ impl WorkloadState {
             rng: SplitMixState(word(4)),
             cursor: word(5),
         })
+    }
+}
+
+/// The pattern's byte in the blob; part of the blob's layout, so never renumbered.
+fn pattern_code(p: Pattern) -> u8 {
+    match p {
+        Pattern::Uniform => 0,
+        Pattern::HotSet => 1,
+        Pattern::Sequential => 2,
+    }
+}
+
+fn pattern_from_code(c: u8) -> Option<Pattern> {
+    match c {
+        0 => Some(Pattern::Uniform),
+        1 => Some(Pattern::HotSet),
+        2 => Some(Pattern::Sequential),
+        _ => None,
     }
 }
 

@@ -1,0 +1,95 @@
+//! The hypervisor trait: what one backend offers a host.
+//!
+//! The engine never names a backend. A host's [`super::Backend`] actor holds an
+//! `Arc<dyn Hypervisor>` and runs its calls off the actor thread; the host asks it once for its
+//! [`HypervisorCapabilities`] and offers peers only what the backend can do.
+//!
+//! # Adding a backend
+//!
+//! 1. A module under `vmm/` with a type implementing [`Hypervisor`], and the [`Guest`] it creates.
+//! 2. A variant of [`super::BackendSpec`] holding only what that backend lets a host choose, with
+//!    its arm in `BackendSpec::hypervisor` (and in `BackendSpec::from_flags` if the command
+//!    line should name it).
+//!
+//! An embedder can also bring its own without touching this crate: `BackendSpec::Custom`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use super::{Guest, VmmError, WorkloadSpec};
+use crate::format::{NativeLayout, VmConfig};
+use crate::protocol::Algorithm;
+
+/// One hypervisor on a host: it creates guests, and reserves empty ones for incoming
+/// migrations.
+///
+/// Every call may block (mapping and filling memory, opening devices, booting vCPUs); callers
+/// run them on a thread of their own ([`crate::offload`]), several at a time.
+pub trait Hypervisor: Send + Sync + fmt::Debug {
+    /// The backend's name, as `--backend` takes it and reports show it.
+    fn name(&self) -> &str;
+
+    /// What migrations to and from this backend's guests can use on this host. May probe the
+    /// host (kvm opens a userfaultfd to learn whether it can post-copy): ask once, keep the
+    /// answer.
+    fn capabilities(&self) -> HypervisorCapabilities;
+
+    /// Checks that this host can run the backend's guests; the error says why not.
+    fn check_available(&self) -> Result<(), VmmError>;
+
+    /// A new guest with fresh content running `workload`; it is running when returned.
+    fn create_guest(&self, config: VmConfig, workload: WorkloadSpec) -> Result<Arc<dyn Guest>, VmmError>;
+
+    /// An empty, paused guest for an incoming migration. `demand_paged`: every page will arrive
+    /// on demand (post-copy); see [`super::ReserveVm`].
+    fn reserve_guest(&self, config: VmConfig, demand_paged: bool) -> Result<Arc<dyn Guest>, VmmError>;
+}
+
+/// What a backend can do on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HypervisorCapabilities {
+    /// Algorithms a migration to or from this backend's guests can use. One list for both
+    /// directions, because a host offers peers one list: a backend that can only send with an
+    /// algorithm leaves it out.
+    pub algorithms: Vec<Algorithm>,
+    /// Native layouts its guests keep vCPU state in.
+    pub layouts: Vec<NativeLayout>,
+}
+
+impl HypervisorCapabilities {
+    /// Every algorithm, with guests in `layouts`.
+    pub fn all(layouts: Vec<NativeLayout>) -> Self {
+        Self {
+            algorithms: Algorithm::ALL.to_vec(),
+            layouts,
+        }
+    }
+
+    /// The same without the algorithms that end in demand paging on the target (post-copy and
+    /// hybrid), for a backend that cannot page a guest in on demand.
+    pub fn without_postcopy(mut self) -> Self {
+        self.algorithms.retain(|a| !a.is_postcopy_family());
+        self
+    }
+
+    /// True if the backend can run `algorithm`.
+    pub fn offers(&self, algorithm: Algorithm) -> bool {
+        self.algorithms.contains(&algorithm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_without_postcopy_keeps_auto_and_the_pre_copy_family() {
+        let caps = HypervisorCapabilities::all(vec![NativeLayout::Kvm]).without_postcopy();
+        assert_eq!(
+            caps.algorithms,
+            vec![Algorithm::StopAndCopy, Algorithm::Precopy, Algorithm::Auto]
+        );
+        assert!(!caps.offers(Algorithm::Hybrid));
+        assert_eq!(caps.layouts, vec![NativeLayout::Kvm]);
+    }
+}
