@@ -13,10 +13,13 @@
 //!   the pure policy functions, reports and the [`engine::EngineHandle`] embedders hold.
 //! * [`telemetry`]: metric names; the library records through the `metrics` facade and never
 //!   installs a recorder.
+//! * [`api`]: the request and response bodies of the daemon's HTTP control API, for the daemon,
+//!   the CLI and any other client.
 //!
 //! See ARCHITECTURE.md for the flow of one migration through these modules.
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod api;
 pub mod clock;
 pub mod dataplane;
 pub mod dirty;
