@@ -3,10 +3,10 @@
 //!
 //! `cargo run --example embed`
 
-use migratory::engine::{EngineHandle, HostConfig, MigrationEvent, MigrationRequest, VmSpec};
-use migratory::format::NativeLayout;
-use migratory::protocol::Algorithm;
-use migratory::vmm::WorkloadSpec;
+use migratory::{
+    Algorithm, EngineError, EngineHandle, HostConfig, MigrationEvent, MigrationRequest, NativeLayout, VmSpec,
+    WorkloadSpec,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -54,8 +54,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             report.verified
         );
         // After commitment a cancel is refused with a typed error.
-        if let Err(e) = engine.cancel(report.id).await {
-            println!("cancel after completion: {e}");
+        match engine.cancel(report.id).await {
+            Err(e @ EngineError::TooLateToCancel(_)) => println!("cancel after completion: {e}"),
+            other => println!("cancel after completion: unexpectedly {other:?}"),
         }
     }
     Ok(())

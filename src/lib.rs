@@ -13,10 +13,17 @@
 //!   the pure policy functions, reports and the [`engine::EngineHandle`] embedders hold.
 //! * [`telemetry`]: metric names; the library records through the `metrics` facade and never
 //!   installs a recorder.
+//! * [`api`]: the request and response bodies of the daemon's HTTP control API, for the daemon,
+//!   the CLI and any other client.
+//!
+//! An embedder needs little more than the crate root: `use migratory::*;` brings in the
+//! [`EngineHandle`] (each of its methods has an example), what configures hosts, VMs and
+//! migrations, the report and events a migration yields, and the errors met on the way.
 //!
 //! See ARCHITECTURE.md for the flow of one migration through these modules.
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod api;
 pub mod clock;
 pub mod dataplane;
 pub mod dirty;
@@ -30,3 +37,32 @@ pub mod telemetry;
 pub mod units;
 pub mod vm;
 pub mod vmm;
+
+// The embedder's vocabulary. The engine: its handle, and what goes in and comes out of it.
+pub use engine::{
+    CompressionReport, DecisionReport, DrainReport, DrainedVm, EngineError, EngineHandle, FaultKind, FaultPlan,
+    HostConfig, HostUsage, MigrationEvent, MigrationReport, MigrationRequest, MigrationStatus, Outcome, PageCounts,
+    Phase, PolicyConfig, PredictionReport, Side, Stage, StageReport, StallAction, StartedMigration, StayedVm,
+    VmLocation, VmSpec,
+};
+// The settings those types hold, and the VMs a host lists.
+pub use format::{NativeLayout, VmConfig};
+pub use link::tls::TlsSetup;
+pub use link::{Keepalive, Shaping};
+pub use protocol::auth::ClusterKey;
+pub use protocol::{AbortReason, Algorithm, Compression, CompressionChoice};
+pub use units::ByteSize;
+pub use vm::{HeldCopy, HeldReason, Lifecycle, OperatorAction, VmInfo};
+pub use vmm::{BackendSpec, GuestStats, Hypervisor, Pattern, WorkloadSpec};
+// The errors met on the way: inside an `EngineError`, or from parsing and loading settings.
+pub use engine::faults::FaultPlanError;
+pub use format::{FormatError, NameError, NativeError};
+pub use link::tls::TlsError;
+pub use protocol::auth::AuthError;
+pub use protocol::NegotiationError;
+pub use units::ByteSizeError;
+
+/// README.md's Rust examples, compiled and run as doc tests so the README cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

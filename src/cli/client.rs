@@ -14,7 +14,10 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::Value;
+
+use migratory::api::ApiError;
 
 /// The largest response body accepted; a status list of thousands of migrations is far below it,
 /// so anything bigger is a misbehaving peer, not data to buffer.
@@ -462,17 +465,17 @@ impl ApiClient {
     }
 }
 
-/// `Ok(body)` for a 2xx status; otherwise [`ClientError::Refused`] with the daemon's `error` text,
-/// or the start of whatever else it sent.
+/// `Ok(body)` for a 2xx status; otherwise [`ClientError::Refused`] with the text of the daemon's
+/// [`ApiError`], or the start of whatever else it sent.
 pub fn require_success((status, body): (u16, Value)) -> Result<Value, ClientError> {
     if (200..300).contains(&status) {
         return Ok(body);
     }
     let message = match &body {
-        Value::Object(map) => match map.get("error") {
-            Some(Value::String(text)) => text.clone(),
-            Some(other) => other.to_string(),
-            None => format!("HTTP {status}: {body}"),
+        Value::Object(map) => match (ApiError::deserialize(&body), map.get("error")) {
+            (Ok(refusal), _) => refusal.error,
+            (Err(_), Some(other)) => other.to_string(),
+            (Err(_), None) => format!("HTTP {status}: {body}"),
         },
         Value::String(text) if !text.trim().is_empty() => {
             let first = text.trim().lines().next().unwrap_or_default();
@@ -666,6 +669,9 @@ pub(super) mod test_server {
         pub addr: SocketAddr,
         /// Each request it read.
         pub requests: mpsc::Receiver<Seen>,
+        /// Keeps the port open after the last canned response: a client that connects then
+        /// (the test of a server with none, say) must find it listening, not refusing.
+        _listening: TcpListener,
     }
 
     impl FakeServer {
@@ -673,6 +679,7 @@ pub(super) mod test_server {
         pub fn start(responses: Vec<Vec<u8>>) -> FakeServer {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
             let addr = listener.local_addr().expect("local addr of a bound listener");
+            let listening = listener.try_clone().expect("clone the listener");
             let (tx, requests) = mpsc::channel();
             thread::spawn(move || {
                 for response in responses {
@@ -700,7 +707,11 @@ pub(super) mod test_server {
                     let _ = reader.get_mut().write_all(&response);
                 }
             });
-            FakeServer { addr, requests }
+            FakeServer {
+                addr,
+                requests,
+                _listening: listening,
+            }
         }
 
         /// `http://127.0.0.1:PORT`.

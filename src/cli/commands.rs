@@ -1,18 +1,19 @@
 //! What each client subcommand sends to the daemon and how its answer is printed.
 //!
 //! Every command returns the text for stdout instead of printing it, so `run_client` owns the
-//! output streams and the tests read exactly what a user would see. Responses are decoded into
-//! small structs holding only the fields shown; the daemon may send more, and `--json` passes
-//! everything through untouched.
+//! output streams and the tests read exactly what a user would see. Requests and answers are
+//! the bodies of [`migratory::api`]; a figure an answer lacks is shown as `-`, and `--json`
+//! passes the daemon's answer through untouched.
 
 use std::fmt;
 use std::thread;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
+use migratory::api::{self, MigrationStatusView, Phase};
 use migratory::format::check_name;
 use migratory::units::ByteSize;
 
@@ -52,7 +53,7 @@ pub enum CommandError {
         /// The migration.
         id: u64,
         /// How it ended.
-        status: MigrationState,
+        status: Phase,
         /// The daemon's reason, if it gave one.
         error: Option<String>,
         /// The final status line, still owed to stdout.
@@ -80,89 +81,6 @@ impl CommandError {
 
 fn error_suffix(error: &Option<String>) -> String {
     error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
-}
-
-/// Where a migration is in its life, as the daemon reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MigrationState {
-    /// Accepted, not started yet.
-    Queued,
-    /// Running.
-    Active,
-    /// Done; the target owns the VM.
-    Completed,
-    /// Stopped by a cancel before commitment; the VM still runs on the source.
-    Cancelled,
-    /// Stopped by the policy or the peer before commitment.
-    Aborted,
-    /// Failed.
-    Failed,
-}
-
-impl MigrationState {
-    fn name(self) -> &'static str {
-        match self {
-            MigrationState::Queued => "queued",
-            MigrationState::Active => "active",
-            MigrationState::Completed => "completed",
-            MigrationState::Cancelled => "cancelled",
-            MigrationState::Aborted => "aborted",
-            MigrationState::Failed => "failed",
-        }
-    }
-
-    fn is_finished(self) -> bool {
-        !matches!(self, MigrationState::Queued | MigrationState::Active)
-    }
-}
-
-impl fmt::Display for MigrationState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// One entry of `GET /vms`, and the answer to `POST /vms`.
-#[derive(Debug, Deserialize)]
-struct VmInfo {
-    id: String,
-    state: Option<String>,
-    memory_bytes: Option<u64>,
-    vcpus: Option<u64>,
-    layout: Option<String>,
-    /// Guest stores so far.
-    writes: Option<u64>,
-    /// Verify passes of a self-checking (kvm) guest.
-    #[serde(default)]
-    verify_passes: Option<u64>,
-    /// Pages a self-checking guest found not as it wrote them.
-    #[serde(default)]
-    integrity_errors: Option<u64>,
-}
-
-/// The answer to `POST /migrations`.
-#[derive(Debug, Deserialize)]
-struct MigrationStarted {
-    id: u64,
-}
-
-/// The fields of a migration status object that the client shows.
-#[derive(Debug, Deserialize)]
-struct MigrationStatus {
-    id: u64,
-    vm: Option<String>,
-    to: Option<String>,
-    algorithm: Option<String>,
-    status: MigrationState,
-    stage: Option<String>,
-    round: Option<u64>,
-    transferred_bytes: Option<u64>,
-    remaining_pages: Option<u64>,
-    throughput_bytes_per_sec: Option<f64>,
-    expected_downtime_s: Option<f64>,
-    error: Option<String>,
-    report: Option<Value>,
 }
 
 /// Runs `cmd` and returns what to print on stdout.
@@ -203,25 +121,36 @@ pub(super) fn decode<T: DeserializeOwned>(what: &'static str, value: Value) -> R
     serde_json::from_value(value).map_err(|source| CommandError::UnexpectedResponse { what, source })
 }
 
+/// `POST path` with `body`; the 2xx answer decoded as `T`, which `what` names in errors.
+pub(super) fn post<T: DeserializeOwned>(
+    client: &ApiClient,
+    path: &str,
+    body: &impl Serialize,
+    what: &'static str,
+) -> Result<T, CommandError> {
+    // The API's bodies are plain structs of strings, numbers and flags, which always encode.
+    let body = serde_json::to_value(body).expect("an API request body encodes as JSON");
+    decode(what, require_success(client.post(path, Some(&body))?)?)
+}
+
 fn create_vm(client: &ApiClient, args: &CreateVmArgs) -> Result<String, CommandError> {
     check_name("VM id", &args.id)?;
-    let body = json!({
-        "id": args.id,
-        "memory_bytes": args.memory.0,
-        "vcpus": args.vcpus,
-        "dirty_rate_bytes_per_sec": args.dirty_rate.0,
-        "working_set_bytes": args.working_set.0,
-        "pattern": args.pattern.to_string(),
-    });
-    let vm: VmInfo = decode("VM", require_success(client.post("/vms", Some(&body))?)?)?;
+    let body = api::CreateVm {
+        id: args.id.clone(),
+        memory_bytes: args.memory.0,
+        vcpus: args.vcpus,
+        dirty_rate_bytes_per_sec: args.dirty_rate.0,
+        working_set_bytes: args.working_set.0,
+        pattern: Some(args.pattern.to_string()),
+    };
+    let vm: api::Vm = post(client, "/vms", &body, "VM")?;
     Ok(format!(
         "created VM {}: {}, {}, {} vCPUs, layout {}\n",
         clean(&vm.id),
-        opt(vm.state.as_deref()),
-        vm.memory_bytes
-            .map_or_else(|| "-".to_string(), |b| ByteSize(b).to_string()),
-        opt(vm.vcpus),
-        opt(vm.layout.as_deref()),
+        clean(&vm.state),
+        ByteSize(vm.memory_bytes),
+        vm.vcpus,
+        clean(&vm.layout),
     ))
 }
 
@@ -230,7 +159,7 @@ fn list_vms(client: &ApiClient, raw: bool) -> Result<String, CommandError> {
     if raw {
         return Ok(format!("{value:#}\n"));
     }
-    let vms: Vec<VmInfo> = decode("VM list", value)?;
+    let vms: Vec<api::Vm> = decode("VM list", value)?;
     if vms.is_empty() {
         return Ok("no VMs\n".to_string());
     }
@@ -239,11 +168,10 @@ fn list_vms(client: &ApiClient, raw: bool) -> Result<String, CommandError> {
         .map(|vm| {
             vec![
                 clean(&vm.id),
-                opt(vm.state.as_deref()),
-                vm.memory_bytes
-                    .map_or_else(|| "-".to_string(), |b| ByteSize(b).to_string()),
-                opt(vm.vcpus),
-                opt(vm.layout.as_deref()),
+                clean(&vm.state),
+                ByteSize(vm.memory_bytes).to_string(),
+                vm.vcpus.to_string(),
+                clean(&vm.layout),
                 opt(vm.writes),
                 opt(vm.verify_passes),
                 opt(vm.integrity_errors),
@@ -281,31 +209,19 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         return finish_waiting(client, args, id, poll);
     }
     let to = args.to.clone().unwrap_or_default();
-    let mut body = json!({
-        "vm": args.vm,
-        "to": to,
-        "algorithm": args.algorithm.name(),
-        "streams": args.streams,
-        "bandwidth_bytes_per_sec": args.bandwidth.map(|b| b.0),
-        "downtime_limit_ms": args.downtime_limit_ms,
-        "recovery_timeout_s": args.recovery_timeout,
-    });
-    if let Some(map) = body.as_object_mut() {
-        // Sent only when given, so the daemon's own defaults apply otherwise.
-        if let Some(fault) = &args.fault {
-            map.insert("faults".into(), json!(fault));
-        }
-        if let Some(c) = args.compression {
-            map.insert("compression".into(), json!(c.name()));
-        }
-        if let Some(size) = args.xbzrle_cache {
-            map.insert("xbzrle_cache_bytes".into(), json!(size.0));
-        }
-    }
-    let started: MigrationStarted = decode(
-        "migration id",
-        require_success(client.post("/migrations", Some(&body))?)?,
-    )?;
+    // What the user did not give stays out, so the daemon's own defaults apply.
+    let body = api::StartMigration {
+        algorithm: Some(args.algorithm.name().to_string()),
+        streams: Some(args.streams),
+        bandwidth_bytes_per_sec: args.bandwidth.map(|b| b.0),
+        downtime_limit_ms: Some(args.downtime_limit_ms),
+        recovery_timeout_s: Some(args.recovery_timeout),
+        faults: args.fault.clone(),
+        compression: args.compression.map(|c| c.name().to_string()),
+        xbzrle_cache_bytes: args.xbzrle_cache.map(|size| size.0),
+        ..api::StartMigration::new(args.vm.clone(), to.clone())
+    };
+    let started: api::MigrationStarted = post(client, "/migrations", &body, "migration id")?;
     if !args.wait {
         return Ok(format!(
             "migration {} started: {} -> {} ({})\n",
@@ -330,7 +246,7 @@ fn finish_waiting(client: &ApiClient, args: &MigrateArgs, id: u64, poll: Duratio
     } else {
         format!("{}\n", summary_line(&last))
     };
-    if last.status == MigrationState::Completed {
+    if last.status == Phase::Completed {
         Ok(summary)
     } else {
         Err(CommandError::NotCompleted {
@@ -342,7 +258,7 @@ fn finish_waiting(client: &ApiClient, args: &MigrateArgs, id: u64, poll: Duratio
     }
 }
 
-fn get_status(client: &ApiClient, id: u64) -> Result<MigrationStatus, CommandError> {
+fn get_status(client: &ApiClient, id: u64) -> Result<MigrationStatusView, CommandError> {
     decode(
         "migration status",
         require_success(client.get(&format!("/migrations/{id}"), None)?)?,
@@ -351,7 +267,7 @@ fn get_status(client: &ApiClient, id: u64) -> Result<MigrationStatus, CommandErr
 
 /// Polls until the migration is completed, cancelled, aborted or failed. No deadline of its own:
 /// a migration may legitimately run for hours, and each request has the client's timeout.
-fn wait_until_finished(client: &ApiClient, id: u64, poll: Duration) -> Result<MigrationStatus, CommandError> {
+fn wait_until_finished(client: &ApiClient, id: u64, poll: Duration) -> Result<MigrationStatusView, CommandError> {
     let progress = crate::progress::Progress::new();
     loop {
         let status = match get_status(client, id) {
@@ -361,13 +277,13 @@ fn wait_until_finished(client: &ApiClient, id: u64, poll: Duration) -> Result<Mi
                 return Err(e);
             }
         };
-        if status.status.is_finished() {
+        if !matches!(status.status, Phase::Queued | Phase::Active) {
             progress.finish();
             return Ok(status);
         }
         progress.show(&crate::progress::Snapshot {
             stage: status.stage.clone(),
-            round: status.round.unwrap_or(0),
+            round: status.round.map_or(0, u64::from),
             transferred_bytes: status.transferred_bytes.unwrap_or(0),
             remaining_pages: status.remaining_pages.unwrap_or(0),
             throughput_bytes_per_sec: status.throughput_bytes_per_sec.unwrap_or(0.0),
@@ -378,7 +294,7 @@ fn wait_until_finished(client: &ApiClient, id: u64, poll: Duration) -> Result<Mi
 }
 
 /// One line saying how a migration ended, with the report's figures when the daemon sent one.
-fn summary_line(s: &MigrationStatus) -> String {
+fn summary_line(s: &MigrationStatusView) -> String {
     let mut line = format!(
         "migration {} {}: {} -> {}",
         s.id,
@@ -424,7 +340,7 @@ fn status(client: &ApiClient, id: Option<u64>, raw: bool) -> Result<String, Comm
     if raw {
         return Ok(format!("{value:#}\n"));
     }
-    let migrations: Vec<MigrationStatus> = match id {
+    let migrations: Vec<MigrationStatusView> = match id {
         Some(_) => vec![decode("migration status", value)?],
         None => decode("migration list", value)?,
     };
@@ -481,7 +397,7 @@ fn mib(bytes: u64) -> String {
 }
 
 /// Daemon text with control characters blanked, so a hostile or odd name cannot break the table.
-fn clean(text: &str) -> String {
+pub(super) fn clean(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
@@ -526,8 +442,10 @@ fn render_table(columns: &[(&str, Align)], rows: &[Vec<String>]) -> String {
 mod tests {
     use super::super::client::test_server::{json_response, FakeServer};
     use super::*;
+    use migratory::api::Phase as MigrationState;
     use migratory::protocol::Algorithm;
     use migratory::vmm::Pattern;
+    use serde_json::json;
 
     fn api(server: &FakeServer) -> ApiArgs {
         ApiArgs {

@@ -5,14 +5,12 @@
 use std::thread;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
-
+use migratory::api;
 use migratory::format::check_name;
 use migratory::protocol::Algorithm;
 
 use super::client::{path_segment, require_success, ApiClient};
-use super::commands::{decode, CommandError};
+use super::commands::{clean, decode, post, CommandError};
 use super::ApiArgs;
 
 /// `migratory drain`.
@@ -35,9 +33,12 @@ pub struct DrainArgs {
 pub(super) fn resume(client: &ApiClient, id: &str, peer_is_dead: bool) -> Result<String, CommandError> {
     check_name("VM id", id)?;
     let path = format!("/vms/{}/resume", path_segment(id));
-    let vm: Value = require_success(client.post(&path, Some(&json!({ "peer_is_dead": peer_is_dead })))?)?;
-    let state = vm.get("state").and_then(Value::as_str).unwrap_or("?");
-    Ok(format!("VM {} resumed here ({state})\n", id.escape_debug()))
+    let vm: api::Vm = post(client, &path, &api::ResumeVm { peer_is_dead }, "VM")?;
+    Ok(format!(
+        "VM {} resumed here ({})\n",
+        id.escape_debug(),
+        clean(&vm.state)
+    ))
 }
 
 pub(super) fn discard(client: &ApiClient, id: &str) -> Result<String, CommandError> {
@@ -47,41 +48,28 @@ pub(super) fn discard(client: &ApiClient, id: &str) -> Result<String, CommandErr
     Ok(format!("VM {} discarded\n", id.escape_debug()))
 }
 
-#[derive(Debug, Deserialize)]
-struct Started {
-    id: u64,
-}
-
 /// Starts the recovery run; returns its migration id.
 pub(super) fn recover(client: &ApiClient, vm: &str, to: Option<&str>) -> Result<u64, CommandError> {
     check_name("VM id", vm)?;
     let path = format!("/vms/{}/recover", path_segment(vm));
-    let body = match to {
-        Some(to) => json!({ "to": to }),
-        None => json!({}),
+    let body = api::RecoverVm {
+        to: to.map(str::to_string),
     };
-    let started: Started = decode("migration id", require_success(client.post(&path, Some(&body))?)?)?;
+    let started: api::MigrationStarted = post(client, &path, &body, "migration id")?;
     Ok(started.id)
 }
 
-#[derive(Debug, Deserialize)]
-struct DrainView {
-    running: bool,
-    #[serde(default)]
-    moved: Vec<Value>,
-    #[serde(default)]
-    stayed: Vec<Value>,
-    error: Option<String>,
-}
-
 pub(super) fn drain(client: &ApiClient, args: &DrainArgs, poll: Duration) -> Result<String, CommandError> {
-    let body = json!({ "to": args.to, "algorithm": args.algorithm.name() });
-    require_success(client.post("/drain", Some(&body))?)?;
+    let body = api::StartDrain {
+        to: args.to.clone(),
+        algorithm: Some(args.algorithm.name().to_string()),
+    };
+    let _: api::DrainStarted = post(client, "/drain", &body, "evacuation start")?;
     if !args.wait {
         return Ok(format!("evacuation to {} started\n", args.to.join(", ")));
     }
     let view = loop {
-        let view: DrainView = decode("evacuation status", require_success(client.get("/drain", None)?)?)?;
+        let view: api::DrainStatus = decode("evacuation status", require_success(client.get("/drain", None)?)?)?;
         if !view.running {
             break view;
         }
@@ -89,18 +77,10 @@ pub(super) fn drain(client: &ApiClient, args: &DrainArgs, poll: Duration) -> Res
     };
     let mut out = String::new();
     for m in &view.moved {
-        out.push_str(&format!(
-            "moved {} to {}\n",
-            m.get("vm").and_then(Value::as_str).unwrap_or("?"),
-            m.get("to").and_then(Value::as_str).unwrap_or("?")
-        ));
+        out.push_str(&format!("moved {} to {}\n", clean(&m.vm), m.to));
     }
     for s in &view.stayed {
-        out.push_str(&format!(
-            "stayed {}: {}\n",
-            s.get("vm").and_then(Value::as_str).unwrap_or("?"),
-            s.get("why").and_then(Value::as_str).unwrap_or("?")
-        ));
+        out.push_str(&format!("stayed {}: {}\n", clean(&s.vm), clean(&s.why)));
     }
     if let Some(e) = &view.error {
         return Err(CommandError::Incomplete {
@@ -118,7 +98,7 @@ pub(super) fn drain(client: &ApiClient, args: &DrainArgs, poll: Duration) -> Res
 }
 
 pub(super) fn shutdown(client: &ApiClient, force: bool) -> Result<String, CommandError> {
-    require_success(client.post("/shutdown", Some(&json!({ "force": force })))?)?;
+    let _: api::ShutdownStarted = post(client, "/shutdown", &api::Shutdown { force }, "shutdown answer")?;
     Ok(if force {
         "forced shutdown requested: VMs still here are destroyed\n".into()
     } else {

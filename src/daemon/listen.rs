@@ -10,7 +10,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use super::bad;
+use super::Refusal;
 
 /// Binds the API's Unix socket with mode 0600. A socket left by a daemon that died (nobody
 /// answers on it) is replaced; anything else at the path is left alone and refused.
@@ -56,11 +56,12 @@ pub(super) fn serve_metrics(addr: SocketAddr, metrics: Option<PrometheusHandle>)
     Ok(bound)
 }
 
-async fn metrics_text(metrics: web::Data<Option<PrometheusHandle>>) -> HttpResponse {
-    match metrics.get_ref() {
-        Some(h) => HttpResponse::Ok()
-            .content_type("text/plain; version=0.0.4")
-            .body(h.render()),
-        None => bad(StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder".into()),
-    }
+async fn metrics_text(metrics: web::Data<Option<PrometheusHandle>>) -> Result<HttpResponse, Refusal> {
+    let handle = metrics
+        .get_ref()
+        .as_ref()
+        .ok_or_else(|| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "no metrics recorder"))?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(handle.render()))
 }

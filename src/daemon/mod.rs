@@ -12,9 +12,13 @@
 //! * every VM id and host name is checked by [`check_name`] before it reaches the engine.
 
 mod listen;
+mod migrations;
 mod ops;
+mod refusal;
+mod vms;
 
 use listen::{bind_unix, serve_metrics};
+use refusal::Refusal;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,25 +28,22 @@ use std::time::Duration;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::error::JsonPayloadError;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::middleware::{from_fn, Next};
+use actix_web::ResponseError;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::{Deserialize, Serialize};
 
 use crate::cli::token;
-use migratory::engine::{EngineError, EngineHandle, HostConfig, MigrationRequest, VmSpec};
-use migratory::format::{check_name, NameError, NativeLayout};
+use migratory::api::ApiError;
+use migratory::engine::{EngineHandle, HostConfig};
+use migratory::format::{check_name, NativeLayout};
 use migratory::link::tls::TlsSetup;
 use migratory::protocol::auth::ClusterKey;
-use migratory::protocol::Algorithm;
 use migratory::units::ByteSize;
-use migratory::vm::VmInfo;
-use migratory::vmm::{BackendSpec, Pattern, WorkloadSpec};
-
-/// Slowest bandwidth cap accepted for a migration (bytes/s).
-const MIN_BANDWIDTH: u64 = 64 * 1024;
+use migratory::vmm::BackendSpec;
 
 /// Open API connections per worker (two workers).
 const API_MAX_CONNECTIONS_PER_WORKER: usize = 512;
@@ -335,21 +336,21 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .app_data(web::JsonConfig::default().limit(64 * 1024))
+            .app_data(web::JsonConfig::default().limit(64 * 1024).error_handler(refuse_body))
             .wrap(from_fn(require_token))
-            .route("/vms", web::get().to(list_vms))
-            .route("/vms", web::post().to(create_vm))
-            .route("/vms/{id}", web::delete().to(delete_vm))
+            .route("/vms", web::get().to(vms::list_vms))
+            .route("/vms", web::post().to(vms::create_vm))
+            .route("/vms/{id}", web::delete().to(vms::delete_vm))
             .route("/vms/{id}/resume", web::post().to(ops::resume_vm))
             .route("/vms/{id}/discard", web::post().to(ops::discard_vm))
             .route("/vms/{id}/recover", web::post().to(ops::recover_vm))
             .route("/drain", web::post().to(ops::start_drain))
             .route("/drain", web::get().to(ops::drain_status))
             .route("/shutdown", web::post().to(ops::shutdown))
-            .route("/migrations", web::get().to(list_migrations))
-            .route("/migrations", web::post().to(start_migration))
-            .route("/migrations/{id}", web::get().to(migration_status))
-            .route("/migrations/{id}/cancel", web::post().to(cancel_migration))
+            .route("/migrations", web::get().to(migrations::list_migrations))
+            .route("/migrations", web::post().to(migrations::start_migration))
+            .route("/migrations/{id}", web::get().to(migrations::migration_status))
+            .route("/migrations/{id}/cancel", web::post().to(migrations::cancel_migration))
     })
     .workers(2)
     // Bounded: each open API connection costs buffers, and a crowd of idle ones must not grow
@@ -472,280 +473,36 @@ async fn require_token(
     }
     let response = HttpResponse::Unauthorized()
         .insert_header((header::WWW_AUTHENTICATE, refusal.challenge))
-        .json(serde_json::json!({ "error": refusal.message }));
+        .json(ApiError::new(refusal.message));
     Ok(req.into_response(response).map_into_right_body())
 }
 
-/// 400 naming the request field whose name was refused.
-fn bad_name(field: &str, e: &NameError) -> HttpResponse {
-    HttpResponse::BadRequest().json(serde_json::json!({ "error": format!("invalid `{field}`: {e}"), "field": field }))
+/// A body that is not the JSON its endpoint takes gets the API's error body too, with the
+/// status actix chose (400, or 413 past the size limit).
+fn refuse_body(err: JsonPayloadError, _: &actix_web::HttpRequest) -> actix_web::Error {
+    Refusal::new(err.status_code(), err.to_string()).into()
 }
 
-fn error(e: &EngineError) -> HttpResponse {
-    let status = match e {
-        EngineError::UnknownHost(_) | EngineError::UnknownVm { .. } | EngineError::UnknownMigration(_) => {
-            StatusCode::NOT_FOUND
-        }
-        EngineError::DuplicateVm(_) | EngineError::TooLateToCancel(_) | EngineError::InsufficientMemory { .. } => {
-            StatusCode::CONFLICT
-        }
-        EngineError::InvalidConfig(_) | EngineError::Vm(_) => StatusCode::BAD_REQUEST,
-        EngineError::Link { .. } => StatusCode::BAD_GATEWAY,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    bad(status, e.to_string())
-}
-
-fn bad(status: StatusCode, message: String) -> HttpResponse {
-    HttpResponse::build(status).json(serde_json::json!({ "error": message }))
-}
-
-#[derive(Debug, Serialize)]
-struct VmView {
-    id: String,
-    state: String,
-    memory_bytes: u64,
-    vcpus: u32,
-    layout: String,
-    /// Pages the guest wrote (for a kvm guest, its own progress counter, carried across moves).
-    writes: u64,
-    /// Verify passes of a self-checking guest.
-    verify_passes: u64,
-    /// Pages a self-checking guest found not as it wrote them; must stay 0.
-    integrity_errors: u64,
-    /// Why a copy is held (not running, not migrating), if it is.
-    reason: Option<String>,
-    /// The operator actions that apply to a held copy.
-    actions: Vec<&'static str>,
-}
-
-impl From<&VmInfo> for VmView {
-    fn from(v: &VmInfo) -> Self {
-        Self {
-            id: v.config.id.0.clone(),
-            state: match &v.held {
-                Some(h) => h.reason.name().to_string(),
-                None => v.state.name().to_string(),
-            },
-            memory_bytes: v.config.memory_bytes,
-            vcpus: v.config.vcpus,
-            layout: v.layout.to_string(),
-            writes: v.stats.writes,
-            verify_passes: v.stats.verify_passes,
-            integrity_errors: v.stats.integrity_errors,
-            reason: v.held.as_ref().map(|h| match &h.peer {
-                Some(peer) => format!("{} (peer {peer})", h.detail),
-                None => h.detail.clone(),
-            }),
-            actions: v
-                .held
-                .as_ref()
-                .map(|h| h.reason.actions().iter().map(|a| a.name()).collect())
-                .unwrap_or_default(),
-        }
-    }
-}
-
-async fn list_vms(state: web::Data<State>) -> HttpResponse {
-    match state.engine.list_vms(&state.host).await {
-        Ok(vms) => HttpResponse::Ok().json(vms.iter().map(VmView::from).collect::<Vec<_>>()),
-        Err(e) => error(&e),
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct CreateVm {
-    id: String,
-    memory_bytes: u64,
-    #[serde(default = "two")]
-    vcpus: u32,
-    #[serde(default)]
-    dirty_rate_bytes_per_sec: u64,
-    #[serde(default = "default_working_set")]
-    working_set_bytes: u64,
-    #[serde(default)]
-    pattern: Option<String>,
-}
-
-fn two() -> u32 {
-    2
-}
-
-fn default_working_set() -> u64 {
-    64 << 20
-}
-
-async fn create_vm(state: web::Data<State>, body: web::Json<CreateVm>) -> HttpResponse {
-    if state.shutting_down.load(Ordering::Acquire) {
-        return bad(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("host {} is shutting down: it takes no new VM", state.host),
-        );
-    }
-    let b = body.into_inner();
-    if let Err(e) = check_name("VM id", &b.id) {
-        return bad_name("id", &e);
-    }
-    let pattern = match b.pattern.as_deref().map(str::parse::<Pattern>).transpose() {
-        Ok(p) => p.unwrap_or_default(),
-        Err(e) => return bad(StatusCode::BAD_REQUEST, e),
-    };
-    let spec = VmSpec {
-        vcpus: b.vcpus,
-        workload: WorkloadSpec {
-            rate_bytes_per_sec: b.dirty_rate_bytes_per_sec,
-            working_set_bytes: b.working_set_bytes,
-            pattern,
-            ..WorkloadSpec::default()
-        },
-        ..VmSpec::new(b.id, b.memory_bytes)
-    };
-    match state.engine.create_vm(&state.host, spec).await {
-        Ok(v) => HttpResponse::Created().json(VmView::from(&v)),
-        Err(e) => error(&e),
-    }
-}
-
-async fn delete_vm(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
-    if let Err(e) = check_name("VM id", &id) {
-        return bad_name("id", &e);
-    }
-    match state.engine.delete_vm(&state.host, &id).await {
-        Ok(()) => HttpResponse::NoContent().finish(),
-        Err(e) => error(&e),
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct StartMigration {
-    vm: String,
-    to: String,
-    #[serde(default)]
-    algorithm: Option<String>,
-    #[serde(default)]
-    streams: Option<u8>,
-    #[serde(default)]
-    bandwidth_bytes_per_sec: Option<u64>,
-    #[serde(default)]
-    downtime_limit_ms: Option<f64>,
-    /// Faults to inject, `KIND[@STAGE],...` (source side; target-side kinds need an
-    /// in-process target). Only with `serve --enable-fault-injection`.
-    #[serde(default)]
-    faults: Option<String>,
-    /// Post-copy: seconds to keep reconnecting after the link fails in the pull phase (0 turns
-    /// recovery off; default 60).
-    #[serde(default)]
-    recovery_timeout_s: Option<f64>,
-    /// Page encoding: `off`, `lz4`, `xbzrle`, `both` or `auto` (default).
-    #[serde(default)]
-    compression: Option<String>,
-    /// Bytes of the source's XBZRLE cache (default 64 MiB, never more than the VM).
-    #[serde(default)]
-    xbzrle_cache_bytes: Option<u64>,
-}
-
-async fn start_migration(state: web::Data<State>, body: web::Json<StartMigration>) -> HttpResponse {
-    let b = body.into_inner();
-    if let Err(e) = check_name("VM id", &b.vm) {
-        return bad_name("vm", &e);
-    }
-    if let Err(e) = check_peer(&b.to) {
-        return HttpResponse::BadRequest()
-            .json(serde_json::json!({ "error": format!("invalid `to`: {e}"), "field": "to" }));
-    }
-    if b.faults.is_some() && !state.fault_injection {
-        return bad(
-            StatusCode::FORBIDDEN,
-            "fault injection is off on this daemon: start it with --enable-fault-injection to accept `faults`".into(),
-        );
-    }
-    let algorithm = match b.algorithm.as_deref().map(str::parse::<Algorithm>).transpose() {
-        Ok(a) => a.unwrap_or(Algorithm::Precopy),
-        Err(e) => return bad(StatusCode::BAD_REQUEST, e),
-    };
-    let Some(addr) = resolve(&b.to).await.and_then(|a| a.first().copied()) else {
-        return bad(
+/// The first address of the peer named in the request's `field`; refused (400) if it is not
+/// `HOST:PORT` or resolves to nothing in time.
+async fn resolve_peer(field: &str, peer: &str) -> Result<SocketAddr, Refusal> {
+    check_peer(peer).map_err(|e| Refusal::field(field, e))?;
+    resolve(peer).await.and_then(|a| a.first().copied()).ok_or_else(|| {
+        Refusal::new(
             StatusCode::BAD_REQUEST,
-            format!("cannot resolve peer {:?} (host:port)", b.to),
-        );
-    };
-    if let Some(allowed) = &state.allowed_peers {
-        if !allowed.permits(&b.to, addr) {
-            return bad(
-                StatusCode::FORBIDDEN,
-                format!("peer {:?} is not in this daemon's --allow-peer list", b.to),
-            );
-        }
-    }
-    if let Some(rate) = b.bandwidth_bytes_per_sec {
-        if rate < MIN_BANDWIDTH {
-            return bad(
-                StatusCode::BAD_REQUEST,
-                format!("bandwidth_bytes_per_sec {rate} is below the minimum of {MIN_BANDWIDTH}"),
-            );
-        }
-    }
-    let faults = match b
-        .faults
-        .as_deref()
-        .map(str::parse::<migratory::engine::FaultPlan>)
-        .transpose()
-    {
-        Ok(f) => f.unwrap_or_default(),
-        Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
-    };
-    let mut req = MigrationRequest::new(b.vm, state.host.clone(), b.to).algorithm(algorithm);
-    req.faults = faults;
-    req.target_addr = Some(addr);
-    if let Some(s) = b.streams {
-        req.streams = s;
-    }
-    req.shaping.bandwidth_bytes_per_sec = b.bandwidth_bytes_per_sec;
-    if let Some(s) = b.recovery_timeout_s {
-        if !(0.0..=86_400.0).contains(&s) {
-            return bad(StatusCode::BAD_REQUEST, format!("recovery_timeout_s {s} out of range"));
-        }
-        req.recovery_timeout = Duration::from_secs_f64(s);
-    }
-    if let Some(c) = b.compression.as_deref() {
-        match c.parse::<migratory::protocol::CompressionChoice>() {
-            Ok(c) => req.compression = c,
-            Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
-        }
-    }
-    if let Some(n) = b.xbzrle_cache_bytes {
-        req.xbzrle_cache_bytes = n;
-    }
-    if let Some(ms) = b.downtime_limit_ms {
-        if !(0.0..=3_600_000.0).contains(&ms) {
-            return bad(StatusCode::BAD_REQUEST, format!("downtime_limit_ms {ms} out of range"));
-        }
-        req.policy.downtime_limit = Duration::from_secs_f64(ms / 1e3);
-    }
-    match state.engine.start_migration(req).await {
-        Ok(started) => HttpResponse::Accepted().json(serde_json::json!({ "id": started.id })),
-        Err(e) => error(&e),
-    }
+            format!("cannot resolve peer {peer:?} (host:port)"),
+        )
+    })
 }
 
-async fn list_migrations(state: web::Data<State>) -> HttpResponse {
-    match state.engine.list_migrations().await {
-        Ok(m) => HttpResponse::Ok().json(m),
-        Err(e) => error(&e),
-    }
-}
-
-async fn migration_status(state: web::Data<State>, id: web::Path<u64>) -> HttpResponse {
-    match state.engine.status(*id).await {
-        Ok(s) => HttpResponse::Ok().json(s),
-        Err(e) => error(&e),
-    }
-}
-
-async fn cancel_migration(state: web::Data<State>, id: web::Path<u64>) -> HttpResponse {
-    match state.engine.cancel(*id).await {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({})),
-        Err(e) => error(&e),
+/// Refused (403) unless `--allow-peer` lets VMs go to `peer` (at `addr`).
+fn permit_peer(state: &State, peer: &str, addr: SocketAddr) -> Result<(), Refusal> {
+    match &state.allowed_peers {
+        Some(allowed) if !allowed.permits(peer, addr) => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("peer {peer:?} is not in this daemon's --allow-peer list"),
+        )),
+        _ => Ok(()),
     }
 }
 

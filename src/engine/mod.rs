@@ -39,6 +39,7 @@ pub use faults::{FaultKind, FaultPlan};
 pub use handle::{EngineHandle, StartedMigration};
 pub use host::HostUsage;
 pub use policy::{PolicyConfig, StallAction};
+pub use progress::Progress;
 pub use progress::{MigrationStatus, Phase};
 pub use report::{
     CompressionReport, DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation,
