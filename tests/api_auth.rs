@@ -310,6 +310,10 @@ fn test_allow_peer_limits_where_vms_go() {
     let body = json!({ "vm": "vm1", "to": "127.0.0.3:9" }).to_string();
     let raw = request(&a.api, "POST", "/migrations", Some(&token_of(&a)), Some(&body));
     assert_eq!(raw.status, 403, "{raw:?}");
+    // A recovery to a new peer sends the VM's pages there: the same list applies.
+    let body = json!({ "to": "127.0.0.3:9" }).to_string();
+    let raw = request(&a.api, "POST", "/vms/vm1/recover", Some(&token_of(&a)), Some(&body));
+    assert_eq!(raw.status, 403, "{raw:?}");
     a.assert_runs("vm1", "xen-hvm");
     let to = allowed.migration_addr.to_string();
     a.cli(&["migrate", "vm1", "--to", &to, "--wait"]).assert_success();

@@ -52,7 +52,13 @@ pub(super) async fn recover_vm(
 ) -> Result<HttpResponse, Refusal> {
     check_name("VM id", &id).map_err(|e| Refusal::field("id", e))?;
     let to = match body.and_then(|b| b.into_inner().to) {
-        Some(peer) => Some(resolve_peer("to", &peer).await?),
+        // A recovery to a new peer sends the VM's pages there: the same allow-list as a
+        // migration.
+        Some(peer) => {
+            let addr = resolve_peer("to", &peer).await?;
+            permit_peer(&state, &peer, addr)?;
+            Some(addr)
+        }
         None => None,
     };
     let started = state.engine.recover_held(&state.host, &id, to).await?;
