@@ -31,6 +31,7 @@ pub mod engine;
 pub mod format;
 pub mod link;
 pub mod memory;
+pub mod model;
 pub mod offload;
 pub mod protocol;
 pub mod telemetry;
