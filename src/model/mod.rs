@@ -4,12 +4,17 @@
 //! allocated; a scenario of thousands of hosts runs in seconds.
 //!
 //! * [`scenario`]: what a scenario holds, in base units.
+//! * [`parse`]: the scenario file.
 //! * [`outcome`]: what a run produced.
 
 pub mod outcome;
+pub mod parse;
+mod run;
 pub mod scenario;
 
 pub use outcome::{HostSample, MigrationRecord, ModelOutcome, Placement, Prediction};
+pub use parse::{parse, ScenarioError};
+pub use run::{run, ModelError};
 pub use scenario::{
     Datacenter, Destination, EventKind, HostDef, LinkDef, MigrationLimits, Scenario, TimedEvent, VmDef, WorkloadDef,
     WritePattern,
