@@ -7,14 +7,20 @@
 //! * [`parse`]: the scenario file.
 //! * [`outcome`]: what a run produced.
 
+mod memory;
+mod migration;
+mod network;
 pub mod outcome;
+pub mod params;
 pub mod parse;
+mod placement;
 mod run;
 pub mod scenario;
 
 pub use outcome::{HostSample, MigrationRecord, ModelOutcome, Placement, Prediction};
+pub use params::ModelParams;
 pub use parse::{parse, ScenarioError};
-pub use run::{run, ModelError};
+pub use run::{run, run_with, ModelError, RunOptions};
 pub use scenario::{
     Datacenter, Destination, EventKind, HostDef, LinkDef, MigrationLimits, Scenario, TimedEvent, VmDef, WorkloadDef,
     WritePattern,

@@ -101,4 +101,7 @@ pub struct ModelOutcome {
     pub placements: Vec<Placement>,
     /// Events the simulation processed (timed events, migration steps, samples).
     pub events_processed: u64,
+    /// What the run skipped or lost on the way (a deploy that did not fit, a VM lost with its
+    /// host), in words.
+    pub notes: Vec<String>,
 }

@@ -1,0 +1,393 @@
+//! One migration in virtual time: the phases a real run goes through, with the plan deciding
+//! between rounds exactly as the engine's source machine asks it, and the figures it decides on
+//! taken from the fluid models instead of a data plane.
+
+use super::memory;
+use super::outcome::{MigrationRecord, Prediction};
+use super::run::Sim;
+use super::scenario::{MigrationLimits, Scenario};
+use crate::engine::plan::{self, Estimate, Forecast, Next, Plan, RoundObservation, Switchover, Verdict};
+use crate::engine::PolicyConfig;
+use crate::protocol::negotiation::negotiate;
+use crate::protocol::Capabilities;
+use crate::units::PAGE_SIZE;
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Phase {
+    /// Waiting for a slot.
+    Queued,
+    /// Premigration and reservation.
+    Setup { until: f64 },
+    /// A pre-copy round with `left` bytes to send.
+    Round { round: u32, left: f64, started: f64 },
+    /// Paused; the last pages go (stop-and-copy order).
+    Final { left: f64 },
+    /// Paused; state, load and activation.
+    Switch { until: f64, how: Switchover },
+    /// Post-copy: the target runs the VM; the rest is pulled and pushed.
+    Push { left: f64 },
+    /// Ended.
+    Done,
+}
+
+/// What a phase end means for where the VM runs.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Step {
+    Continue,
+    /// The VM pauses on its source: it runs nowhere until activation.
+    Pause,
+    /// The VM runs on its target.
+    Activate,
+    /// Done: the source copy is freed.
+    Complete,
+    /// Given up before commitment.
+    Abort(String),
+}
+
+pub(super) struct Mig {
+    pub record: usize,
+    pub vm: usize,
+    pub src: usize,
+    pub dst: usize,
+    /// The link between the datacenters, if they differ.
+    pub link: Option<usize>,
+    pub phase: Phase,
+    /// Current rate, bytes per second.
+    pub rate: f64,
+    /// Current cap (the request's bandwidth, or the plan's pace), bytes per second.
+    pub cap: f64,
+    pub reserved: bool,
+    /// Why negotiation refused it, if it did.
+    pub refusal: Option<String>,
+    requested: crate::protocol::Algorithm,
+    limit_cap: f64,
+    plan: Option<Box<dyn Plan>>,
+    rtt: f64,
+    pages: u64,
+    /// Pages the next step starts from.
+    pending: u64,
+    requested_at: f64,
+    start: f64,
+    precopy_start: f64,
+    paused_at: Option<f64>,
+    downtime: f64,
+    bytes: f64,
+    round_bytes: f64,
+    rounds: u32,
+    why: Vec<String>,
+    forecast: Option<Prediction>,
+    fixed_precopy: f64,
+    fixed_postcopy: f64,
+}
+
+impl Mig {
+    pub fn new(sim: &Sim<'_>, record: usize, vm: usize, src: usize, dst: usize, limits: &MigrationLimits) -> Self {
+        let sc = sim.sc;
+        let (s, d) = (&sc.hosts[src], &sc.hosts[dst]);
+        let link = (s.datacenter != d.datacenter).then(|| {
+            sc.links
+                .iter()
+                .position(|l| (l.a, l.b) == (s.datacenter, d.datacenter) || (l.b, l.a) == (s.datacenter, d.datacenter))
+        });
+        let mut refusal = None;
+        let link = match link {
+            None => None,
+            Some(Some(l)) if sim.failed_links.contains(&l) => {
+                refusal = Some("the link between the datacenters has failed".to_string());
+                Some(l)
+            }
+            Some(Some(l)) => Some(l),
+            Some(None) => {
+                refusal = Some(format!(
+                    "no link between {} and {}",
+                    sc.datacenters[s.datacenter].name, sc.datacenters[d.datacenter].name
+                ));
+                None
+            }
+        };
+        let rtt = link.map_or(sim.opts.params.local_rtt_s, |l| 2.0 * sc.links[l].latency_s);
+        // The same negotiation the engine runs, over the two hosts' offers.
+        let caps = |h: &super::scenario::HostDef| Capabilities {
+            algorithms: h.algorithms.clone(),
+            ..Capabilities::full(vec![h.layout])
+        };
+        let mut plan = None;
+        match negotiate(&caps(s), &caps(d), limits.algorithm) {
+            Ok(pool) => {
+                let mut cfg = PolicyConfig::default();
+                if let Some(l) = limits.downtime_limit_s {
+                    cfg.downtime_limit = std::time::Duration::from_secs_f64(l.max(0.0));
+                }
+                plan = Some(plan::for_algorithm(limits.algorithm, cfg, &pool.algorithms));
+            }
+            Err(e) => refusal = refusal.or(Some(e.to_string())),
+        }
+        let ram = sc.vms[vm].ram_bytes as f64;
+        let p = &sim.opts.params;
+        Self {
+            record,
+            vm,
+            src,
+            dst,
+            link,
+            phase: Phase::Queued,
+            rate: 0.0,
+            cap: f64::INFINITY,
+            reserved: false,
+            refusal,
+            requested: limits.algorithm,
+            limit_cap: limits.bandwidth_bytes_per_sec.unwrap_or(f64::INFINITY),
+            plan,
+            rtt,
+            pages: sc.vms[vm].ram_bytes / PAGE_SIZE as u64,
+            pending: 0,
+            requested_at: sim.t,
+            start: sim.t,
+            precopy_start: sim.t,
+            paused_at: None,
+            downtime: 0.0,
+            bytes: 0.0,
+            round_bytes: 0.0,
+            rounds: 0,
+            why: Vec::new(),
+            forecast: None,
+            // Verification hashes the paused memory before Commit in pre-copy order.
+            fixed_precopy: p.switchover_s + 2.0 * rtt + ram / p.verify_bytes_per_sec,
+            fixed_postcopy: p.switchover_s + 2.0 * rtt,
+        }
+    }
+
+    /// When the current phase ends at the current rate.
+    pub fn phase_end(&self, now: f64) -> f64 {
+        match self.phase {
+            Phase::Setup { until } | Phase::Switch { until, .. } => until,
+            Phase::Round { left, .. } | Phase::Final { left } | Phase::Push { left } => {
+                if left <= 0.0 {
+                    now
+                } else if self.rate > 0.0 {
+                    now + left / self.rate
+                } else {
+                    f64::INFINITY
+                }
+            }
+            Phase::Queued | Phase::Done => f64::INFINITY,
+        }
+    }
+
+    pub fn left_bytes(&self) -> f64 {
+        match self.phase {
+            Phase::Round { left, .. } | Phase::Final { left } | Phase::Push { left } => left,
+            _ => f64::INFINITY,
+        }
+    }
+
+    /// True while pages move.
+    pub fn moves_bytes(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Round { .. } | Phase::Final { .. } | Phase::Push { .. }
+        )
+    }
+
+    /// True once the target runs the VM.
+    pub fn activated(&self) -> bool {
+        matches!(self.phase, Phase::Push { .. })
+    }
+
+    pub fn advance(&mut self, dt: f64) {
+        let sent = self.rate * dt;
+        match &mut self.phase {
+            Phase::Round { left, .. } | Phase::Final { left } | Phase::Push { left } => {
+                let s = sent.min(*left);
+                *left -= s;
+                self.bytes += s;
+                self.round_bytes += s;
+            }
+            _ => {}
+        }
+    }
+
+    fn note(&mut self, v: Verdict, elapsed: f64) {
+        for c in v.decisions {
+            self.why.push(format!("{}: {}", c.action, c.reason));
+        }
+        if let Some(f) = v.forecast {
+            self.forecast = Some(prediction(&f, elapsed));
+        }
+    }
+
+    pub fn record(&self, sc: &Scenario, now: f64, result: &str, error: Option<String>) -> MigrationRecord {
+        let (s, d) = (&sc.hosts[self.src], &sc.hosts[self.dst]);
+        let algorithm = self.plan.as_ref().map_or(self.requested, |p| p.algorithm());
+        MigrationRecord {
+            vm: sc.vms[self.vm].id.clone(),
+            source: s.name.clone(),
+            source_datacenter: sc.datacenters[s.datacenter].name.clone(),
+            target: d.name.clone(),
+            target_datacenter: sc.datacenters[d.datacenter].name.clone(),
+            requested: self.requested.name().to_string(),
+            algorithm: algorithm.name().to_string(),
+            why: self.why.clone(),
+            result: result.to_string(),
+            error,
+            requested_at_s: self.requested_at,
+            start_s: self.start,
+            end_s: now,
+            total_s: now - self.start,
+            downtime_start_s: self.paused_at,
+            downtime_s: self.downtime,
+            bytes: self.bytes.round() as u64,
+            rounds: self.rounds,
+            predicted: self.forecast.clone(),
+        }
+    }
+}
+
+fn prediction(f: &Forecast, elapsed: f64) -> Prediction {
+    let r = f.report(std::time::Duration::from_secs_f64(elapsed.max(0.0)));
+    Prediction {
+        algorithm: r.algorithm,
+        downtime_s: r.downtime_s,
+        total_s: r.total_s,
+        basis: r.basis,
+    }
+}
+
+/// Starts migration `m` (its slots and reservation taken): premigration and reservation.
+pub(super) fn start(sim: &mut Sim<'_>, m: usize) {
+    let t = sim.t;
+    let p = sim.opts.params;
+    let ram = sim.sc.vms[sim.migs[m].vm].ram_bytes as f64;
+    let mig = &mut sim.migs[m];
+    mig.reserved = true;
+    mig.start = t;
+    // Hello/Welcome, Authenticate, Reserve/Reserved: two round trips and the commit of memory.
+    mig.phase = Phase::Setup {
+        until: t + p.setup_s + 2.0 * mig.rtt + ram / p.reserve_bytes_per_sec,
+    };
+}
+
+/// What follows the phase of migration `m` that just ended.
+pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
+    let t = sim.t;
+    let sc = sim.sc;
+    let estimate = estimate(sim, m);
+    let mig = &mut sim.migs[m];
+    let elapsed = t - mig.start;
+    match mig.phase {
+        Phase::Setup { .. } => {
+            let Some(plan) = mig.plan.as_mut() else {
+                return Step::Abort("no plan".into());
+            };
+            let v = plan.start(mig.pages, Some(estimate));
+            let next = v.next.clone();
+            mig.note(v, elapsed);
+            mig.pending = mig.pages;
+            follow(mig, next, t)
+        }
+        Phase::Round { round, started, .. } => {
+            mig.rounds += 1;
+            let dt = (t - started).max(1e-9);
+            let w = &sc.vms[mig.vm].workload;
+            let remaining = memory::dirtied_between(w, started, t, mig.pages);
+            let obs = RoundObservation {
+                round,
+                remaining_pages: remaining,
+                dirty_pages_per_sec: remaining as f64 / dt,
+                bandwidth_bytes_per_sec: (mig.round_bytes / dt).max(1.0),
+                fixed_switchover: std::time::Duration::from_secs_f64(mig.fixed_precopy),
+                precopy_elapsed: std::time::Duration::from_secs_f64(t - mig.precopy_start),
+            };
+            let Some(plan) = mig.plan.as_mut() else {
+                return Step::Abort("no plan".into());
+            };
+            let v = plan.after_round(&obs);
+            let next = v.next.clone();
+            mig.note(v, elapsed);
+            mig.pending = remaining;
+            follow(mig, next, t)
+        }
+        Phase::Final { .. } => {
+            mig.phase = Phase::Switch {
+                until: t + mig.fixed_precopy,
+                how: Switchover::StopAndCopy,
+            };
+            Step::Continue
+        }
+        Phase::Switch { how, .. } => {
+            mig.downtime = mig.paused_at.map_or(0.0, |p| t - p);
+            match how {
+                Switchover::StopAndCopy => Step::Complete,
+                Switchover::Postcopy => {
+                    mig.phase = Phase::Push {
+                        left: mig.pending as f64 * PAGE_SIZE as f64,
+                    };
+                    mig.cap = mig.limit_cap;
+                    Step::Activate
+                }
+            }
+        }
+        Phase::Push { .. } => Step::Complete,
+        Phase::Queued | Phase::Done => Step::Continue,
+    }
+}
+
+/// The phase a plan's `next` leads to.
+fn follow(mig: &mut Mig, next: Next, t: f64) -> Step {
+    match next {
+        Next::Round { rate } => {
+            if !matches!(mig.phase, Phase::Round { .. }) {
+                mig.precopy_start = t;
+            }
+            let round = match mig.phase {
+                Phase::Round { round, .. } => round + 1,
+                _ => 0,
+            };
+            mig.round_bytes = 0.0;
+            mig.cap = mig.limit_cap.min(rate.map_or(f64::INFINITY, |r| r as f64));
+            mig.phase = Phase::Round {
+                round,
+                left: mig.pending as f64 * PAGE_SIZE as f64,
+                started: t,
+            };
+            Step::Continue
+        }
+        Next::Switchover(how) => {
+            mig.paused_at = Some(t);
+            mig.cap = mig.limit_cap;
+            mig.round_bytes = 0.0;
+            mig.phase = match how {
+                Switchover::StopAndCopy => Phase::Final {
+                    left: mig.pending as f64 * PAGE_SIZE as f64,
+                },
+                Switchover::Postcopy => Phase::Switch {
+                    until: t + mig.fixed_postcopy,
+                    how,
+                },
+            };
+            Step::Pause
+        }
+        Next::Abort { detail } => Step::Abort(detail),
+    }
+}
+
+/// What the model knows of the path before the first page moves: its narrowest capacity.
+fn estimate(sim: &Sim<'_>, m: usize) -> Estimate {
+    let mig = &sim.migs[m];
+    let (s, d) = (&sim.sc.hosts[mig.src], &sim.sc.hosts[mig.dst]);
+    let mut bw = s
+        .nic_bytes_per_sec
+        .min(s.bandwidth_budget_bytes_per_sec)
+        .min(d.nic_bytes_per_sec)
+        .min(sim.opts.params.plane_bytes_per_sec)
+        .min(mig.limit_cap);
+    if let Some(l) = mig.link {
+        bw = bw.min(sim.sc.links[l].bytes_per_sec);
+    }
+    Estimate {
+        bandwidth_bytes_per_sec: bw,
+        source: "the path's narrowest capacity",
+        fixed_switchover: std::time::Duration::from_secs_f64(mig.fixed_precopy),
+    }
+}

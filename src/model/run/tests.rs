@@ -1,0 +1,248 @@
+use super::*;
+use crate::format::NativeLayout;
+use crate::model::scenario::*;
+use crate::protocol::Algorithm;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn host(name: &str, dc: usize, nic: f64) -> HostDef {
+    HostDef {
+        name: name.into(),
+        datacenter: dc,
+        ram_bytes: 64 * GIB,
+        cores: 16,
+        nic_bytes_per_sec: nic,
+        vmm: "kvm".into(),
+        layout: NativeLayout::Kvm,
+        memory_budget_bytes: 64 * GIB,
+        bandwidth_budget_bytes_per_sec: nic,
+        max_outgoing: 2,
+        max_incoming: 2,
+        algorithms: Algorithm::ALL.to_vec(),
+    }
+}
+
+fn vm(id: &str, ram: u64, rate: f64, host: Option<usize>) -> VmDef {
+    VmDef {
+        id: id.into(),
+        ram_bytes: ram,
+        vcpus: 2,
+        vmm: "kvm".into(),
+        workload: WorkloadDef {
+            dirty_bytes_per_sec: rate,
+            working_set_bytes: ram / 4,
+            pattern: WritePattern::HotSet,
+            rate_changes: Vec::new(),
+        },
+        host,
+    }
+}
+
+fn limits(a: Algorithm) -> MigrationLimits {
+    MigrationLimits {
+        algorithm: a,
+        bandwidth_bytes_per_sec: None,
+        downtime_limit_s: None,
+    }
+}
+
+fn migrate(at: f64, vm: usize, to: Destination, a: Algorithm) -> TimedEvent {
+    TimedEvent {
+        at_s: at,
+        kind: EventKind::Migrate {
+            vm,
+            to,
+            limits: limits(a),
+        },
+        line: 1,
+    }
+}
+
+/// The paper's experiment: one VM from datacenter1 to datacenter2 over a 1 Gbit/s link.
+fn two_datacenters(a: Algorithm, rate: f64) -> Scenario {
+    Scenario {
+        name: "two".into(),
+        seed: 1,
+        sample_every_s: 0.5,
+        until_s: None,
+        datacenters: vec![
+            Datacenter {
+                name: "datacenter1".into(),
+            },
+            Datacenter {
+                name: "datacenter2".into(),
+            },
+        ],
+        hosts: vec![host("h1", 0, 1.25e9), host("h2", 1, 1.25e9)],
+        links: vec![LinkDef {
+            a: 0,
+            b: 1,
+            bytes_per_sec: 125e6,
+            latency_s: 0.01,
+        }],
+        vms: vec![vm("vm1", 2 * GIB, rate, Some(0))],
+        events: vec![migrate(1.0, 0, Destination::Datacenter(1), a)],
+    }
+}
+
+fn checked(sc: &Scenario) -> ModelOutcome {
+    run_with(
+        sc,
+        RunOptions {
+            check: true,
+            ..RunOptions::default()
+        },
+    )
+    .expect("the run keeps its invariants")
+}
+
+#[test]
+fn test_the_paper_experiment_moves_the_vm_out_of_datacenter1() {
+    for a in Algorithm::ALL {
+        let out = checked(&two_datacenters(a, 20e6));
+        let m = &out.migrations[0];
+        assert_eq!(m.result, "completed", "{a}: {m:?}");
+        assert_eq!(out.placements[0].datacenter.as_deref(), Some("datacenter2"), "{a}");
+        // 2 GiB over 125 MB/s: at least 17 s, and a busy VM's resends add to it.
+        assert!(m.total_s > 17.0 && m.total_s < 60.0, "{a}: {}", m.total_s);
+        assert!(m.bytes >= 2 * GIB, "{a}: {}", m.bytes);
+        // datacenter1 holds no RAM at the end; datacenter2 holds the VM's.
+        let last: Vec<_> = out.samples.iter().rev().take(2).collect();
+        let used = |h: usize| last.iter().find(|s| s.host == h).map(|s| s.ram_used_bytes);
+        assert_eq!(used(0), Some(0), "{a}");
+        assert_eq!(used(1), Some(2 * GIB), "{a}");
+    }
+}
+
+#[test]
+fn test_downtime_follows_the_algorithm() {
+    let down = |a| checked(&two_datacenters(a, 20e6)).migrations[0].downtime_s;
+    // Stop-and-copy pauses for the whole transfer; pre-copy for its last round; post-copy for
+    // the switchover alone.
+    let (stop, pre, post) = (
+        down(Algorithm::StopAndCopy),
+        down(Algorithm::Precopy),
+        down(Algorithm::Postcopy),
+    );
+    assert!(stop > 17.0, "{stop}");
+    assert!(pre < 0.5 && pre > 0.0, "{pre}");
+    assert!(post < pre, "{post} vs {pre}");
+}
+
+#[test]
+fn test_a_vm_that_writes_faster_than_the_link_does_not_converge_in_precopy() {
+    // 200 MB/s of writes over a 125 MB/s link: the dirty set never fits the limit. Pre-copy
+    // stalls and is forced or aborted; auto switches to post-copy.
+    let out = checked(&two_datacenters(Algorithm::Auto, 200e6));
+    assert_eq!(out.migrations[0].algorithm, "postcopy", "{:?}", out.migrations[0]);
+    let pre = checked(&two_datacenters(Algorithm::Precopy, 200e6));
+    let m = &pre.migrations[0];
+    assert!(m.rounds > 1, "{m:?}");
+    assert!(
+        m.why
+            .iter()
+            .any(|w| w.contains("stall") || w.contains("forced") || w.contains("round cap") || w.contains("shrinking")),
+        "{m:?}"
+    );
+}
+
+#[test]
+fn test_the_same_scenario_and_seed_give_the_same_outcome() {
+    let sc = evacuation(40, 8);
+    let a = serde_json::to_string(&checked(&sc)).expect("json");
+    let b = serde_json::to_string(&checked(&sc)).expect("json");
+    assert_eq!(a, b);
+}
+
+/// `hosts` hosts in one datacenter, `per_host` VMs on each, the first quarter evacuated at once.
+fn evacuation(hosts: usize, per_host: usize) -> Scenario {
+    let mut sc = two_datacenters(Algorithm::Auto, 0.0);
+    sc.hosts = (0..hosts)
+        .map(|i| {
+            let mut h = host(&format!("h{i}"), 0, 1.25e9);
+            h.bandwidth_budget_bytes_per_sec = 500e6;
+            h
+        })
+        .collect();
+    sc.vms = (0..hosts * per_host)
+        .map(|i| vm(&format!("vm{i}"), 512 * MIB, (i % 5) as f64 * 10e6, Some(i / per_host)))
+        .collect();
+    sc.events = (0..hosts / 4)
+        .map(|h| TimedEvent {
+            at_s: 0.0,
+            kind: EventKind::Evacuate {
+                host: h,
+                limits: limits(Algorithm::Auto),
+            },
+            line: 1,
+        })
+        .collect();
+    sc
+}
+
+#[test]
+fn test_an_evacuation_keeps_every_budget_and_leaves_the_hosts_empty() {
+    let sc = evacuation(40, 8);
+    let out = checked(&sc);
+    assert_eq!(out.migrations.len(), 10 * 8);
+    assert!(
+        out.migrations.iter().all(|m| m.result == "completed"),
+        "{:?}",
+        out.notes
+    );
+    for p in &out.placements[..10 * 8] {
+        let h: usize = p.host.as_deref().and_then(|h| h[1..].parse().ok()).expect("placed");
+        assert!(h >= 10, "{p:?} is still on an evacuated host");
+    }
+    // Budgets: no host ever sent faster than its 500 MB/s budget.
+    assert!(out.samples.iter().all(|s| s.net_out_bytes_per_sec <= 500e6 + 1.0));
+}
+
+#[test]
+fn test_a_failed_link_rolls_back_to_the_source() {
+    let mut sc = two_datacenters(Algorithm::Precopy, 20e6);
+    sc.events.push(TimedEvent {
+        at_s: 3.0,
+        kind: EventKind::FailLink { link: 0 },
+        line: 2,
+    });
+    let out = checked(&sc);
+    assert_eq!(out.migrations[0].result, "failed");
+    assert_eq!(out.placements[0].host.as_deref(), Some("h1"));
+}
+
+#[test]
+fn test_an_algorithm_outside_the_pool_is_refused_and_nothing_moves() {
+    let mut sc = two_datacenters(Algorithm::Postcopy, 20e6);
+    sc.hosts[1].algorithms = vec![Algorithm::Precopy, Algorithm::StopAndCopy];
+    let out = checked(&sc);
+    let m = &out.migrations[0];
+    assert_eq!(m.result, "aborted");
+    assert!(m.error.as_deref().is_some_and(|e| e.contains("postcopy")), "{m:?}");
+    assert_eq!(m.bytes, 0);
+    assert_eq!(out.placements[0].host.as_deref(), Some("h1"));
+}
+
+#[test]
+fn test_ten_thousand_vms_evacuate_within_their_budgets() {
+    // The size of examples/scenarios/evacuate-10k.toml: 1,000 hosts, 10,000 VMs, 10% of the
+    // hosts evacuated at once under shared budgets. Invariants are checked at the end only
+    // (at every event they cost O(VMs) each).
+    let sc = evacuation(1000, 10);
+    let started = std::time::Instant::now();
+    let out = run(&sc, None).expect("run");
+    let wall = started.elapsed();
+    assert_eq!(out.migrations.len(), 250 * 10);
+    assert!(
+        out.migrations.iter().all(|m| m.result == "completed"),
+        "{:?}",
+        out.notes
+    );
+    eprintln!(
+        "10k VMs: {} events in {:.2} s ({:.0} events/s)",
+        out.events_processed,
+        wall.as_secs_f64(),
+        out.events_processed as f64 / wall.as_secs_f64()
+    );
+}
