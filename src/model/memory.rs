@@ -5,11 +5,6 @@
 use super::scenario::{WorkloadDef, WritePattern};
 use crate::units::PAGE_SIZE;
 
-/// A hot set takes this share of the writes...
-const HOT_WRITES: f64 = 0.8;
-/// ...on this share of the working set.
-const HOT_PAGES: f64 = 0.2;
-
 /// Distinct pages touched by `writes` page writes spread uniformly over `pages` pages: the
 /// expected coverage, `pages * (1 - e^(-writes/pages))`.
 fn uniform(writes: f64, pages: f64) -> f64 {
@@ -19,18 +14,16 @@ fn uniform(writes: f64, pages: f64) -> f64 {
     pages * (1.0 - (-writes / pages).exp())
 }
 
-/// Distinct pages dirtied by `writes` page writes over a working set of `ws_pages` pages.
-pub fn dirtied(pattern: WritePattern, writes: f64, ws_pages: f64) -> f64 {
+/// Distinct pages dirtied by `writes` page writes, for a guest of `vm_pages` pages writing a
+/// working set of `ws_pages` pages with `pattern` (the meanings of [`crate::vmm::Pattern`]).
+pub fn dirtied(pattern: WritePattern, writes: f64, ws_pages: f64, vm_pages: f64) -> f64 {
     let writes = writes.max(0.0);
-    let d = match pattern {
-        WritePattern::Sequential => writes.min(ws_pages),
-        WritePattern::Uniform => uniform(writes, ws_pages),
-        WritePattern::HotSet => {
-            uniform(writes * HOT_WRITES, ws_pages * HOT_PAGES)
-                + uniform(writes * (1.0 - HOT_WRITES), ws_pages * (1.0 - HOT_PAGES))
-        }
-    };
-    d.min(ws_pages)
+    let ws = ws_pages.clamp(1.0, vm_pages.max(1.0));
+    match pattern {
+        WritePattern::Sequential => writes.min(ws),
+        WritePattern::HotSet => uniform(writes, ws),
+        WritePattern::Uniform => uniform(writes, vm_pages),
+    }
 }
 
 /// The guest's write rate at `t_s` (seconds since it started), bytes per second.
@@ -60,7 +53,7 @@ pub fn writes_between(w: &WorkloadDef, from_s: f64, to_s: f64) -> f64 {
 /// Distinct pages dirtied between `from_s` and `to_s`, at most the VM's pages.
 pub fn dirtied_between(w: &WorkloadDef, from_s: f64, to_s: f64, vm_pages: u64) -> u64 {
     let ws = (w.working_set_bytes / PAGE_SIZE as u64).min(vm_pages) as f64;
-    dirtied(w.pattern, writes_between(w, from_s, to_s), ws).round() as u64
+    dirtied(w.pattern, writes_between(w, from_s, to_s), ws, vm_pages as f64).round() as u64
 }
 
 #[cfg(test)]
@@ -78,22 +71,20 @@ mod tests {
 
     #[test]
     fn test_the_dirty_set_grows_with_writes_and_saturates_at_the_working_set() {
-        let ws = 16_384.0;
+        let (ws, all) = (16_384.0, 65_536.0);
         for p in [WritePattern::Uniform, WritePattern::HotSet, WritePattern::Sequential] {
+            let limit = if p == WritePattern::Uniform { all } else { ws };
             let mut last = 0.0;
             for writes in [0.0, 100.0, 1e3, 1e4, 1e5, 1e7] {
-                let d = dirtied(p, writes, ws);
-                assert!(
-                    d >= last && d <= ws && d <= writes.max(0.0) + 1e-9,
-                    "{p:?} {writes}: {d}"
-                );
+                let d = dirtied(p, writes, ws, all);
+                assert!(d >= last && d <= limit && d <= writes + 1e-9, "{p:?} {writes}: {d}");
                 last = d;
             }
-            assert!(last > ws * 0.99, "{p:?} saturates: {last}");
+            assert!(last > limit * 0.99, "{p:?} saturates: {last}");
         }
-        // A hot set reaches its hot part sooner and the rest later than uniform writes would.
-        assert!(dirtied(WritePattern::HotSet, 1e3, ws) < dirtied(WritePattern::Uniform, 1e3, ws));
-        assert_eq!(dirtied(WritePattern::Sequential, 1e3, ws), 1e3);
+        // A hot set saturates at its size; writes over all memory keep finding new pages.
+        assert!(dirtied(WritePattern::HotSet, 1e5, ws, all) < dirtied(WritePattern::Uniform, 1e5, ws, all));
+        assert_eq!(dirtied(WritePattern::Sequential, 1e3, ws, all), 1e3);
     }
 
     #[test]

@@ -83,7 +83,8 @@ pub struct LinkDef {
 pub struct WorkloadDef {
     /// Bytes per second the guest writes, from time 0 (or from its start).
     pub dirty_bytes_per_sec: f64,
-    /// Pages the writes fall on, bytes; a dirty set saturates here.
+    /// Pages the writes fall on, bytes (ignored by `uniform`, which writes all memory); a dirty
+    /// set saturates here.
     pub working_set_bytes: u64,
     /// Where the writes fall.
     pub pattern: WritePattern,
@@ -91,16 +92,10 @@ pub struct WorkloadDef {
     pub rate_changes: Vec<(f64, f64)>,
 }
 
-/// Where a guest's writes fall, which decides how fast its dirty set saturates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WritePattern {
-    /// Uniformly at random over the working set.
-    Uniform,
-    /// A hot set: most writes hit a small part again and again.
-    HotSet,
-    /// Sequentially through the working set, wrapping around.
-    Sequential,
-}
+/// Where a guest's writes fall, which decides how fast its dirty set saturates: the same
+/// vocabulary as the backends' [`crate::vmm::WorkloadSpec`] (uniform over all memory; uniform
+/// inside the working set, the hot set; sequential through the working set).
+pub use crate::vmm::Pattern as WritePattern;
 
 /// A VM.
 #[derive(Debug, Clone, PartialEq)]
