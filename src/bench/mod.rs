@@ -8,6 +8,7 @@ mod baseline;
 mod compression;
 mod scenario;
 mod soak;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

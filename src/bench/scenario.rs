@@ -10,8 +10,7 @@ use migratory::vmm::{BackendSpec, GuestStats, Pattern, WorkloadSpec};
 use serde::Serialize;
 
 /// What the guest does while it moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Load {
     /// No writes.
     Idle,
@@ -21,11 +20,34 @@ pub enum Load {
     Uniform,
     /// 100 MB/s spread over all memory: few re-sent pages are written twice in a row.
     Scattered,
+    /// A writer of any rate, working set and pattern, over memory with no zero page (so that
+    /// every page costs its size on the link: `simulate --validate`).
+    Writer {
+        /// Bytes per second.
+        rate: u64,
+        /// Working set, bytes.
+        working_set: u64,
+        /// Where the writes fall.
+        pattern: Pattern,
+    },
 }
 
 impl Load {
     fn workload(self, memory: u64) -> WorkloadSpec {
         let (rate, ws, pattern) = match self {
+            Load::Writer {
+                rate,
+                working_set,
+                pattern,
+            } => {
+                return WorkloadSpec {
+                    rate_bytes_per_sec: rate,
+                    working_set_bytes: working_set,
+                    pattern,
+                    zero_fraction: 0.0,
+                    seed: 11,
+                }
+            }
             Load::Idle => (0, 64 << 20, Pattern::HotSet),
             Load::HotSet => (100_000_000, 64 << 20, Pattern::HotSet),
             Load::Uniform => (1_000_000_000, memory, Pattern::Uniform),
@@ -46,7 +68,15 @@ impl Load {
             Load::HotSet => "hot-set",
             Load::Uniform => "uniform",
             Load::Scattered => "scattered",
+            Load::Writer { .. } => "writer",
         }
+    }
+}
+
+/// A load appears in the JSON by its name.
+impl Serialize for Load {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 
