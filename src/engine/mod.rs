@@ -20,7 +20,7 @@ mod operator;
 pub mod policy;
 mod progress;
 pub mod receiver;
-pub mod receiver_state;
+pub use receiver::state as receiver_state;
 pub mod registry;
 mod report;
 mod request;
