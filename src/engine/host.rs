@@ -14,7 +14,11 @@ pub use held_copies::{
 
 use super::ask::{ask, BACKEND_ASK};
 use super::error::EngineError;
-use super::receiver::{AbortIncoming, Handover, Receiver, ReceiverParams};
+use super::receiver::{
+    AbortIncoming, FindRecoverable, GetVmStatus, Handover, HoldIncoming, HostPort, IncomingCommitted, IncomingEnded,
+    Receiver, ReceiverParams, RegisterRecoverable, ReleaseIncoming, ReserveIncoming, UnholdIncoming,
+    UnregisterRecoverable,
+};
 use super::request::HostConfig;
 use crate::format::{MacAddr, NicConfig, VmConfig, VmId};
 use crate::link::{tcp, Keepalive, LinkEnd};
@@ -327,21 +331,15 @@ impl Handler<GetHostUsage> for Host {
     }
 }
 
-/// Admission and reservation for an incoming VM: the Receiver's reservation stage.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<(Addr<Vm>, Arc<dyn Guest>), AbortReason>")]
-pub struct ReserveIncoming {
-    /// The incoming VM.
-    pub config: VmConfig,
-    /// Its pages will all come on demand (post-copy); see [`ReserveVm::demand_paged`].
-    pub demand_paged: bool,
-}
-
 impl Handler<ReserveIncoming> for Host {
     type Result = ResponseActFuture<Self, Result<(Addr<Vm>, Arc<dyn Guest>), AbortReason>>;
 
     fn handle(&mut self, msg: ReserveIncoming, _: &mut Self::Context) -> Self::Result {
-        let ReserveIncoming { config, demand_paged } = msg;
+        let ReserveIncoming {
+            config,
+            demand_paged,
+            decorate,
+        } = msg;
         let bytes = config.memory_bytes;
         let id = config.id.0.clone();
         let admitted = config
@@ -380,6 +378,10 @@ impl Handler<ReserveIncoming> for Host {
                     };
                     return Err(AbortReason::ReservationFailed { detail });
                 }
+            };
+            let guest = match decorate {
+                Some(wrap) => wrap(guest),
+                None => guest,
             };
             let vm = Vm::new(Arc::clone(&guest), Lifecycle::Incoming).start();
             act.vms.insert(id, (vm.clone(), bytes));
@@ -422,7 +424,7 @@ impl Handler<AcceptLink> for Host {
         self.receivers.retain(|r| r.connected());
         let receiver = Receiver::new(
             self.config.name.clone(),
-            ctx.address(),
+            HostPort::of(ctx.address()),
             self.capabilities(),
             msg.end,
             msg.params,
@@ -443,11 +445,6 @@ impl Handler<AcceptLink> for Host {
         self.receivers.push(receiver.start());
     }
 }
-
-/// An incoming migration ended: a queued one may start.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct IncomingEnded;
 
 impl Handler<IncomingEnded> for Host {
     type Result = ();
@@ -533,27 +530,12 @@ impl Handler<GetCapabilities> for Host {
     }
 }
 
-/// A post-copy migration of `vm` entered its pull phase: a recovery link for it goes to `to`.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct RegisterRecoverable {
-    /// The VM.
-    pub vm: String,
-    /// Where its receiver takes a new link.
-    pub to: tokio::sync::mpsc::Sender<Handover>,
-}
-
 impl Handler<RegisterRecoverable> for Host {
     type Result = ();
     fn handle(&mut self, msg: RegisterRecoverable, _: &mut Self::Context) {
         self.recoverable.insert(msg.vm, msg.to);
     }
 }
-
-/// Where a recovery link for `0` goes, if its migration is in its pull phase here.
-#[derive(Debug, Message)]
-#[rtype(result = "Option<tokio::sync::mpsc::Sender<Handover>>")]
-pub struct FindRecoverable(pub String);
 
 impl Handler<FindRecoverable> for Host {
     type Result = Option<tokio::sync::mpsc::Sender<Handover>>;
@@ -562,15 +544,49 @@ impl Handler<FindRecoverable> for Host {
     }
 }
 
-/// The pull phase of `0` ended (completed or given up).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct UnregisterRecoverable(pub String);
-
 impl Handler<UnregisterRecoverable> for Host {
     type Result = ();
     fn handle(&mut self, msg: UnregisterRecoverable, _: &mut Self::Context) {
         self.recoverable.remove(&msg.0);
+    }
+}
+
+// A receiver's requests about the copy it builds: the same as the host's own messages, which
+// the receiver cannot name (it never imports this module).
+
+impl Handler<ReleaseIncoming> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: ReleaseIncoming, ctx: &mut Self::Context) {
+        Handler::<ReleaseVm>::handle(self, ReleaseVm(msg.0), ctx);
+    }
+}
+
+impl Handler<HoldIncoming> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: HoldIncoming, ctx: &mut Self::Context) {
+        let HoldIncoming { vm, copy } = msg;
+        Handler::<HoldVm>::handle(self, HoldVm { vm, copy }, ctx);
+    }
+}
+
+impl Handler<UnholdIncoming> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: UnholdIncoming, ctx: &mut Self::Context) {
+        Handler::<UnholdVm>::handle(self, UnholdVm(msg.0), ctx);
+    }
+}
+
+impl Handler<IncomingCommitted> for Host {
+    type Result = ();
+    fn handle(&mut self, msg: IncomingCommitted, ctx: &mut Self::Context) {
+        Handler::<RecordCommitted>::handle(self, RecordCommitted(msg.0), ctx);
+    }
+}
+
+impl Handler<GetVmStatus> for Host {
+    type Result = ResponseFuture<String>;
+    fn handle(&mut self, msg: GetVmStatus, ctx: &mut Self::Context) -> Self::Result {
+        Handler::<QueryVmState>::handle(self, QueryVmState(msg.0), ctx)
     }
 }
 

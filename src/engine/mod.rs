@@ -22,7 +22,7 @@ pub mod plan;
 pub mod policy;
 mod progress;
 pub mod receiver;
-pub mod receiver_state;
+pub use receiver::state as receiver_state;
 pub mod registry;
 mod report;
 mod request;

@@ -1,0 +1,64 @@
+//! Activation: `Commit` arrived, the VM belongs to this host. It resumes here, its NICs are
+//! announced at their new place, and `Activated` ends the downtime. A post-copy guest still
+//! lacks pages: the pull phase starts.
+
+use actix::Addr;
+
+use super::super::ask::{ask, GUEST_ASK};
+use super::finish::{failed, violation};
+use super::run::{Flow, TargetRun};
+use crate::engine::MigrationEvent;
+use crate::protocol::ControlMessage;
+use crate::vm::{ResumeVm, Vm};
+use crate::vmm::Guest;
+
+impl TargetRun {
+    pub(super) async fn activate(&mut self) -> Flow {
+        self.committed = true;
+        let (vm, guest) = self.vm.clone().ok_or_else(|| violation("commit before reservation"))?;
+        let id = guest.config().id.0.clone();
+        // A post-copy link lost from here on is recoverable: the recovery path is registered
+        // before anything else can fail. The host keeps the only sender: discarding the copy
+        // there ends a wait for recovery.
+        if self.postcopy {
+            if let Some(to) = self.recovery.to.take() {
+                self.host.register_recoverable(id.clone(), to);
+            }
+        }
+        // Track what the guest writes from now on: those pages may differ from what arrived.
+        guest.start_dirty_log().map_err(failed)?;
+        resume(&vm).await?;
+        // The VM has run here: a fence asking later must not hear `absent`, even once the VM
+        // has moved on, or the source's older copy could resume beside it.
+        self.host.committed(id);
+        self.announce(guest.as_ref());
+        self.send(ControlMessage::Activated).await?;
+        if self.postcopy {
+            self.pulling = true;
+            self.check_pull_done().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Announces every NIC's MAC at its new place: the sim backend records it as an event (a
+    /// host with a real interface would send a RARP burst here).
+    fn announce(&self, guest: &dyn Guest) {
+        for nic in &guest.config().nics {
+            self.publish(MigrationEvent::NetworkAnnounced {
+                nic: nic.id.clone(),
+                mac: nic.mac.to_string(),
+                host: self.host_name.clone(),
+            });
+        }
+    }
+}
+
+/// Resumes the VM; a failure is the target's.
+pub(super) async fn resume(vm: &Addr<Vm>) -> Flow {
+    match ask(vm, ResumeVm, "vm resume", GUEST_ASK).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(failed(e)),
+        Err(e) => Err(failed(e)),
+    }
+}
