@@ -57,22 +57,15 @@ impl Case {
     }
 }
 
-/// Costs fitted per link kind.
-#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+/// Costs fitted on one link kind at one VM size.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Calibration {
-    /// In-process links.
-    pub in_process: ModelParams,
-    /// Loopback TCP, one data stream.
-    pub tcp: ModelParams,
-}
-
-impl Calibration {
-    fn of(&self, via: Via) -> ModelParams {
-        match via {
-            Via::InProcess => self.in_process,
-            Via::Tcp(_) => self.tcp,
-        }
-    }
+    /// `in-process` or `tcp x1`.
+    pub via: String,
+    /// The VM size the runs used, MiB.
+    pub memory_mib: u64,
+    /// The fitted costs.
+    pub params: ModelParams,
 }
 
 /// One compared case, as the table and the JSON show it.
@@ -110,10 +103,12 @@ fn stage(r: &MigrationReport, name: &str) -> f64 {
     r.stages.iter().filter(|s| s.name == name).map(|s| s.duration_s).sum()
 }
 
-/// Fits the costs of one link kind from four idle migrations.
-fn calibrate_via(rt: &tokio::runtime::Runtime, via: Via) -> Result<ModelParams, String> {
-    let (small, large) = (256 * MIB, 1024 * MIB);
-    let case = |memory, algorithm| Case {
+/// Fits the costs of one link kind at one size from three idle migrations: setup and
+/// reservation from their stage times; post-copy's switchover from its downtime (it verifies
+/// after the pull); verification from pre-copy's downtime beyond that; the data plane's rate
+/// from stop-and-copy's.
+fn calibrate_at(rt: &tokio::runtime::Runtime, via: Via, memory: u64) -> Result<Calibration, String> {
+    let case = |algorithm| Case {
         via,
         memory,
         rate: 0,
@@ -122,39 +117,26 @@ fn calibrate_via(rt: &tokio::runtime::Runtime, via: Via) -> Result<ModelParams, 
         cap: None,
         algorithm,
     };
-    let sc_small = real(rt, &case(small, Algorithm::StopAndCopy))?;
-    let sc_large = real(rt, &case(large, Algorithm::StopAndCopy))?;
-    let pc_small = real(rt, &case(small, Algorithm::Precopy))?;
-    let pc_large = real(rt, &case(large, Algorithm::Precopy))?;
-    let span = (large - small) as f64;
-    let setup = |r: &MigrationReport| stage(r, "premigration") + stage(r, "reservation");
-    // Reservation grows with the memory committed; the rest of setup is fixed.
-    let reserve_slope = ((setup(&sc_large) + setup(&pc_large)) - (setup(&sc_small) + setup(&pc_small))) / 2.0 / span;
-    let reserve_bytes_per_sec = if reserve_slope > 0.0 { 1.0 / reserve_slope } else { 1e12 };
-    let setup_s = ((setup(&sc_small) + setup(&pc_small)) / 2.0 - small as f64 * reserve_slope).max(0.0);
-    // An idle pre-copy's downtime is the switchover: fixed, plus verification of the memory.
-    let verify_slope = (pc_large.downtime_s - pc_small.downtime_s) / span;
-    let verify_bytes_per_sec = if verify_slope > 0.0 { 1.0 / verify_slope } else { 1e12 };
-    let switchover_s = (pc_small.downtime_s - small as f64 * verify_slope.max(0.0)).max(0.0);
-    // Stop-and-copy's downtime adds every page at the plane's rate.
-    let per_byte = ((sc_small.downtime_s - pc_small.downtime_s) / small as f64
-        + (sc_large.downtime_s - pc_large.downtime_s) / large as f64)
-        / 2.0;
-    let plane_bytes_per_sec = if per_byte > 0.0 { 1.0 / per_byte } else { 1e12 };
-    Ok(ModelParams {
-        setup_s,
-        reserve_bytes_per_sec,
-        switchover_s,
-        verify_bytes_per_sec,
-        plane_bytes_per_sec,
-        local_rtt_s: ModelParams::default().local_rtt_s,
-    })
-}
-
-fn calibrate_all(rt: &tokio::runtime::Runtime) -> Result<Calibration, String> {
+    let sc = real(rt, &case(Algorithm::StopAndCopy))?;
+    let pc = real(rt, &case(Algorithm::Precopy))?;
+    let post = real(rt, &case(Algorithm::Postcopy))?;
+    let runs = [&sc, &pc, &post];
+    let mean = |name: &str| runs.iter().map(|r| stage(r, name)).sum::<f64>() / runs.len() as f64;
+    let size = memory as f64;
+    let rate = |bytes: f64, secs: f64| if secs > 1e-6 { bytes / secs } else { 1e12 };
+    let switchover = post.downtime_s;
     Ok(Calibration {
-        in_process: calibrate_via(rt, Via::InProcess)?,
-        tcp: calibrate_via(rt, Via::Tcp(1))?,
+        via: via.name(),
+        memory_mib: memory / MIB,
+        params: ModelParams {
+            setup_s: mean("premigration"),
+            reserve_bytes_per_sec: rate(size, mean("reservation")),
+            switchover_s: switchover,
+            postcopy_switchover_s: switchover,
+            verify_bytes_per_sec: rate(size, pc.downtime_s - switchover),
+            plane_bytes_per_sec: rate(size, sc.downtime_s - switchover),
+            local_rtt_s: ModelParams::default().local_rtt_s,
+        },
     })
 }
 
@@ -279,24 +261,43 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
-/// `--calibrate FILE`: fits the costs on this machine and writes them as JSON.
+/// `--calibrate FILE`: fits the costs on this machine (1 GiB VMs, both link kinds) and writes
+/// them as JSON.
 pub fn calibrate(out: &Path) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    match calibrate_all(&rt) {
-        Ok(c) => {
-            let text = serde_json::to_string_pretty(&c).unwrap_or_default();
-            println!("{text}");
-            if let Err(e) = std::fs::write(out, text + "\n") {
-                return fail(&format!("writing {}: {e}", out.display()));
-            }
-            eprintln!("calibration written to {}", out.display());
-            ExitCode::SUCCESS
+    let mut all = Vec::new();
+    for via in [Via::InProcess, Via::Tcp(1)] {
+        match calibrate_at(&rt, via, 1024 * MIB) {
+            Ok(c) => all.push(c),
+            Err(e) => return fail(&format!("calibration: {e}")),
         }
-        Err(e) => fail(&format!("calibration: {e}")),
     }
+    for c in &all {
+        print_calibration(c);
+    }
+    let text = serde_json::to_string_pretty(&all).unwrap_or_default();
+    if let Err(e) = std::fs::write(out, text + "\n") {
+        return fail(&format!("writing {}: {e}", out.display()));
+    }
+    eprintln!("calibration written to {}", out.display());
+    ExitCode::SUCCESS
+}
+
+fn print_calibration(c: &Calibration) {
+    let p = &c.params;
+    println!(
+        "calibration {:<10} {:>5} MiB: setup {:.1} ms + reserve {:.2} GB/s, switchover {:.2} ms, verify {:.2} GB/s, plane {:.2} GB/s",
+        c.via,
+        c.memory_mib,
+        p.setup_s * 1e3,
+        p.reserve_bytes_per_sec / 1e9,
+        p.switchover_s * 1e3,
+        p.verify_bytes_per_sec / 1e9,
+        p.plane_bytes_per_sec / 1e9
+    );
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -317,22 +318,21 @@ pub fn validate(quick: bool, json: Option<&Path>) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    eprintln!("calibrating (8 idle migrations)...");
-    let cal = match calibrate_all(&rt) {
-        Ok(c) => c,
-        Err(e) => return fail(&format!("calibration: {e}")),
-    };
-    for (via, p) in [("in-process", cal.in_process), ("tcp x1", cal.tcp)] {
-        println!(
-            "calibration {via:<10}: setup {:.1} ms + {:.2} GB/s reserve, switchover {:.1} ms + {:.2} GB/s verify, plane {:.2} GB/s",
-            p.setup_s * 1e3,
-            p.reserve_bytes_per_sec / 1e9,
-            p.switchover_s * 1e3,
-            p.verify_bytes_per_sec / 1e9,
-            p.plane_bytes_per_sec / 1e9
-        );
-    }
     let cases = matrix(quick);
+    // Calibrated in this run, at every link kind and size the matrix uses.
+    let mut cal: Vec<Calibration> = Vec::new();
+    for c in &cases {
+        if cal.iter().any(|k| k.via == c.via.name() && k.memory_mib == c.memory / MIB) {
+            continue;
+        }
+        match calibrate_at(&rt, c.via, c.memory) {
+            Ok(k) => {
+                print_calibration(&k);
+                cal.push(k);
+            }
+            Err(e) => return fail(&format!("calibration: {e}")),
+        }
+    }
     println!(
         "\n{:<10} {:>5} {:<18} {:>6} {:<13} | {:>8} {:>8} {:>8} | {:>9} {:>9} | {:>8}",
         "via", "MiB", "writer", "cap", "algorithm", "real s", "model s", "cloudsim", "real dn ms", "model dn", "bytes err"
@@ -348,7 +348,13 @@ pub fn validate(quick: bool, json: Option<&Path>) -> ExitCode {
                 continue;
             }
         };
-        let params = cal.of(c.via);
+        let Some(params) = cal
+            .iter()
+            .find(|k| k.via == c.via.name() && k.memory_mib == c.memory / MIB)
+            .map(|k| k.params)
+        else {
+            return fail(&format!("no calibration for case {i}"));
+        };
         let model = match run_with(
             &model_scenario(c),
             RunOptions {

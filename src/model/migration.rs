@@ -27,6 +27,8 @@ pub(super) enum Phase {
     Switch { until: f64, how: Switchover },
     /// Post-copy: the target runs the VM; the rest is pulled and pushed.
     Push { left: f64 },
+    /// Post-copy: every page is on the target; the source verifies before it frees its copy.
+    Verify { until: f64 },
     /// Ended.
     Done,
 }
@@ -77,8 +79,17 @@ pub(super) struct Mig {
     rounds: u32,
     why: Vec<String>,
     forecast: Option<Prediction>,
-    fixed_precopy: f64,
+    /// What the source's engine measured of earlier switchovers and links, as it started.
+    known: Measured,
+    /// When the last pages were all sent (stop-and-copy order), for the switchover it measures.
+    final_done: Option<f64>,
+    /// Bandwidth the last round measured, page bytes per second.
+    bandwidth: f64,
     fixed_postcopy: f64,
+    /// Switchover of pre-copy order besides verification.
+    switchover: f64,
+    /// Hashing and comparing the VM's memory.
+    verify: f64,
 }
 
 impl Mig {
@@ -152,16 +163,19 @@ impl Mig {
             rounds: 0,
             why: Vec::new(),
             forecast: None,
-            // Verification hashes the paused memory before Commit in pre-copy order.
-            fixed_precopy: p.switchover_s + 2.0 * rtt + ram / p.verify_bytes_per_sec,
-            fixed_postcopy: p.switchover_s + 2.0 * rtt,
+            known: sim.measured[src],
+            final_done: None,
+            bandwidth: 0.0,
+            fixed_postcopy: p.postcopy_switchover_s + 2.0 * rtt,
+            switchover: p.switchover_s + 2.0 * rtt,
+            verify: ram / p.verify_bytes_per_sec + rtt,
         }
     }
 
     /// When the current phase ends at the current rate.
     pub fn phase_end(&self, now: f64) -> f64 {
         match self.phase {
-            Phase::Setup { until } | Phase::Switch { until, .. } => until,
+            Phase::Setup { until } | Phase::Switch { until, .. } | Phase::Verify { until } => until,
             Phase::Round { left, .. } | Phase::Final { left } | Phase::Push { left } => {
                 if left <= 0.0 {
                     now
@@ -192,7 +206,7 @@ impl Mig {
 
     /// True once the target runs the VM.
     pub fn activated(&self) -> bool {
-        matches!(self.phase, Phase::Push { .. })
+        matches!(self.phase, Phase::Push { .. } | Phase::Verify { .. })
     }
 
     pub fn advance(&mut self, dt: f64) {
@@ -280,7 +294,7 @@ pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
             let Some(plan) = mig.plan.as_mut() else {
                 return Step::Abort("no plan".into());
             };
-            let v = plan.start(mig.pages, Some(estimate));
+            let v = plan.start(mig.pages, estimate);
             let next = v.next.clone();
             mig.note(v, elapsed);
             mig.pending = mig.pages;
@@ -296,9 +310,10 @@ pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
                 remaining_pages: remaining,
                 dirty_pages_per_sec: remaining as f64 / dt,
                 bandwidth_bytes_per_sec: (mig.round_bytes / dt).max(1.0),
-                fixed_switchover: std::time::Duration::from_secs_f64(mig.fixed_precopy),
+                fixed_switchover: std::time::Duration::from_secs_f64(mig.fixed_switchover()),
                 precopy_elapsed: std::time::Duration::from_secs_f64(t - mig.precopy_start),
             };
+            mig.bandwidth = obs.bandwidth_bytes_per_sec;
             let Some(plan) = mig.plan.as_mut() else {
                 return Step::Abort("no plan".into());
             };
@@ -309,8 +324,17 @@ pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
             follow(mig, next, t)
         }
         Phase::Final { .. } => {
+            mig.final_done = Some(t);
+            if mig.bandwidth == 0.0 {
+                let p = mig.paused_at.unwrap_or(t);
+                if t > p {
+                    mig.bandwidth = mig.round_bytes / (t - p);
+                }
+            }
+            // Hashing began at the pause, alongside the last pages.
+            let hashed = mig.paused_at.unwrap_or(t) + mig.verify;
             mig.phase = Phase::Switch {
-                until: t + mig.fixed_precopy,
+                until: hashed.max(t) + mig.switchover,
                 how: Switchover::StopAndCopy,
             };
             Step::Continue
@@ -328,7 +352,11 @@ pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
                 }
             }
         }
-        Phase::Push { .. } => Step::Complete,
+        Phase::Push { .. } => {
+            mig.phase = Phase::Verify { until: t + mig.verify };
+            Step::Continue
+        }
+        Phase::Verify { .. } => Step::Complete,
         Phase::Queued | Phase::Done => Step::Continue,
     }
 }
@@ -372,22 +400,61 @@ fn follow(mig: &mut Mig, next: Next, t: f64) -> Step {
     }
 }
 
-/// What the model knows of the path before the first page moves: its narrowest capacity.
-fn estimate(sim: &Sim<'_>, m: usize) -> Estimate {
+/// What the source's engine knows before the first page moves, as the real one does: the
+/// bandwidth earlier migrations measured, else the request's cap; nothing on a first migration
+/// without a cap.
+fn estimate(sim: &Sim<'_>, m: usize) -> Option<Estimate> {
     let mig = &sim.migs[m];
-    let (s, d) = (&sim.sc.hosts[mig.src], &sim.sc.hosts[mig.dst]);
-    let mut bw = s
-        .nic_bytes_per_sec
-        .min(s.bandwidth_budget_bytes_per_sec)
-        .min(d.nic_bytes_per_sec)
-        .min(sim.opts.params.plane_bytes_per_sec)
-        .min(mig.limit_cap);
-    if let Some(l) = mig.link {
-        bw = bw.min(sim.sc.links[l].bytes_per_sec);
+    let (bandwidth_bytes_per_sec, source) = match (mig.known.bandwidth, mig.limit_cap.is_finite()) {
+        (Some(b), _) => (b, "earlier migrations"),
+        (None, true) => (mig.limit_cap, "the link's configured cap"),
+        (None, false) => return None,
+    };
+    Some(Estimate {
+        bandwidth_bytes_per_sec,
+        source,
+        fixed_switchover: std::time::Duration::from_secs_f64(mig.fixed_switchover()),
+    })
+}
+
+/// Figures an engine keeps from its earlier migrations (moving averages, as the engine's own
+/// `Measured`), per source host in the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Measured {
+    /// Downtime beyond the last pages' transfer, seconds.
+    pub switchover: Option<f64>,
+    /// Link bandwidth, page bytes per second.
+    pub bandwidth: Option<f64>,
+}
+
+fn ewma(old: Option<f64>, new: f64) -> f64 {
+    old.map_or(new, |o| o * 0.7 + new * 0.3)
+}
+
+impl Mig {
+    /// The fixed switchover cost the source's policy assumes: what earlier switchovers
+    /// measured, else two round trips and a page at the bandwidth seen (the engine's own rule).
+    fn fixed_switchover(&self) -> f64 {
+        let bw = if self.bandwidth > 0.0 {
+            self.bandwidth
+        } else {
+            self.known.bandwidth.unwrap_or(1e9)
+        };
+        self.known
+            .switchover
+            .unwrap_or(2.0 * self.rtt + PAGE_SIZE as f64 / bw)
     }
-    Estimate {
-        bandwidth_bytes_per_sec: bw,
-        source: "the path's narrowest capacity",
-        fixed_switchover: std::time::Duration::from_secs_f64(mig.fixed_precopy),
+
+    /// What this migration teaches its source's engine, once it completed.
+    pub fn measured(&self, before: Measured) -> Measured {
+        let last_pages = self.final_done.zip(self.paused_at).map_or(0.0, |(f, p)| f - p);
+        Measured {
+            switchover: Some(ewma(before.switchover, (self.downtime - last_pages).max(0.0))),
+            bandwidth: if self.bandwidth > 0.0 {
+                Some(ewma(before.bandwidth, self.bandwidth))
+            } else {
+                before.bandwidth
+            },
+        }
     }
 }

@@ -13,8 +13,12 @@ pub struct ModelParams {
     pub reserve_bytes_per_sec: f64,
     /// Switchover besides round trips and verification: state out, load, activation, seconds.
     pub switchover_s: f64,
-    /// How fast the paused source's memory is hashed to verify the copy (inside the downtime
-    /// of a pre-copy order switchover), bytes per second.
+    /// Post-copy's switchover: state out, load, activation (it verifies after the pull),
+    /// seconds.
+    pub postcopy_switchover_s: f64,
+    /// How fast the paused source's memory is hashed and compared to verify the copy, bytes per
+    /// second. In pre-copy order it runs in the downtime, alongside the last pages; in
+    /// post-copy order after the pull, while the VM runs on the target.
     pub verify_bytes_per_sec: f64,
     /// Fastest one host's migration data plane moves pages, bytes per second (CPU-bound; the
     /// NIC and budgets may be lower).
@@ -29,6 +33,7 @@ impl Default for ModelParams {
             setup_s: 0.005,
             reserve_bytes_per_sec: 4e9,
             switchover_s: 0.004,
+            postcopy_switchover_s: 0.001,
             verify_bytes_per_sec: 8e9,
             plane_bytes_per_sec: 2e9,
             local_rtt_s: 0.0002,

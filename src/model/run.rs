@@ -7,7 +7,7 @@
 //! exactly as the engine's source run does, with figures from the fluid model instead of a
 //! data plane ([`super::migration`]).
 
-use super::migration::{Mig, Phase, Step};
+use super::migration::{Measured, Mig, Phase, Step};
 use super::network::{self, Flow};
 use super::outcome::{HostSample, MigrationRecord, ModelOutcome, Placement};
 use super::params::ModelParams;
@@ -103,6 +103,8 @@ pub(super) struct Sim<'a> {
     pub notes: Vec<String>,
     /// Links that failed (indices into the scenario's links).
     pub failed_links: Vec<usize>,
+    /// What each host's engine measured of its earlier migrations as a source.
+    pub measured: Vec<Measured>,
     events_processed: u64,
 }
 
@@ -137,6 +139,7 @@ impl<'a> Sim<'a> {
             rates_stale: true,
             notes: Vec::new(),
             failed_links: Vec::new(),
+            measured: vec![Measured::default(); sc.hosts.len()],
             events_processed: 0,
         }
     }
@@ -259,6 +262,7 @@ impl<'a> Sim<'a> {
             Step::Complete => {
                 let mig = &self.migs[m];
                 let (vm, src, dst) = (mig.vm, mig.src, mig.dst);
+                self.measured[src] = mig.measured(self.measured[src]);
                 let ram = self.sc.vms[vm].ram_bytes;
                 self.hosts[src].used = self.hosts[src].used.saturating_sub(ram);
                 self.vms[vm].running_on = Some(dst);
@@ -583,7 +587,7 @@ impl Sim<'_> {
             let on = self.vms[mig.vm].running_on;
             let want = match mig.phase {
                 Phase::Final { .. } | Phase::Switch { .. } => None,
-                Phase::Push { .. } => Some(mig.dst),
+                Phase::Push { .. } | Phase::Verify { .. } => Some(mig.dst),
                 _ => Some(mig.src),
             };
             if on != want {
