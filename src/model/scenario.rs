@@ -108,6 +108,12 @@ pub struct VmDef {
     pub vcpus: u32,
     /// The VMM type it was built for (the paper's "VMM type").
     pub vmm: String,
+    /// Its disk image, bytes (the paper's "size"). Hosts share storage, so a migration copies
+    /// none of it; 0 when the scenario does not say.
+    pub image_bytes: u64,
+    /// Its own network bandwidth, bytes per second (the paper's "bandwidth"): the most its
+    /// migrations may use, below what its hosts and links allow. `None`: no cap of its own.
+    pub bandwidth_bytes_per_sec: Option<f64>,
     /// How it writes.
     pub workload: WorkloadDef,
     /// Index into [`Scenario::hosts`] where it runs from time 0; `None` until a deploy event.
