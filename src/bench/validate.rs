@@ -12,7 +12,6 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-
 use migratory::engine::MigrationReport;
 use migratory::format::NativeLayout;
 use migratory::model::scenario::{
@@ -94,7 +93,11 @@ fn real(rt: &tokio::runtime::Runtime, c: &Case) -> Result<MigrationReport, Strin
     };
     let (report, _) = rt.block_on(scenario::run(&s))?;
     if !report.result.succeeded() {
-        return Err(format!("{}: {}", report.result.label(), report.error.unwrap_or_default()));
+        return Err(format!(
+            "{}: {}",
+            report.result.label(),
+            report.error.unwrap_or_default()
+        ));
     }
     Ok(report)
 }
@@ -179,6 +182,8 @@ fn model_scenario(c: &Case) -> ModelScenario {
                 rate_changes: Vec::new(),
             },
             host: Some(0),
+            image_bytes: 0,
+            bandwidth_bytes_per_sec: None,
         }],
         events: vec![TimedEvent {
             at_s: 0.0,
@@ -213,9 +218,18 @@ fn matrix(quick: bool) -> Vec<Case> {
             (1_000_000_000, 256 * MIB, Pattern::HotSet),
         ]
     };
-    let sizes: &[u64] = if quick { &[256 * MIB] } else { &[256 * MIB, 1024 * MIB, 2048 * MIB] };
+    let sizes: &[u64] = if quick {
+        &[256 * MIB]
+    } else {
+        &[256 * MIB, 1024 * MIB, 2048 * MIB]
+    };
     let algorithms: &[Algorithm] = if quick {
-        &[Algorithm::StopAndCopy, Algorithm::Precopy, Algorithm::Postcopy, Algorithm::Auto]
+        &[
+            Algorithm::StopAndCopy,
+            Algorithm::Precopy,
+            Algorithm::Postcopy,
+            Algorithm::Auto,
+        ]
     } else {
         &Algorithm::ALL
     };
@@ -322,7 +336,10 @@ pub fn validate(quick: bool, json: Option<&Path>) -> ExitCode {
     // Calibrated in this run, at every link kind and size the matrix uses.
     let mut cal: Vec<Calibration> = Vec::new();
     for c in &cases {
-        if cal.iter().any(|k| k.via == c.via.name() && k.memory_mib == c.memory / MIB) {
+        if cal
+            .iter()
+            .any(|k| k.via == c.via.name() && k.memory_mib == c.memory / MIB)
+        {
             continue;
         }
         match calibrate_at(&rt, c.via, c.memory) {
@@ -335,7 +352,17 @@ pub fn validate(quick: bool, json: Option<&Path>) -> ExitCode {
     }
     println!(
         "\n{:<10} {:>5} {:<18} {:>6} {:<13} | {:>8} {:>8} {:>8} | {:>9} {:>9} | {:>8}",
-        "via", "MiB", "writer", "cap", "algorithm", "real s", "model s", "cloudsim", "real dn ms", "model dn", "bytes err"
+        "via",
+        "MiB",
+        "writer",
+        "cap",
+        "algorithm",
+        "real s",
+        "model s",
+        "cloudsim",
+        "real dn ms",
+        "model dn",
+        "bytes err"
     );
     let mut rows = Vec::new();
     let mut failed = 0;
@@ -369,7 +396,9 @@ pub fn validate(quick: bool, json: Option<&Path>) -> ExitCode {
             return fail(&format!("the model ran no migration for case {i}"));
         };
         // CloudSim: RAM over half the host's bandwidth, no rounds, no downtime.
-        let bw = c.cap.map_or(params.plane_bytes_per_sec, |b| (b as f64).min(params.plane_bytes_per_sec));
+        let bw = c.cap.map_or(params.plane_bytes_per_sec, |b| {
+            (b as f64).min(params.plane_bytes_per_sec)
+        });
         let row = Compared {
             via: c.via.name(),
             memory_mib: c.memory / MIB,
@@ -447,7 +476,11 @@ pub fn validate(quick: bool, json: Option<&Path>) -> ExitCode {
     println!(
         "downtime within 10% or 2 ms: {down_ok} of {} cases; goal: p90 total-time error under 10%: {}",
         rows.len(),
-        if percentile(total.clone(), 0.9) < 0.10 { "met" } else { "MISSED" }
+        if percentile(total.clone(), 0.9) < 0.10 {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
     if let Some(path) = json {
         let doc = serde_json::json!({
@@ -469,7 +502,6 @@ pub fn validate(quick: bool, json: Option<&Path>) -> ExitCode {
     }
     ExitCode::SUCCESS
 }
-
 
 #[cfg(test)]
 mod tests {

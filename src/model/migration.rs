@@ -148,7 +148,11 @@ impl Mig {
             reserved: false,
             refusal,
             requested: limits.algorithm,
-            limit_cap: limits.bandwidth_bytes_per_sec.unwrap_or(f64::INFINITY),
+            // The request's cap and the VM's own bandwidth, whichever is lower.
+            limit_cap: limits
+                .bandwidth_bytes_per_sec
+                .unwrap_or(f64::INFINITY)
+                .min(sc.vms[vm].bandwidth_bytes_per_sec.unwrap_or(f64::INFINITY)),
             plan,
             rtt,
             pages: sc.vms[vm].ram_bytes / PAGE_SIZE as u64,
@@ -440,9 +444,7 @@ impl Mig {
         } else {
             self.known.bandwidth.unwrap_or(1e9)
         };
-        self.known
-            .switchover
-            .unwrap_or(2.0 * self.rtt + PAGE_SIZE as f64 / bw)
+        self.known.switchover.unwrap_or(2.0 * self.rtt + PAGE_SIZE as f64 / bw)
     }
 
     /// What this migration teaches its source's engine, once it completed.

@@ -36,6 +36,8 @@ fn vm(id: &str, ram: u64, rate: f64, host: Option<usize>) -> VmDef {
             rate_changes: Vec::new(),
         },
         host,
+        image_bytes: 0,
+        bandwidth_bytes_per_sec: None,
     }
 }
 
@@ -244,5 +246,40 @@ fn test_ten_thousand_vms_evacuate_within_their_budgets() {
         out.events_processed,
         wall.as_secs_f64(),
         out.events_processed as f64 / wall.as_secs_f64()
+    );
+}
+
+#[test]
+fn test_the_example_scenarios_run() {
+    let paper = crate::model::parse(include_str!("../../../examples/scenarios/two-datacenters.toml")).expect("parses");
+    let out = checked(&paper);
+    assert!(
+        out.migrations.iter().all(|m| m.result == "completed"),
+        "{:?}",
+        out.migrations
+    );
+    assert!(
+        out.placements
+            .iter()
+            .all(|p| p.datacenter.as_deref() == Some("datacenter2")),
+        "{:?}",
+        out.placements
+    );
+    let big = crate::model::parse(include_str!("../../../examples/scenarios/evacuate-10k.toml")).expect("parses");
+    let started = std::time::Instant::now();
+    let out = run(&big, None).expect("runs");
+    eprintln!(
+        "evacuate-10k: {} migrations, {} events in {:.2} s, virtual {:.0} s",
+        out.migrations.len(),
+        out.events_processed,
+        started.elapsed().as_secs_f64(),
+        out.end_s
+    );
+    let done = out.migrations.iter().filter(|m| m.result == "completed").count();
+    assert!(
+        done * 10 >= out.migrations.len() * 9,
+        "{done} of {} completed; {:?}",
+        out.migrations.len(),
+        &out.notes[..out.notes.len().min(5)]
     );
 }
