@@ -6,9 +6,13 @@
 //! * [`scenario`]: what a scenario holds, in base units.
 //! * [`parse`]: the scenario file.
 //! * [`outcome`]: what a run produced.
+//! * [`output`]: what a run leaves behind: summary JSON, CSV series, plots, the text summary.
+//! * [`plot`]: charts as SVG and PNG, written here with no plotting dependency.
 
 pub mod outcome;
+pub mod output;
 pub mod parse;
+pub mod plot;
 mod run;
 pub mod scenario;
 
