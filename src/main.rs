@@ -36,6 +36,9 @@ enum Command {
     Serve(daemon::ServeArgs),
     /// Measure migrations against memcpy and plain-TCP baselines taken in the same run.
     Bench(bench::BenchArgs),
+    /// Run a datacenter scenario through the model in virtual time; print a summary, and write
+    /// series and plots with --out.
+    Simulate(cli::simulate::SimulateArgs),
     /// The reading end of the bench's plain-TCP baseline (a second process).
     #[command(hide = true)]
     BenchSink,
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo(args),
         Command::Serve(args) => daemon::serve(args),
         Command::Bench(args) => bench::run(args),
+        Command::Simulate(args) => cli::simulate::run(args),
         Command::BenchSink => match bench::sink() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -10,6 +10,8 @@
 //! * [`client`]: the blocking HTTP/1.1 transport and its errors; reach for it to add a request.
 //! * [`commands`]: what each subcommand sends and how its answer is printed.
 //! * [`token`]: the API token file, shared with `serve`, which creates it.
+//! * [`simulate`]: `migratory simulate`, the datacenter model. It talks to no daemon, but it
+//!   lives here because, like the clients, it only reads a file, calls the library and prints.
 //!
 //! Errors end as exactly one `migratory: <message>` line on stderr and a failure exit status, so
 //! scripts can rely on stdout holding only results.
@@ -17,6 +19,7 @@
 mod client;
 mod commands;
 mod operator;
+pub mod simulate;
 pub mod token;
 
 use std::error::Error;

@@ -4,16 +4,20 @@
 //! allocated; a scenario of thousands of hosts runs in seconds.
 //!
 //! * [`scenario`]: what a scenario holds, in base units.
-//! * [`parse`]: the scenario file.
+//! * [`parse()`]: the scenario file.
 //! * [`outcome`]: what a run produced.
+//! * [`output`]: what a run leaves behind: summary JSON, CSV series, plots, the text summary.
+//! * [`plot`]: charts as SVG and PNG, written here with no plotting dependency.
 
 mod memory;
 mod migration;
 mod network;
 pub mod outcome;
+pub mod output;
 pub mod params;
 pub mod parse;
 mod placement;
+pub mod plot;
 mod run;
 pub mod scenario;
 
