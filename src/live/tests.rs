@@ -69,7 +69,7 @@ fn test_two_datacenters_runs_live_and_lands_where_the_model_says() {
     assert_eq!(target.last(), Some(&(512 << 20)), "{target:?}");
     let moving = live.samples.iter().filter(|s| s.net_out_bytes_per_sec > 0.0).count();
     assert!(moving > 0, "no sample saw the migration move bytes");
-    // The link is latency-only approximated: the note says so.
+    // Loopback cannot play the link's 20 ms: the outcome must say so, not hide it.
     assert!(live.notes.iter().any(|n| n.contains("latency")), "{:?}", live.notes);
 
     let model = migratory::model::run(&scenario, None).expect("the model runs the example");
