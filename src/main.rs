@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod daemon;
 mod exporter;
+mod live;
 mod progress;
 mod shutdown;
 
