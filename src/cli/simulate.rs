@@ -2,6 +2,11 @@
 //! virtual time and reports it: the text summary (with wall time and events per second) on
 //! stdout, the files of `--out DIR`, the summary JSON of `--json FILE`.
 //!
+//! `--live` also runs the scenario against real daemons (one per host, on loopback) and prints
+//! them side by side; `--out` then holds the live run's files too, under `live/`.
+//! `--calibrate FILE` and `--validate [--quick]` measure the model against real migrations on
+//! this machine (`crate::bench::validate`).
+//!
 //! With `--json -` the JSON is the only thing on stdout, and the text summary moves to stderr,
 //! so that a script can pipe it. Failures are one `migratory: ...` line on stderr and a
 //! failure status; a scenario error names the file and line (`FILE:LINE: what`).
@@ -19,8 +24,8 @@ use migratory::units::ByteSize;
 #[derive(Debug, clap::Args)]
 pub struct SimulateArgs {
     /// The scenario file (TOML).
-    #[arg(value_name = "SCENARIO")]
-    pub scenario: PathBuf,
+    #[arg(value_name = "SCENARIO", required_unless_present_any = ["validate", "calibrate"])]
+    pub scenario: Option<PathBuf>,
     /// Write summary.json, the CSV series and the plots (SVG and PNG) into DIR, creating it
     /// if missing.
     #[arg(long, value_name = "DIR")]
@@ -32,6 +37,28 @@ pub struct SimulateArgs {
     /// Seed of every random choice, instead of the scenario's.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+    /// The model's costs from a `--calibrate` file (its `tcp x1` entry: daemons migrate over
+    /// TCP) instead of the built-in ones.
+    #[arg(long, value_name = "FILE")]
+    pub params: Option<PathBuf>,
+    /// Also run the scenario against real daemons (one per host, on loopback; small scenarios
+    /// only) and print it beside the model's prediction.
+    #[arg(long)]
+    pub live: bool,
+    /// With `--live`: wall seconds per scenario second between events (migrations run at
+    /// their own speed).
+    #[arg(long, value_name = "X", default_value_t = 1.0, requires = "live")]
+    pub time_scale: f64,
+    /// Run real migrations on this machine, predict each with the model calibrated in the same
+    /// run, and print the errors beside CloudSim's formula.
+    #[arg(long, conflicts_with_all = ["scenario", "calibrate", "live"])]
+    pub validate: bool,
+    /// With `--validate`: the representative subset (CI runs it).
+    #[arg(long, requires = "validate")]
+    pub quick: bool,
+    /// Fit the model's costs on this machine and write them to FILE (for `--params`).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["scenario", "live"])]
+    pub calibrate: Option<PathBuf>,
 }
 
 /// Why a simulation did not get through.
@@ -75,6 +102,23 @@ pub enum SimulateError {
         #[source]
         source: io::Error,
     },
+    /// The `--params` file could not be read.
+    #[error("cannot use the costs in {}: {detail}", path.display())]
+    Params {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The live run could not be made.
+    #[error("live run of {}", path.display())]
+    Live {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::live::LiveError,
+    },
     /// Standard output or error went away (a closed pipe, say).
     #[error("cannot write the report")]
     Report(#[source] io::Error),
@@ -90,6 +134,12 @@ fn scenario_place(path: &Path, error: &ScenarioError) -> String {
 
 /// Runs the command.
 pub fn run(args: SimulateArgs) -> ExitCode {
+    if let Some(file) = &args.calibrate {
+        return crate::bench::validate::calibrate(file);
+    }
+    if args.validate {
+        return crate::bench::validate::validate(args.quick, args.json.as_deref());
+    }
     match simulate(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -99,8 +149,30 @@ pub fn run(args: SimulateArgs) -> ExitCode {
     }
 }
 
+/// The model's costs: the `tcp x1` entry of a `--calibrate` file, or a bare `ModelParams`.
+fn params(path: &Path) -> Result<model::ModelParams, SimulateError> {
+    let bad = |detail: String| SimulateError::Params {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    if let Ok(all) = serde_json::from_str::<Vec<crate::bench::validate::Calibration>>(&text) {
+        return all
+            .into_iter()
+            .find(|c| c.via.starts_with("tcp"))
+            .map(|c| c.params)
+            .ok_or_else(|| bad("no `tcp x1` calibration in it".into()));
+    }
+    serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
 fn simulate(args: &SimulateArgs) -> Result<(), SimulateError> {
-    let path = &args.scenario;
+    let Some(path) = &args.scenario else {
+        return Err(SimulateError::Params {
+            path: PathBuf::new(),
+            detail: "no scenario given".into(),
+        });
+    };
     let text = std::fs::read_to_string(path).map_err(|source| SimulateError::Read {
         path: path.clone(),
         source,
@@ -109,12 +181,41 @@ fn simulate(args: &SimulateArgs) -> Result<(), SimulateError> {
         path: path.clone(),
         error,
     })?;
+    let options = model::RunOptions {
+        seed: args.seed,
+        params: match &args.params {
+            Some(p) => params(p)?,
+            None => model::ModelParams::default(),
+        },
+        check: false,
+    };
     let started = Instant::now();
-    let outcome = model::run(&scenario, args.seed).map_err(|source| SimulateError::Model {
+    let outcome = model::run_with(&scenario, options).map_err(|source| SimulateError::Model {
         path: path.clone(),
         source,
     })?;
-    report(args, &scenario, &outcome, started.elapsed())
+    report(args, &scenario, &outcome, started.elapsed())?;
+    if args.live {
+        let live_opts = crate::live::LiveOptions {
+            time_scale: args.time_scale,
+            ..crate::live::LiveOptions::default()
+        };
+        let live = crate::live::run_live(&scenario, &live_opts).map_err(|source| SimulateError::Live {
+            path: path.clone(),
+            source,
+        })?;
+        let json_on_stdout = args.json.as_deref() == Some(Path::new("-"));
+        say(
+            json_on_stdout,
+            &format!("\nmodel vs live\n{}", crate::live::compare(&outcome, &live)),
+        )?;
+        if let Some(dir) = &args.out {
+            let dir = dir.join("live");
+            let written = output::write_all(&dir, &scenario, &live)?;
+            say(json_on_stdout, &files_line(&dir, &written))?;
+        }
+    }
+    Ok(())
 }
 
 /// Everything after the run: the summary, the files, the JSON.
@@ -216,6 +317,7 @@ mod tests {
             migrations: Vec::new(),
             samples: Vec::new(),
             placements: Vec::new(),
+            notes: Vec::new(),
             events_processed: 0,
         };
         (scenario, outcome)
@@ -224,7 +326,7 @@ mod tests {
     #[test]
     fn test_arguments_parse() {
         let a = parse(&["s.toml", "--out", "dir", "--json", "-", "--seed", "9"]).unwrap();
-        assert_eq!(a.scenario, PathBuf::from("s.toml"));
+        assert_eq!(a.scenario, Some(PathBuf::from("s.toml")));
         assert_eq!(a.out, Some(PathBuf::from("dir")));
         assert_eq!(a.json, Some(PathBuf::from("-")));
         assert_eq!(a.seed, Some(9));

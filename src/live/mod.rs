@@ -25,7 +25,6 @@
 //!   most [`LiveOptions::max_wait`] after the last event).
 
 // Until `migratory simulate --live` calls it, only this module's tests do.
-#![cfg_attr(not(test), allow(dead_code, unused_imports))]
 
 mod check;
 mod compare;

@@ -126,6 +126,8 @@ pub(crate) fn fixture(spec: &Spec) -> (Scenario, ModelOutcome) {
                 rate_changes: Vec::new(),
             },
             host: (Some(v) != never_deployed).then_some(v % spec.hosts_per_dc),
+            image_bytes: 0,
+            bandwidth_bytes_per_sec: None,
         })
         .collect();
     let mut scenario = Scenario {
@@ -213,6 +215,7 @@ pub(crate) fn fixture(spec: &Spec) -> (Scenario, ModelOutcome) {
         migrations,
         samples,
         placements,
+        notes: Vec::new(),
     };
     (scenario, outcome)
 }
