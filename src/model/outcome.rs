@@ -95,7 +95,8 @@ pub struct ModelOutcome {
     pub end_s: f64,
     /// Every migration, in the order they were asked for.
     pub migrations: Vec<MigrationRecord>,
-    /// Samples of every host, in time order (all hosts at each sampling instant).
+    /// Samples in time order: every host at each sampling instant, and between instants the
+    /// hosts whose memory or traffic changed (a host missing from an instant kept its value).
     pub samples: Vec<HostSample>,
     /// Where each VM ends.
     pub placements: Vec<Placement>,

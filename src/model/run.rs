@@ -103,6 +103,8 @@ pub(super) struct Sim<'a> {
     pub notes: Vec<String>,
     /// Links that failed (indices into the scenario's links).
     pub failed_links: Vec<usize>,
+    /// Hosts whose memory or traffic changed since their last sample.
+    changed: Vec<bool>,
     /// What each host's engine measured of its earlier migrations as a source.
     pub measured: Vec<Measured>,
     events_processed: u64,
@@ -139,6 +141,7 @@ impl<'a> Sim<'a> {
             rates_stale: true,
             notes: Vec::new(),
             failed_links: Vec::new(),
+            changed: vec![true; sc.hosts.len()],
             measured: vec![Measured::default(); sc.hosts.len()],
             events_processed: 0,
         }
@@ -182,9 +185,16 @@ impl<'a> Sim<'a> {
             }
             self.phase_ends();
             self.start_queued();
+            if self.rates_stale {
+                self.assign_rates();
+            }
             if self.t >= self.next_sample {
                 self.sample();
                 self.next_sample = self.t + self.sc.sample_every_s;
+            } else if self.changed.iter().any(|c| *c) {
+                // Between sampling instants, the hosts whose memory or traffic changed: the
+                // series then step where the model steps, not at the next instant.
+                self.sample_changed();
             }
         }
         if self.samples.last().is_none_or(|s| s.t_s < self.t) {
@@ -249,6 +259,8 @@ impl<'a> Sim<'a> {
 
     fn apply(&mut self, m: usize, step: Step) {
         self.rates_stale = true;
+        self.changed[self.migs[m].src] = true;
+        self.changed[self.migs[m].dst] = true;
         match step {
             Step::Continue => {}
             Step::Pause => {
@@ -290,6 +302,8 @@ impl<'a> Sim<'a> {
     /// Records the end of migration `m` and frees its slots.
     pub(super) fn finish(&mut self, m: usize, result: &str, error: Option<String>) {
         let t = self.t;
+        self.changed[self.migs[m].src] = true;
+        self.changed[self.migs[m].dst] = true;
         let was_active = self.active.contains(&m);
         self.active.retain(|&x| x != m);
         self.queue.retain(|&x| x != m);
@@ -328,6 +342,8 @@ impl<'a> Sim<'a> {
                 self.hosts[dst].used += ram;
                 self.active.push(m);
                 self.rates_stale = true;
+                self.changed[src] = true;
+                self.changed[dst] = true;
                 super::migration::start(self, m);
             } else {
                 i += 1;
@@ -383,7 +399,14 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Every host, at a sampling instant.
     fn sample(&mut self) {
+        self.changed.iter_mut().for_each(|c| *c = true);
+        self.sample_changed();
+    }
+
+    /// The hosts marked changed since the last sample.
+    fn sample_changed(&mut self) {
         let n = self.sc.hosts.len();
         let mut out = vec![0.0; n];
         let mut inn = vec![0.0; n];
@@ -393,6 +416,9 @@ impl<'a> Sim<'a> {
             inn[mig.dst] += mig.rate;
         }
         for h in 0..n {
+            if !std::mem::take(&mut self.changed[h]) {
+                continue;
+            }
             self.samples.push(HostSample {
                 t_s: self.t,
                 host: h,
@@ -405,6 +431,9 @@ impl<'a> Sim<'a> {
     }
 
     fn timed_event(&mut self, kind: &EventKind, line: usize) {
+        if let EventKind::Deploy { host, .. } | EventKind::FailHost { host } = kind {
+            self.changed[*host] = true;
+        }
         match kind {
             EventKind::Create { .. } => {}
             EventKind::Deploy { vm, host } => self.deploy(*vm, *host, line),

@@ -54,7 +54,7 @@ fn test_two_datacenters_example() {
     let s = parse(TWO_DATACENTERS).unwrap();
     assert_eq!(
         (s.name.as_str(), s.seed, s.sample_every_s, s.until_s),
-        ("two-datacenters", 1, 1.0, Some(600.0))
+        ("two-datacenters", 1, 1.0, Some(90.0))
     );
     let dcs = s.datacenters.iter().map(|d| d.name.as_str()).collect::<Vec<_>>();
     assert_eq!(dcs, ["datacenter1", "datacenter2"]);
@@ -82,7 +82,7 @@ fn test_two_datacenters_example() {
     assert_eq!(vm.workload.dirty_bytes_per_sec, 20e6);
     assert_eq!(vm.workload.working_set_bytes, 256 << 20);
     assert_eq!(vm.workload.pattern, WritePattern::HotSet);
-    assert_eq!(vm.workload.rate_changes, [(300.0, 5e6)]);
+    assert_eq!(vm.workload.rate_changes, [(60.0, 5e6)]);
 
     let [event] = s.events.as_slice() else {
         panic!("one event expected: {:?}", s.events)
