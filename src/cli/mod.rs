@@ -16,7 +16,7 @@
 //! Errors end as exactly one `migratory: <message>` line on stderr and a failure exit status, so
 //! scripts can rely on stdout holding only results.
 
-mod client;
+pub(crate) mod client;
 mod commands;
 mod operator;
 pub mod simulate;

@@ -1,39 +1,29 @@
-//! Just enough HTTP/1.1 to drive a loopback daemon started by this run: one request per
-//! connection, bearer token, JSON in and out.
-//!
-//! The CLI's full client (`cli::client`) is private to the `cli` module; once it is
-//! `pub(crate)`, this file should go and [`Api`] should wrap that client instead.
+//! The daemons' control API, through the CLI's own client (`cli::client`): one definition of
+//! how this binary speaks HTTP to a daemon.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use serde_json::Value;
 
-/// How long connecting, and each read or write, may take: the daemons are on loopback, so
-/// anything slower means one is wedged or gone.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The largest answer read; a `GET /migrations/{id}` report is a few KiB.
-const MAX_RESPONSE_BYTES: u64 = 4 << 20;
+use crate::cli::client::{require_success, ApiClient, ClientError};
 
 /// Why a request to a daemon failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    /// Connecting, sending or reading failed.
+    /// The request did not get through, or the daemon refused it.
     #[error("{method} {path} on {addr}: {source}")]
-    Io {
+    Client {
         /// The request's method.
         method: &'static str,
         /// The request's path.
         path: String,
         /// The daemon's API address.
         addr: SocketAddr,
-        /// Why.
+        /// Why (boxed: a client error is large, and errors travel up every call).
         #[source]
-        source: std::io::Error,
+        source: Box<ClientError>,
     },
-    /// The answer is not an HTTP response with a JSON body.
+    /// The answer is not what the API documents.
     #[error("{method} {path} on {addr}: malformed answer: {reason}")]
     Malformed {
         /// The request's method.
@@ -45,33 +35,22 @@ pub enum HttpError {
         /// What was wrong.
         reason: String,
     },
-    /// The daemon answered with a non-2xx status.
-    #[error("{method} {path} on {addr}: {status}: {message}")]
-    Refused {
-        /// The request's method.
-        method: &'static str,
-        /// The request's path.
-        path: String,
-        /// The daemon's API address.
-        addr: SocketAddr,
-        /// The HTTP status.
-        status: u16,
-        /// The daemon's `error` text, or the body.
-        message: String,
-    },
 }
 
 /// One daemon's control API over TCP.
 #[derive(Debug, Clone)]
 pub struct Api {
     addr: SocketAddr,
-    token: String,
+    client: Result<ApiClient, String>,
 }
 
 impl Api {
     /// The API at `addr`, sending `token` with every request.
     pub fn new(addr: SocketAddr, token: String) -> Self {
-        Self { addr, token }
+        let client = ApiClient::new(&format!("http://{addr}"))
+            .map(|c| c.with_token(Some(token)))
+            .map_err(|e| e.to_string());
+        Self { addr, client }
     }
 
     /// Where it listens.
@@ -90,100 +69,21 @@ impl Api {
     }
 
     fn request(&self, method: &'static str, path: &str, body: Option<&Value>) -> Result<Value, HttpError> {
-        let io = |source| HttpError::Io {
+        let client = self.client.as_ref().map_err(|reason| HttpError::Malformed {
             method,
             path: path.to_string(),
             addr: self.addr,
-            source,
+            reason: reason.clone(),
+        })?;
+        let answer = match method {
+            "POST" => client.post(path, body),
+            _ => client.get(path, body),
         };
-        let malformed = |reason: String| HttpError::Malformed {
+        answer.and_then(require_success).map_err(|source| HttpError::Client {
             method,
             path: path.to_string(),
             addr: self.addr,
-            reason,
-        };
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            self.token,
-            body.len()
-        );
-        let mut stream = TcpStream::connect_timeout(&self.addr, IO_TIMEOUT).map_err(io)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-        stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io)?;
-        stream.write_all(head.as_bytes()).map_err(io)?;
-        stream.write_all(body.as_bytes()).map_err(io)?;
-        let mut answer = Vec::new();
-        // `Connection: close` lets the end of the stream frame the body.
-        stream
-            .take(MAX_RESPONSE_BYTES + 1)
-            .read_to_end(&mut answer)
-            .map_err(io)?;
-        if answer.len() as u64 > MAX_RESPONSE_BYTES {
-            return Err(malformed(format!("over {MAX_RESPONSE_BYTES} bytes")));
-        }
-        let (status, body) = split_response(&answer).map_err(malformed)?;
-        let json: Option<Value> = serde_json::from_slice(body).ok();
-        if !(200..300).contains(&status) {
-            let message = json
-                .as_ref()
-                .and_then(|v| v.get("error"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect());
-            return Err(HttpError::Refused {
-                method,
-                path: path.to_string(),
-                addr: self.addr,
-                status,
-                message,
-            });
-        }
-        json.ok_or_else(|| malformed("the body is not JSON".to_string()))
-    }
-}
-
-/// The status code and body of a whole response. Chunked bodies are refused: the daemon sizes
-/// every JSON answer, so a chunked one means something else is listening.
-fn split_response(answer: &[u8]) -> Result<(u16, &[u8]), String> {
-    let end = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&answer[..end]).map_err(|_| "headers are not UTF-8")?;
-    let status_line = head.lines().next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .filter(|_| status_line.starts_with("HTTP/1."))
-        .ok_or_else(|| format!("status line {status_line:?}"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if chunked {
-        return Err("chunked body".to_string());
-    }
-    Ok((status, &answer[end + 4..]))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_split_response_finds_status_and_body() {
-        let raw = b"HTTP/1.1 202 Accepted\r\ncontent-length: 8\r\n\r\n{\"id\":3}";
-        assert_eq!(split_response(raw), Ok((202, &b"{\"id\":3}"[..])));
-    }
-
-    #[test]
-    fn test_split_response_refuses_what_the_daemon_never_sends() {
-        assert!(split_response(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(split_response(b"SSH-2.0 hello\r\n\r\n").is_err());
-        assert!(split_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{}\r\n").is_err());
+            source: Box::new(source),
+        })
     }
 }
