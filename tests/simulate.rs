@@ -74,14 +74,20 @@ fn test_a_bad_scenario_is_refused_with_its_line() {
     let file = dir.join("bad.toml");
     std::fs::write(
         &file,
-        "name = \"bad\"\n[[datacenter]]\nname = \"dc\"\n[[vm]]\nid = \"vm1\"\nram = \"1GiB\"\nvcpus = 1\nvmm = \"kvm\"\ndirty_rate = \"1MB/s\"\nhost = \"nowhere\"\n",
+        concat!(
+            "name = \"bad\"\n[[datacenter]]\nname = \"dc\"\n",
+            "[[host]]\nname = \"h1\"\ndatacenter = \"dc\"\nram = \"4GiB\"\ncores = 2\nnic = \"1Gbit\"\nvmm = \"kvm\"\n",
+            "[[vm]]\nid = \"vm1\"\nram = \"1GiB\"\nvcpus = 1\nvmm = \"kvm\"\ndirty_rate = \"1MB/s\"\n",
+            "host = \"nowhere\"\n",
+        ),
     )
     .expect("write");
     let run = simulate(&[file.to_str().expect("utf-8 path")]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
+    // Line 17 is `host = "nowhere"`.
     assert!(
-        stderr.contains("bad.toml:10:") && stderr.contains("nowhere"),
+        stderr.contains(r#"bad.toml:17: host "nowhere" is not defined"#),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
