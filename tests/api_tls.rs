@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-
+#[path = "support/certs.rs"]
+mod certs;
 #[path = "support/cli.rs"]
 mod cli;
 #[path = "support/daemon.rs"]
@@ -14,37 +14,17 @@ mod daemon;
 #[path = "support/serve.rs"]
 mod serve;
 
+use certs::{ca, host_identity, Ca};
 use daemon::{Daemon, BIN};
 use serve::{path_str, Scratch};
-
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn ca() -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    let key = KeyPair::generate().expect("key");
-    let cert = params.self_signed(&key).expect("self-signed");
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
 
 /// Writes a certificate signed by `signer` and its key into `dir`; returns (cert, key, ca of
 /// `trust`) paths.
 fn identity(dir: &Scratch, name: &str, signer: &Ca, trust: &Ca) -> (PathBuf, PathBuf, PathBuf) {
-    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, &signer.issuer).expect("signed");
+    let (cert, key) = host_identity(signer);
     (
-        dir.private_file(&format!("{name}.crt"), &cert.pem()),
-        dir.private_file(&format!("{name}.key"), &key.serialize_pem()),
+        dir.private_file(&format!("{name}.crt"), &cert),
+        dir.private_file(&format!("{name}.key"), &key),
         dir.private_file(&format!("{name}-ca.crt"), &trust.pem),
     )
 }

@@ -1,6 +1,8 @@
 //! Integration tests of the engine through its public API: one binary, one module per area.
 
 mod common;
+#[path = "../support/certs.rs"]
+mod support_certs;
 
 mod algorithms;
 mod auth;

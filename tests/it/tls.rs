@@ -4,40 +4,14 @@
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::link::tls::TlsSetup;
-use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 use crate::common::{self, MIB};
-
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn ca() -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
-    let key = KeyPair::generate().expect("key");
-    let cert = params.self_signed(&key).expect("self-signed");
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
-}
+use crate::support_certs::{ca, host_identity, Ca};
 
 /// A host identity signed by `signer`, trusting `trust`.
 fn identity(signer: &Ca, trust: &Ca) -> TlsSetup {
-    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, &signer.issuer).expect("signed");
-    TlsSetup::from_pem(
-        cert.pem().as_bytes(),
-        key.serialize_pem().as_bytes(),
-        trust.pem.as_bytes(),
-    )
-    .expect("tls setup")
+    let (cert, key) = host_identity(signer);
+    TlsSetup::from_pem(cert.as_bytes(), key.as_bytes(), trust.pem.as_bytes()).expect("tls setup")
 }
 
 async fn migrate(
