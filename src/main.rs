@@ -89,6 +89,10 @@ struct DemoArgs {
     /// What a pre-copy stall turns into: auto, postcopy, force-stop-and-copy, abort.
     #[arg(long, default_value = "auto")]
     on_stall: StallAction,
+    /// When stop-and-copy and pre-copy compare page digests: after-activation (no hashing in
+    /// the downtime) or before-commit (a difference rolls back).
+    #[arg(long, default_value = "after-activation")]
+    verify: migratory::engine::verify::VerifyMode,
     /// Print the report as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -253,6 +257,7 @@ async fn run_demo(
         req.faults = plan.clone();
     }
     req.recovery_timeout = Duration::from_secs_f64(args.recovery_timeout.clamp(0.0, 86_400.0));
+    req.verify = args.verify;
     let mut started = engine.start_migration(req).await?;
     let progress = if args.json {
         None
@@ -361,6 +366,18 @@ fn print_report(r: &MigrationReport) {
     println!("vm runs on      {:?}", r.vm_location);
     println!("total time      {:.3} s", r.total_s);
     println!("downtime        {:.2} ms", r.downtime_s * 1e3);
+    let d = &r.downtime_parts;
+    if r.downtime_s > 0.0 {
+        println!(
+            "  of which      pause {:.2}, final pages {:.2}, state {:.2}, verify {:.2}, prepare {:.2}, activation {:.2} ms",
+            d.pause_s * 1e3,
+            d.final_pages_s * 1e3,
+            d.state_s * 1e3,
+            d.verify_s * 1e3,
+            d.prepare_s * 1e3,
+            d.activation_s * 1e3
+        );
+    }
     println!("throughput      {:.1} MB/s", r.throughput_bytes_per_s / 1e6);
     println!("rounds          {}", r.rounds);
     println!(
@@ -390,7 +407,11 @@ fn print_report(r: &MigrationReport) {
         );
     }
     if r.verified {
-        println!("verified        true: target memory equals source memory at pause; vCPU state identical");
+        println!(
+            "verified        true ({}, {:.1} ms): target memory equals source memory at pause; vCPU state identical",
+            r.verify,
+            r.verification_s * 1e3
+        );
     } else if !r.result.succeeded() {
         println!("verified        false: the migration did not complete");
     } else {

@@ -26,6 +26,10 @@ pub struct StartMigration {
     /// The switchover downtime pre-copy aims for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_limit_ms: Option<f64>,
+    /// When stop-and-copy and pre-copy compare page digests: `after-activation` (the default:
+    /// no hashing in the downtime) or `before-commit` (a difference rolls back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
     /// Faults to inject, `KIND[:ARG][@WHEN],...` (source side; target-side kinds need an
     /// in-process target). Refused with 403 unless the daemon runs with
     /// `--enable-fault-injection`.
@@ -53,6 +57,7 @@ impl StartMigration {
             streams: None,
             bandwidth_bytes_per_sec: None,
             downtime_limit_ms: None,
+            verify: None,
             faults: None,
             recovery_timeout_s: None,
             compression: None,

@@ -250,6 +250,11 @@ pub struct MigrateArgs {
     /// Downtime the switchover may take, in milliseconds.
     #[arg(long, default_value_t = 300.0)]
     pub downtime_limit_ms: f64,
+    /// When stop-and-copy and pre-copy compare page digests: after-activation (no hashing in
+    /// the downtime) or before-commit (a difference rolls back) [daemon default:
+    /// after-activation].
+    #[arg(long)]
+    pub verify: Option<migratory::engine::verify::VerifyMode>,
     /// Poll until the migration ends, print its final line, and exit non-zero unless it completed.
     #[arg(long)]
     pub wait: bool,

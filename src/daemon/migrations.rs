@@ -74,6 +74,9 @@ fn request_of(b: api::StartMigration, host: &str) -> Result<MigrationRequest, St
         }
         req.policy.downtime_limit = Duration::from_secs_f64(ms / 1e3);
     }
+    if let Some(v) = b.verify.as_deref() {
+        req.verify = v.parse()?;
+    }
     Ok(req)
 }
 

@@ -129,6 +129,26 @@ pub struct DecisionReport {
     pub reason: String,
 }
 
+/// Where a switchover's downtime went, as the source measured it: each part is the time
+/// between two of its steps, so they add up to about the downtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DowntimeParts {
+    /// Pausing the VM and collecting its last dirty set.
+    pub pause_s: f64,
+    /// Sending the last dirty pages (stop-and-copy; zero for post-copy).
+    pub final_pages_s: f64,
+    /// Saving the vCPU and device state and sending it.
+    pub state_s: f64,
+    /// Comparing the digests, when verified before commit (zero otherwise: it runs after the
+    /// downtime).
+    pub verify_s: f64,
+    /// From the state sent to `Prepared`: the target applies the last pages and loads the
+    /// state; verifying before commit, the digest comparison too.
+    pub prepare_s: f64,
+    /// From `Commit` sent to `Activated`: the target resumes the VM.
+    pub activation_s: f64,
+}
+
 /// The full account of one migration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationReport {
@@ -182,8 +202,13 @@ pub struct MigrationReport {
     pub postcopy_faults: u64,
     /// Mean post-copy fault latency.
     pub mean_fault_latency_s: f64,
-    /// Time spent verifying after activation (not part of any stage).
+    /// Time spent comparing digests (inside the downtime when verified before commit).
     pub verification_s: f64,
+    /// When the digests were compared: `after-activation` or `before-commit` (post-copy:
+    /// after its pull, whatever the request said).
+    pub verify: String,
+    /// Where the downtime went.
+    pub downtime_parts: DowntimeParts,
     /// Post-copy recoveries: links that replaced one lost in the pull phase.
     pub recoveries: u32,
 }
@@ -227,6 +252,8 @@ impl MigrationReport {
             postcopy_faults: 0,
             mean_fault_latency_s: 0.0,
             verification_s: 0.0,
+            verify: String::new(),
+            downtime_parts: DowntimeParts::default(),
             recoveries: 0,
         }
     }

@@ -115,6 +115,9 @@ pub struct MigrationRequest {
     pub algorithm: Algorithm,
     /// Policy limits.
     pub policy: PolicyConfig,
+    /// When a stop-and-copy or pre-copy switchover compares page digests: after activation by
+    /// default (no hashing in the downtime), or before commit (a difference rolls back).
+    pub verify: super::verify::VerifyMode,
     /// Shaping of the link between the two (in-process) hosts.
     pub shaping: Shaping,
     /// Keepalive of the control link.
@@ -150,7 +153,8 @@ pub const DEFAULT_RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl MigrationRequest {
     /// A pre-copy migration with default policy and an unshaped link. Every migration is
-    /// verified (page digests and vCPU state).
+    /// verified (page digests and vCPU state), stop-and-copy and pre-copy after activation
+    /// unless [`Self::verify`] says before commit.
     pub fn new(vm: impl Into<String>, source: impl Into<String>, target: impl Into<String>) -> Self {
         Self {
             vm: vm.into(),
@@ -158,6 +162,7 @@ impl MigrationRequest {
             target: target.into(),
             algorithm: Algorithm::Precopy,
             policy: PolicyConfig::default(),
+            verify: super::verify::VerifyMode::default(),
             shaping: Shaping::default(),
             keepalive: Keepalive::default(),
             step_timeout: Duration::from_secs(60),

@@ -100,7 +100,7 @@ impl StageMachine {
                     | (Precopy, Stopcopy)
                     | (Stopcopy, Commitment | Activation)
                     | (Commitment, Activation)
-                    | (Activation, Pull)
+                    | (Activation, Pull | Commitment)
                     | (Pull, Commitment)
             ),
             StageMachine::Done => false,
@@ -144,6 +144,8 @@ mod tests {
         assert!(run(&[Premigration, Reservation, Precopy, Stopcopy, Commitment, Activation]).is_ok());
         assert!(run(&[Premigration, Reservation, Stopcopy, Commitment, Activation]).is_ok());
         assert!(run(&[Premigration, Reservation, Stopcopy, Activation, Pull, Commitment]).is_ok());
+        // Verified after activation.
+        assert!(run(&[Premigration, Reservation, Precopy, Stopcopy, Activation, Commitment]).is_ok());
         assert!(run(&[
             Premigration,
             Reservation,

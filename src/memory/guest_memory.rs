@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::commit::{commit_range, Committer, PART_BYTES};
 use crate::units::{PageIndex, PAGE_SIZE};
 
 /// Errors of guest memory.
@@ -50,6 +51,8 @@ pub enum MemoryError {
 pub struct GuestMemory {
     base: NonNull<u8>,
     len: usize,
+    /// Commits the pages in the background (see [`GuestMemory::new_committing`]).
+    committer: Option<Committer>,
 }
 
 // SAFETY: the mapping belongs to this value alone (only `Drop` unmaps it), and nothing about it
@@ -62,15 +65,13 @@ unsafe impl Sync for GuestMemory {}
 
 /// Mappings at least this large are committed by several threads.
 const POPULATE_PARALLEL_BYTES: usize = 64 << 20;
-/// Bytes committed per madvise call (see [`GuestMemory::populate`]).
-const POPULATE_PART_BYTES: usize = 4 << 20;
 /// Most threads committing one mapping: page faults on one mm stop scaling beyond a few.
 const POPULATE_THREADS: usize = 4;
 
 impl GuestMemory {
     /// Maps `bytes` of zeroed, private, anonymous memory. Pages are committed on first touch.
     pub fn new(bytes: u64) -> Result<Self, MemoryError> {
-        Self::map(bytes, false)
+        Self::map(bytes, false, false)
     }
 
     /// Maps `bytes` and commits every page now: what a reservation wants, so that a host that
@@ -78,10 +79,43 @@ impl GuestMemory {
     /// fault on the receive path. Large mappings are committed by several threads (see
     /// `populate`).
     pub fn new_populated(bytes: u64) -> Result<Self, MemoryError> {
-        Self::map(bytes, true)
+        Self::map(bytes, true, true)
     }
 
-    fn map(bytes: u64, populate: bool) -> Result<Self, MemoryError> {
+    /// Maps `bytes` for an incoming VM and commits its pages in the background, from the first
+    /// to the last, while they arrive: the reservation answers at once instead of after the
+    /// kernel has zeroed every page. The memory is charged to the host as committed (no
+    /// MAP_NORESERVE), so a host under strict overcommit refuses here; a commit that fails later
+    /// shows in [`GuestMemory::wait_committed`], which the receiver calls before it accepts
+    /// the switchover.
+    pub fn new_committing(bytes: u64) -> Result<Self, MemoryError> {
+        let mut memory = Self::map(bytes, true, false)?;
+        let (base, len) = (memory.base.as_ptr() as usize, memory.len);
+        // SAFETY: base/len are this fresh mapping; `Drop` stops the committer before unmapping.
+        let committer = unsafe { Committer::start(base, len) }.map_err(|source| MemoryError::Map { bytes, source })?;
+        memory.committer = Some(committer);
+        Ok(memory)
+    }
+
+    /// Waits until every page is committed (at once for memory not committed in the background).
+    /// Blocking: call off the actor thread.
+    pub fn wait_committed(&self) -> Result<(), MemoryError> {
+        match &self.committer {
+            None => Ok(()),
+            Some(c) => c.wait().map_err(|detail| MemoryError::Map {
+                bytes: self.len as u64,
+                source: std::io::Error::other(detail),
+            }),
+        }
+    }
+
+    /// True unless a background commit is still running.
+    pub fn committed(&self) -> bool {
+        self.committer.as_ref().is_none_or(Committer::finished)
+    }
+
+    /// `charge`: account the mapping as committed (no MAP_NORESERVE); `populate`: commit it now.
+    fn map(bytes: u64, charge: bool, populate: bool) -> Result<Self, MemoryError> {
         if bytes == 0 || bytes % PAGE_SIZE as u64 != 0 || bytes > isize::MAX as u64 {
             return Err(MemoryError::BadSize { bytes });
         }
@@ -93,7 +127,7 @@ impl GuestMemory {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if populate { 0 } else { libc::MAP_NORESERVE },
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if charge { 0 } else { libc::MAP_NORESERVE },
                 -1,
                 0,
             )
@@ -108,7 +142,11 @@ impl GuestMemory {
             bytes,
             source: std::io::Error::other("mmap returned null"),
         })?;
-        let memory = Self { base, len };
+        let memory = Self {
+            base,
+            len,
+            committer: None,
+        };
         if populate {
             // On failure, dropping `memory` unmaps it.
             memory.populate().map_err(|source| MemoryError::Map { bytes, source })?;
@@ -132,25 +170,9 @@ impl GuestMemory {
         };
         let per = (self.len / PAGE_SIZE).div_ceil(threads) * PAGE_SIZE;
         let (base, len) = (self.base.as_ptr() as usize, self.len);
-        let commit_part = move |start: usize, n: usize| -> std::io::Result<()> {
-            // SAFETY: [base + start, base + start + n) lies inside this mapping, which outlives
-            // every thread of the scope below; MADV_POPULATE_WRITE only faults pages in and
-            // leaves their (zero) contents as they are.
-            let r = unsafe { libc::madvise((base + start) as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(e);
-            }
-            for at in (start..start + n).step_by(PAGE_SIZE) {
-                // SAFETY: `at` is inside the mapping (as above) and nothing else refers to the
-                // fresh memory yet; writing the zero it already holds commits the page.
-                unsafe { std::ptr::write_volatile(at as *mut u8, 0) };
-            }
-            Ok(())
-        };
+        // SAFETY: [base + start, base + start + n) lies inside this mapping, which outlives every
+        // thread of the scope below, and the mapping is fresh: nothing has been written to it.
+        let commit_part = move |start: usize, n: usize| unsafe { commit_range(base, start, n, true) }.map(|_| ());
         // In parts: with one madvise per share, the second thread was seen (perf, strace) to
         // start committing only once the first thread's call had returned. A thread starting up
         // takes the mmap lock for writing (to map its stacks), which waits behind a reader
@@ -158,8 +180,8 @@ impl GuestMemory {
         let commit = move |start: usize| -> std::io::Result<()> {
             let end = (start + per).min(len);
             (start..end)
-                .step_by(POPULATE_PART_BYTES)
-                .try_for_each(|at| commit_part(at, POPULATE_PART_BYTES.min(end - at)))
+                .step_by(PART_BYTES)
+                .try_for_each(|at| commit_part(at, PART_BYTES.min(end - at)))
         };
         std::thread::scope(|s| {
             let others: Vec<_> = (1..threads)
@@ -315,6 +337,9 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
+        if let Some(c) = &self.committer {
+            c.stop();
+        }
         // SAFETY: base/len are exactly the mapping made in `map`, unmapped once, here; `&mut
         // self` proves no view into it is live. Users outside Rust (a KVM memory slot, vCPU
         // threads, a userfaultfd registration) are torn down first by the guest that owns both.

@@ -4,6 +4,7 @@
 //! from it into a batch buffer and writes straight from a received batch into it, so each page is
 //! copied once per side.
 
+mod commit;
 mod guest_memory;
 
 pub(crate) use guest_memory::is_zero;

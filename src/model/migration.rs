@@ -316,6 +316,8 @@ pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
                 bandwidth_bytes_per_sec: (mig.round_bytes / dt).max(1.0),
                 fixed_switchover: std::time::Duration::from_secs_f64(mig.fixed_switchover()),
                 precopy_elapsed: std::time::Duration::from_secs_f64(t - mig.precopy_start),
+                sent_pages: (mig.bytes / crate::units::PAGE_SIZE as f64) as u64,
+                vm_pages: mig.pages,
             };
             mig.bandwidth = obs.bandwidth_bytes_per_sec;
             let Some(plan) = mig.plan.as_mut() else {

@@ -196,6 +196,11 @@ pub enum ControlMessage {
         /// Post-copy: the bitmap of pages the target does not have yet (little-endian words).
         #[serde(with = "serde_bytes_compat")]
         missing: Vec<u8>,
+        /// The target sends its digests after `Activated` instead of before `Prepared`: the
+        /// source verifies after activation, keeping the hashing out of the downtime. Absent
+        /// (an older source): before `Prepared`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        digests_after_activation: bool,
     },
     /// vCPU state in the common format.
     VcpuState {
@@ -228,6 +233,10 @@ pub enum ControlMessage {
     /// Post-copy, target to source: every page is present. Source to target: the source copy
     /// is freed, the migration is over.
     Complete,
+    /// Source to target, after `Activated` when `Suspend` said `digests_after_activation`: send
+    /// the digests now. Asked for rather than pushed, so that they do not queue in front of
+    /// `Activated` on the source's side.
+    SendDigests,
     /// Target's digests of the pages as received, for verification.
     Digests {
         /// First page these digests cover.
@@ -292,6 +301,7 @@ impl ControlMessage {
             ControlMessage::PageRequest { .. } => "PageRequest",
             ControlMessage::Resumed { .. } => "Resumed",
             ControlMessage::Complete => "Complete",
+            ControlMessage::SendDigests => "SendDigests",
             ControlMessage::Digests { .. } => "Digests",
             ControlMessage::Abort { .. } => "Abort",
             ControlMessage::QueryVm { .. } => "QueryVm",
@@ -347,6 +357,7 @@ mod tests {
             ControlMessage::Suspend {
                 batches_total: 3,
                 missing: vec![1, 2, 3],
+                digests_after_activation: true,
             },
             ControlMessage::Abort {
                 reason: AbortReason::InsufficientMemory {
@@ -472,6 +483,7 @@ mod tests {
             ControlMessage::Suspend {
                 batches_total: 80,
                 missing: vec![0xff, 0x01],
+                digests_after_activation: false,
             },
             ControlMessage::VcpuState {
                 vcpus: vec![VcpuState::initial_long_mode(0)],

@@ -8,7 +8,8 @@ use crate::common::{self, MIB};
 
 fn expected(alg: Algorithm) -> Vec<Vec<Stage>> {
     use Stage::*;
-    let pre = vec![Premigration, Reservation, Precopy, Stopcopy, Commitment, Activation];
+    // Verified after activation (the default): commitment's digest comparison follows it.
+    let pre = vec![Premigration, Reservation, Precopy, Stopcopy, Activation, Commitment];
     let hyb = vec![
         Premigration,
         Reservation,
@@ -19,7 +20,7 @@ fn expected(alg: Algorithm) -> Vec<Vec<Stage>> {
         Commitment,
     ];
     match alg {
-        Algorithm::StopAndCopy => vec![vec![Premigration, Reservation, Stopcopy, Commitment, Activation]],
+        Algorithm::StopAndCopy => vec![vec![Premigration, Reservation, Stopcopy, Activation, Commitment]],
         Algorithm::Precopy => vec![pre],
         Algorithm::Postcopy => vec![vec![Premigration, Reservation, Stopcopy, Activation, Pull, Commitment]],
         Algorithm::Hybrid => vec![hyb],

@@ -25,6 +25,7 @@ fn message(i: u8, n: u64) -> ControlMessage {
         3 => ControlMessage::Suspend {
             batches_total: n,
             missing: vec![0xff; (n % 17) as usize],
+            digests_after_activation: n % 2 == 0,
         },
         4 => ControlMessage::VcpuState { vcpus: Vec::new() },
         5 => ControlMessage::DeviceState { devices: Vec::new() },

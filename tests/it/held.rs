@@ -1,8 +1,9 @@
 //! Verification before commitment, and copies held after a failure past it: a page the source
-//! lost is caught before `Commit` (the VM stays on the source), or after it in post-copy (the
-//! source copy is held, never freed); a target lost after `Commit` leaves a held copy that only
+//! lost is caught before `Commit` when asked (the VM stays on the source), or after activation
+//! by default and in post-copy (the source copy is held, never freed); a target lost after `Commit` leaves a held copy that only
 //! a fenced resume or a discard ends.
 
+use migratory::engine::verify::VerifyMode;
 use migratory::engine::{EngineError, EngineHandle, MigrationRequest, Outcome, VmLocation, VmSpec};
 use migratory::format::NativeLayout;
 use migratory::protocol::Algorithm;
@@ -30,16 +31,42 @@ async fn test_a_page_lost_before_commit_is_caught_and_rolled_back() {
     let e = common::engine(NativeLayout::XenHvm, NativeLayout::Kvm).await;
     for (i, alg) in [Algorithm::Precopy, Algorithm::StopAndCopy].into_iter().enumerate() {
         let vm = format!("lost{i}");
-        let req = busy_vm(&e, &vm, alg, "lose-dirty-page@stopcopy").await;
+        let mut req = busy_vm(&e, &vm, alg, "lose-dirty-page@stopcopy").await;
+        req.verify = VerifyMode::BeforeCommit;
         let r = e.migrate(req).await.expect("report");
         assert_eq!(r.result, Outcome::Failed, "{alg}: {:?}", r.error);
         assert_eq!(r.vm_location, VmLocation::Source, "{alg}");
+        assert!(r.downtime_parts.verify_s > 0.0, "{alg}: verified inside the downtime");
         assert!(!r.verified, "{alg}");
         assert!(!r.mismatched_pages.is_empty(), "{alg}: the lost page is named");
         let error = r.error.unwrap_or_default();
         assert!(error.contains("verification failed"), "{alg}: {error}");
         common::assert_runs_only_on(&e, "src", "dst", &vm).await;
         assert_eq!(held(&e, "src", &vm).await, None, "{alg}: nothing held after a rollback");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_page_lost_and_verified_after_activation_holds_the_source_copy() {
+    let e = common::engine(NativeLayout::XenHvm, NativeLayout::Kvm).await;
+    for (i, alg) in [Algorithm::Precopy, Algorithm::StopAndCopy].into_iter().enumerate() {
+        let vm = format!("lostaa{i}");
+        let req = busy_vm(&e, &vm, alg, "lose-dirty-page@stopcopy").await;
+        assert_eq!(req.verify, VerifyMode::AfterActivation, "the default");
+        let r = e.migrate(req).await.expect("report");
+        assert_eq!(r.result, Outcome::Failed, "{alg}: {:?}", r.error);
+        // Past commit the target owns the VM and runs it; the difference is reported, and the
+        // source copy it differs from is held, never freed.
+        assert_eq!(r.vm_location, VmLocation::Target, "{alg}");
+        assert!(!r.verified, "{alg}");
+        assert!(!r.mismatched_pages.is_empty(), "{alg}: the lost page is named");
+        assert_eq!(r.verify, "after-activation");
+        assert_eq!(r.downtime_parts.verify_s, 0.0, "{alg}: no hashing in the downtime");
+        let error = r.error.unwrap_or_default();
+        assert!(error.contains("verification failed"), "{alg}: {error}");
+        assert_eq!(held(&e, "src", &vm).await, Some(HeldReason::Unverified), "{alg}");
+        assert!(e.vm_info("dst", &vm).await.expect("on the target").state.is_running());
+        e.discard_held("src", &vm).await.expect("discard");
     }
 }
 

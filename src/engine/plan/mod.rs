@@ -146,6 +146,10 @@ pub struct RoundObservation {
     pub fixed_switchover: Duration,
     /// Time spent in pre-copy so far.
     pub precopy_elapsed: Duration,
+    /// Pages sent so far, resends included (for the traffic bound).
+    pub sent_pages: u64,
+    /// The VM's size in pages.
+    pub vm_pages: u64,
 }
 
 /// The decisions of one algorithm. See the module docs.

@@ -42,6 +42,8 @@ impl Rounds {
             fixed_switchover: obs.fixed_switchover,
             elapsed: obs.precopy_elapsed,
             postcopy_in_pool: self.postcopy_in_pool,
+            sent_pages: obs.sent_pages,
+            vm_pages: obs.vm_pages,
         };
         let decision = policy::decide_round(&self.cfg, &ctx);
         self.history.push(obs.remaining_pages);

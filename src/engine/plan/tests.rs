@@ -11,6 +11,8 @@ fn obs(round: u32, remaining: u64, dirty_per_sec: f64) -> RoundObservation {
         bandwidth_bytes_per_sec: 1e9,
         fixed_switchover: Duration::from_millis(2),
         precopy_elapsed: Duration::from_millis(100 * u64::from(round + 1)),
+        sent_pages: 65_536 + remaining * u64::from(round),
+        vm_pages: 65_536,
     }
 }
 
@@ -62,10 +64,21 @@ fn test_precopy_rounds_until_the_rest_fits_the_limit() {
         plan.after_round(&obs(0, 200_000, 1e3)).next,
         Next::Round { .. }
     ));
-    let v = plan.after_round(&obs(1, 10_000, 1e3));
+    // 10,000 pages fit the limit (41 ms), but the round shrank the set 20-fold: one more.
+    assert!(matches!(
+        plan.after_round(&obs(1, 10_000, 1e3)).next,
+        Next::Round { .. }
+    ));
+    // 10 pages take 41 us: nothing left to gain.
+    let v = plan.after_round(&obs(2, 10, 1e3));
     assert_eq!(v.next, Next::Switchover(Switchover::StopAndCopy));
     assert_eq!(v.decisions[0].action, "stop-and-copy");
-    assert!(v.forecast.is_some_and(|f| f.basis.starts_with("after round 1")));
+    assert!(
+        v.decisions[0].reason.contains("cost little"),
+        "{}",
+        v.decisions[0].reason
+    );
+    assert!(v.forecast.is_some_and(|f| f.basis.starts_with("after round 2")));
 }
 
 #[test]
@@ -122,8 +135,11 @@ fn test_auto_that_chooses_precopy_goes_on_with_rounds() {
     let v = plan.after_round(&obs(0, 20_000, 100.0));
     assert_eq!(v.decisions[0].action, "auto chose precopy");
     assert_eq!(plan.algorithm(), Algorithm::Precopy);
-    assert_eq!(v.next, Next::Switchover(Switchover::StopAndCopy));
+    // 20,000 pages fit the limit, but a round still shrinks them.
+    assert!(matches!(v.next, Next::Round { .. }));
     assert!(v.forecast.is_some_and(|f| f.algorithm == Algorithm::Precopy));
+    let v = plan.after_round(&obs(1, 5, 100.0));
+    assert_eq!(v.next, Next::Switchover(Switchover::StopAndCopy));
 }
 
 #[test]

@@ -25,14 +25,19 @@ impl TargetRun {
                 self.host.register_recoverable(id.clone(), to);
             }
         }
-        // Track what the guest writes from now on: those pages may differ from what arrived.
-        guest.start_dirty_log().map_err(failed)?;
+        if self.postcopy {
+            // Track what the guest writes from now on: those pages may differ from what
+            // arrived, and the check after the pull must tell them apart.
+            guest.start_dirty_log().map_err(failed)?;
+        }
         resume(&vm).await?;
         // The VM has run here: a fence asking later must not hear `absent`, even once the VM
         // has moved on, or the source's older copy could resume beside it.
         self.host.committed(id);
-        self.announce(guest.as_ref());
         self.send(ControlMessage::Activated).await?;
+        // The downtime is over: what follows does not need the VM paused.
+        self.announce(guest.as_ref());
+        // Verifying after activation, the source asks for the digests (`SendDigests`).
         if self.postcopy {
             self.pulling = true;
             self.check_pull_done().await

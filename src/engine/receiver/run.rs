@@ -56,6 +56,8 @@ pub(super) struct TargetRun {
     pub(super) pulling: bool,
     /// `Commit` arrived: the VM belongs to this host from now on.
     pub(super) committed: bool,
+    /// Stop-and-copy verified after activation: the digests follow `Activated`.
+    pub(super) digests_after_activation: bool,
     pub(super) wanted: Wanted,
     pub(super) recovery: Recovery,
 }
@@ -102,6 +104,7 @@ impl TargetRun {
             postcopy: false,
             pulling: false,
             committed: false,
+            digests_after_activation: false,
             wanted: Wanted::new(),
             recovery: Recovery::new(),
         }
@@ -238,7 +241,14 @@ impl TargetRun {
             }
             A::Reserve { config, demand_paged } => self.reserve(config, demand_paged).await,
             A::NoteRound { .. } => Ok(()),
-            A::Suspend { batches_total, missing } => self.suspend(batches_total, &missing).await,
+            A::Suspend {
+                batches_total,
+                missing,
+                digests_after_activation,
+            } => {
+                self.digests_after_activation = digests_after_activation;
+                self.suspend(batches_total, &missing).await
+            }
             A::LoadState { vcpus, devices } => self.load_state(vcpus, devices).await,
             A::Activate => {
                 let activated = self.activate().await;
@@ -246,6 +256,7 @@ impl TargetRun {
                 activated
             }
             A::Finish => Err(Exit::Clean),
+            A::SendDigests => self.send_digests(false).await,
             A::AnswerQuery { vm } => Err(self.answer_query(vm).await),
             A::Abort { reason } => Err(Exit::Fail(reason)),
             A::Aborted { reason } => Err(Exit::PeerAborted(reason)),

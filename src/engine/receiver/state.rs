@@ -106,6 +106,8 @@ pub enum ReceiverAction {
         batches_total: u64,
         /// Missing-page bitmap bytes (empty unless post-copy).
         missing: Vec<u8>,
+        /// The digests go after `Activated`, not before `Prepared`.
+        digests_after_activation: bool,
     },
     /// Load state into the VM and answer `Prepared`.
     LoadState {
@@ -118,6 +120,8 @@ pub enum ReceiverAction {
     Activate,
     /// The source freed its copy: the VM is ours for good.
     Finish,
+    /// Send the digests of the pages as received (verification after activation).
+    SendDigests,
     /// A peer's fence asks whether `vm` lives here: answer `VmStatus` and end.
     AnswerQuery {
         /// The VM.
@@ -197,15 +201,28 @@ impl ReceiverState {
                 Err(e) => (S::Done, A::Abort { reason: e.into() }),
             },
             (S::Receiving, M::RoundDone { batches_total, .. }) => (S::Receiving, A::NoteRound { batches_total }),
-            (S::Receiving, M::Suspend { batches_total, missing }) => {
-                (S::AwaitVcpus, A::Suspend { batches_total, missing })
-            }
+            (
+                S::Receiving,
+                M::Suspend {
+                    batches_total,
+                    missing,
+                    digests_after_activation,
+                },
+            ) => (
+                S::AwaitVcpus,
+                A::Suspend {
+                    batches_total,
+                    missing,
+                    digests_after_activation,
+                },
+            ),
             (S::AwaitVcpus, M::VcpuState { vcpus }) => (S::AwaitDevices { vcpus }, A::NoteRound { batches_total: 0 }),
             (S::AwaitDevices { vcpus }, M::DeviceState { devices }) => {
                 (S::AwaitCommit, A::LoadState { vcpus, devices })
             }
             (S::AwaitCommit, M::Commit) => (S::AwaitComplete, A::Activate),
             (S::AwaitComplete, M::Complete) => (S::Done, A::Finish),
+            (S::AwaitComplete, M::SendDigests) => (S::AwaitComplete, A::SendDigests),
             (state, msg) => {
                 return Err(ReceiverError {
                     state: state.name(),

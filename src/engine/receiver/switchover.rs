@@ -2,6 +2,8 @@
 //! pages that did not come (post-copy), the vCPU and device state loaded and read back, and
 //! `Prepared` (after the digests, in the pre-copy order).
 
+use std::sync::Arc;
+
 use super::super::ask::{ask, GUEST_ASK};
 use super::finish::{failed, violation, Exit};
 use super::run::{Flow, TargetRun};
@@ -25,10 +27,26 @@ impl TargetRun {
                 }))
             }
         }
+        // Memory committed in the background must be whole before demand paging drops the
+        // missing pages (a late commit would fill them with zeros) and before `Prepared`: a
+        // host that cannot back the VM refuses while the source still owns it.
+        let guest = self.guest()?;
+        if !guest.memory().committed() {
+            let g = Arc::clone(&guest);
+            let waited = tokio::task::spawn_blocking(move || g.memory().wait_committed()).await;
+            match waited {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(Exit::Fail(AbortReason::TargetFailed {
+                        detail: format!("the reservation's memory could not be committed: {e}"),
+                    }))
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
         if missing.is_empty() {
             return Ok(());
         }
-        let guest = self.guest()?;
         let pages = guest.memory().page_count();
         let set = PageSet::from_bytes(missing, pages).ok_or_else(|| {
             violation(format!(
@@ -73,7 +91,7 @@ impl TargetRun {
                 guest.layout()
             )));
         }
-        if !self.postcopy {
+        if !self.postcopy && !self.digests_after_activation {
             // Verification before commitment: the source compares these with its memory and
             // rolls back on a difference, while it still owns the VM.
             self.send_digests(false).await?;

@@ -239,6 +239,14 @@ impl SourceRun {
             postcopy_faults: faults.0,
             mean_fault_latency_s: faults.1,
             verification_s: self.verification.as_secs_f64(),
+            verify: if self.machine.algorithm() == crate::protocol::Algorithm::Postcopy
+                || self.s.req.algorithm == crate::protocol::Algorithm::Postcopy
+            {
+                "after-pull".to_string()
+            } else {
+                self.s.req.verify.name().to_string()
+            },
+            downtime_parts: self.parts,
             recoveries: self.recoveries,
         }
     }

@@ -10,6 +10,7 @@ use super::super::plan::{self, Choice, Estimate, Forecast, Next, Plan, RoundObse
 use super::super::policy::PolicyConfig;
 use super::super::report::VmLocation;
 use super::super::stage::{Stage, StageError, StageMachine};
+use super::super::verify::VerifyMode;
 use crate::protocol::Algorithm;
 
 /// Where the source is in the protocol.
@@ -26,8 +27,11 @@ pub(crate) enum SourceState {
     /// The VM is paused; the final pages (stop-and-copy) and the state go out.
     Switching { how: Switchover },
     /// Comparing the target's digests with this side's memory: before `Prepared` in
-    /// stop-and-copy order, after the pull in post-copy order.
+    /// stop-and-copy order (verify before commit), after the pull in post-copy order.
     Verifying { how: Switchover },
+    /// Stop-and-copy verified after activation: the target runs the VM; comparing its digests
+    /// with this side's paused memory before the copy is freed.
+    Auditing,
     /// Waiting for `Prepared`.
     Preparing { how: Switchover },
     /// `Commit` sent (or about to be); waiting for `Activated`.
@@ -145,11 +149,13 @@ pub(crate) struct SourceMachine {
     plan: Option<Box<dyn Plan>>,
     /// A lost link in the pull is recovered (the request's recovery timeout is not zero).
     recovers: bool,
+    /// Where a stop-and-copy switchover verifies.
+    verify: VerifyMode,
 }
 
 impl SourceMachine {
     /// A machine for a migration that asked for `requested`.
-    pub fn new(requested: Algorithm, cfg: PolicyConfig, recovers: bool) -> Self {
+    pub fn new(requested: Algorithm, cfg: PolicyConfig, recovers: bool, verify: VerifyMode) -> Self {
         Self {
             state: SourceState::Idle,
             stages: StageMachine::Idle,
@@ -157,7 +163,13 @@ impl SourceMachine {
             cfg,
             plan: None,
             recovers,
+            verify,
         }
+    }
+
+    /// True if a stop-and-copy switchover leaves verification until after activation.
+    pub fn verifies_after_activation(&self) -> bool {
+        self.verify == VerifyMode::AfterActivation
     }
 
     /// Where the protocol is.
@@ -237,6 +249,7 @@ impl SourceMachine {
                 how: Switchover::Postcopy,
             }
             | S::Recovering { pull_done: true }
+            | S::Auditing
             | S::Releasing
             | S::Done => VmLocation::Target,
             S::Idle
@@ -302,11 +315,16 @@ impl SourceMachine {
                 actions.extend(more);
                 (next, actions)
             }
-            (S::Switching { how }, E::StateSent) => match how {
+            (S::Switching { how }, E::StateSent) => match (how, self.verify) {
                 // Verified before commit: a copy that differs is rolled back while the
                 // source still owns the VM.
-                Switchover::StopAndCopy => (S::Verifying { how }, vec![A::Enter(Stage::Commitment), A::Verify]),
-                Switchover::Postcopy => (S::Preparing { how }, vec![A::AwaitPrepared]),
+                (Switchover::StopAndCopy, VerifyMode::BeforeCommit) => {
+                    (S::Verifying { how }, vec![A::Enter(Stage::Commitment), A::Verify])
+                }
+                // Verified after activation, as post-copy is: no hashing in the downtime.
+                (Switchover::StopAndCopy, VerifyMode::AfterActivation) | (Switchover::Postcopy, _) => {
+                    (S::Preparing { how }, vec![A::AwaitPrepared])
+                }
             },
             (
                 S::Verifying {
@@ -320,16 +338,24 @@ impl SourceMachine {
                 vec![A::AwaitPrepared],
             ),
             (S::Preparing { how }, E::Prepared) => {
-                let actions = match how {
-                    Switchover::StopAndCopy => vec![A::Commit, A::Enter(Stage::Activation), A::AwaitActivated],
-                    Switchover::Postcopy => vec![A::Enter(Stage::Activation), A::Commit, A::AwaitActivated],
+                let actions = match (how, self.verify) {
+                    (Switchover::StopAndCopy, VerifyMode::BeforeCommit) => {
+                        vec![A::Commit, A::Enter(Stage::Activation), A::AwaitActivated]
+                    }
+                    (Switchover::StopAndCopy, VerifyMode::AfterActivation) | (Switchover::Postcopy, _) => {
+                        vec![A::Enter(Stage::Activation), A::Commit, A::AwaitActivated]
+                    }
                 };
                 (S::Committed { how }, actions)
             }
-            (S::Committed { how }, E::Activated) => match how {
-                Switchover::StopAndCopy => (S::Releasing, vec![A::Release]),
-                Switchover::Postcopy => (S::Pulling, vec![A::Enter(Stage::Pull), A::Pull]),
+            (S::Committed { how }, E::Activated) => match (how, self.verify) {
+                (Switchover::StopAndCopy, VerifyMode::BeforeCommit) => (S::Releasing, vec![A::Release]),
+                (Switchover::StopAndCopy, VerifyMode::AfterActivation) => {
+                    (S::Auditing, vec![A::Enter(Stage::Commitment), A::Verify])
+                }
+                (Switchover::Postcopy, _) => (S::Pulling, vec![A::Enter(Stage::Pull), A::Pull]),
             },
+            (S::Auditing, E::Verified) => (S::Releasing, vec![A::Release]),
             (S::Pulling, E::PullComplete) => {
                 // After a recovery during verification the stage is already commitment.
                 let mut actions = Vec::new();

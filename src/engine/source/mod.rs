@@ -23,7 +23,8 @@ use tokio::sync::{broadcast, watch};
 use super::error::Side;
 use super::events::MigrationEvent;
 use super::report::{
-    CompressionReport, DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation,
+    CompressionReport, DecisionReport, DowntimeParts, MigrationReport, Outcome, PageCounts, PredictionReport,
+    StageReport, VmLocation,
 };
 use super::request::MigrationRequest;
 use super::route::Route;
@@ -50,7 +51,7 @@ mod switchover;
 
 pub use books::Measured;
 use fail::Fail;
-use machine::{SourceAction, SourceEvent, SourceMachine};
+use machine::{SourceAction, SourceEvent, SourceMachine, SourceState};
 
 /// Everything a source run needs, handed over by the engine.
 #[derive(Debug)]
@@ -106,6 +107,13 @@ pub(crate) struct SourceRun {
     paused_at: Option<Instant>,
     final_pages_time: Duration,
     downtime: Option<Duration>,
+    /// Where the downtime went, filled in as the switchover runs.
+    parts: DowntimeParts,
+    /// When `Commit` went out, for the activation round trip.
+    commit_sent: Option<Instant>,
+    /// Digests an older target sent before `Prepared` although asked to wait: kept for the
+    /// verification after activation.
+    early_digests: Vec<ControlMessage>,
     paused_by_us: bool,
     first_pass_done: bool,
     remaining_gauge: f64,
@@ -138,7 +146,12 @@ impl SourceRun {
     /// A run of `s`; call inside the runtime (planned faults start their timers).
     pub fn new(mut s: SourceSetup) -> Self {
         let now = clock::now();
-        let machine = SourceMachine::new(s.req.algorithm, s.req.policy, !s.req.recovery_timeout.is_zero());
+        let machine = SourceMachine::new(
+            s.req.algorithm,
+            s.req.policy,
+            !s.req.recovery_timeout.is_zero(),
+            s.req.verify,
+        );
         let faults = faults::Injector::new(&s.req.faults, now);
         if let Some(f) = &faults {
             f.decorate(&mut s.end.data_tx);
@@ -168,6 +181,9 @@ impl SourceRun {
             paused_at: None,
             final_pages_time: Duration::ZERO,
             downtime: None,
+            parts: DowntimeParts::default(),
+            commit_sent: None,
+            early_digests: Vec::new(),
             paused_by_us: false,
             first_pass_done: false,
             remaining_gauge: 0.0,
@@ -304,11 +320,12 @@ impl SourceRun {
                 Some(SourceEvent::StateSent)
             }
             A::Verify => {
-                self.verify().await?;
+                let ask = self.machine.state() == SourceState::Auditing;
+                self.verify(ask).await?;
                 Some(SourceEvent::Verified)
             }
             A::AwaitPrepared => {
-                self.expect("Prepared").await?;
+                self.prepared().await?;
                 Some(SourceEvent::Prepared)
             }
             A::Commit => {

@@ -18,6 +18,9 @@ use crate::engine::testpoint;
 use crate::protocol::{ControlMessage, PageCodecs};
 use crate::telemetry::metric;
 
+/// Smallest round, in link bytes, whose rate is taken as the link's bandwidth.
+const MIN_BANDWIDTH_SAMPLE: u64 = 4 << 20;
+
 impl SourceRun {
     /// Starts the data plane on the link; every page is pending. `resends`: pages may go more
     /// than once, so a delta cache can pay for itself.
@@ -94,7 +97,8 @@ impl SourceRun {
         let round_time = clock::now().duration_since(round_started).as_secs_f64().max(1e-6);
         testpoint::hold(testpoint::Point::PrecopyRound, self.s.id).await;
         let dirty_rate = dirty.len() as f64 / round_time;
-        if stats.bytes > 0 {
+        // A round of a few pages measures latency, not bandwidth: it keeps the last figure.
+        if stats.bytes >= MIN_BANDWIDTH_SAMPLE || (stats.bytes > 0 && self.bandwidth == 0.0) {
             // In page bytes: the policy predicts from pages, and with compression a page
             // costs less than its size on the link.
             self.bandwidth = stats.page_bytes_per_sec().max(1.0);
@@ -125,6 +129,8 @@ impl SourceRun {
             bandwidth_bytes_per_sec: self.bandwidth,
             fixed_switchover: fixed,
             precopy_elapsed: clock::now().duration_since(self.precopy_started),
+            sent_pages: self.pages.normal + self.pages.zero + self.pages.retransmitted,
+            vm_pages: self.s.guest.memory().page_count(),
         })
     }
 }

@@ -213,14 +213,15 @@ impl KvmGuest {
     }
 
     /// An empty, paused guest waiting for an incoming migration: vCPUs created, nothing
-    /// loaded, RAM committed unless `demand_paged` (post-copy brings every page through
-    /// userfaultfd, which needs them absent; committing them now would mean dropping them
-    /// again at the switchover, inside the downtime: about 90 ms per GiB here).
+    /// loaded, RAM committed in the background while pages arrive unless `demand_paged`
+    /// (post-copy brings every page through userfaultfd, which needs them absent; committing
+    /// them now would mean dropping them again at the switchover, inside the downtime: about
+    /// 90 ms per GiB here). The receiver waits for the commit before demand paging starts.
     pub fn reserve(config: VmConfig, demand_paged: bool) -> Result<Self, VmmError> {
         let memory = if demand_paged {
             GuestMemory::new(config.memory_bytes)?
         } else {
-            GuestMemory::new_populated(config.memory_bytes)?
+            GuestMemory::new_committing(config.memory_bytes)?
         };
         let pacing = Pacing {
             rate_bytes_per_sec: 0,

@@ -82,9 +82,10 @@ impl SimGuest {
     }
 
     /// Creates an empty (all-zero) guest that waits for incoming state: a reservation.
-    /// Its memory is committed up front (see [`GuestMemory::new_populated`]).
+    /// Its memory is committed in the background while pages arrive (see
+    /// [`GuestMemory::new_committing`]).
     pub fn reserve(config: VmConfig, layout: NativeLayout) -> Result<Self, VmmError> {
-        let memory = GuestMemory::new_populated(config.memory_bytes)?;
+        let memory = GuestMemory::new_committing(config.memory_bytes)?;
         Self::build(config, layout, WorkloadSpec::idle(), memory)
     }
 

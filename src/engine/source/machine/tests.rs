@@ -42,12 +42,19 @@ fn round(round: u32, remaining: u64) -> SourceEvent {
         bandwidth_bytes_per_sec: 1e9,
         fixed_switchover: Duration::from_millis(1),
         precopy_elapsed: Duration::from_millis(10),
+        sent_pages: 1024,
+        vm_pages: 1024,
     })
 }
 
 #[test]
 fn test_stop_and_copy_verifies_before_it_commits_and_frees_after_activation() {
-    let mut m = SourceMachine::new(Algorithm::StopAndCopy, PolicyConfig::default(), true);
+    let mut m = SourceMachine::new(
+        Algorithm::StopAndCopy,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::BeforeCommit,
+    );
     negotiated(&mut m);
     let a = step(&mut m, reserved());
     assert_eq!(
@@ -76,8 +83,40 @@ fn test_stop_and_copy_verifies_before_it_commits_and_frees_after_activation() {
 }
 
 #[test]
+fn test_stop_and_copy_verified_after_activation_commits_without_digests_and_audits_before_freeing() {
+    let mut m = SourceMachine::new(
+        Algorithm::StopAndCopy,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::AfterActivation,
+    );
+    negotiated(&mut m);
+    step(&mut m, reserved());
+    // No digests inside the downtime: straight to `Prepared`.
+    assert_eq!(step(&mut m, E::StateSent), vec![A::AwaitPrepared]);
+    assert_eq!(m.location(false), VmLocation::Source);
+    assert_eq!(
+        step(&mut m, E::Prepared),
+        vec![A::Enter(Stage::Activation), A::Commit, A::AwaitActivated]
+    );
+    assert_eq!(m.location(true), VmLocation::Undetermined);
+    assert_eq!(step(&mut m, E::Activated), vec![A::Enter(Stage::Commitment), A::Verify]);
+    // The target runs the VM: a failed audit holds the source copy, never resumes it.
+    assert_eq!(m.location(true), VmLocation::Target);
+    assert!(!m.recovers_link_loss());
+    assert_eq!(step(&mut m, E::Verified), vec![A::Release]);
+    assert!(step(&mut m, E::Released).is_empty());
+    assert_eq!(m.state(), SourceState::Done);
+}
+
+#[test]
 fn test_precopy_rounds_follow_the_plan_then_switch_over() {
-    let mut m = SourceMachine::new(Algorithm::Precopy, PolicyConfig::default(), true);
+    let mut m = SourceMachine::new(
+        Algorithm::Precopy,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::BeforeCommit,
+    );
     negotiated(&mut m);
     let a = step(&mut m, reserved());
     assert_eq!(a[0], A::StartPlane { resends: true });
@@ -107,7 +146,12 @@ fn test_precopy_rounds_follow_the_plan_then_switch_over() {
 
 #[test]
 fn test_postcopy_commits_before_the_pull_and_recovers_a_lost_link() {
-    let mut m = SourceMachine::new(Algorithm::Postcopy, PolicyConfig::default(), true);
+    let mut m = SourceMachine::new(
+        Algorithm::Postcopy,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::BeforeCommit,
+    );
     negotiated(&mut m);
     step(&mut m, reserved());
     assert_eq!(step(&mut m, E::StateSent), vec![A::AwaitPrepared]);
@@ -140,13 +184,23 @@ fn test_postcopy_commits_before_the_pull_and_recovers_a_lost_link() {
 
 #[test]
 fn test_a_link_lost_before_the_pull_is_not_recovered() {
-    let mut m = SourceMachine::new(Algorithm::Precopy, PolicyConfig::default(), true);
+    let mut m = SourceMachine::new(
+        Algorithm::Precopy,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::BeforeCommit,
+    );
     negotiated(&mut m);
     step(&mut m, reserved());
     assert!(!m.recovers_link_loss());
     assert!(matches!(m.step(E::LinkLost), Err(MachineError::Unexpected { .. })));
     // Without a recovery timeout, not even in the pull.
-    let mut m = SourceMachine::new(Algorithm::Postcopy, PolicyConfig::default(), false);
+    let mut m = SourceMachine::new(
+        Algorithm::Postcopy,
+        PolicyConfig::default(),
+        false,
+        VerifyMode::BeforeCommit,
+    );
     negotiated(&mut m);
     step(&mut m, reserved());
     step(&mut m, E::StateSent);
@@ -157,7 +211,12 @@ fn test_a_link_lost_before_the_pull_is_not_recovered() {
 
 #[test]
 fn test_an_event_out_of_order_is_an_error_naming_it() {
-    let mut m = SourceMachine::new(Algorithm::Precopy, PolicyConfig::default(), true);
+    let mut m = SourceMachine::new(
+        Algorithm::Precopy,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::BeforeCommit,
+    );
     let err = m.step(E::Prepared).expect_err("Prepared before Start");
     assert_eq!(err.to_string(), "source machine: Prepared in state Idle");
     assert_eq!(m.state(), SourceState::Idle);
@@ -165,7 +224,12 @@ fn test_an_event_out_of_order_is_an_error_naming_it() {
 
 #[test]
 fn test_a_retried_pull_starts_recovering_in_pull() {
-    let mut m = SourceMachine::new(Algorithm::Postcopy, PolicyConfig::default(), true);
+    let mut m = SourceMachine::new(
+        Algorithm::Postcopy,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::BeforeCommit,
+    );
     assert_eq!(step(&mut m, E::RetryPull), vec![A::AssumePull, A::Recover]);
     assert_eq!(m.stage(), Some(Stage::Pull));
     assert_eq!(m.location(true), VmLocation::TargetAwaitingPages);
@@ -179,7 +243,7 @@ fn test_a_plan_that_gives_up_aborts_before_commitment() {
         max_rounds: 1,
         ..PolicyConfig::default()
     };
-    let mut m = SourceMachine::new(Algorithm::Precopy, cfg, true);
+    let mut m = SourceMachine::new(Algorithm::Precopy, cfg, true, VerifyMode::BeforeCommit);
     negotiated(&mut m);
     step(&mut m, reserved());
     let a = step(&mut m, round(0, 5_000_000));
