@@ -6,7 +6,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 
 use migratory::api;
-use migratory::engine::{FaultPlan, MigrationRequest};
+use migratory::engine::{FaultPlan, MigrationRequest, Priority};
 use migratory::format::check_name;
 use migratory::protocol::{Algorithm, CompressionChoice};
 
@@ -74,6 +74,10 @@ fn request_of(b: api::StartMigration, host: &str) -> Result<MigrationRequest, St
         }
         req.policy.downtime_limit = Duration::from_secs_f64(ms / 1e3);
     }
+    if let Some(p) = b.priority.as_deref() {
+        req.priority = p.parse::<Priority>()?;
+    }
+    req.min_bandwidth_bytes_per_sec = b.min_bandwidth_bytes_per_sec;
     Ok(req)
 }
 
@@ -102,6 +106,13 @@ mod tests {
         let req = request_of(b.clone(), "a").unwrap();
         assert_eq!((req.algorithm, req.source.as_str()), (Algorithm::Postcopy, "a"));
         assert_eq!(req.policy.downtime_limit, Duration::from_millis(50));
+        let qos = api::StartMigration {
+            priority: Some("high".into()),
+            min_bandwidth_bytes_per_sec: Some(1 << 20),
+            ..b.clone()
+        };
+        let req = request_of(qos, "a").unwrap();
+        assert_eq!((req.priority, req.min_bandwidth_bytes_per_sec), (Priority::High, Some(1 << 20)));
         for bad in [
             api::StartMigration {
                 algorithm: Some("teleport".into()),
@@ -117,6 +128,10 @@ mod tests {
             },
             api::StartMigration {
                 compression: Some("gzip".into()),
+                ..b.clone()
+            },
+            api::StartMigration {
+                priority: Some("urgent".into()),
                 ..b.clone()
             },
         ] {

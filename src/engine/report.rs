@@ -186,6 +186,8 @@ pub struct MigrationReport {
     pub verification_s: f64,
     /// Post-copy recoveries: links that replaced one lost in the pull phase.
     pub recoveries: u32,
+    /// Its priority, its floor, and the share of bandwidth it got.
+    pub qos: super::qos::QosReport,
 }
 
 impl MigrationReport {
@@ -228,6 +230,7 @@ impl MigrationReport {
             mean_fault_latency_s: 0.0,
             verification_s: 0.0,
             recoveries: 0,
+            qos: super::qos::QosReport::default(),
         }
     }
 
