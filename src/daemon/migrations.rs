@@ -112,7 +112,10 @@ mod tests {
             ..b.clone()
         };
         let req = request_of(qos, "a").unwrap();
-        assert_eq!((req.priority, req.min_bandwidth_bytes_per_sec), (Priority::High, Some(1 << 20)));
+        assert_eq!(
+            (req.priority, req.min_bandwidth_bytes_per_sec),
+            (Priority::High, Some(1 << 20))
+        );
         for bad in [
             api::StartMigration {
                 algorithm: Some("teleport".into()),

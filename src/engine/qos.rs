@@ -193,7 +193,11 @@ mod tests {
         let r = QosReport::new(
             Priority::High,
             Some(10),
-            &[stage("reservation", 5.0, 0), stage("precopy", 2.0, 300), stage("stopcopy", 1.0, 100)],
+            &[
+                stage("reservation", 5.0, 0),
+                stage("precopy", 2.0, 300),
+                stage("stopcopy", 1.0, 100),
+            ],
         );
         assert_eq!((r.weight, r.mean_bytes_per_sec, r.transfer_s), (4, 400.0 / 3.0, 3.0));
     }

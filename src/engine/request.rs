@@ -31,7 +31,8 @@ pub struct HostConfig {
     pub max_outgoing: usize,
     /// Incoming migrations running at once; more wait for a slot (up to the step timeout).
     pub max_incoming: usize,
-    /// One bandwidth budget shared by all the host's outgoing migrations (bytes/s).
+    /// One bandwidth budget shared by all the host's outgoing migrations (bytes/s), by the
+    /// weights of their priorities and with their floors (see `engine::qos`).
     pub bandwidth_budget_bytes_per_sec: Option<u64>,
     /// The cluster key both ends of a migration must prove (HMAC challenge-response); `None`
     /// accepts and opens unauthenticated migrations.

@@ -39,7 +39,13 @@ pub fn share(capacity: &[f64], flows: &[Flow]) -> Vec<f64> {
         let scale = f
             .uses
             .iter()
-            .map(|&r| if on[r] > capacity[r] { capacity[r].max(0.0) / on[r] } else { 1.0 })
+            .map(|&r| {
+                if on[r] > capacity[r] {
+                    capacity[r].max(0.0) / on[r]
+                } else {
+                    1.0
+                }
+            })
             .fold(1.0, f64::min);
         *x *= scale;
     }
@@ -201,7 +207,11 @@ mod tests {
     #[test]
     fn test_a_floor_is_honoured_and_the_rest_shared_by_weight() {
         use crate::link::{weighted_shares, Claim};
-        let flows = [weighted(&[0, 1], 1.0, 100e6), weighted(&[0, 2], 2.0, 0.0), weighted(&[0, 3], 4.0, 0.0)];
+        let flows = [
+            weighted(&[0, 1], 1.0, 100e6),
+            weighted(&[0, 2], 2.0, 0.0),
+            weighted(&[0, 3], 4.0, 0.0),
+        ];
         let rates = share(&[200e6, 1e9, 1e9, 1e9], &flows);
         assert!(close(&rates, &[100e6, 100e6 / 3.0, 200e6 / 3.0]), "{rates:?}");
         let claims: Vec<Claim> = flows
@@ -218,7 +228,11 @@ mod tests {
     fn test_a_flow_held_elsewhere_leaves_its_weighted_share_to_the_others() {
         // The high flow's target NIC takes only 20: the budget's rest goes to the other two, by
         // their weights (work conservation).
-        let flows = [weighted(&[0, 1], 1.0, 0.0), weighted(&[0, 2], 2.0, 0.0), weighted(&[0, 3], 4.0, 0.0)];
+        let flows = [
+            weighted(&[0, 1], 1.0, 0.0),
+            weighted(&[0, 2], 2.0, 0.0),
+            weighted(&[0, 3], 4.0, 0.0),
+        ];
         let rates = share(&[200.0, 1e3, 1e3, 20.0], &flows);
         assert!(close(&rates, &[60.0, 120.0, 20.0]), "{rates:?}");
     }

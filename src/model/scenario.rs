@@ -2,8 +2,8 @@
 //! datacenters, VMs and timed events. Every figure is in base units (bytes, bytes per second,
 //! seconds); `parse` reads the TOML form with its units and checks every reference.
 
-use crate::format::NativeLayout;
 use crate::engine::Priority;
+use crate::format::NativeLayout;
 use crate::protocol::Algorithm;
 
 /// A whole scenario.

@@ -114,7 +114,10 @@ pub fn register_zeroes() {
 /// Registers units and help texts with whatever recorder is installed.
 pub fn describe_all() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(MIGRATIONS_TOTAL, "Finished migrations by algorithm, result and priority");
+    describe_counter!(
+        MIGRATIONS_TOTAL,
+        "Finished migrations by algorithm, result and priority"
+    );
     describe_counter!(PAGES_SENT_TOTAL, "Pages sent by kind");
     describe_counter!(BYTES_SENT_TOTAL, Unit::Bytes, "Bytes sent by migrations");
     describe_counter!(

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::units::{Bandwidth, RateSpec, Seconds, Size, Text};
-use crate::format::NativeLayout;
 use crate::engine::Priority;
+use crate::format::NativeLayout;
 use crate::protocol::Algorithm;
 
 /// The whole file.

@@ -439,21 +439,33 @@ impl Refs<'_> {
                 EventKind::Migrate {
                     vm: self.vms.find(&m.vm, lines)?,
                     to,
-                    limits: with_qos(self.limits(m.algorithm, m.bandwidth, &m.downtime_limit)?, m.priority, m.min_bandwidth),
+                    limits: with_qos(
+                        self.limits(m.algorithm, m.bandwidth, &m.downtime_limit)?,
+                        m.priority,
+                        m.min_bandwidth,
+                    ),
                 }
             }
             Action::Evacuate(e) => {
                 let e = e.get_ref();
                 EventKind::Evacuate {
                     host: self.hosts.find(&e.host, lines)?,
-                    limits: with_qos(self.limits(e.algorithm, e.bandwidth, &e.downtime_limit)?, e.priority, e.min_bandwidth),
+                    limits: with_qos(
+                        self.limits(e.algorithm, e.bandwidth, &e.downtime_limit)?,
+                        e.priority,
+                        e.min_bandwidth,
+                    ),
                 }
             }
             Action::Consolidate(c) => {
                 let c = c.get_ref();
                 EventKind::Consolidate {
                     datacenter: self.datacenters.find(&c.datacenter, lines)?,
-                    limits: with_qos(self.limits(c.algorithm, c.bandwidth, &c.downtime_limit)?, c.priority, c.min_bandwidth),
+                    limits: with_qos(
+                        self.limits(c.algorithm, c.bandwidth, &c.downtime_limit)?,
+                        c.priority,
+                        c.min_bandwidth,
+                    ),
                 }
             }
             Action::FailHost(f) => EventKind::FailHost {

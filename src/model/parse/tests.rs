@@ -365,7 +365,8 @@ fn test_migration_entries_carry_priority_and_floor() {
             MigrationQos::default(),
         ]
     );
-    let bad = format!("{VM}[[event]]\nat = \"1s\"\nmigrate = {{ vm = \"v\", to_host = \"h2\", priority = \"urgent\" }}\n");
+    let bad =
+        format!("{VM}[[event]]\nat = \"1s\"\nmigrate = {{ vm = \"v\", to_host = \"h2\", priority = \"urgent\" }}\n");
     let err = parse(&with_base(&bad)).unwrap_err();
     assert_eq!(err.line, line_of_extra(9), "{err}");
     assert!(err.detail.contains("unknown priority \"urgent\""), "{err}");

@@ -339,8 +339,8 @@ fn shares_while_all_move(out: &ModelOutcome, n: usize) -> Vec<f64> {
         let rate = |h: usize| {
             out.samples
                 .iter()
-                .filter(|s| s.host == h && s.t_s <= t)
-                .last()
+                .rev()
+                .find(|s| s.host == h && s.t_s <= t)
                 .map_or(0.0, |s| s.net_in_bytes_per_sec)
         };
         let rates: Vec<f64> = (1..=n).map(rate).collect();
@@ -361,7 +361,11 @@ fn test_the_budget_is_shared_by_priority_as_the_engine_shares_it() {
     use crate::link::{weighted_shares, Claim};
     let qos = [class(Low), class(Normal), class(High)];
     let out = checked(&shared_source(&qos, &[1.0; 3], 3));
-    assert!(out.migrations.iter().all(|m| m.result == "completed"), "{:?}", out.migrations);
+    assert!(
+        out.migrations.iter().all(|m| m.result == "completed"),
+        "{:?}",
+        out.migrations
+    );
     let rates = shares_while_all_move(&out, 3);
     let claims: Vec<Claim> = qos
         .iter()
@@ -382,7 +386,11 @@ fn test_the_queue_starts_the_highest_priority_first() {
     let qos = [class(Normal), class(Low), class(Normal), class(High)];
     let out = checked(&shared_source(&qos, &[0.5, 1.0, 1.0, 1.0], 1));
     let start = |i: usize| out.migrations[i].start_s;
-    assert!(start(0) < start(3) && start(3) < start(2) && start(2) < start(1), "{:?}", out.migrations);
+    assert!(
+        start(0) < start(3) && start(3) < start(2) && start(2) < start(1),
+        "{:?}",
+        out.migrations
+    );
 }
 
 #[test]
