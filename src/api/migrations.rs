@@ -45,6 +45,16 @@ pub struct StartMigration {
     /// Bytes of the source's XBZRLE cache (default 64 MiB, never more than the VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache_bytes: Option<u64>,
+
+    // Quality of service (see `engine::Priority`).
+    /// `low`, `normal` (the default) or `high`: the order the host's outgoing queue serves,
+    /// and the weight (1, 2, 4) in its bandwidth budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+    /// Bytes per second of the host's bandwidth budget assured while the migration sends;
+    /// refused with 409 if the budget cannot assure it beside other migrations' floors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_bandwidth_bytes_per_sec: Option<u64>,
 }
 
 impl StartMigration {
@@ -62,6 +72,8 @@ impl StartMigration {
             recovery_timeout_s: None,
             compression: None,
             xbzrle_cache_bytes: None,
+            priority: None,
+            min_bandwidth_bytes_per_sec: None,
         }
     }
 }
@@ -141,8 +153,16 @@ mod tests {
             json!({"vm": "vm1", "to": "h:7000"})
         );
         body.streams = Some(4);
+        body.priority = Some("high".into());
+        body.min_bandwidth_bytes_per_sec = Some(1 << 20);
         let back: StartMigration = serde_json::from_value(serde_json::to_value(&body).unwrap()).unwrap();
         assert_eq!(back, body);
+    }
+
+    #[test]
+    fn test_an_old_client_body_without_qos_still_reads() {
+        let body: StartMigration = serde_json::from_value(json!({"vm": "vm1", "to": "h:7000"})).unwrap();
+        assert_eq!((body.priority, body.min_bandwidth_bytes_per_sec), (None, None));
     }
 
     #[test]

@@ -220,6 +220,8 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         faults: args.fault.clone(),
         compression: args.compression.map(|c| c.name().to_string()),
         xbzrle_cache_bytes: args.xbzrle_cache.map(|size| size.0),
+        priority: args.priority.map(|p| p.name().to_string()),
+        min_bandwidth_bytes_per_sec: args.min_bandwidth.map(|rate| rate.0),
         ..api::StartMigration::new(args.vm.clone(), to.clone())
     };
     let started: api::MigrationStarted = post(client, "/migrations", &body, "migration id")?;
@@ -474,6 +476,8 @@ mod tests {
             recovery_timeout: 60.0,
             compression: None,
             xbzrle_cache: None,
+            priority: None,
+            min_bandwidth: None,
             api: api(server),
         }
     }
@@ -590,6 +594,18 @@ mod tests {
                    "bandwidth_bytes_per_sec": 1000000000u64, "downtime_limit_ms": 300.0,
                    "recovery_timeout_s": 60.0})
         );
+    }
+
+    #[test]
+    fn test_migrate_sends_priority_and_floor_only_when_given() {
+        let server = FakeServer::start(vec![json_response(202, r#"{"id": 5}"#)]);
+        let mut args = migrate_args(&server, false);
+        args.priority = Some(migratory::engine::Priority::High);
+        args.min_bandwidth = Some(ByteSize(50_000_000));
+        execute(ClientCommand::Migrate(args)).unwrap();
+        let (_, body) = sent_json(&server);
+        assert_eq!(body["priority"], json!("high"));
+        assert_eq!(body["min_bandwidth_bytes_per_sec"], json!(50_000_000u64));
     }
 
     #[test]

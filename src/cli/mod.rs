@@ -27,6 +27,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use migratory::engine::Priority;
 use migratory::protocol::{Algorithm, CompressionChoice};
 use migratory::units::ByteSize;
 use migratory::vmm::Pattern;
@@ -275,6 +276,16 @@ pub struct MigrateArgs {
     /// Most page content the source keeps as XBZRLE delta bases (e.g. 64MiB, the default).
     #[arg(long, value_name = "SIZE")]
     pub xbzrle_cache: Option<ByteSize>,
+
+    // Quality of service.
+    /// Priority class: low, normal (the daemon's default) or high. The host's outgoing queue
+    /// serves higher classes first, and its bandwidth budget is shared by weights 1, 2 and 4.
+    #[arg(long)]
+    pub priority: Option<Priority>,
+    /// Bandwidth of the host's budget assured to this migration while it sends (e.g. 50MB for
+    /// 50 MB/s); refused if other migrations' floors leave less.
+    #[arg(long, value_name = "RATE")]
+    pub min_bandwidth: Option<ByteSize>,
     #[command(flatten)]
     pub api: ApiArgs,
 }

@@ -6,7 +6,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 
 use migratory::api;
-use migratory::engine::{FaultPlan, MigrationRequest};
+use migratory::engine::{FaultPlan, MigrationRequest, Priority};
 use migratory::format::check_name;
 use migratory::protocol::{Algorithm, CompressionChoice};
 
@@ -77,6 +77,10 @@ fn request_of(b: api::StartMigration, host: &str) -> Result<MigrationRequest, St
     if let Some(v) = b.verify.as_deref() {
         req.verify = v.parse()?;
     }
+    if let Some(p) = b.priority.as_deref() {
+        req.priority = p.parse::<Priority>()?;
+    }
+    req.min_bandwidth_bytes_per_sec = b.min_bandwidth_bytes_per_sec;
     Ok(req)
 }
 
@@ -105,6 +109,16 @@ mod tests {
         let req = request_of(b.clone(), "a").unwrap();
         assert_eq!((req.algorithm, req.source.as_str()), (Algorithm::Postcopy, "a"));
         assert_eq!(req.policy.downtime_limit, Duration::from_millis(50));
+        let qos = api::StartMigration {
+            priority: Some("high".into()),
+            min_bandwidth_bytes_per_sec: Some(1 << 20),
+            ..b.clone()
+        };
+        let req = request_of(qos, "a").unwrap();
+        assert_eq!(
+            (req.priority, req.min_bandwidth_bytes_per_sec),
+            (Priority::High, Some(1 << 20))
+        );
         for bad in [
             api::StartMigration {
                 algorithm: Some("teleport".into()),
@@ -120,6 +134,10 @@ mod tests {
             },
             api::StartMigration {
                 compression: Some("gzip".into()),
+                ..b.clone()
+            },
+            api::StartMigration {
+                priority: Some("urgent".into()),
                 ..b.clone()
             },
         ] {

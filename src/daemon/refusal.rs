@@ -59,6 +59,8 @@ impl From<EngineError> for Refusal {
             EngineError::DuplicateVm(_)
             | EngineError::TooLateToCancel(_)
             | EngineError::InsufficientMemory { .. }
+            // Other migrations' floors hold the bandwidth budget this floor needs.
+            | EngineError::FloorUnavailable { .. }
             // An operator action on a copy in the wrong state, or a resume the peer fenced off.
             | EngineError::ActionNotApplicable { .. }
             | EngineError::Fenced { .. } => StatusCode::CONFLICT,

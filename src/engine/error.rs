@@ -141,6 +141,22 @@ pub enum EngineError {
         /// The first of them (at most 64).
         first: Vec<u64>,
     },
+    /// A migration's bandwidth floor cannot be assured on its source host: the floors of the
+    /// host's queued and running migrations leave less of its budget, or the migration's own
+    /// cap is lower. Nothing was started.
+    #[error(
+        "host {host:?} cannot assure {requested_bytes_per_sec} bytes/s to this migration: only \
+         {available_bytes_per_sec} bytes/s of its bandwidth budget are free of other migrations' \
+         floors (or within the migration's own cap)"
+    )]
+    FloorUnavailable {
+        /// The source host.
+        host: String,
+        /// The floor asked for.
+        requested_bytes_per_sec: u64,
+        /// What could still be assured.
+        available_bytes_per_sec: u64,
+    },
     /// A data-plane or internal failure.
     #[error("{0}")]
     Internal(String),

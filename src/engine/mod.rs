@@ -21,6 +21,7 @@ mod operator;
 pub mod plan;
 pub mod policy;
 mod progress;
+mod qos;
 pub mod receiver;
 pub use receiver::state as receiver_state;
 pub mod registry;
@@ -41,6 +42,7 @@ pub use host::HostUsage;
 pub use policy::{PolicyConfig, StallAction};
 pub use progress::Progress;
 pub use progress::{MigrationStatus, Phase};
+pub use qos::{Priority, QosReport};
 pub use report::{
     CompressionReport, DecisionReport, MigrationReport, Outcome, PageCounts, PredictionReport, StageReport, VmLocation,
 };

@@ -146,7 +146,7 @@ impl Handler<RecoverHeld> for Engine {
                             addr: *addr,
                             streams: 1,
                             bandwidth: None,
-                            budget: act.budgets.get(&msg.host).cloned(),
+                            budget: act.budget_member(&req),
                             tls: act.host_configs.get(&msg.host).and_then(|c| c.tls.clone()),
                             key: act.host_configs.get(&msg.host).and_then(|c| c.cluster_key.clone()),
                         }

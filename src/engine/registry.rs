@@ -16,12 +16,13 @@ use super::host::{
 };
 use super::migration::{CancelMigration, Migration, MigrationFinished};
 use super::progress::{MigrationStatus, Phase, Progress};
+use super::qos::{self, Priority};
 use super::receiver::ReceiverParams;
 use super::report::{MigrationReport, Outcome, VmLocation};
 use super::request::{HostConfig, MigrationRequest, VmSpec};
 use super::route::Route;
 use super::source::{Measured, SourceSetup};
-use crate::link::{self, TokenBucket};
+use crate::link::{self, SharedBudget, TokenBucket};
 use crate::vm::{BeginOutgoing, EndOutgoing, GetGuest, HeldCopy, HeldReason, Peer, VmInfo};
 
 /// Finished reports kept for queries; older ones are dropped so a long-running service stays
@@ -53,6 +54,15 @@ struct Queued {
     req: MigrationRequest,
 }
 
+/// What a migration was admitted with: its class and the floor it reserves of its host's
+/// budget until it ends (queued or running).
+#[derive(Debug, Clone)]
+struct Admitted {
+    host: String,
+    priority: Priority,
+    floor: Option<u64>,
+}
+
 /// Registry of hosts and migrations.
 #[derive(Debug, Default)]
 pub struct Engine {
@@ -64,7 +74,10 @@ pub struct Engine {
     finished: VecDeque<MigrationReport>,
     pub(super) next_id: u64,
     pub(super) measured: Arc<Mutex<Measured>>,
-    pub(super) budgets: HashMap<String, Arc<Mutex<TokenBucket>>>,
+    /// Each host's bandwidth budget, shared by its outgoing migrations by priority.
+    pub(super) budgets: HashMap<String, SharedBudget>,
+    /// QoS of every queued and running migration, by id.
+    admitted: HashMap<u64, Admitted>,
 }
 
 impl Actor for Engine {
@@ -77,6 +90,41 @@ impl Engine {
             .get(name)
             .cloned()
             .ok_or_else(|| EngineError::UnknownHost(name.to_string()))
+    }
+
+    /// `req`'s share of its source host's bandwidth budget, if the host has one: the bucket its
+    /// link charges, weighted by its priority, with its floor.
+    pub(super) fn budget_member(&self, req: &MigrationRequest) -> Option<Arc<Mutex<TokenBucket>>> {
+        self.budgets.get(&req.source).map(|b| {
+            b.member(qos::claim(
+                req.priority,
+                req.min_bandwidth_bytes_per_sec,
+                req.shaping.bandwidth_bytes_per_sec,
+            ))
+        })
+    }
+
+    /// Refuses `req` if its floor cannot be assured beside the floors of its host's queued and
+    /// running migrations (see `engine::qos`).
+    fn admit_floor(&self, req: &MigrationRequest) -> Result<(), EngineError> {
+        let Some(floor) = req.min_bandwidth_bytes_per_sec else {
+            return Ok(());
+        };
+        let budget = self.budgets.get(&req.source).map(SharedBudget::bytes_per_sec);
+        let reserved = self
+            .admitted
+            .values()
+            .filter(|a| a.host == req.source)
+            .filter_map(|a| a.floor)
+            .sum();
+        match qos::floor_room(budget, reserved, req.shaping.bandwidth_bytes_per_sec) {
+            Some(room) if floor > room => Err(EngineError::FloorUnavailable {
+                host: req.source.clone(),
+                requested_bytes_per_sec: floor,
+                available_bytes_per_sec: room,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -118,8 +166,7 @@ impl Handler<AddHost> for Engine {
             None => None,
         };
         if let Some(rate) = msg.0.bandwidth_budget_bytes_per_sec {
-            self.budgets
-                .insert(name.clone(), Arc::new(Mutex::new(TokenBucket::new(rate))));
+            self.budgets.insert(name.clone(), SharedBudget::new(rate));
         }
         self.host_configs.insert(name.clone(), msg.0.clone());
         self.hosts.insert(name, Host::new(msg.0, listener).start());
@@ -205,11 +252,19 @@ impl Handler<StartMigration> for Engine {
 
     fn handle(&mut self, msg: StartMigration, ctx: &mut Self::Context) -> Self::Result {
         let req = msg.0;
-        if let Err(e) = self.host(&req.source) {
+        if let Err(e) = self.host(&req.source).and_then(|_| self.admit_floor(&req)) {
             return Box::pin(fut::ready(Err(e)));
         }
         self.next_id += 1;
         let id = self.next_id;
+        self.admitted.insert(
+            id,
+            Admitted {
+                host: req.source.clone(),
+                priority: req.priority,
+                floor: req.min_bandwidth_bytes_per_sec,
+            },
+        );
         let (events, rx) = broadcast::channel(EVENT_BUFFER);
         self.running.insert(
             id,
@@ -244,6 +299,7 @@ impl Handler<StartMigration> for Engine {
             Ok(()) => Ok((id, rx)),
             Err(e) => {
                 act.running.remove(&id);
+                act.admitted.remove(&id);
                 // Its slot is free again: a queued migration of the same host may start.
                 act.launch_queued(&source, ctx);
                 Err(e)
@@ -266,9 +322,14 @@ impl Engine {
     /// Starts the next queued migrations of `host` while it has free slots.
     fn launch_queued(&mut self, host: &str, ctx: &mut Context<Self>) {
         while self.active_from(host) < self.cap_of(host) {
-            let Some(pos) = self.queue.iter().position(|q| q.req.source == host) else {
+            // The highest priority first, in arrival order within a class.
+            let mine: Vec<usize> = (0..self.queue.len())
+                .filter(|&i| self.queue[i].req.source == host)
+                .collect();
+            let Some(pick) = qos::next_in_queue(mine.iter().map(|&i| self.queue[i].req.priority)) else {
                 return;
             };
+            let pos = mine[pick];
             let Some(q) = self.queue.remove(pos) else { return };
             let id = q.id;
             // Mark the slot taken before the launch completes, so the loop counts it.
@@ -288,12 +349,17 @@ impl Engine {
     /// subscribers and waiters get a report all the same.
     fn fail_start(&mut self, id: u64, outcome: Outcome, error: String, ctx: &mut Context<Self>) {
         if let Some(r) = self.running.get(&id) {
-            let report = MigrationReport::not_started(id, &r.vm, &r.source, &r.to, &r.algorithm, outcome, error);
+            let mut report = MigrationReport::not_started(id, &r.vm, &r.source, &r.to, &r.algorithm, outcome, error);
+            if let Some(a) = self.admitted.get(&id) {
+                report.qos = qos::QosReport::new(a.priority, a.floor, &[]);
+            }
             self.finish(report, ctx);
         }
     }
 
     fn finish(&mut self, report: MigrationReport, ctx: &mut Context<Self>) {
+        // Its floor is free for others from here.
+        self.admitted.remove(&report.id);
         if let Some(r) = self.running.remove(&report.id) {
             if let Some(host) = self.hosts.get(&r.source) {
                 if report.result.succeeded() && report.vm_location == VmLocation::Target {
@@ -340,7 +406,7 @@ impl Engine {
         });
         let me = ctx.address().recipient();
         let measured = Arc::clone(&self.measured);
-        let budget = self.budgets.get(&req.source).cloned();
+        let budget = self.budget_member(&req);
         let (vm_id, source_name, offer) = (req.vm.clone(), req.source.clone(), req.offer.clone());
         let (target_addr, streams, bandwidth) = (req.target_addr, req.streams, req.shaping.bandwidth_bytes_per_sec);
         let shared_budget = budget.clone();

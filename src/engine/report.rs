@@ -211,6 +211,8 @@ pub struct MigrationReport {
     pub downtime_parts: DowntimeParts,
     /// Post-copy recoveries: links that replaced one lost in the pull phase.
     pub recoveries: u32,
+    /// Its priority, its floor, and the share of bandwidth it got.
+    pub qos: super::qos::QosReport,
 }
 
 impl MigrationReport {
@@ -255,6 +257,7 @@ impl MigrationReport {
             verify: String::new(),
             downtime_parts: DowntimeParts::default(),
             recoveries: 0,
+            qos: super::qos::QosReport::default(),
         }
     }
 

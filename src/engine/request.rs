@@ -31,7 +31,8 @@ pub struct HostConfig {
     pub max_outgoing: usize,
     /// Incoming migrations running at once; more wait for a slot (up to the step timeout).
     pub max_incoming: usize,
-    /// One bandwidth budget shared by all the host's outgoing migrations (bytes/s).
+    /// One bandwidth budget shared by all the host's outgoing migrations (bytes/s), by the
+    /// weights of their priorities and with their floors (see `engine::qos`).
     pub bandwidth_budget_bytes_per_sec: Option<u64>,
     /// The cluster key both ends of a migration must prove (HMAC challenge-response); `None`
     /// accepts and opens unauthenticated migrations.
@@ -143,6 +144,14 @@ pub struct MigrationRequest {
     pub compression: CompressionChoice,
     /// Most bytes of page content the source keeps as XBZRLE bases (capped at the VM's size).
     pub xbzrle_cache_bytes: u64,
+
+    // Quality of service (see `engine::qos`).
+    /// Priority class: the order the outgoing queue serves, and the weight in the host's
+    /// bandwidth budget (`normal` by default).
+    pub priority: super::qos::Priority,
+    /// Bytes per second of the host's bandwidth budget assured to this migration while it sends;
+    /// refused at the start if the budget cannot assure it (`None` by default).
+    pub min_bandwidth_bytes_per_sec: Option<u64>,
 }
 
 /// The XBZRLE cache of a migration, unless configured: QEMU's default too.
@@ -173,6 +182,8 @@ impl MigrationRequest {
             recovery_timeout: DEFAULT_RECOVERY_TIMEOUT,
             compression: CompressionChoice::default(),
             xbzrle_cache_bytes: DEFAULT_XBZRLE_CACHE_BYTES,
+            priority: super::qos::Priority::default(),
+            min_bandwidth_bytes_per_sec: None,
         }
     }
 

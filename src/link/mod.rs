@@ -21,7 +21,7 @@ pub use actor::{
 };
 pub use inproc::{pair, pair_with_budget};
 pub use pool::FramePool;
-pub use shaper::{Shaping, TokenBucket};
+pub use shaper::{weighted_shares, Claim, Shaping, SharedBudget, TokenBucket};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

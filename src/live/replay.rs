@@ -263,6 +263,8 @@ impl<'a> Replay<'a> {
             algorithm: Some(limits.algorithm.name().to_string()),
             bandwidth_bytes_per_sec: cap.map(|c| c as u64),
             downtime_limit_ms: limits.downtime_limit_s.map(|s| s * 1e3),
+            priority: Some(limits.qos.priority.name().to_string()),
+            min_bandwidth_bytes_per_sec: limits.qos.min_bandwidth_bytes_per_sec.map(|b| b as u64),
             ..StartMigration::new(id.clone(), self.cluster.daemons[dst].migration_addr.to_string())
         };
         let started = self.cluster.daemons[src]

@@ -62,6 +62,8 @@ pub(super) struct Mig {
     pub reserved: bool,
     /// Why negotiation refused it, if it did.
     pub refusal: Option<String>,
+    /// Its priority and floor: its place in the queue, its weight and floor in the source's budget.
+    pub qos: super::scenario::MigrationQos,
     requested: crate::protocol::Algorithm,
     limit_cap: f64,
     plan: Option<Box<dyn Plan>>,
@@ -93,6 +95,11 @@ pub(super) struct Mig {
 }
 
 impl Mig {
+    /// The request's cap and the VM's own bandwidth, whichever is lower.
+    pub fn limit_cap(&self) -> f64 {
+        self.limit_cap
+    }
+
     pub fn new(sim: &Sim<'_>, record: usize, vm: usize, src: usize, dst: usize, limits: &MigrationLimits) -> Self {
         let sc = sim.sc;
         let (s, d) = (&sc.hosts[src], &sc.hosts[dst]);
@@ -147,6 +154,7 @@ impl Mig {
             cap: f64::INFINITY,
             reserved: false,
             refusal,
+            qos: limits.qos,
             requested: limits.algorithm,
             // The request's cap and the VM's own bandwidth, whichever is lower.
             limit_cap: limits

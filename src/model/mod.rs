@@ -26,6 +26,6 @@ pub use params::ModelParams;
 pub use parse::{parse, ScenarioError};
 pub use run::{run, run_with, ModelError, RunOptions};
 pub use scenario::{
-    Datacenter, Destination, EventKind, HostDef, LinkDef, MigrationLimits, Scenario, TimedEvent, VmDef, WorkloadDef,
-    WritePattern,
+    Datacenter, Destination, EventKind, HostDef, LinkDef, MigrationLimits, MigrationQos, Scenario, TimedEvent, VmDef,
+    WorkloadDef, WritePattern,
 };

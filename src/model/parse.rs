@@ -43,6 +43,8 @@
 //!   `migrate = { vm, to_host | to_datacenter, algorithm ("auto"), bandwidth, downtime_limit }`,
 //!   `evacuate = { host, algorithm, bandwidth, downtime_limit }`,
 //!   `consolidate = { datacenter, algorithm, bandwidth, downtime_limit }`,
+//!   each of the three also with the QoS keys `priority` (`"low"`, `"normal"` (the default),
+//!   `"high"`) and `min_bandwidth` (a rate; none),
 //!   `fail_host = { host }`, `fail_link = { a, b }` (datacenter names).
 //!
 //! # How a file becomes a [`Scenario`]

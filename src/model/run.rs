@@ -325,17 +325,18 @@ impl<'a> Sim<'a> {
         self.rates_stale = true;
     }
 
-    /// Starts queued migrations whose hosts have slots and whose target has room.
+    /// Starts queued migrations whose hosts have slots and whose target has room: the highest
+    /// priority first, in arrival order within a class, as the engine's queue serves them.
     fn start_queued(&mut self) {
-        let mut i = 0;
-        while i < self.queue.len() {
-            let m = self.queue[i];
+        let mut order = self.queue.clone();
+        order.sort_by_key(|&m| std::cmp::Reverse(self.migs[m].qos.priority));
+        for m in order {
             let (src, dst, vm) = (self.migs[m].src, self.migs[m].dst, self.migs[m].vm);
             let ram = self.sc.vms[vm].ram_bytes;
             let (s, d) = (&self.sc.hosts[src], &self.sc.hosts[dst]);
             let fits = self.hosts[dst].used + ram <= d.memory_budget_bytes;
             if self.hosts[src].out_active < s.max_outgoing && self.hosts[dst].in_active < d.max_incoming && fits {
-                self.queue.remove(i);
+                self.queue.retain(|&x| x != m);
                 self.hosts[src].out_active += 1;
                 self.hosts[dst].in_active += 1;
                 self.hosts[dst].promised = self.hosts[dst].promised.saturating_sub(ram);
@@ -345,8 +346,6 @@ impl<'a> Sim<'a> {
                 self.changed[src] = true;
                 self.changed[dst] = true;
                 super::migration::start(self, m);
-            } else {
-                i += 1;
             }
         }
     }
@@ -387,7 +386,12 @@ impl<'a> Sim<'a> {
             if let Some(l) = mig.link {
                 add(2 * n + l, self.sc.links[l].bytes_per_sec);
             }
-            flows.push(Flow { uses, cap: mig.cap });
+            flows.push(Flow {
+                uses,
+                cap: mig.cap,
+                weight: f64::from(mig.qos.priority.weight()),
+                floor: mig.qos.min_bandwidth_bytes_per_sec.unwrap_or(0.0),
+            });
             movers.push(m);
         }
         let rates = network::share(&capacity, &flows);
@@ -498,12 +502,38 @@ impl<'a> Sim<'a> {
         self.migs.push(mig);
         self.vms[vm].busy = true;
         self.hosts[dst].promised += self.sc.vms[vm].ram_bytes;
-        if let Some(err) = self.migs[m].refusal.clone() {
-            // Refused at negotiation: nothing was reserved.
+        let refusal = self.migs[m].refusal.clone().or_else(|| self.floor_refusal(m));
+        if let Some(err) = refusal {
+            // Refused at negotiation, or its floor cannot be assured: nothing was reserved.
             self.finish(m, "aborted", Some(err));
             return;
         }
         self.queue.push(m);
+    }
+
+    /// Why `m`'s floor cannot be assured, if it cannot: as the engine's admission, the floors
+    /// of its source's queued and running migrations leave less of the source's budget.
+    fn floor_refusal(&self, m: usize) -> Option<String> {
+        let mig = &self.migs[m];
+        let floor = mig.qos.min_bandwidth_bytes_per_sec?;
+        let s = &self.sc.hosts[mig.src];
+        let reserved: f64 = self
+            .queue
+            .iter()
+            .chain(&self.active)
+            .filter(|&&o| self.migs[o].src == mig.src)
+            .filter_map(|&o| self.migs[o].qos.min_bandwidth_bytes_per_sec)
+            .sum();
+        let room = (s.nic_bytes_per_sec.min(s.bandwidth_budget_bytes_per_sec) - reserved)
+            .max(0.0)
+            .min(mig.limit_cap());
+        (floor > room).then(|| {
+            format!(
+                "host {} cannot assure {floor:.0} bytes/s to this migration: only {room:.0} bytes/s of its \
+                 bandwidth budget are free of other migrations' floors (or within the migration's own cap)",
+                s.name
+            )
+        })
     }
 
     fn fail_host(&mut self, host: usize) {

@@ -2,6 +2,7 @@
 //! datacenters, VMs and timed events. Every figure is in base units (bytes, bytes per second,
 //! seconds); `parse` reads the TOML form with its units and checks every reference.
 
+use crate::engine::Priority;
 use crate::format::NativeLayout;
 use crate::protocol::Algorithm;
 
@@ -139,6 +140,18 @@ pub struct MigrationLimits {
     pub bandwidth_bytes_per_sec: Option<f64>,
     /// Longest acceptable downtime, seconds (the policy's limit).
     pub downtime_limit_s: Option<f64>,
+    /// Its priority and bandwidth floor.
+    pub qos: MigrationQos,
+}
+
+/// A migration's quality of service, as the engine's request has it (`engine::qos`): its class
+/// orders the queue and weighs its share of the source's bandwidth budget; its floor is assured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MigrationQos {
+    /// Priority class (`normal` unless said).
+    pub priority: Priority,
+    /// Bytes per second of the source's budget assured while it sends.
+    pub min_bandwidth_bytes_per_sec: Option<f64>,
 }
 
 /// What happens at an event.

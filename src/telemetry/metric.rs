@@ -1,6 +1,6 @@
 //! Metric names (prefix `migratory_`, base units in the name).
 
-/// Counter: finished migrations, by `algorithm` and `result`.
+/// Counter: finished migrations, by `algorithm`, `result` and `priority`.
 pub const MIGRATIONS_TOTAL: &str = "migratory_migrations_total";
 /// Counter: pages sent, by `kind` (normal, zero, retransmitted, pulled).
 pub const PAGES_SENT_TOTAL: &str = "migratory_pages_sent_total";
@@ -20,9 +20,10 @@ pub const FAULTS_INJECTED_TOTAL: &str = "migratory_faults_injected_total";
 pub const LINK_FRAMES_REJECTED_TOTAL: &str = "migratory_link_frames_rejected_total";
 /// Histogram: duration of each stage, by `stage` and `algorithm`.
 pub const STAGE_DURATION_SECONDS: &str = "migratory_stage_duration_seconds";
-/// Histogram: downtime (pause on the source to resume on the target), by `algorithm`.
+/// Histogram: downtime (pause on the source to resume on the target), by `algorithm` and
+/// `priority`.
 pub const DOWNTIME_SECONDS: &str = "migratory_downtime_seconds";
-/// Histogram: total migration time, by `algorithm`.
+/// Histogram: total migration time, by `algorithm` and `priority`.
 pub const TOTAL_TIME_SECONDS: &str = "migratory_total_time_seconds";
 /// Histogram: pre-copy rounds per migration.
 pub const PRECOPY_ROUNDS: &str = "migratory_precopy_rounds";
@@ -61,6 +62,20 @@ pub mod result {
     pub const ALL: [&str; 5] = [COMPLETED, CANCELLED, ABORTED, FAILED, RECOVERED];
 }
 
+/// Values of the `priority` label of [`MIGRATIONS_TOTAL`], [`DOWNTIME_SECONDS`] and
+/// [`TOTAL_TIME_SECONDS`]: the migration's class (`engine::Priority::name` returns them; three
+/// values keep the series few).
+pub mod priority {
+    /// Weight 1.
+    pub const LOW: &str = "low";
+    /// Weight 2, the default.
+    pub const NORMAL: &str = "normal";
+    /// Weight 4.
+    pub const HIGH: &str = "high";
+    /// Every value, lowest first, to register the series at zero.
+    pub const ALL: [&str; 3] = [LOW, NORMAL, HIGH];
+}
+
 /// Histogram buckets for durations, in seconds: migration timescales, from 100 µs (a post-copy
 /// fault, a fast stage) to 5 minutes (a large VM over a slow link).
 pub const DURATION_BUCKETS_SECONDS: &[f64] = &[
@@ -76,7 +91,10 @@ pub const ROUND_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 30
 pub fn register_zeroes() {
     for algorithm in ALGORITHMS {
         for outcome in result::ALL {
-            metrics::counter!(MIGRATIONS_TOTAL, "algorithm" => algorithm, "result" => outcome).increment(0);
+            for class in priority::ALL {
+                metrics::counter!(MIGRATIONS_TOTAL, "algorithm" => algorithm, "result" => outcome, "priority" => class)
+                    .increment(0);
+            }
         }
     }
     for kind in ["normal", "zero", "retransmitted", "pulled"] {
@@ -96,7 +114,10 @@ pub fn register_zeroes() {
 /// Registers units and help texts with whatever recorder is installed.
 pub fn describe_all() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(MIGRATIONS_TOTAL, "Finished migrations by algorithm and result");
+    describe_counter!(
+        MIGRATIONS_TOTAL,
+        "Finished migrations by algorithm, result and priority"
+    );
     describe_counter!(PAGES_SENT_TOTAL, "Pages sent by kind");
     describe_counter!(BYTES_SENT_TOTAL, Unit::Bytes, "Bytes sent by migrations");
     describe_counter!(

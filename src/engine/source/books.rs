@@ -11,6 +11,7 @@ use crate::dataplane::RoundStats;
 use crate::engine::events::MigrationEvent;
 use crate::engine::plan::{Choice, Estimate, Forecast};
 use crate::engine::policy;
+use crate::engine::qos::QosReport;
 use crate::engine::report::{CompressionReport, DecisionReport, MigrationReport, Outcome, StageReport, VmLocation};
 use crate::engine::stage::Stage;
 use crate::protocol::PageCodecs;
@@ -197,13 +198,22 @@ impl SourceRun {
         let total = clock::now().duration_since(self.started);
         let downtime = self.downtime.unwrap_or(Duration::ZERO);
         let alg_label = self.s.req.algorithm.name();
-        metrics::counter!(metric::MIGRATIONS_TOTAL, "algorithm" => alg_label, "result" => result.label()).increment(1);
+        let class = self.s.req.priority.name();
+        metrics::counter!(metric::MIGRATIONS_TOTAL, "algorithm" => alg_label, "result" => result.label(), "priority" => class)
+            .increment(1);
         if result.succeeded() {
-            metrics::histogram!(metric::DOWNTIME_SECONDS, "algorithm" => alg_label).record(downtime.as_secs_f64());
-            metrics::histogram!(metric::TOTAL_TIME_SECONDS, "algorithm" => alg_label).record(total.as_secs_f64());
+            metrics::histogram!(metric::DOWNTIME_SECONDS, "algorithm" => alg_label, "priority" => class)
+                .record(downtime.as_secs_f64());
+            metrics::histogram!(metric::TOTAL_TIME_SECONDS, "algorithm" => alg_label, "priority" => class)
+                .record(total.as_secs_f64());
             metrics::histogram!(metric::PRECOPY_ROUNDS).record(f64::from(self.rounds));
         }
         let faults = self.faults_seen;
+        let qos = QosReport::new(
+            self.s.req.priority,
+            self.s.req.min_bandwidth_bytes_per_sec,
+            &self.stages,
+        );
         MigrationReport {
             id: self.s.id,
             vm: self.s.guest.config().id.0.clone(),
@@ -248,6 +258,7 @@ impl SourceRun {
             },
             downtime_parts: self.parts,
             recoveries: self.recoveries,
+            qos,
         }
     }
 }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::units::{Bandwidth, RateSpec, Seconds, Size, Text};
+use crate::engine::Priority;
 use crate::format::NativeLayout;
 use crate::protocol::Algorithm;
 
@@ -158,6 +159,9 @@ pub(crate) struct RawMigrate {
     pub algorithm: Option<Text<Algorithm>>,
     pub bandwidth: Option<Bandwidth>,
     pub downtime_limit: Option<Spanned<Seconds>>,
+    // Quality of service.
+    pub priority: Option<Text<Priority>>,
+    pub min_bandwidth: Option<Bandwidth>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +171,9 @@ pub(crate) struct RawEvacuate {
     pub algorithm: Option<Text<Algorithm>>,
     pub bandwidth: Option<Bandwidth>,
     pub downtime_limit: Option<Spanned<Seconds>>,
+    // Quality of service.
+    pub priority: Option<Text<Priority>>,
+    pub min_bandwidth: Option<Bandwidth>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +183,9 @@ pub(crate) struct RawConsolidate {
     pub algorithm: Option<Text<Algorithm>>,
     pub bandwidth: Option<Bandwidth>,
     pub downtime_limit: Option<Spanned<Seconds>>,
+    // Quality of service.
+    pub priority: Option<Text<Priority>>,
+    pub min_bandwidth: Option<Bandwidth>,
 }
 
 #[derive(Debug, Deserialize)]

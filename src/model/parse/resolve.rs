@@ -12,7 +12,9 @@ use super::raw::{
 use super::units::{Bandwidth, Seconds, Text};
 use super::{vms, Lines, ScenarioError};
 use crate::format::NativeLayout;
-use crate::model::{Datacenter, Destination, EventKind, HostDef, LinkDef, MigrationLimits, Scenario, TimedEvent};
+use crate::model::{
+    Datacenter, Destination, EventKind, HostDef, LinkDef, MigrationLimits, MigrationQos, Scenario, TimedEvent,
+};
 use crate::protocol::Algorithm;
 
 /// How many names an "is not defined" message lists before it only counts the rest.
@@ -437,21 +439,33 @@ impl Refs<'_> {
                 EventKind::Migrate {
                     vm: self.vms.find(&m.vm, lines)?,
                     to,
-                    limits: self.limits(m.algorithm, m.bandwidth, &m.downtime_limit)?,
+                    limits: with_qos(
+                        self.limits(m.algorithm, m.bandwidth, &m.downtime_limit)?,
+                        m.priority,
+                        m.min_bandwidth,
+                    ),
                 }
             }
             Action::Evacuate(e) => {
                 let e = e.get_ref();
                 EventKind::Evacuate {
                     host: self.hosts.find(&e.host, lines)?,
-                    limits: self.limits(e.algorithm, e.bandwidth, &e.downtime_limit)?,
+                    limits: with_qos(
+                        self.limits(e.algorithm, e.bandwidth, &e.downtime_limit)?,
+                        e.priority,
+                        e.min_bandwidth,
+                    ),
                 }
             }
             Action::Consolidate(c) => {
                 let c = c.get_ref();
                 EventKind::Consolidate {
                     datacenter: self.datacenters.find(&c.datacenter, lines)?,
-                    limits: self.limits(c.algorithm, c.bandwidth, &c.downtime_limit)?,
+                    limits: with_qos(
+                        self.limits(c.algorithm, c.bandwidth, &c.downtime_limit)?,
+                        c.priority,
+                        c.min_bandwidth,
+                    ),
                 }
             }
             Action::FailHost(f) => EventKind::FailHost {
@@ -476,6 +490,7 @@ impl Refs<'_> {
                 .as_ref()
                 .map(|d| positive(self.lines, d, "downtime_limit"))
                 .transpose()?,
+            qos: MigrationQos::default(),
         })
     }
 
@@ -492,4 +507,17 @@ impl Refs<'_> {
             )),
         }
     }
+}
+
+/// `limits` with the entry's priority and floor (QoS keys, the same in every kind of entry).
+fn with_qos(
+    mut limits: MigrationLimits,
+    priority: Option<Text<crate::engine::Priority>>,
+    min_bandwidth: Option<Bandwidth>,
+) -> MigrationLimits {
+    limits.qos = MigrationQos {
+        priority: priority.map(|Text(p)| p).unwrap_or_default(),
+        min_bandwidth_bytes_per_sec: min_bandwidth.map(|b| b.0),
+    };
+    limits
 }

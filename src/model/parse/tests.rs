@@ -97,6 +97,7 @@ fn test_two_datacenters_example() {
                 algorithm: Algorithm::Auto,
                 bandwidth_bytes_per_sec: None,
                 downtime_limit_s: Some(0.3),
+                qos: Default::default(),
             },
         }
     );
@@ -327,4 +328,46 @@ fn test_long_name_lists_are_cut() {
             line_of_extra(11)
         )
     );
+}
+
+#[test]
+fn test_migration_entries_carry_priority_and_floor() {
+    use crate::engine::Priority;
+    use crate::model::MigrationQos;
+    let events = format!(
+        "{VM}host = \"h1\"\n[[event]]\nat = \"1s\"\n\
+         migrate = {{ vm = \"v\", to_host = \"h2\", priority = \"high\", min_bandwidth = \"50MB/s\" }}\n\
+         [[event]]\nat = \"2s\"\nevacuate = {{ host = \"h2\", priority = \"low\" }}\n\
+         [[event]]\nat = \"3s\"\nconsolidate = {{ datacenter = \"dc1\" }}\n"
+    );
+    let s = parse(&with_base(&events)).unwrap();
+    let qos: Vec<MigrationQos> = s
+        .events
+        .iter()
+        .map(|e| match &e.kind {
+            EventKind::Migrate { limits, .. }
+            | EventKind::Evacuate { limits, .. }
+            | EventKind::Consolidate { limits, .. } => limits.qos,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        qos,
+        [
+            MigrationQos {
+                priority: Priority::High,
+                min_bandwidth_bytes_per_sec: Some(50e6),
+            },
+            MigrationQos {
+                priority: Priority::Low,
+                min_bandwidth_bytes_per_sec: None,
+            },
+            MigrationQos::default(),
+        ]
+    );
+    let bad =
+        format!("{VM}[[event]]\nat = \"1s\"\nmigrate = {{ vm = \"v\", to_host = \"h2\", priority = \"urgent\" }}\n");
+    let err = parse(&with_base(&bad)).unwrap_err();
+    assert_eq!(err.line, line_of_extra(9), "{err}");
+    assert!(err.detail.contains("unknown priority \"urgent\""), "{err}");
 }

@@ -124,6 +124,10 @@ impl TextValue for crate::protocol::Algorithm {
     const EXPECTING: &'static str = "an algorithm name such as \"precopy\"";
 }
 
+impl TextValue for crate::engine::Priority {
+    const EXPECTING: &'static str = "a priority, \"low\", \"normal\" or \"high\"";
+}
+
 impl TextValue for crate::format::NativeLayout {
     const EXPECTING: &'static str = "a native layout, \"kvm\" or \"xen-hvm\"";
 }

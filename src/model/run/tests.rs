@@ -46,6 +46,7 @@ fn limits(a: Algorithm) -> MigrationLimits {
         algorithm: a,
         bandwidth_bytes_per_sec: None,
         downtime_limit_s: None,
+        qos: Default::default(),
     }
 }
 
@@ -282,4 +283,132 @@ fn test_the_example_scenarios_run() {
         out.migrations.len(),
         &out.notes[..out.notes.len().min(5)]
     );
+}
+
+/// One source (a 200 MB/s budget) and a target per VM, so that each target's incoming rate is
+/// one migration's share; `qos[i]` is VM i's, all asked for at `at[i]`.
+fn shared_source(qos: &[MigrationQos], at: &[f64], max_outgoing: u32) -> Scenario {
+    let mut source = host("src", 0, 1.25e9);
+    source.bandwidth_budget_bytes_per_sec = 200e6;
+    source.max_outgoing = max_outgoing;
+    let mut hosts = vec![source];
+    let mut vms = Vec::new();
+    let mut events = Vec::new();
+    for (i, (q, &t)) in qos.iter().zip(at).enumerate() {
+        hosts.push(host(&format!("dst{i}"), 0, 1.25e9));
+        vms.push(vm(&format!("vm{i}"), 2 * GIB, 0.0, Some(0)));
+        events.push(TimedEvent {
+            at_s: t,
+            kind: EventKind::Migrate {
+                vm: i,
+                to: Destination::Host(i + 1),
+                limits: MigrationLimits {
+                    qos: *q,
+                    ..limits(Algorithm::Precopy)
+                },
+            },
+            line: 1,
+        });
+    }
+    Scenario {
+        name: "qos".into(),
+        seed: 1,
+        sample_every_s: 0.5,
+        until_s: None,
+        datacenters: vec![Datacenter { name: "dc".into() }],
+        hosts,
+        links: Vec::new(),
+        vms,
+        events,
+    }
+}
+
+fn class(priority: crate::engine::Priority) -> MigrationQos {
+    MigrationQos {
+        priority,
+        min_bandwidth_bytes_per_sec: None,
+    }
+}
+
+/// Each target's incoming rate at the first sample where all `n` migrations move pages.
+fn shares_while_all_move(out: &ModelOutcome, n: usize) -> Vec<f64> {
+    let mut times: Vec<f64> = out.samples.iter().map(|s| s.t_s).collect();
+    times.dedup();
+    for t in times {
+        // The last sample of each target at or before t.
+        let rate = |h: usize| {
+            out.samples
+                .iter()
+                .rev()
+                .find(|s| s.host == h && s.t_s <= t)
+                .map_or(0.0, |s| s.net_in_bytes_per_sec)
+        };
+        let rates: Vec<f64> = (1..=n).map(rate).collect();
+        if rates.iter().all(|&r| r > 0.0) {
+            return rates;
+        }
+    }
+    panic!("no instant where all {n} migrations move pages: {:?}", out.samples);
+}
+
+fn close(a: &[f64], b: &[f64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6 * y.abs().max(1.0))
+}
+
+#[test]
+fn test_the_budget_is_shared_by_priority_as_the_engine_shares_it() {
+    use crate::engine::Priority::{High, Low, Normal};
+    use crate::link::{weighted_shares, Claim};
+    let qos = [class(Low), class(Normal), class(High)];
+    let out = checked(&shared_source(&qos, &[1.0; 3], 3));
+    assert!(
+        out.migrations.iter().all(|m| m.result == "completed"),
+        "{:?}",
+        out.migrations
+    );
+    let rates = shares_while_all_move(&out, 3);
+    let claims: Vec<Claim> = qos
+        .iter()
+        .map(|q| Claim::weighted(f64::from(q.priority.weight())))
+        .collect();
+    // The engine's shaper and the model agree: 1:2:4 of the 200 MB/s budget.
+    assert!(close(&rates, &weighted_shares(200e6, &claims)), "{rates:?}");
+    assert!(close(&rates, &[200e6 / 7.0, 400e6 / 7.0, 800e6 / 7.0]), "{rates:?}");
+    // The heaviest finishes first, and hands its share to the others.
+    let end = |i: usize| out.migrations[i].end_s;
+    assert!(end(2) < end(1) && end(1) < end(0), "{:?}", out.migrations);
+}
+
+#[test]
+fn test_the_queue_starts_the_highest_priority_first() {
+    use crate::engine::Priority::{High, Low, Normal};
+    // One slot: vm0 takes it; vm1 (low), vm2 (normal), vm3 (high) queue behind it, in that order.
+    let qos = [class(Normal), class(Low), class(Normal), class(High)];
+    let out = checked(&shared_source(&qos, &[0.5, 1.0, 1.0, 1.0], 1));
+    let start = |i: usize| out.migrations[i].start_s;
+    assert!(
+        start(0) < start(3) && start(3) < start(2) && start(2) < start(1),
+        "{:?}",
+        out.migrations
+    );
+}
+
+#[test]
+fn test_a_floor_is_honoured_and_one_that_cannot_be_assured_is_refused() {
+    use crate::engine::Priority::{High, Low, Normal};
+    let floor = |priority, bytes_per_sec| MigrationQos {
+        priority,
+        min_bandwidth_bytes_per_sec: Some(bytes_per_sec),
+    };
+    // The low one is assured 100 MB/s; the 150 MB/s floor asked after it does not fit beside it.
+    let qos = [floor(Low, 100e6), class(Normal), class(High), floor(High, 150e6)];
+    let out = checked(&shared_source(&qos, &[1.0, 1.0, 1.0, 1.0], 4));
+    let refused = &out.migrations[3];
+    assert_eq!(refused.result, "aborted", "{refused:?}");
+    assert!(
+        refused.error.as_deref().is_some_and(|e| e.contains("cannot assure")),
+        "{refused:?}"
+    );
+    let rates = shares_while_all_move(&out, 3);
+    assert!(close(&rates, &[100e6, 100e6 / 3.0, 200e6 / 3.0]), "{rates:?}");
 }
