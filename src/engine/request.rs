@@ -40,6 +40,10 @@ pub struct HostConfig {
     pub tls: Option<crate::link::tls::TlsSetup>,
     /// If given, only these peers may connect to `listen`.
     pub allowed_peers: Option<Vec<std::net::IpAddr>>,
+    /// The interface (a tap, a bridge port, a veth) on which this host announces the NICs of
+    /// a VM it activates, with RARP and gratuitous ARP frames (needs CAP_NET_RAW); `None`:
+    /// activation is only a `NetworkAnnounced` event.
+    pub announce_via: Option<String>,
 }
 
 impl HostConfig {
@@ -70,6 +74,7 @@ impl HostConfig {
             cluster_key: None,
             tls: None,
             allowed_peers: None,
+            announce_via: None,
         }
     }
 }
@@ -140,6 +145,10 @@ pub struct MigrationRequest {
     pub compression: CompressionChoice,
     /// Most bytes of page content the source keeps as XBZRLE bases (capped at the VM's size).
     pub xbzrle_cache_bytes: u64,
+
+    /// How the target announces the VM's NICs after activation, if its host has an interface
+    /// for it (QEMU's defaults unless set; sent to the target in `Reserve`).
+    pub announce: crate::announce::AnnounceParams,
 }
 
 /// The XBZRLE cache of a migration, unless configured: QEMU's default too.
@@ -168,6 +177,8 @@ impl MigrationRequest {
             recovery_timeout: DEFAULT_RECOVERY_TIMEOUT,
             compression: CompressionChoice::default(),
             xbzrle_cache_bytes: DEFAULT_XBZRLE_CACHE_BYTES,
+
+            announce: crate::announce::AnnounceParams::default(),
         }
     }
 

@@ -7,6 +7,7 @@ use actix::Addr;
 use super::super::ask::{ask, GUEST_ASK};
 use super::finish::{failed, violation};
 use super::run::{Flow, TargetRun};
+use crate::announce::Announcer;
 use crate::engine::MigrationEvent;
 use crate::protocol::ControlMessage;
 use crate::vm::{ResumeVm, Vm};
@@ -31,8 +32,9 @@ impl TargetRun {
         // The VM has run here: a fence asking later must not hear `absent`, even once the VM
         // has moved on, or the source's older copy could resume beside it.
         self.host.committed(id);
-        self.announce(guest.as_ref());
         self.send(ControlMessage::Activated).await?;
+        // After `Activated`, so the downtime never includes it; the frames go out on a thread.
+        self.announce(guest.as_ref());
         if self.postcopy {
             self.pulling = true;
             self.check_pull_done().await
@@ -41,14 +43,29 @@ impl TargetRun {
         }
     }
 
-    /// Announces every NIC's MAC at its new place: the sim backend records it as an event (a
-    /// host with a real interface would send a RARP burst here).
+    /// Announces every NIC's MAC at its new place: a host with an interface sends the rounds
+    /// of frames in the background; each NIC's event says where they went.
     fn announce(&self, guest: &dyn Guest) {
-        for nic in &guest.config().nics {
+        let nics = &guest.config().nics;
+        let via = self.announce_via.as_ref().and_then(|iface| {
+            let announcer = Announcer::new(iface.clone(), self.announce);
+            // Dropping the handle detaches the thread; it logs its own failure.
+            match announcer.spawn(nics.iter().map(|n| n.mac).collect()) {
+                Ok(_) => Some(iface.clone()),
+                Err(e) => {
+                    tracing::warn!(interface = %iface, error = %e, "network announcement not started");
+                    None
+                }
+            }
+        });
+        let frames = if via.is_some() { self.announce.frame_count(1) } else { 0 };
+        for nic in nics {
             self.publish(MigrationEvent::NetworkAnnounced {
                 nic: nic.id.clone(),
                 mac: nic.mac.to_string(),
                 host: self.host_name.clone(),
+                via: via.clone(),
+                frames,
             });
         }
     }
