@@ -41,7 +41,9 @@ fn request_of(b: api::StartMigration, host: &str) -> Result<MigrationRequest, St
         Some(a) => a.parse::<Algorithm>()?,
         None => Algorithm::Precopy,
     };
+    let announce = b.announce_params().map_err(|e| e.to_string())?;
     let mut req = MigrationRequest::new(b.vm, host, b.to).algorithm(algorithm);
+    req.announce = announce;
     if let Some(rate) = b.bandwidth_bytes_per_sec {
         if rate < MIN_BANDWIDTH {
             return Err(format!(
@@ -102,6 +104,17 @@ mod tests {
         let req = request_of(b.clone(), "a").unwrap();
         assert_eq!((req.algorithm, req.source.as_str()), (Algorithm::Postcopy, "a"));
         assert_eq!(req.policy.downtime_limit, Duration::from_millis(50));
+        assert_eq!(req.announce, migratory::announce::AnnounceParams::default());
+        let req = request_of(
+            api::StartMigration {
+                announce_rounds: Some(2),
+                announce_max_ms: Some(90),
+                ..b.clone()
+            },
+            "a",
+        )
+        .unwrap();
+        assert_eq!((req.announce.rounds, req.announce.max_ms), (2, 90));
         for bad in [
             api::StartMigration {
                 algorithm: Some("teleport".into()),
@@ -117,6 +130,10 @@ mod tests {
             },
             api::StartMigration {
                 compression: Some("gzip".into()),
+                ..b.clone()
+            },
+            api::StartMigration {
+                announce_rounds: Some(1001),
                 ..b.clone()
             },
         ] {
