@@ -44,7 +44,11 @@ impl Netns {
     /// Fresh names for this process and call, so tests running at once never meet.
     fn create() -> Result<Netns, String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let tag = format!("{}{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed));
+        let tag = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let n = Netns {
             send_ns: format!("mgr-ann-s{tag}"),
             capture_ns: format!("mgr-ann-c{tag}"),
@@ -384,7 +388,11 @@ async fn test_an_activated_vm_is_announced_on_the_veth_in_rounds() {
         let slot = i % per_round;
         assert_eq!(kind, FrameKind::ALL[slot % 2], "frame {i}");
         if kind == FrameKind::Garp {
-            assert_eq!(&f.bytes[28..32], &f.bytes[38..42], "frame {i}: sender and target IP equal");
+            assert_eq!(
+                &f.bytes[28..32],
+                &f.bytes[38..42],
+                "frame {i}: sender and target IP equal"
+            );
         }
         seen.insert((source.0, kind.label()));
     }
@@ -422,4 +430,27 @@ async fn test_a_host_without_an_interface_sends_nothing_and_still_publishes_the_
     let window = params.send_offsets().last().copied().unwrap_or_default() + LINGER;
     let frames = capture.announce_frames(1, Instant::now() + window);
     assert!(frames.is_empty(), "{} announce frames arrived", frames.len());
+}
+
+#[test]
+fn test_serve_refuses_to_start_without_its_announce_interface() {
+    let dir = std::env::temp_dir().join(format!("migratory-announce-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_migratory"))
+        .args([
+            "serve",
+            "--insecure-no-auth",
+            "--listen",
+            "127.0.0.1:0",
+            "--announce-via",
+            "no-such-if0",
+        ])
+        .arg("--api")
+        .arg(format!("unix:{}", dir.join("api.sock").display()))
+        .output()
+        .expect("runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(stderr.contains("--announce-via: no interface no-such-if0"), "{stderr}");
 }

@@ -165,7 +165,10 @@ impl Announcer {
     /// Runs [`Self::run`] on a thread of its own and returns at once. A failure is logged
     /// (`tracing`, warn) and returned by the thread; dropping the handle leaves the thread to
     /// finish alone. The thread is in the caller's network namespace.
-    pub fn spawn(self, macs: Vec<MacAddr>) -> Result<JoinHandle<Result<AnnounceSummary, AnnounceError>>, AnnounceError> {
+    pub fn spawn(
+        self,
+        macs: Vec<MacAddr>,
+    ) -> Result<JoinHandle<Result<AnnounceSummary, AnnounceError>>, AnnounceError> {
         std::thread::Builder::new()
             .name("migratory-announce".into())
             .spawn(move || {

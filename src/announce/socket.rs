@@ -27,7 +27,9 @@ pub fn check_interface_name(name: &str) -> Result<(), AnnounceError> {
         && name.len() <= MAX_INTERFACE_NAME
         && name != "."
         && name != ".."
-        && !name.bytes().any(|b| b == 0 || b == b'/' || b == b':' || b.is_ascii_whitespace());
+        && !name
+            .bytes()
+            .any(|b| b == 0 || b == b'/' || b == b':' || b.is_ascii_whitespace());
     if valid {
         Ok(())
     } else {

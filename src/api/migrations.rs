@@ -177,7 +177,10 @@ mod tests {
     #[test]
     fn test_announce_fields_are_optional_and_default_to_qemus() {
         let old: StartMigration = serde_json::from_value(json!({"vm": "vm1", "to": "h:7000"})).unwrap();
-        assert_eq!(old.announce_params().unwrap(), crate::announce::AnnounceParams::default());
+        assert_eq!(
+            old.announce_params().unwrap(),
+            crate::announce::AnnounceParams::default()
+        );
         let some: StartMigration =
             serde_json::from_value(json!({"vm": "vm1", "to": "h:7000", "announce_rounds": 2, "announce_step_ms": 20}))
                 .unwrap();

@@ -618,7 +618,10 @@ mod tests {
         args.announce_step_ms = Some(25);
         execute(ClientCommand::Migrate(args)).unwrap();
         let (_, body) = sent_json(&server);
-        assert_eq!((&body["announce_rounds"], &body["announce_step_ms"]), (&json!(3), &json!(25)));
+        assert_eq!(
+            (&body["announce_rounds"], &body["announce_step_ms"]),
+            (&json!(3), &json!(25))
+        );
         assert!(body.get("announce_initial_ms").is_none() && body.get("announce_max_ms").is_none());
     }
 

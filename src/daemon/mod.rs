@@ -302,7 +302,8 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
     }
     if let Some(iface) = &args.announce_via {
         // Opened once now so a missing interface or privilege stops the start, not a migration.
-        migratory::announce::PacketSocket::open(iface).map_err(|e| format!("--announce-via: {}", crate::cli::error_text(&e)))?;
+        migratory::announce::PacketSocket::open(iface)
+            .map_err(|e| format!("--announce-via: {}", crate::cli::error_text(&e)))?;
     }
     let engine = EngineHandle::start().map_err(|e| e.to_string())?;
     let host = HostConfig {

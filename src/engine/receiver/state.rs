@@ -234,7 +234,9 @@ fn checked_announce(
     announce: Option<crate::announce::AnnounceParams>,
 ) -> Result<crate::announce::AnnounceParams, AbortReason> {
     let announce = announce.unwrap_or_default();
-    announce.validate().map_err(|e| AbortReason::ProtocolViolation { detail: e.to_string() })?;
+    announce
+        .validate()
+        .map_err(|e| AbortReason::ProtocolViolation { detail: e.to_string() })?;
     Ok(announce)
 }
 
@@ -321,8 +323,13 @@ mod tests {
                 "{a:?}"
             );
         }
-        let endless = crate::announce::AnnounceParams { rounds: 1_000_000, ..three };
-        let (s, a) = ReceiverState::AwaitReserve.step(reserve(Some(endless))).expect("answered");
+        let endless = crate::announce::AnnounceParams {
+            rounds: 1_000_000,
+            ..three
+        };
+        let (s, a) = ReceiverState::AwaitReserve
+            .step(reserve(Some(endless)))
+            .expect("answered");
         assert_eq!(s, ReceiverState::Done);
         let ReceiverAction::Abort { reason } = a else {
             panic!("not refused: {a:?}");
