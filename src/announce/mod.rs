@@ -180,4 +180,50 @@ impl Announcer {
             })
             .map_err(|source| AnnounceError::Thread { source })
     }
+
+    /// [`Self::spawn`], detached: true if the thread started. Every failure, to start or to
+    /// send, is logged (`tracing`, warn); nothing waits for the rounds.
+    pub fn start(self, macs: Vec<MacAddr>) -> bool {
+        let interface = self.interface.clone();
+        match self.spawn(macs) {
+            Ok(_detached) => true,
+            Err(e) => {
+                tracing::warn!(%interface, error = %e, "network announcement not started");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_bad_params_and_bad_names_fail_before_any_frame() {
+        let endless = AnnounceParams {
+            rounds: 5000,
+            ..AnnounceParams::default()
+        };
+        let err = Announcer::new("lo", endless)
+            .run(&[MacAddr::local_from_seed(1)])
+            .unwrap_err();
+        assert!(
+            matches!(err, AnnounceError::ParamOutOfRange { name: "rounds", .. }),
+            "{err:?}"
+        );
+        let err = Announcer::new("not/an-iface", AnnounceParams::default())
+            .run(&[MacAddr::local_from_seed(1)])
+            .unwrap_err();
+        assert!(matches!(err, AnnounceError::InterfaceName { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn test_a_failure_in_the_thread_comes_back_through_its_handle() {
+        let handle = Announcer::new("no-such-if1", AnnounceParams::default())
+            .spawn(vec![MacAddr::local_from_seed(2)])
+            .expect("thread starts");
+        let err = handle.join().expect("no panic").unwrap_err();
+        assert!(matches!(err, AnnounceError::NoInterface { ref interface, .. } if interface == "no-such-if1"));
+    }
 }

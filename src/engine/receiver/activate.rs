@@ -47,17 +47,15 @@ impl TargetRun {
     /// of frames in the background; each NIC's event says where they went.
     fn announce(&self, guest: &dyn Guest) {
         let nics = &guest.config().nics;
-        let via = self.announce_via.as_ref().and_then(|iface| {
-            let announcer = Announcer::new(iface.clone(), self.announce);
-            // Dropping the handle detaches the thread; it logs its own failure.
-            match announcer.spawn(nics.iter().map(|n| n.mac).collect()) {
-                Ok(_) => Some(iface.clone()),
-                Err(e) => {
-                    tracing::warn!(interface = %iface, error = %e, "network announcement not started");
-                    None
-                }
+        let via = match &self.announce_via {
+            Some(iface) if !nics.is_empty() => {
+                let macs = nics.iter().map(|n| n.mac).collect();
+                Announcer::new(iface.clone(), self.announce)
+                    .start(macs)
+                    .then(|| iface.clone())
             }
-        });
+            _ => None,
+        };
         let frames = if via.is_some() { self.announce.frame_count(1) } else { 0 };
         for nic in nics {
             self.publish(MigrationEvent::NetworkAnnounced {
