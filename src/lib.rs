@@ -11,6 +11,8 @@
 //! * [`vm`]: the VM actor and its lifecycle.
 //! * [`engine`]: hosts, the migration (source) and receiver (target) actors, the stage machine,
 //!   the pure policy functions, reports and the [`engine::EngineHandle`] embedders hold.
+//! * [`announce`]: the RARP and gratuitous ARP frames a target sends so the network follows
+//!   an activated VM, their QEMU-style schedule, and the packet socket they leave by.
 //! * [`telemetry`]: metric names; the library records through the `metrics` facade and never
 //!   installs a recorder.
 //! * [`api`]: the request and response bodies of the daemon's HTTP control API, for the daemon,
@@ -23,6 +25,7 @@
 //! See ARCHITECTURE.md for the flow of one migration through these modules.
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod announce;
 pub mod api;
 pub mod clock;
 pub mod dataplane;

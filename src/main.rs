@@ -331,7 +331,16 @@ fn describe_event(ev: &MigrationEvent) -> Option<String> {
             expected_downtime.as_secs_f64() * 1e3
         ),
         MigrationEvent::Decision { action, reason } => format!("     decision: {action} ({reason})"),
-        MigrationEvent::NetworkAnnounced { nic, mac, host } => format!("     {host} announced {nic} {mac}"),
+        MigrationEvent::NetworkAnnounced {
+            nic,
+            mac,
+            host,
+            via,
+            frames,
+        } => match via {
+            Some(iface) => format!("     {host} announced {nic} {mac}: {frames} frames (RARP, gratuitous ARP) on {iface}"),
+            None => format!("     {host} announced {nic} {mac}: no announce interface, event only"),
+        },
         MigrationEvent::TargetStopped { reason } => format!("     target: {reason}"),
         _ => return None,
     })

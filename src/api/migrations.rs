@@ -55,6 +55,20 @@ pub struct StartMigration {
     /// refused with 409 if the budget cannot assure it beside other migrations' floors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_bandwidth_bytes_per_sec: Option<u64>,
+    // How the target announces the VM's NICs after activation (QEMU's `announce-*`
+    // parameters; each left out takes QEMU's default, see `announce::AnnounceParams`).
+    /// Rounds of announce frames (0 to 1000; default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_rounds: Option<u32>,
+    /// Wait after the first round, in ms (0 to 100000; default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_initial_ms: Option<u32>,
+    /// Longest wait between rounds, in ms (0 to 100000; default 550).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_max_ms: Option<u32>,
+    /// How much each wait grows, in ms (1 to 10000; default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_step_ms: Option<u32>,
 }
 
 impl StartMigration {
@@ -74,7 +88,26 @@ impl StartMigration {
             xbzrle_cache_bytes: None,
             priority: None,
             min_bandwidth_bytes_per_sec: None,
+
+            announce_rounds: None,
+            announce_initial_ms: None,
+            announce_max_ms: None,
+            announce_step_ms: None,
         }
+    }
+
+    /// The announce parameters this body asks for: QEMU's defaults where it says nothing,
+    /// or the first one out of range.
+    pub fn announce_params(&self) -> Result<crate::announce::AnnounceParams, crate::announce::AnnounceError> {
+        let d = crate::announce::AnnounceParams::default();
+        let params = crate::announce::AnnounceParams {
+            initial_ms: self.announce_initial_ms.unwrap_or(d.initial_ms),
+            max_ms: self.announce_max_ms.unwrap_or(d.max_ms),
+            rounds: self.announce_rounds.unwrap_or(d.rounds),
+            step_ms: self.announce_step_ms.unwrap_or(d.step_ms),
+        };
+        params.validate()?;
+        Ok(params)
     }
 }
 
@@ -163,6 +196,25 @@ mod tests {
     fn test_an_old_client_body_without_qos_still_reads() {
         let body: StartMigration = serde_json::from_value(json!({"vm": "vm1", "to": "h:7000"})).unwrap();
         assert_eq!((body.priority, body.min_bandwidth_bytes_per_sec), (None, None));
+    }
+
+    #[test]
+    fn test_announce_fields_are_optional_and_default_to_qemus() {
+        let old: StartMigration = serde_json::from_value(json!({"vm": "vm1", "to": "h:7000"})).unwrap();
+        assert_eq!(
+            old.announce_params().unwrap(),
+            crate::announce::AnnounceParams::default()
+        );
+        let some: StartMigration =
+            serde_json::from_value(json!({"vm": "vm1", "to": "h:7000", "announce_rounds": 2, "announce_step_ms": 20}))
+                .unwrap();
+        let p = some.announce_params().unwrap();
+        assert_eq!((p.rounds, p.step_ms, p.initial_ms), (2, 20, 50));
+        let bad = StartMigration {
+            announce_step_ms: Some(0),
+            ..some
+        };
+        assert!(bad.announce_params().is_err());
     }
 
     #[test]

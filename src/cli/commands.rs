@@ -222,6 +222,10 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         xbzrle_cache_bytes: args.xbzrle_cache.map(|size| size.0),
         priority: args.priority.map(|p| p.name().to_string()),
         min_bandwidth_bytes_per_sec: args.min_bandwidth.map(|rate| rate.0),
+        announce_rounds: args.announce_rounds,
+        announce_initial_ms: args.announce_initial_ms,
+        announce_max_ms: args.announce_max_ms,
+        announce_step_ms: args.announce_step_ms,
         ..api::StartMigration::new(args.vm.clone(), to.clone())
     };
     let started: api::MigrationStarted = post(client, "/migrations", &body, "migration id")?;
@@ -478,6 +482,10 @@ mod tests {
             xbzrle_cache: None,
             priority: None,
             min_bandwidth: None,
+            announce_rounds: None,
+            announce_initial_ms: None,
+            announce_max_ms: None,
+            announce_step_ms: None,
             api: api(server),
         }
     }
@@ -618,6 +626,21 @@ mod tests {
         let (_, body) = sent_json(&server);
         assert_eq!(body["compression"], json!("xbzrle"));
         assert_eq!(body["xbzrle_cache_bytes"], json!(32u64 << 20));
+    }
+
+    #[test]
+    fn test_migrate_sends_announce_params_only_when_given() {
+        let server = FakeServer::start(vec![json_response(202, r#"{"id": 5}"#)]);
+        let mut args = migrate_args(&server, false);
+        args.announce_rounds = Some(3);
+        args.announce_step_ms = Some(25);
+        execute(ClientCommand::Migrate(args)).unwrap();
+        let (_, body) = sent_json(&server);
+        assert_eq!(
+            (&body["announce_rounds"], &body["announce_step_ms"]),
+            (&json!(3), &json!(25))
+        );
+        assert!(body.get("announce_initial_ms").is_none() && body.get("announce_max_ms").is_none());
     }
 
     #[test]

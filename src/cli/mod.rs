@@ -286,6 +286,20 @@ pub struct MigrateArgs {
     /// 50 MB/s); refused if other migrations' floors leave less.
     #[arg(long, value_name = "RATE")]
     pub min_bandwidth: Option<ByteSize>,
+    // The target's network announcement after activation (QEMU's announce parameters; the
+    // daemon's defaults, QEMU's, for any left out).
+    /// Rounds of RARP and gratuitous ARP frames the target sends (0 to 1000) [default: 5].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub announce_rounds: Option<u32>,
+    /// Wait after the first round, in ms (0 to 100000) [default: 50].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub announce_initial_ms: Option<u32>,
+    /// Longest wait between rounds, in ms (0 to 100000) [default: 550].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub announce_max_ms: Option<u32>,
+    /// How much each wait grows, in ms (1 to 10000) [default: 100].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub announce_step_ms: Option<u32>,
     #[command(flatten)]
     pub api: ApiArgs,
 }
@@ -425,6 +439,37 @@ mod tests {
     }
 
     #[test]
+    fn test_announce_flags_parse() {
+        let cmd = parse(&[
+            "migrate",
+            "vm1",
+            "--to",
+            "h:1",
+            "--announce-rounds",
+            "3",
+            "--announce-initial-ms",
+            "10",
+            "--announce-max-ms",
+            "200",
+            "--announce-step-ms",
+            "40",
+        ])
+        .unwrap();
+        let ClientCommand::Migrate(args) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(
+            (
+                args.announce_rounds,
+                args.announce_initial_ms,
+                args.announce_max_ms,
+                args.announce_step_ms
+            ),
+            (Some(3), Some(10), Some(200), Some(40))
+        );
+    }
+
+    #[test]
     fn test_bad_arguments_are_rejected() {
         for bad in [
             &["migrate", "vm1"][..],
@@ -435,6 +480,8 @@ mod tests {
             &["migrate", "vm1", "--to", "h:1", "--streams", "0"],
             &["migrate", "vm1", "--to", "h:1", "--streams", "256"],
             &["migrate", "vm1", "--to", "h:1", "--compression", "gzip"],
+            &["migrate", "vm1", "--to", "h:1", "--announce-rounds", "1001"],
+            &["migrate", "vm1", "--to", "h:1", "--announce-step-ms", "0"],
             &["vm", "create", "vm1", "--memory", "lots"],
             &["vm", "create", "vm1", "--pattern", "zigzag"],
             &["status", "three"],

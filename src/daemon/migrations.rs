@@ -41,7 +41,9 @@ fn request_of(b: api::StartMigration, host: &str) -> Result<MigrationRequest, St
         Some(a) => a.parse::<Algorithm>()?,
         None => Algorithm::Precopy,
     };
+    let announce = b.announce_params().map_err(|e| e.to_string())?;
     let mut req = MigrationRequest::new(b.vm, host, b.to).algorithm(algorithm);
+    req.announce = announce;
     if let Some(rate) = b.bandwidth_bytes_per_sec {
         if rate < MIN_BANDWIDTH {
             return Err(format!(
@@ -119,6 +121,17 @@ mod tests {
             (req.priority, req.min_bandwidth_bytes_per_sec),
             (Priority::High, Some(1 << 20))
         );
+        assert_eq!(req.announce, migratory::announce::AnnounceParams::default());
+        let req = request_of(
+            api::StartMigration {
+                announce_rounds: Some(2),
+                announce_max_ms: Some(90),
+                ..b.clone()
+            },
+            "a",
+        )
+        .unwrap();
+        assert_eq!((req.announce.rounds, req.announce.max_ms), (2, 90));
         for bad in [
             api::StartMigration {
                 algorithm: Some("teleport".into()),
@@ -138,6 +151,10 @@ mod tests {
             },
             api::StartMigration {
                 priority: Some("urgent".into()),
+                ..b.clone()
+            },
+            api::StartMigration {
+                announce_rounds: Some(1001),
                 ..b.clone()
             },
         ] {

@@ -157,6 +157,11 @@ pub struct ServeArgs {
     /// after SIGTERM until they are gone or a second SIGTERM destroys them.
     #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
     drain_to: Vec<String>,
+    /// Announce each NIC of a VM activated here on this interface (a tap, a bridge port or a
+    /// veth) with rounds of RARP and gratuitous ARP frames, as QEMU does (needs CAP_NET_RAW);
+    /// without it an activation is only an event.
+    #[arg(long, value_name = "IFACE")]
+    announce_via: Option<String>,
 }
 
 struct State {
@@ -295,6 +300,11 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         Ok((soft, hard)) => tracing::info!(soft, hard, "open-file limit"),
         Err(e) => eprintln!("migratory: warning: cannot raise the open-file limit: {e}"),
     }
+    if let Some(iface) = &args.announce_via {
+        // Opened once now so a missing interface or privilege stops the start, not a migration.
+        migratory::announce::PacketSocket::open(iface)
+            .map_err(|e| format!("--announce-via: {}", crate::cli::error_text(&e)))?;
+    }
     let engine = EngineHandle::start().map_err(|e| e.to_string())?;
     let host = HostConfig {
         listen: Some(args.listen),
@@ -309,6 +319,7 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         allowed_peers: allowed_peers
             .as_ref()
             .map(|a| a.addrs.iter().map(|addr| addr.ip()).collect()),
+        announce_via: args.announce_via.clone(),
         ..HostConfig::with_backend(args.name.clone(), backend)
     };
     engine.add_host(host).await.map_err(|e| e.to_string())?;

@@ -42,7 +42,7 @@ pub enum MigrationEvent {
         /// Why.
         reason: String,
     },
-    /// The target announced a NIC's MAC at its new place.
+    /// The target announced a NIC's MAC at its new place (after `Activated`).
     NetworkAnnounced {
         /// NIC id.
         nic: String,
@@ -50,6 +50,12 @@ pub enum MigrationEvent {
         mac: String,
         /// Host that announced.
         host: String,
+        /// The interface the frames go out on, in the background from now; `None`: the host
+        /// has no interface for them (`HostConfig::announce_via`), this event is all there is.
+        via: Option<String>,
+        /// Frames this NIC's announcement sends: a RARP and a gratuitous ARP per round; 0
+        /// without an interface.
+        frames: u64,
     },
     /// Post-copy: the link failed in the pull phase. The target paused the guest; the source
     /// tries to reconnect within its recovery timeout.

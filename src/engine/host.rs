@@ -428,6 +428,7 @@ impl Handler<AcceptLink> for Host {
             self.capabilities(),
             msg.end,
             msg.params,
+            self.config.announce_via.clone(),
         );
         if self.receivers.len() >= self.config.max_incoming.max(1) {
             self.incoming_queue.retain(|(r, _)| r.connected());

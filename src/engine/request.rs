@@ -41,6 +41,10 @@ pub struct HostConfig {
     pub tls: Option<crate::link::tls::TlsSetup>,
     /// If given, only these peers may connect to `listen`.
     pub allowed_peers: Option<Vec<std::net::IpAddr>>,
+    /// The interface (a tap, a bridge port, a veth) on which this host announces the NICs of
+    /// a VM it activates, with RARP and gratuitous ARP frames (needs CAP_NET_RAW); `None`:
+    /// activation is only a `NetworkAnnounced` event.
+    pub announce_via: Option<String>,
 }
 
 impl HostConfig {
@@ -71,6 +75,7 @@ impl HostConfig {
             cluster_key: None,
             tls: None,
             allowed_peers: None,
+            announce_via: None,
         }
     }
 }
@@ -152,6 +157,9 @@ pub struct MigrationRequest {
     /// Bytes per second of the host's bandwidth budget assured to this migration while it sends;
     /// refused at the start if the budget cannot assure it (`None` by default).
     pub min_bandwidth_bytes_per_sec: Option<u64>,
+    /// How the target announces the VM's NICs after activation, if its host has an interface
+    /// for it (QEMU's defaults unless set; sent to the target in `Reserve`).
+    pub announce: crate::announce::AnnounceParams,
 }
 
 /// The XBZRLE cache of a migration, unless configured: QEMU's default too.
@@ -184,6 +192,8 @@ impl MigrationRequest {
             xbzrle_cache_bytes: DEFAULT_XBZRLE_CACHE_BYTES,
             priority: super::qos::Priority::default(),
             min_bandwidth_bytes_per_sec: None,
+
+            announce: crate::announce::AnnounceParams::default(),
         }
     }
 

@@ -179,6 +179,11 @@ pub enum ControlMessage {
         config: VmConfig,
         /// The algorithm that will run (refused by name if this build does not know it).
         algorithm: Wire<Algorithm>,
+        /// How the target announces the VM's NICs after activation; `None` (and what an older
+        /// source sends) is QEMU's defaults. Left out of the message when `None`, so a message
+        /// without it encodes as protocol version 2 did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        announce: Option<crate::announce::AnnounceParams>,
     },
     /// Reservation made.
     Reserved,
@@ -375,6 +380,37 @@ mod tests {
     }
 
     #[test]
+    fn test_announce_params_travel_in_reserve_and_an_old_reserve_has_none() {
+        let config = VmConfig {
+            id: VmId("vm".into()),
+            name: "vm".into(),
+            vcpus: 1,
+            memory_bytes: 1 << 20,
+            page_size: PAGE_SIZE,
+            nics: Vec::new(),
+        };
+        let announce = crate::announce::AnnounceParams {
+            rounds: 3,
+            ..Default::default()
+        };
+        let with = ControlMessage::Reserve {
+            config: config.clone(),
+            algorithm: Algorithm::Precopy.into(),
+            announce: Some(announce),
+        };
+        let f = encode_control(&with).expect("encode");
+        assert_eq!(decode_control(&frame_body(&f).expect("body")).expect("decode"), with);
+        // A source of protocol version 2 sends no `announce` field.
+        let old = serde_json::json!({"type": "Reserve", "config": config, "algorithm": "precopy"});
+        let mut body = vec![TAG_CONTROL];
+        body.extend(rmp_serde::to_vec_named(&old).expect("encode"));
+        match decode_control(&body).expect("decodes") {
+            ControlMessage::Reserve { announce, .. } => assert_eq!(announce, None),
+            other => panic!("decoded as {}", other.name()),
+        }
+    }
+
+    #[test]
     fn test_an_abort_for_a_reason_from_a_newer_peer_decodes() {
         for kind in ["Abort", "Refuse"] {
             let msg = serde_json::json!({
@@ -474,6 +510,7 @@ mod tests {
                     }],
                 },
                 algorithm: Algorithm::Postcopy.into(),
+                announce: None,
             },
             ControlMessage::Reserved,
             ControlMessage::RoundDone {

@@ -18,6 +18,8 @@ pub const FAULTS_INJECTED_TOTAL: &str = "migratory_faults_injected_total";
 /// Counter: frames refused on TCP links because their MAC did not verify (changed, replayed,
 /// reordered, or not from the peer that proved the cluster key); each one closes its link.
 pub const LINK_FRAMES_REJECTED_TOTAL: &str = "migratory_link_frames_rejected_total";
+/// Counter: network announce frames sent by targets after activation, by `kind` (rarp, garp).
+pub const ANNOUNCE_FRAMES_TOTAL: &str = "migratory_announce_frames_total";
 /// Histogram: duration of each stage, by `stage` and `algorithm`.
 pub const STAGE_DURATION_SECONDS: &str = "migratory_stage_duration_seconds";
 /// Histogram: downtime (pause on the source to resume on the target), by `algorithm` and
@@ -76,6 +78,16 @@ pub mod priority {
     pub const ALL: [&str; 3] = [LOW, NORMAL, HIGH];
 }
 
+/// Values of the `kind` label of [`ANNOUNCE_FRAMES_TOTAL`] (`announce::FrameKind::label`).
+pub mod announce_kind {
+    /// A RARP request reverse.
+    pub const RARP: &str = "rarp";
+    /// A gratuitous ARP.
+    pub const GARP: &str = "garp";
+    /// Every value, to register the series at zero.
+    pub const ALL: [&str; 2] = [RARP, GARP];
+}
+
 /// Histogram buckets for durations, in seconds: migration timescales, from 100 µs (a post-copy
 /// fault, a fast stage) to 5 minutes (a large VM over a slow link).
 pub const DURATION_BUCKETS_SECONDS: &[f64] = &[
@@ -107,6 +119,9 @@ pub fn register_zeroes() {
     metrics::counter!(COMPRESSION_SAVED_BYTES_TOTAL).increment(0);
     metrics::counter!(POSTCOPY_FAULTS_TOTAL).increment(0);
     metrics::counter!(LINK_FRAMES_REJECTED_TOTAL).increment(0);
+    for kind in announce_kind::ALL {
+        metrics::counter!(ANNOUNCE_FRAMES_TOTAL, "kind" => kind).increment(0);
+    }
     metrics::gauge!(MIGRATIONS_IN_PROGRESS).increment(0.0);
     metrics::gauge!(REMAINING_PAGES).increment(0.0);
 }
@@ -134,6 +149,10 @@ pub fn describe_all() {
     describe_counter!(
         LINK_FRAMES_REJECTED_TOTAL,
         "Frames refused on TCP links for a MAC that did not verify"
+    );
+    describe_counter!(
+        ANNOUNCE_FRAMES_TOTAL,
+        "Announce frames (RARP, gratuitous ARP) sent after activation, by kind"
     );
     describe_histogram!(
         STAGE_DURATION_SECONDS,

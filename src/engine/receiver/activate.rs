@@ -7,6 +7,7 @@ use actix::Addr;
 use super::super::ask::{ask, GUEST_ASK};
 use super::finish::{failed, violation};
 use super::run::{Flow, TargetRun};
+use crate::announce::Announcer;
 use crate::engine::MigrationEvent;
 use crate::protocol::ControlMessage;
 use crate::vm::{ResumeVm, Vm};
@@ -35,7 +36,7 @@ impl TargetRun {
         // has moved on, or the source's older copy could resume beside it.
         self.host.committed(id);
         self.send(ControlMessage::Activated).await?;
-        // The downtime is over: what follows does not need the VM paused.
+        // After `Activated`, so the downtime never includes it; the frames go out on a thread.
         self.announce(guest.as_ref());
         // Verifying after activation, the source asks for the digests (`SendDigests`).
         if self.postcopy {
@@ -46,14 +47,27 @@ impl TargetRun {
         }
     }
 
-    /// Announces every NIC's MAC at its new place: the sim backend records it as an event (a
-    /// host with a real interface would send a RARP burst here).
+    /// Announces every NIC's MAC at its new place: a host with an interface sends the rounds
+    /// of frames in the background; each NIC's event says where they went.
     fn announce(&self, guest: &dyn Guest) {
-        for nic in &guest.config().nics {
+        let nics = &guest.config().nics;
+        let via = match &self.announce_via {
+            Some(iface) if !nics.is_empty() => {
+                let macs = nics.iter().map(|n| n.mac).collect();
+                Announcer::new(iface.clone(), self.announce)
+                    .start(macs)
+                    .then(|| iface.clone())
+            }
+            _ => None,
+        };
+        let frames = if via.is_some() { self.announce.frame_count(1) } else { 0 };
+        for nic in nics {
             self.publish(MigrationEvent::NetworkAnnounced {
                 nic: nic.id.clone(),
                 mac: nic.mac.to_string(),
                 host: self.host_name.clone(),
+                via: via.clone(),
+                frames,
             });
         }
     }

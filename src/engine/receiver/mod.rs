@@ -105,17 +105,19 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    /// A receiver on the host behind `host` for the link `end`.
+    /// A receiver on the host behind `host` for the link `end`; `announce_via`: the host's
+    /// interface for announce frames (`HostConfig::announce_via`).
     pub fn new(
         host_name: String,
         host: HostPort,
         caps: Capabilities,
         end: LinkEnd,
         mut params: ReceiverParams,
+        announce_via: Option<String>,
     ) -> Self {
         let (halt, halted) = watch::channel(None);
         let faults = injected::TargetFaults::arm(std::mem::take(&mut params.faults), &halt);
-        let run = TargetRun::new(host_name, host.clone(), caps, params, halted, faults);
+        let run = TargetRun::new(host_name, host.clone(), caps, params, halted, faults, announce_via);
         Self {
             start: Some((run, end)),
             halt,

@@ -60,6 +60,10 @@ pub(super) struct TargetRun {
     pub(super) digests_after_activation: bool,
     pub(super) wanted: Wanted,
     pub(super) recovery: Recovery,
+    /// The host's interface for announce frames; `None`: an activation is only an event.
+    pub(super) announce_via: Option<String>,
+    /// How to announce, as the source's `Reserve` asked.
+    pub(super) announce: crate::announce::AnnounceParams,
 }
 
 /// What the loop waits on besides messages; set up again on each entry, since a recovery
@@ -85,6 +89,7 @@ impl TargetRun {
         params: ReceiverParams,
         halt: watch::Receiver<Option<Halt>>,
         faults: Option<TargetFaults>,
+        announce_via: Option<String>,
     ) -> Self {
         Self {
             host_name,
@@ -107,6 +112,8 @@ impl TargetRun {
             digests_after_activation: false,
             wanted: Wanted::new(),
             recovery: Recovery::new(),
+            announce_via,
+            announce: Default::default(),
         }
     }
 
@@ -239,7 +246,14 @@ impl TargetRun {
                 self.authenticate(&proof)?;
                 Err(self.hand_over(vm).await)
             }
-            A::Reserve { config, demand_paged } => self.reserve(config, demand_paged).await,
+            A::Reserve {
+                config,
+                demand_paged,
+                announce,
+            } => {
+                self.announce = announce;
+                self.reserve(config, demand_paged).await
+            }
             A::NoteRound { .. } => Ok(()),
             A::Suspend {
                 batches_total,

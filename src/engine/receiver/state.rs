@@ -94,6 +94,8 @@ pub enum ReceiverAction {
         config: VmConfig,
         /// Every page will arrive on demand (post-copy): RAM need not be committed up front.
         demand_paged: bool,
+        /// How to announce the VM's NICs once it is activated here.
+        announce: crate::announce::AnnounceParams,
     },
     /// Nothing to do but note the progress.
     NoteRound {
@@ -190,15 +192,24 @@ impl ReceiverState {
                 },
             ),
             (S::AwaitReserve, M::Authenticate { proof }) => (S::AwaitReserve, A::Authenticate { proof }),
-            (S::AwaitReserve, M::Reserve { config, algorithm }) => match known_algorithm(algorithm) {
-                Ok(algorithm) => (
+            (
+                S::AwaitReserve,
+                M::Reserve {
+                    config,
+                    algorithm,
+                    announce,
+                },
+            ) => match (known_algorithm(algorithm), checked_announce(announce)) {
+                (Ok(algorithm), Ok(announce)) => (
                     S::Receiving,
                     A::Reserve {
                         config,
                         demand_paged: algorithm == Algorithm::Postcopy,
+                        announce,
                     },
                 ),
-                Err(e) => (S::Done, A::Abort { reason: e.into() }),
+                (Err(e), _) => (S::Done, A::Abort { reason: e.into() }),
+                (_, Err(reason)) => (S::Done, A::Abort { reason }),
             },
             (S::Receiving, M::RoundDone { batches_total, .. }) => (S::Receiving, A::NoteRound { batches_total }),
             (
@@ -232,6 +243,18 @@ impl ReceiverState {
         };
         Ok(out)
     }
+}
+
+/// The announce parameters of a `Reserve` (QEMU's defaults when it has none), or the abort
+/// for ones outside their bounds: a peer may not make this host announce for days.
+fn checked_announce(
+    announce: Option<crate::announce::AnnounceParams>,
+) -> Result<crate::announce::AnnounceParams, AbortReason> {
+    let announce = announce.unwrap_or_default();
+    announce
+        .validate()
+        .map_err(|e| AbortReason::ProtocolViolation { detail: e.to_string() })?;
+    Ok(announce)
 }
 
 #[cfg(test)]
@@ -282,6 +305,7 @@ mod tests {
                 nics: Vec::new(),
             },
             algorithm: Wire::Unknown("quantum-copy".into()),
+            announce: None,
         };
         let (s, a) = ReceiverState::AwaitReserve.step(reserve).expect("answered");
         assert_eq!(s, ReceiverState::Done);
@@ -289,6 +313,45 @@ mod tests {
             panic!("not refused: {a:?}");
         };
         assert!(reason.to_string().contains("\"quantum-copy\""), "{reason}");
+    }
+
+    #[test]
+    fn test_a_reserve_carries_its_announce_params_and_bad_ones_are_refused() {
+        let reserve = |announce| ControlMessage::Reserve {
+            config: VmConfig {
+                id: crate::format::VmId("v".into()),
+                name: "v".into(),
+                vcpus: 1,
+                memory_bytes: 1 << 20,
+                page_size: crate::format::PAGE_SIZE,
+                nics: Vec::new(),
+            },
+            algorithm: Algorithm::Precopy.into(),
+            announce,
+        };
+        let three = crate::announce::AnnounceParams {
+            rounds: 3,
+            ..Default::default()
+        };
+        for (sent, expected) in [(None, Default::default()), (Some(three), three)] {
+            let (_, a) = ReceiverState::AwaitReserve.step(reserve(sent)).expect("answered");
+            assert!(
+                matches!(a, ReceiverAction::Reserve { announce, .. } if announce == expected),
+                "{a:?}"
+            );
+        }
+        let endless = crate::announce::AnnounceParams {
+            rounds: 1_000_000,
+            ..three
+        };
+        let (s, a) = ReceiverState::AwaitReserve
+            .step(reserve(Some(endless)))
+            .expect("answered");
+        assert_eq!(s, ReceiverState::Done);
+        let ReceiverAction::Abort { reason } = a else {
+            panic!("not refused: {a:?}");
+        };
+        assert!(reason.to_string().contains("rounds"), "{reason}");
     }
 
     #[test]

@@ -101,9 +101,12 @@ impl SourceRun {
     }
 
     pub(super) async fn reservation(&mut self) -> Result<(), Fail> {
+        // Refused here rather than by the target, which would only see a peer breaking the rules.
+        self.s.req.announce.validate().map_err(local)?;
         self.send(ControlMessage::Reserve {
             config: self.s.guest.config().clone(),
             algorithm: self.s.req.algorithm.into(),
+            announce: Some(self.s.req.announce),
         })
         .await?;
         self.expect("Reserved").await?;

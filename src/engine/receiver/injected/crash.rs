@@ -270,6 +270,7 @@ mod tests {
         let reserve = ControlMessage::Reserve {
             config: super::super::super::test_config("v", 256),
             algorithm: Algorithm::Precopy.into(),
+            announce: None,
         };
         assert!(w.crashes_on(&reserve));
         assert!(w.plan.is_empty(), "fired once");
@@ -308,6 +309,7 @@ mod tests {
         let reserve = ControlMessage::Reserve {
             config: super::super::super::test_config("v", 256),
             algorithm: Algorithm::Precopy.into(),
+            announce: None,
         };
         link_tx.send(LinkEvent::Received(hello())).await.expect("sent");
         link_tx.send(LinkEvent::Received(reserve)).await.expect("sent");
