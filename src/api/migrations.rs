@@ -14,7 +14,7 @@ pub struct StartMigration {
     pub vm: String,
     /// The peer daemon's migration listener, `HOST:PORT`.
     pub to: String,
-    /// `stop-and-copy`, `precopy` (the default), `postcopy`, `hybrid` or `auto`.
+    /// `stop-and-copy`, `precopy` (the default), `postcopy`, `hybrid`, `auto` or `random`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<String>,
     /// Parallel data connections (1 to 255).
@@ -41,6 +41,13 @@ pub struct StartMigration {
     /// Bytes of the source's XBZRLE cache (default 64 MiB, never more than the VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache_bytes: Option<u64>,
+    /// Seed of `random`'s pick, to replay one (default: a seed from the OS; the report
+    /// records it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Deadline for the total time, in seconds; the report says whether it was met.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<f64>,
 }
 
 impl StartMigration {
@@ -57,6 +64,8 @@ impl StartMigration {
             recovery_timeout_s: None,
             compression: None,
             xbzrle_cache_bytes: None,
+            seed: None,
+            deadline_s: None,
         }
     }
 }

@@ -194,6 +194,7 @@ fn model_scenario(c: &Case) -> ModelScenario {
                     algorithm: c.algorithm,
                     bandwidth_bytes_per_sec: c.cap.map(|b| b as f64),
                     downtime_limit_s,
+                    deadline_s: None,
                 },
             },
             line: 0,

@@ -186,6 +186,15 @@ pub struct MigrationReport {
     pub verification_s: f64,
     /// Post-copy recoveries: links that replaced one lost in the pull phase.
     pub recoveries: u32,
+    /// `random`'s seed (the request's, or one from the OS); `None` for other algorithms.
+    pub seed: Option<u64>,
+    /// The deadline for total time, if the request set one.
+    pub deadline_s: Option<f64>,
+    /// Whether the migration completed within its deadline (`None` without one). A
+    /// migration that did not complete missed it.
+    pub deadline_met: Option<bool>,
+    /// Deadline minus total time: negative when missed.
+    pub deadline_margin_s: Option<f64>,
 }
 
 impl MigrationReport {
@@ -228,6 +237,10 @@ impl MigrationReport {
             mean_fault_latency_s: 0.0,
             verification_s: 0.0,
             recoveries: 0,
+            seed: None,
+            deadline_s: None,
+            deadline_met: None,
+            deadline_margin_s: None,
         }
     }
 

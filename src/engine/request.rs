@@ -140,6 +140,13 @@ pub struct MigrationRequest {
     pub compression: CompressionChoice,
     /// Most bytes of page content the source keeps as XBZRLE bases (capped at the VM's size).
     pub xbzrle_cache_bytes: u64,
+    /// Seed of `random`'s pick, to replay one; `None` takes a seed from the OS. The report
+    /// records the seed used.
+    pub seed: Option<u64>,
+    /// Deadline for the total time (as the report's `total_s` counts it). The plan switches to
+    /// post-copy, or raises a round's pace, where that meets it; the report says whether it
+    /// was met and by how much. `None`: no deadline, and the plan is not wrapped.
+    pub deadline: Option<Duration>,
 }
 
 /// The XBZRLE cache of a migration, unless configured: QEMU's default too.
@@ -168,12 +175,26 @@ impl MigrationRequest {
             recovery_timeout: DEFAULT_RECOVERY_TIMEOUT,
             compression: CompressionChoice::default(),
             xbzrle_cache_bytes: DEFAULT_XBZRLE_CACHE_BYTES,
+            seed: None,
+            deadline: None,
         }
     }
 
     /// Sets the algorithm.
     pub fn algorithm(mut self, a: Algorithm) -> Self {
         self.algorithm = a;
+        self
+    }
+
+    /// Sets the seed of `random`'s pick.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Sets a deadline for the total time.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 }

@@ -213,6 +213,7 @@ mod tests {
             algorithm: Algorithm::Auto,
             bandwidth_bytes_per_sec: None,
             downtime_limit_s: None,
+            deadline_s: None,
         };
         type Edit = Box<dyn FnOnce(&mut Scenario)>;
         let cases: Vec<(&str, Edit, Option<&str>)> = vec![

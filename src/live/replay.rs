@@ -263,6 +263,7 @@ impl<'a> Replay<'a> {
             algorithm: Some(limits.algorithm.name().to_string()),
             bandwidth_bytes_per_sec: cap.map(|c| c as u64),
             downtime_limit_ms: limits.downtime_limit_s.map(|s| s * 1e3),
+            deadline_s: limits.deadline_s,
             ..StartMigration::new(id.clone(), self.cluster.daemons[dst].migration_addr.to_string())
         };
         let started = self.cluster.daemons[src]

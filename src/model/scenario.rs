@@ -139,6 +139,8 @@ pub struct MigrationLimits {
     pub bandwidth_bytes_per_sec: Option<f64>,
     /// Longest acceptable downtime, seconds (the policy's limit).
     pub downtime_limit_s: Option<f64>,
+    /// Deadline for the total time, seconds: the plan is wrapped as the engine wraps it.
+    pub deadline_s: Option<f64>,
 }
 
 /// What happens at an event.

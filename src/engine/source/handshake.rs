@@ -23,7 +23,7 @@ impl SourceRun {
         };
         self.send(ControlMessage::Hello {
             capabilities: self.s.caps.clone(),
-            requested: self.s.req.algorithm.into(),
+            requested: self.s.req.algorithm.in_hello().into(),
             vm: self.s.guest.config().id.0.clone(),
             nonce: my_nonce.clone(),
             resume,
@@ -103,7 +103,7 @@ impl SourceRun {
     pub(super) async fn reservation(&mut self) -> Result<(), Fail> {
         self.send(ControlMessage::Reserve {
             config: self.s.guest.config().clone(),
-            algorithm: self.s.req.algorithm.into(),
+            algorithm: self.machine.reserving().into(),
         })
         .await?;
         self.expect("Reserved").await?;

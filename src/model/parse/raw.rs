@@ -158,6 +158,7 @@ pub(crate) struct RawMigrate {
     pub algorithm: Option<Text<Algorithm>>,
     pub bandwidth: Option<Bandwidth>,
     pub downtime_limit: Option<Spanned<Seconds>>,
+    pub deadline: Option<Spanned<Seconds>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +168,7 @@ pub(crate) struct RawEvacuate {
     pub algorithm: Option<Text<Algorithm>>,
     pub bandwidth: Option<Bandwidth>,
     pub downtime_limit: Option<Spanned<Seconds>>,
+    pub deadline: Option<Spanned<Seconds>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,6 +178,7 @@ pub(crate) struct RawConsolidate {
     pub algorithm: Option<Text<Algorithm>>,
     pub bandwidth: Option<Bandwidth>,
     pub downtime_limit: Option<Spanned<Seconds>>,
+    pub deadline: Option<Spanned<Seconds>>,
 }
 
 #[derive(Debug, Deserialize)]

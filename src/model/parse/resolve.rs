@@ -437,21 +437,21 @@ impl Refs<'_> {
                 EventKind::Migrate {
                     vm: self.vms.find(&m.vm, lines)?,
                     to,
-                    limits: self.limits(m.algorithm, m.bandwidth, &m.downtime_limit)?,
+                    limits: self.limits(m.algorithm, m.bandwidth, &m.downtime_limit, &m.deadline)?,
                 }
             }
             Action::Evacuate(e) => {
                 let e = e.get_ref();
                 EventKind::Evacuate {
                     host: self.hosts.find(&e.host, lines)?,
-                    limits: self.limits(e.algorithm, e.bandwidth, &e.downtime_limit)?,
+                    limits: self.limits(e.algorithm, e.bandwidth, &e.downtime_limit, &e.deadline)?,
                 }
             }
             Action::Consolidate(c) => {
                 let c = c.get_ref();
                 EventKind::Consolidate {
                     datacenter: self.datacenters.find(&c.datacenter, lines)?,
-                    limits: self.limits(c.algorithm, c.bandwidth, &c.downtime_limit)?,
+                    limits: self.limits(c.algorithm, c.bandwidth, &c.downtime_limit, &c.deadline)?,
                 }
             }
             Action::FailHost(f) => EventKind::FailHost {
@@ -468,6 +468,7 @@ impl Refs<'_> {
         algorithm: Option<Text<Algorithm>>,
         bandwidth: Option<Bandwidth>,
         downtime_limit: &Option<Spanned<Seconds>>,
+        deadline: &Option<Spanned<Seconds>>,
     ) -> Result<MigrationLimits, ScenarioError> {
         Ok(MigrationLimits {
             algorithm: algorithm.map_or(Algorithm::Auto, |Text(a)| a),
@@ -475,6 +476,10 @@ impl Refs<'_> {
             downtime_limit_s: downtime_limit
                 .as_ref()
                 .map(|d| positive(self.lines, d, "downtime_limit"))
+                .transpose()?,
+            deadline_s: deadline
+                .as_ref()
+                .map(|d| positive(self.lines, d, "deadline"))
                 .transpose()?,
         })
     }

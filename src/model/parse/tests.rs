@@ -97,6 +97,7 @@ fn test_two_datacenters_example() {
                 algorithm: Algorithm::Auto,
                 bandwidth_bytes_per_sec: None,
                 downtime_limit_s: Some(0.3),
+                deadline_s: None,
             },
         }
     );

@@ -46,6 +46,7 @@ fn limits(a: Algorithm) -> MigrationLimits {
         algorithm: a,
         bandwidth_bytes_per_sec: None,
         downtime_limit_s: None,
+        deadline_s: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn reserved() -> SourceEvent {
     E::Reserved {
         pages: 1024,
         estimate: None,
+        elapsed: Duration::from_millis(5),
     }
 }
 
