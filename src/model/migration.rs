@@ -259,7 +259,7 @@ impl Mig {
             target_datacenter: sc.datacenters[d.datacenter].name.clone(),
             requested: self.requested.name().to_string(),
             algorithm: algorithm.name().to_string(),
-            why: self.why.clone(),
+            why: self.why_with_deadline(now, result),
             result: result.to_string(),
             error,
             requested_at_s: self.requested_at,
@@ -272,6 +272,23 @@ impl Mig {
             rounds: self.rounds,
             predicted: self.forecast.clone(),
         }
+    }
+}
+
+impl Mig {
+    /// The decisions, and how the deadline went if there was one (the engine's report has
+    /// fields of its own for it; the model's record says it in words).
+    fn why_with_deadline(&self, now: f64, result: &str) -> Vec<String> {
+        let mut why = self.why.clone();
+        if let Some(d) = self.deadline {
+            let total = now - self.start;
+            why.push(if result == "completed" && total <= d {
+                format!("deadline met: {:.3} s to spare of {d:.3} s", d - total)
+            } else {
+                format!("deadline missed: {result} after {total:.3} s, {:.3} s over {d:.3} s", total - d)
+            });
+        }
+        why
     }
 }
 

@@ -14,6 +14,7 @@ mod faults;
 mod fuzz;
 mod held;
 mod negotiation;
+mod qos;
 mod recovery;
 mod stall;
 mod tcp;
