@@ -171,18 +171,34 @@ fn test_random_with_a_seed_and_deadlines_through_the_cli() {
         "migratory_deadlines_total{result=\"missed\"} 0",
         "migratory_migrations_total{algorithm=\"random\",result=\"completed\"} 0",
     ] {
-        assert!(fresh.lines().any(|l| l == series), "{series} missing before any migration:\n{fresh}");
+        assert!(
+            fresh.lines().any(|l| l == series),
+            "{series} missing before any migration:\n{fresh}"
+        );
     }
 
     a.create_vm("r1", "16MiB");
     let args = [
-        "migrate", "r1", "--to", &to, "--algorithm", "random", "--seed", "42", "--deadline", "60s", "--wait",
+        "migrate",
+        "r1",
+        "--to",
+        &to,
+        "--algorithm",
+        "random",
+        "--seed",
+        "42",
+        "--deadline",
+        "60s",
+        "--wait",
         "--json",
     ];
     let run = a.cli(&args);
     assert!(run.status.success(), "{}", run.describe());
     let report: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.describe()));
-    assert_eq!((report["requested"].as_str(), report["seed"].as_u64()), (Some("random"), Some(42)));
+    assert_eq!(
+        (report["requested"].as_str(), report["seed"].as_u64()),
+        (Some("random"), Some(42))
+    );
     let picked = report["algorithm"].as_str().expect("the algorithm that ran");
     assert_ne!(picked, "random");
     assert_eq!(
@@ -190,7 +206,10 @@ fn test_random_with_a_seed_and_deadlines_through_the_cli() {
         Some(format!("random chose {picked}").as_str()),
         "{report}"
     );
-    assert_eq!((report["deadline_s"].as_f64(), report["deadline_met"].as_bool()), (Some(60.0), Some(true)));
+    assert_eq!(
+        (report["deadline_s"].as_f64(), report["deadline_met"].as_bool()),
+        (Some(60.0), Some(true))
+    );
     b.assert_runs("r1", "kvm");
 
     // An impossible deadline: the migration completes, and the summary says it was missed.

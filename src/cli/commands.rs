@@ -299,7 +299,10 @@ fn wait_until_finished(client: &ApiClient, id: u64, poll: Duration) -> Result<Mi
 fn qos_summary(report: Option<&Value>) -> String {
     let Some(r) = report else { return String::new() };
     let mut out = String::new();
-    if let (Some(seed), Some(algorithm)) = (r.get("seed").and_then(Value::as_u64), r.get("algorithm").and_then(Value::as_str)) {
+    if let (Some(seed), Some(algorithm)) = (
+        r.get("seed").and_then(Value::as_u64),
+        r.get("algorithm").and_then(Value::as_str),
+    ) {
         out.push_str(&format!(", random picked {} (seed {seed})", clean(algorithm)));
     }
     if let Some(met) = r.get("deadline_met").and_then(Value::as_bool) {
@@ -635,7 +638,10 @@ mod tests {
         execute(ClientCommand::Migrate(args)).unwrap();
         let (_, body) = sent_json(&server);
         assert_eq!(body["algorithm"], json!("random"));
-        assert_eq!((body["seed"].clone(), body["deadline_s"].clone()), (json!(42), json!(5.0)));
+        assert_eq!(
+            (body["seed"].clone(), body["deadline_s"].clone()),
+            (json!(42), json!(5.0))
+        );
     }
 
     #[test]

@@ -74,7 +74,9 @@ fn request_of(b: api::StartMigration, host: &str) -> Result<MigrationRequest, St
     req.seed = b.seed;
     if let Some(s) = b.deadline_s {
         if !(s > 0.0 && s <= MAX_DEADLINE_S) {
-            return Err(format!("deadline_s {s} out of range (above 0, at most {MAX_DEADLINE_S})"));
+            return Err(format!(
+                "deadline_s {s} out of range (above 0, at most {MAX_DEADLINE_S})"
+            ));
         }
         req.deadline = Some(Duration::from_secs_f64(s));
     }

@@ -8,8 +8,8 @@ use super::run::Sim;
 use super::scenario::{MigrationLimits, Scenario};
 use crate::engine::plan::{self, Estimate, Forecast, Next, Plan, RoundObservation, Switchover, Verdict};
 use crate::engine::PolicyConfig;
-use crate::protocol::negotiation::negotiate;
 use crate::memory::SplitMix64;
+use crate::protocol::negotiation::negotiate;
 use crate::protocol::Capabilities;
 use crate::units::PAGE_SIZE;
 
@@ -285,7 +285,10 @@ impl Mig {
             why.push(if result == "completed" && total <= d {
                 format!("deadline met: {:.3} s to spare of {d:.3} s", d - total)
             } else {
-                format!("deadline missed: {result} after {total:.3} s, {:.3} s over {d:.3} s", total - d)
+                format!(
+                    "deadline missed: {result} after {total:.3} s, {:.3} s over {d:.3} s",
+                    total - d
+                )
             });
         }
         why

@@ -269,7 +269,8 @@ mod tests {
         assert!(counters.len() >= 5, "found only {counters:?} in dashboards/");
         for c in counters {
             assert!(
-                text.lines().any(|l| l.starts_with(&format!("{c}{{")) || l.starts_with(&format!("{c} "))),
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{c}{{")) || l.starts_with(&format!("{c} "))),
                 "{c} is queried by a dashboard but not registered at zero"
             );
         }

@@ -21,7 +21,9 @@ async fn test_random_with_a_seed_runs_the_seeds_pick_and_reports_the_seed() {
         .picked()
         .expect("a pick");
     idle_vm(&e, "r1").await;
-    let req = MigrationRequest::new("r1", "src", "dst").algorithm(Algorithm::Random).seed(42);
+    let req = MigrationRequest::new("r1", "src", "dst")
+        .algorithm(Algorithm::Random)
+        .seed(42);
     let report = e.migrate(req).await.expect("migrate");
     assert_eq!(report.result, Outcome::Completed, "{:?}", report.error);
     assert!(report.verified);
@@ -43,7 +45,9 @@ async fn test_random_with_a_seed_runs_the_seeds_pick_and_reports_the_seed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_random_without_a_seed_takes_one_and_a_target_without_random_still_takes_part() {
     let e = migratory::engine::EngineHandle::start().expect("engine");
-    e.add_host(HostConfig::new("src", NativeLayout::Kvm)).await.expect("source");
+    e.add_host(HostConfig::new("src", NativeLayout::Kvm))
+        .await
+        .expect("source");
     // An older target: it offers neither `random` nor post-copy.
     e.add_host(HostConfig {
         algorithms: vec![Algorithm::StopAndCopy, Algorithm::Precopy, Algorithm::Auto],

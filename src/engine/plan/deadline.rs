@@ -336,7 +336,10 @@ mod tests {
         bare.start(65_536, None);
         let v = plan.after_round(&busy(0, 6.5));
         assert_eq!(v.next, bare.after_round(&busy(0, 6.5)).next);
-        assert_eq!(v.decisions.last().map(|c| c.action.as_str()), Some("deadline will be missed"));
+        assert_eq!(
+            v.decisions.last().map(|c| c.action.as_str()),
+            Some("deadline will be missed")
+        );
         let again = plan.after_round(&busy(1, 8.0));
         assert!(again.decisions.iter().all(|c| c.action != "deadline will be missed"));
     }
@@ -362,8 +365,16 @@ mod tests {
             precopy_elapsed: Duration::from_secs(1),
         };
         let v = plan.after_round(&obs);
-        assert_eq!(v.next, Next::Round { rate: Some(400_000_000) });
-        assert_eq!(v.decisions.last().map(|c| c.action.as_str()), Some("raise the rate to 400.0 MB/s"));
+        assert_eq!(
+            v.next,
+            Next::Round {
+                rate: Some(400_000_000)
+            }
+        );
+        assert_eq!(
+            v.decisions.last().map(|c| c.action.as_str()),
+            Some("raise the rate to 400.0 MB/s")
+        );
         assert_eq!(plan.algorithm(), Algorithm::Precopy);
         // Later rounds keep the raised pace.
         let v = plan.after_round(&RoundObservation {
@@ -373,7 +384,12 @@ mod tests {
             precopy_elapsed: Duration::from_secs(4),
             ..obs
         });
-        assert_eq!(v.next, Next::Round { rate: Some(400_000_000) });
+        assert_eq!(
+            v.next,
+            Next::Round {
+                rate: Some(400_000_000)
+            }
+        );
     }
 
     #[test]
@@ -387,7 +403,10 @@ mod tests {
         let mut plan = wrapped(Algorithm::Precopy, PolicyConfig::default(), &pool, 0.001);
         let v = plan.start(65_536, Some(estimate));
         assert!(matches!(v.next, Next::Round { .. }));
-        assert_eq!(v.decisions.last().map(|c| c.action.as_str()), Some("deadline will be missed"));
+        assert_eq!(
+            v.decisions.last().map(|c| c.action.as_str()),
+            Some("deadline will be missed")
+        );
         let obs = busy(0, 1.0);
         let bare = for_algorithm(Algorithm::Precopy, PolicyConfig::default(), &pool, 0).after_round(&obs);
         assert_eq!(plan.after_round(&obs).next, bare.next);

@@ -90,7 +90,8 @@ impl Plan for RandomPlan {
         };
         let picked = inner.algorithm();
         let mut v = inner.start(pages, estimate);
-        v.decisions.insert(0, Choice::new(format!("random chose {picked}"), why));
+        v.decisions
+            .insert(0, Choice::new(format!("random chose {picked}"), why));
         v
     }
 
@@ -140,7 +141,12 @@ mod tests {
     fn test_the_candidates_are_the_concrete_algorithms_of_the_pool() {
         assert_eq!(candidates(&Algorithm::ALL), CONCRETE.to_vec());
         assert_eq!(
-            candidates(&[Algorithm::Auto, Algorithm::Postcopy, Algorithm::Random, Algorithm::Precopy]),
+            candidates(&[
+                Algorithm::Auto,
+                Algorithm::Postcopy,
+                Algorithm::Random,
+                Algorithm::Precopy
+            ]),
             vec![Algorithm::Precopy, Algorithm::Postcopy]
         );
     }

@@ -268,7 +268,11 @@ impl SourceRun {
                     d.as_secs_f64()
                 )
             } else {
-                format!("the migration ended {} after {:.3} s", result.label(), total.as_secs_f64())
+                format!(
+                    "the migration ended {} after {:.3} s",
+                    result.label(),
+                    total.as_secs_f64()
+                )
             };
             self.decisions.push(DecisionReport {
                 after_round: self.rounds.saturating_sub(1),

@@ -141,8 +141,7 @@ impl SourceRun {
     pub fn new(mut s: SourceSetup) -> Self {
         let now = clock::now();
         // `random` needs a seed; the report records it, so a pick can be replayed.
-        let seed = (s.req.algorithm == crate::protocol::Algorithm::Random)
-            .then(|| s.req.seed.unwrap_or_else(os_seed));
+        let seed = (s.req.algorithm == crate::protocol::Algorithm::Random).then(|| s.req.seed.unwrap_or_else(os_seed));
         let machine = SourceMachine::new(s.req.algorithm, s.req.policy, !s.req.recovery_timeout.is_zero())
             .with_qos(seed.unwrap_or(0), s.req.deadline);
         let faults = faults::Injector::new(&s.req.faults, now);

@@ -347,9 +347,9 @@ fn test_a_deadline_and_random_parse_in_every_kind_of_limits() {
         .events
         .iter()
         .filter_map(|e| match &e.kind {
-            EventKind::Migrate { limits, .. } | EventKind::Evacuate { limits, .. } | EventKind::Consolidate { limits, .. } => {
-                Some(limits)
-            }
+            EventKind::Migrate { limits, .. }
+            | EventKind::Evacuate { limits, .. }
+            | EventKind::Consolidate { limits, .. } => Some(limits),
             _ => None,
         })
         .collect();

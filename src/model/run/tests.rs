@@ -298,20 +298,45 @@ fn test_a_deadline_only_post_copy_can_meet_is_met_in_the_model_too() {
         checked(&sc).migrations[0].clone()
     };
     let alone = busy(None);
-    assert_eq!((alone.result.as_str(), alone.algorithm.as_str()), ("completed", "precopy"));
+    assert_eq!(
+        (alone.result.as_str(), alone.algorithm.as_str()),
+        ("completed", "precopy")
+    );
     assert!(alone.total_s > 28.0, "pre-copy alone: {} s", alone.total_s);
     assert!(alone.why.iter().all(|w| !w.starts_with("deadline")), "{:?}", alone.why);
 
     let met = busy(Some(28.0));
-    assert_eq!((met.result.as_str(), met.algorithm.as_str()), ("completed", "postcopy"), "{:?}", met.why);
+    assert_eq!(
+        (met.result.as_str(), met.algorithm.as_str()),
+        ("completed", "postcopy"),
+        "{:?}",
+        met.why
+    );
     assert!(met.total_s <= 28.0, "{} s", met.total_s);
-    assert!(met.why.iter().any(|w| w.starts_with("switch to post-copy: deadline 28.00 s")), "{:?}", met.why);
-    assert!(met.why.last().is_some_and(|w| w.starts_with("deadline met")), "{:?}", met.why);
+    assert!(
+        met.why
+            .iter()
+            .any(|w| w.starts_with("switch to post-copy: deadline 28.00 s")),
+        "{:?}",
+        met.why
+    );
+    assert!(
+        met.why.last().is_some_and(|w| w.starts_with("deadline met")),
+        "{:?}",
+        met.why
+    );
 
     let missed = busy(Some(1.0));
-    assert_eq!((missed.result.as_str(), missed.algorithm.as_str()), ("completed", "precopy"));
+    assert_eq!(
+        (missed.result.as_str(), missed.algorithm.as_str()),
+        ("completed", "precopy")
+    );
     assert_eq!(missed.total_s, alone.total_s, "an impossible deadline changes nothing");
-    assert!(missed.why.last().is_some_and(|w| w.starts_with("deadline missed")), "{:?}", missed.why);
+    assert!(
+        missed.why.last().is_some_and(|w| w.starts_with("deadline missed")),
+        "{:?}",
+        missed.why
+    );
 }
 
 #[test]
@@ -327,10 +352,14 @@ fn test_random_picks_by_the_runs_seed() {
         )
         .expect("a run")
         .migrations[0]
-        .clone()
+            .clone()
     };
     let (a, b) = (out(5), out(5));
     assert_eq!(a.algorithm, b.algorithm);
     assert_eq!(a.requested, "random");
-    assert!(a.why[0].starts_with(&format!("random chose {}: uniform pick among", a.algorithm)), "{:?}", a.why);
+    assert!(
+        a.why[0].starts_with(&format!("random chose {}: uniform pick among", a.algorithm)),
+        "{:?}",
+        a.why
+    );
 }
