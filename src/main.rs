@@ -52,7 +52,7 @@ struct DemoArgs {
     /// Guest RAM.
     #[arg(long, default_value = "1GiB")]
     memory: ByteSize,
-    /// stop-and-copy, precopy, postcopy, hybrid or auto.
+    /// stop-and-copy, precopy, postcopy, hybrid, auto or random (seeded from the OS).
     #[arg(long, default_value = "precopy")]
     algorithm: Algorithm,
     /// Guest dirtying rate (bytes of pages per second; 0 = idle).

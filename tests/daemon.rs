@@ -156,6 +156,77 @@ fn test_two_daemons_migrate_every_algorithm_over_1_and_4_streams() {
     }
 }
 
+/// `--algorithm random --seed` and `--deadline` through the CLI, the API and the daemon: the
+/// report names the seed and the pick, and says whether the deadline was met; the counters a
+/// dashboard queries exist at zero before the first migration.
+#[test]
+fn test_random_with_a_seed_and_deadlines_through_the_cli() {
+    let a = Daemon::start("qa", "xen-hvm", &[]);
+    let b = Daemon::start("qb", "kvm", &[]);
+    let to = b.migration_addr.to_string();
+    let fresh = http_get(a.metrics_url(), "/metrics");
+    for series in [
+        "migratory_faults_injected_total{kind=\"link-drop\"} 0",
+        "migratory_deadlines_total{result=\"met\"} 0",
+        "migratory_deadlines_total{result=\"missed\"} 0",
+        "migratory_migrations_total{algorithm=\"random\",result=\"completed\"} 0",
+    ] {
+        assert!(
+            fresh.lines().any(|l| l == series),
+            "{series} missing before any migration:\n{fresh}"
+        );
+    }
+
+    a.create_vm("r1", "16MiB");
+    let args = [
+        "migrate",
+        "r1",
+        "--to",
+        &to,
+        "--algorithm",
+        "random",
+        "--seed",
+        "42",
+        "--deadline",
+        "60s",
+        "--wait",
+        "--json",
+    ];
+    let run = a.cli(&args);
+    assert!(run.status.success(), "{}", run.describe());
+    let report: Value = serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.describe()));
+    assert_eq!(
+        (report["requested"].as_str(), report["seed"].as_u64()),
+        (Some("random"), Some(42))
+    );
+    let picked = report["algorithm"].as_str().expect("the algorithm that ran");
+    assert_ne!(picked, "random");
+    assert_eq!(
+        report["decisions"][0]["action"].as_str(),
+        Some(format!("random chose {picked}").as_str()),
+        "{report}"
+    );
+    assert_eq!(
+        (report["deadline_s"].as_f64(), report["deadline_met"].as_bool()),
+        (Some(60.0), Some(true))
+    );
+    b.assert_runs("r1", "kvm");
+
+    // An impossible deadline: the migration completes, and the summary says it was missed.
+    a.create_vm("r2", "16MiB");
+    let run = a.cli(&["migrate", "r2", "--to", &to, "--deadline", "1ms", "--wait"]);
+    assert!(run.status.success(), "{}", run.describe());
+    assert!(run.stdout.contains(", deadline MISSED by "), "{}", run.describe());
+    b.assert_runs("r2", "kvm");
+    let after = http_get(a.metrics_url(), "/metrics");
+    for series in [
+        "migratory_deadlines_total{result=\"met\"} 1",
+        "migratory_deadlines_total{result=\"missed\"} 1",
+    ] {
+        assert!(after.lines().any(|l| l == series), "{series} missing:\n{after}");
+    }
+}
+
 #[test]
 fn test_status_shows_progress_during_a_capped_migration() {
     let a = Daemon::start("a", "xen-hvm", &[]);

@@ -15,12 +15,6 @@ use serde_json::Value;
 
 const ALGORITHMS: [&str; 5] = ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto"];
 
-/// Declared in `src/telemetry/metric.rs` but recorded nowhere yet: fault injection has not
-/// landed, so no scrape contains it. The dashboard keeps its "Injected faults by kind" panel,
-/// and this is the only metric allowed to be missing from the scrapes. Remove the exception
-/// when the engine records it.
-const NOT_EMITTED_YET: &str = "migratory_faults_injected_total";
-
 /// Suffixes Prometheus gives the series of a histogram (or, for `_sum`/`_count`, a summary).
 const SERIES_SUFFIXES: [&str; 3] = ["_bucket", "_sum", "_count"];
 
@@ -562,13 +556,12 @@ fn dashboard_queries_only_emitted_metrics_and_covers_every_declared_metric() {
         println!("  {m}: {seen}; {} panel(s)/variable(s)", places.len());
     }
 
-    // (c) Each referenced metric is in the scrapes; the one exception is the metric of fault
-    // injection, which the engine declares but does not record yet.
-    let missing: BTreeSet<&String> = referenced.keys().filter(|m| !s.has(m)).collect();
-    let unexpected: Vec<String> = missing
-        .iter()
-        .filter(|m| m.as_str() != NOT_EMITTED_YET)
-        .map(|m| format!("{m} (used by {:?})", referenced[*m]))
+    // (c) Each referenced metric is in the scrapes, with no exception: every counter is
+    // registered at zero (`telemetry::register_zeroes`), so it is there before its first event.
+    let unexpected: Vec<String> = referenced
+        .keys()
+        .filter(|m| !s.has(m))
+        .map(|m| format!("{m} (used by {:?})", referenced[m]))
         .collect();
     assert!(
         unexpected.is_empty(),
@@ -576,13 +569,6 @@ fn dashboard_queries_only_emitted_metrics_and_covers_every_declared_metric() {
          scraped: {:?}",
         s.metrics()
     );
-    assert!(
-        referenced.contains_key(NOT_EMITTED_YET),
-        "the dashboard must keep the {NOT_EMITTED_YET} panel"
-    );
-    if s.has(NOT_EMITTED_YET) {
-        println!("note: {NOT_EMITTED_YET} is now emitted; drop the NOT_EMITTED_YET exception");
-    }
 
     // Labels the queries group by or match on exist on the metrics they query.
     for (place, expr) in panel_exprs(&dash) {
@@ -591,9 +577,7 @@ fn dashboard_queries_only_emitted_metrics_and_covers_every_declared_metric() {
             .map(|r| base_name(r).to_string())
             .filter(|m| s.has(m))
             .collect();
-        if metrics.is_empty() {
-            continue; // only the not-yet-emitted metric
-        }
+        assert!(!metrics.is_empty(), "panel {place:?} queries nothing scraped: {expr}");
         for label in expr_labels(&expr) {
             if NON_ENGINE_LABELS.contains(&label.as_str()) {
                 continue;
@@ -640,7 +624,7 @@ fn percentile_panels_have_histogram_buckets_to_query() {
     let s = scrape();
     let missing: Vec<String> = wanted
         .iter()
-        .filter(|(raw, _)| base_name(raw) != NOT_EMITTED_YET && !s.samples.contains(*raw))
+        .filter(|(raw, _)| !s.samples.contains(*raw))
         .map(|(raw, places)| {
             let base = base_name(raw);
             let kind = s.types.get(base).map(String::as_str).unwrap_or("absent");

@@ -14,7 +14,7 @@ pub struct StartMigration {
     pub vm: String,
     /// The peer daemon's migration listener, `HOST:PORT`.
     pub to: String,
-    /// `stop-and-copy`, `precopy` (the default), `postcopy`, `hybrid` or `auto`.
+    /// `stop-and-copy`, `precopy` (the default), `postcopy`, `hybrid`, `auto` or `random`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<String>,
     /// Parallel data connections (1 to 255).
@@ -69,6 +69,13 @@ pub struct StartMigration {
     /// How much each wait grows, in ms (1 to 10000; default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub announce_step_ms: Option<u32>,
+    /// Seed of `random`'s pick, to replay one (default: a seed from the OS; the report
+    /// records it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Deadline for the total time, in seconds; the report says whether it was met.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<f64>,
 }
 
 impl StartMigration {
@@ -93,6 +100,8 @@ impl StartMigration {
             announce_initial_ms: None,
             announce_max_ms: None,
             announce_step_ms: None,
+            seed: None,
+            deadline_s: None,
         }
     }
 

@@ -195,6 +195,7 @@ fn model_scenario(c: &Case) -> ModelScenario {
                     bandwidth_bytes_per_sec: c.cap.map(|b| b as f64),
                     downtime_limit_s,
                     qos: Default::default(),
+                    deadline_s: None,
                 },
             },
             line: 0,

@@ -226,6 +226,8 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         announce_initial_ms: args.announce_initial_ms,
         announce_max_ms: args.announce_max_ms,
         announce_step_ms: args.announce_step_ms,
+        seed: args.seed,
+        deadline_s: args.deadline,
         ..api::StartMigration::new(args.vm.clone(), to.clone())
     };
     let started: api::MigrationStarted = post(client, "/migrations", &body, "migration id")?;
@@ -300,6 +302,27 @@ fn wait_until_finished(client: &ApiClient, id: u64, poll: Duration) -> Result<Mi
     }
 }
 
+/// What the report says of `random`'s pick and of a deadline, for the summary line.
+fn qos_summary(report: Option<&Value>) -> String {
+    let Some(r) = report else { return String::new() };
+    let mut out = String::new();
+    if let (Some(seed), Some(algorithm)) = (
+        r.get("seed").and_then(Value::as_u64),
+        r.get("algorithm").and_then(Value::as_str),
+    ) {
+        out.push_str(&format!(", random picked {} (seed {seed})", clean(algorithm)));
+    }
+    if let Some(met) = r.get("deadline_met").and_then(Value::as_bool) {
+        let margin = r.get("deadline_margin_s").and_then(Value::as_f64).unwrap_or(0.0);
+        out.push_str(&if met {
+            format!(", deadline met with {margin:.3} s to spare")
+        } else {
+            format!(", deadline MISSED by {:.3} s", -margin)
+        });
+    }
+    out
+}
+
 /// One line saying how a migration ended, with the report's figures when the daemon sent one.
 fn summary_line(s: &MigrationStatusView) -> String {
     let mut line = format!(
@@ -325,6 +348,7 @@ fn summary_line(s: &MigrationStatusView) -> String {
     if let Some(total_s) = report_f64("total_s") {
         line.push_str(&format!(", total {total_s:.3} s"));
     }
+    line.push_str(&qos_summary(s.report.as_ref()));
     if let Some(verified) = s
         .report
         .as_ref()
@@ -486,6 +510,8 @@ mod tests {
             announce_initial_ms: None,
             announce_max_ms: None,
             announce_step_ms: None,
+            seed: None,
+            deadline: None,
             api: api(server),
         }
     }
@@ -641,6 +667,56 @@ mod tests {
             (&json!(3), &json!(25))
         );
         assert!(body.get("announce_initial_ms").is_none() && body.get("announce_max_ms").is_none());
+    }
+
+    #[test]
+    fn test_migrate_sends_the_seed_and_the_deadline_only_when_given() {
+        let server = FakeServer::start(vec![json_response(202, r#"{"id": 5}"#)]);
+        let mut args = migrate_args(&server, false);
+        args.algorithm = Algorithm::Random;
+        args.seed = Some(42);
+        args.deadline = Some(5.0);
+        execute(ClientCommand::Migrate(args)).unwrap();
+        let (_, body) = sent_json(&server);
+        assert_eq!(body["algorithm"], json!("random"));
+        assert_eq!(
+            (body["seed"].clone(), body["deadline_s"].clone()),
+            (json!(42), json!(5.0))
+        );
+    }
+
+    #[test]
+    fn test_the_summary_line_names_the_random_pick_and_the_deadline() {
+        let view = |report: serde_json::Value| MigrationStatusView {
+            id: 7,
+            vm: Some("vm1".into()),
+            to: Some("h:1".into()),
+            algorithm: Some("random".into()),
+            status: MigrationState::Completed,
+            stage: None,
+            round: None,
+            transferred_bytes: None,
+            remaining_pages: None,
+            dirty_pages_per_sec: None,
+            throughput_bytes_per_sec: None,
+            expected_downtime_s: None,
+            error: None,
+            report: Some(report),
+        };
+        let met = view(json!({"total_s": 1.5, "algorithm": "postcopy", "seed": 42,
+                              "deadline_s": 2.0, "deadline_met": true, "deadline_margin_s": 0.5}));
+        assert_eq!(
+            summary_line(&met),
+            "migration 7 completed: vm1 -> h:1 (random), total 1.500 s, random picked postcopy (seed 42), \
+             deadline met with 0.500 s to spare"
+        );
+        let missed = view(json!({"total_s": 2.25, "algorithm": "precopy", "seed": null,
+                                 "deadline_met": false, "deadline_margin_s": -0.25}));
+        assert!(
+            summary_line(&missed).ends_with("total 2.250 s, deadline MISSED by 0.250 s"),
+            "{}",
+            summary_line(&missed)
+        );
     }
 
     #[test]

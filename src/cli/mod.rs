@@ -239,7 +239,7 @@ pub struct MigrateArgs {
     /// Carry on the post-copy pull of a held `stale` copy whose recovery timed out.
     #[arg(long)]
     pub recover: bool,
-    /// stop-and-copy, precopy, postcopy, hybrid or auto.
+    /// stop-and-copy, precopy, postcopy, hybrid, auto or random.
     #[arg(long, default_value = "precopy")]
     pub algorithm: Algorithm,
     /// Parallel data streams (1 to 255).
@@ -300,8 +300,37 @@ pub struct MigrateArgs {
     /// How much each wait grows, in ms (1 to 10000) [default: 100].
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub announce_step_ms: Option<u32>,
+    /// Seed of `--algorithm random`'s pick, to replay one (default: from the OS; the report
+    /// records it).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Deadline for the total time (e.g. 5s, 500ms, 2m): the migration switches to post-copy
+    /// or raises its pace where that meets it; the report says whether it was met.
+    #[arg(long, value_name = "DURATION", value_parser = parse_deadline)]
+    pub deadline: Option<f64>,
     #[command(flatten)]
     pub api: ApiArgs,
+}
+
+/// A duration with a unit, `500ms`, `5s` or `2m`, in seconds; above zero, at most a week.
+fn parse_deadline(s: &str) -> Result<f64, String> {
+    let bad = || format!("{s:?} is not a duration such as 500ms, 5s or 2m");
+    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        return Err(bad());
+    };
+    let seconds = number.trim().parse::<f64>().map_err(|_| bad())? * scale;
+    if !(seconds > 0.0 && seconds <= 7.0 * 86_400.0) {
+        return Err(format!("deadline {s:?} must be above zero and at most a week"));
+    }
+    Ok(seconds)
 }
 
 /// Accepts `HOST:PORT` (`[v6]:PORT` too); the daemon resolves the host.
@@ -416,6 +445,33 @@ mod tests {
         assert_eq!((args.compression, args.xbzrle_cache), (None, None));
         assert!(args.wait);
         assert_eq!(args.api.api.as_deref(), Some("http://h:1"));
+    }
+
+    #[test]
+    fn test_random_seed_and_deadline_flags_parse() {
+        let cmd = parse(&[
+            "migrate",
+            "vm1",
+            "--to",
+            "h:1",
+            "--algorithm",
+            "random",
+            "--seed",
+            "42",
+            "--deadline",
+            "1.5s",
+        ])
+        .unwrap();
+        let ClientCommand::Migrate(args) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(args.algorithm, Algorithm::Random);
+        assert_eq!((args.seed, args.deadline), (Some(42), Some(1.5)));
+        assert_eq!(parse_deadline("500ms"), Ok(0.5));
+        assert_eq!(parse_deadline("2m"), Ok(120.0));
+        for bad in ["5", "0s", "-1s", "fast", "9999h", "NaNs"] {
+            assert!(parse_deadline(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

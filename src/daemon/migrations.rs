@@ -15,6 +15,9 @@ use super::{permit_peer, resolve_peer, Refusal, State};
 /// Slowest bandwidth cap accepted for a migration (bytes/s).
 const MIN_BANDWIDTH: u64 = 64 * 1024;
 
+/// Longest deadline accepted for a migration's total time: a week, in seconds.
+const MAX_DEADLINE_S: f64 = 7.0 * 86_400.0;
+
 pub(super) async fn start_migration(
     state: web::Data<State>,
     body: web::Json<api::StartMigration>,
@@ -69,6 +72,15 @@ fn request_of(b: api::StartMigration, host: &str) -> Result<MigrationRequest, St
     }
     if let Some(n) = b.xbzrle_cache_bytes {
         req.xbzrle_cache_bytes = n;
+    }
+    req.seed = b.seed;
+    if let Some(s) = b.deadline_s {
+        if !(s > 0.0 && s <= MAX_DEADLINE_S) {
+            return Err(format!(
+                "deadline_s {s} out of range (above 0, at most {MAX_DEADLINE_S})"
+            ));
+        }
+        req.deadline = Some(Duration::from_secs_f64(s));
     }
     if let Some(ms) = b.downtime_limit_ms {
         if !(0.0..=3_600_000.0).contains(&ms) {
@@ -132,6 +144,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!((req.announce.rounds, req.announce.max_ms), (2, 90));
+        assert_eq!((req.seed, req.deadline), (None, None));
+        b.algorithm = Some("random".into());
+        b.seed = Some(42);
+        b.deadline_s = Some(5.0);
+        let req = request_of(b.clone(), "a").unwrap();
+        assert_eq!(req.algorithm, Algorithm::Random);
+        assert_eq!((req.seed, req.deadline), (Some(42), Some(Duration::from_secs(5))));
         for bad in [
             api::StartMigration {
                 algorithm: Some("teleport".into()),
@@ -155,6 +174,14 @@ mod tests {
             },
             api::StartMigration {
                 announce_rounds: Some(1001),
+                ..b.clone()
+            },
+            api::StartMigration {
+                deadline_s: Some(0.0),
+                ..b.clone()
+            },
+            api::StartMigration {
+                deadline_s: Some(f64::NAN),
                 ..b.clone()
             },
         ] {

@@ -213,6 +213,15 @@ pub struct MigrationReport {
     pub recoveries: u32,
     /// Its priority, its floor, and the share of bandwidth it got.
     pub qos: super::qos::QosReport,
+    /// `random`'s seed (the request's, or one from the OS); `None` for other algorithms.
+    pub seed: Option<u64>,
+    /// The deadline for total time, if the request set one.
+    pub deadline_s: Option<f64>,
+    /// Whether the migration completed within its deadline (`None` without one). A
+    /// migration that did not complete missed it.
+    pub deadline_met: Option<bool>,
+    /// Deadline minus total time: negative when missed.
+    pub deadline_margin_s: Option<f64>,
 }
 
 impl MigrationReport {
@@ -258,6 +267,10 @@ impl MigrationReport {
             downtime_parts: DowntimeParts::default(),
             recoveries: 0,
             qos: super::qos::QosReport::default(),
+            seed: None,
+            deadline_s: None,
+            deadline_met: None,
+            deadline_margin_s: None,
         }
     }
 

@@ -160,6 +160,13 @@ pub struct MigrationRequest {
     /// How the target announces the VM's NICs after activation, if its host has an interface
     /// for it (QEMU's defaults unless set; sent to the target in `Reserve`).
     pub announce: crate::announce::AnnounceParams,
+    /// Seed of `random`'s pick, to replay one; `None` takes a seed from the OS. The report
+    /// records the seed used.
+    pub seed: Option<u64>,
+    /// Deadline for the total time (as the report's `total_s` counts it). The plan switches to
+    /// post-copy, or raises a round's pace, where that meets it; the report says whether it
+    /// was met and by how much. `None`: no deadline, and the plan is not wrapped.
+    pub deadline: Option<Duration>,
 }
 
 /// The XBZRLE cache of a migration, unless configured: QEMU's default too.
@@ -194,12 +201,26 @@ impl MigrationRequest {
             min_bandwidth_bytes_per_sec: None,
 
             announce: crate::announce::AnnounceParams::default(),
+            seed: None,
+            deadline: None,
         }
     }
 
     /// Sets the algorithm.
     pub fn algorithm(mut self, a: Algorithm) -> Self {
         self.algorithm = a;
+        self
+    }
+
+    /// Sets the seed of `random`'s pick.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Sets a deadline for the total time.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
         self
     }
 }

@@ -214,6 +214,7 @@ mod tests {
             bandwidth_bytes_per_sec: None,
             downtime_limit_s: None,
             qos: Default::default(),
+            deadline_s: None,
         };
         type Edit = Box<dyn FnOnce(&mut Scenario)>;
         let cases: Vec<(&str, Edit, Option<&str>)> = vec![

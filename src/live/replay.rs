@@ -265,6 +265,7 @@ impl<'a> Replay<'a> {
             downtime_limit_ms: limits.downtime_limit_s.map(|s| s * 1e3),
             priority: Some(limits.qos.priority.name().to_string()),
             min_bandwidth_bytes_per_sec: limits.qos.min_bandwidth_bytes_per_sec.map(|b| b as u64),
+            deadline_s: limits.deadline_s,
             ..StartMigration::new(id.clone(), self.cluster.daemons[dst].migration_addr.to_string())
         };
         let started = self.cluster.daemons[src]

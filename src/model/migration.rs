@@ -8,6 +8,7 @@ use super::run::Sim;
 use super::scenario::{MigrationLimits, Scenario};
 use crate::engine::plan::{self, Estimate, Forecast, Next, Plan, RoundObservation, Switchover, Verdict};
 use crate::engine::PolicyConfig;
+use crate::memory::SplitMix64;
 use crate::protocol::negotiation::negotiate;
 use crate::protocol::Capabilities;
 use crate::units::PAGE_SIZE;
@@ -67,6 +68,11 @@ pub(super) struct Mig {
     requested: crate::protocol::Algorithm,
     limit_cap: f64,
     plan: Option<Box<dyn Plan>>,
+    /// The policy and pool the plan was made with, and the request's deadline (seconds): the
+    /// plan is wrapped once setup has ended, as the engine wraps it after reservation.
+    cfg: PolicyConfig,
+    pool: Vec<crate::protocol::Algorithm>,
+    deadline: Option<f64>,
     rtt: f64,
     pages: u64,
     /// Pages the next step starts from.
@@ -131,13 +137,17 @@ impl Mig {
             ..Capabilities::full(vec![h.layout])
         };
         let mut plan = None;
+        let mut cfg = PolicyConfig::default();
+        let mut pool = Vec::new();
         match negotiate(&caps(s), &caps(d), limits.algorithm) {
-            Ok(pool) => {
-                let mut cfg = PolicyConfig::default();
+            Ok(p) => {
                 if let Some(l) = limits.downtime_limit_s {
                     cfg.downtime_limit = std::time::Duration::from_secs_f64(l.max(0.0));
                 }
-                plan = Some(plan::for_algorithm(limits.algorithm, cfg, &pool.algorithms));
+                // `random`'s pick: one seed per migration, from the run's seed.
+                let seed = SplitMix64::new(sim.seed ^ (record as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).next();
+                plan = Some(plan::for_algorithm(limits.algorithm, cfg, &p.algorithms, seed));
+                pool = p.algorithms;
             }
             Err(e) => refusal = refusal.or(Some(e.to_string())),
         }
@@ -162,6 +172,9 @@ impl Mig {
                 .unwrap_or(f64::INFINITY)
                 .min(sc.vms[vm].bandwidth_bytes_per_sec.unwrap_or(f64::INFINITY)),
             plan,
+            cfg,
+            pool,
+            deadline: limits.deadline_s,
             rtt,
             pages: sc.vms[vm].ram_bytes / PAGE_SIZE as u64,
             pending: 0,
@@ -254,7 +267,7 @@ impl Mig {
             target_datacenter: sc.datacenters[d.datacenter].name.clone(),
             requested: self.requested.name().to_string(),
             algorithm: algorithm.name().to_string(),
-            why: self.why.clone(),
+            why: self.why_with_deadline(now, result),
             result: result.to_string(),
             error,
             requested_at_s: self.requested_at,
@@ -267,6 +280,26 @@ impl Mig {
             rounds: self.rounds,
             predicted: self.forecast.clone(),
         }
+    }
+}
+
+impl Mig {
+    /// The decisions, and how the deadline went if there was one (the engine's report has
+    /// fields of its own for it; the model's record says it in words).
+    fn why_with_deadline(&self, now: f64, result: &str) -> Vec<String> {
+        let mut why = self.why.clone();
+        if let Some(d) = self.deadline {
+            let total = now - self.start;
+            why.push(if result == "completed" && total <= d {
+                format!("deadline met: {:.3} s to spare of {d:.3} s", d - total)
+            } else {
+                format!(
+                    "deadline missed: {result} after {total:.3} s, {:.3} s over {d:.3} s",
+                    total - d
+                )
+            });
+        }
+        why
     }
 }
 
@@ -303,9 +336,16 @@ pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
     let elapsed = t - mig.start;
     match mig.phase {
         Phase::Setup { .. } => {
-            let Some(plan) = mig.plan.as_mut() else {
+            let Some(plan) = mig.plan.take() else {
                 return Step::Abort("no plan".into());
             };
+            let deadline = mig.deadline.map(|d| plan::Deadline {
+                total: std::time::Duration::from_secs_f64(d),
+                spent: std::time::Duration::from_secs_f64(elapsed.max(0.0)),
+            });
+            let plan = mig
+                .plan
+                .insert(plan::with_deadline(plan, deadline, &mig.cfg, &mig.pool));
             let v = plan.start(mig.pages, estimate);
             let next = v.next.clone();
             mig.note(v, elapsed);

@@ -142,6 +142,8 @@ pub struct MigrationLimits {
     pub downtime_limit_s: Option<f64>,
     /// Its priority and bandwidth floor.
     pub qos: MigrationQos,
+    /// Deadline for the total time, seconds: the plan is wrapped as the engine wraps it.
+    pub deadline_s: Option<f64>,
 }
 
 /// A migration's quality of service, as the engine's request has it (`engine::qos`): its class

@@ -39,16 +39,20 @@ pub enum Algorithm {
     Hybrid,
     /// Choose from the negotiated pool with the cost model.
     Auto,
+    /// Pick uniformly among the concrete algorithms of the negotiated pool (the paper's "chosen
+    /// randomly"). The source picks; the target only ever reserves for the pick.
+    Random,
 }
 
 impl Algorithm {
     /// Every algorithm, in a stable order.
-    pub const ALL: [Algorithm; 5] = [
+    pub const ALL: [Algorithm; 6] = [
         Algorithm::StopAndCopy,
         Algorithm::Precopy,
         Algorithm::Postcopy,
         Algorithm::Hybrid,
         Algorithm::Auto,
+        Algorithm::Random,
     ];
 
     /// The name used in reports and metric labels.
@@ -59,6 +63,23 @@ impl Algorithm {
             Algorithm::Postcopy => "postcopy",
             Algorithm::Hybrid => "hybrid",
             Algorithm::Auto => "auto",
+            Algorithm::Random => "random",
+        }
+    }
+
+    /// True for an algorithm that moves pages by itself, false for the two that choose one
+    /// (`auto`, `random`).
+    pub fn is_concrete(self) -> bool {
+        !matches!(self, Algorithm::Auto | Algorithm::Random)
+    }
+
+    /// What a `Hello` asks for. `random` is resolved on the source after negotiation, so it
+    /// asks as `auto` does (any concrete algorithm in common): a peer built before `random`
+    /// knows that name, and the target only ever sees the pick, in `Reserve`.
+    pub fn in_hello(self) -> Algorithm {
+        match self {
+            Algorithm::Random => Algorithm::Auto,
+            other => other,
         }
     }
 
@@ -83,8 +104,9 @@ impl FromStr for Algorithm {
             "postcopy" | "post-copy" => Ok(Algorithm::Postcopy),
             "hybrid" => Ok(Algorithm::Hybrid),
             "auto" => Ok(Algorithm::Auto),
+            "random" => Ok(Algorithm::Random),
             other => Err(format!(
-                "unknown algorithm {other:?} (stop-and-copy, precopy, postcopy, hybrid, auto)"
+                "unknown algorithm {other:?} (stop-and-copy, precopy, postcopy, hybrid, auto, random)"
             )),
         }
     }

@@ -277,7 +277,8 @@ pub fn known_algorithm(requested: Wire<Algorithm>) -> Result<Algorithm, Negotiat
 }
 
 /// Both sides' computation of the pool, and the check of the requested algorithm against it.
-/// `auto` needs at least one concrete algorithm in the pool. The request is the source's own
+/// `auto` and `random` need at least one concrete algorithm in the pool; `random` needs only
+/// the source to offer it. The request is the source's own
 /// [`Algorithm`] or, on the target, the [`Wire`] value its `Hello` carried.
 pub fn negotiate(
     source: &Capabilities,
@@ -292,8 +293,14 @@ pub fn negotiate(
         .copied()
         .filter(|a| target.algorithms.contains(a))
         .collect();
-    let concrete = algorithms.iter().any(|a| *a != Algorithm::Auto);
-    if !algorithms.contains(&requested) || !concrete {
+    let concrete = algorithms.iter().any(|a| a.is_concrete());
+    // `random` is the source's own choice among the pool (its `Hello` asks as `auto`), so a
+    // target built before it need not offer it.
+    let offered = match requested {
+        Algorithm::Random => source.algorithms.contains(&requested),
+        _ => algorithms.contains(&requested),
+    };
+    if !offered || !concrete {
         return Err(NegotiationError::Algorithm {
             requested,
             source_offer: names(&source.algorithms),
@@ -335,6 +342,24 @@ mod tests {
         let t = caps(&[Algorithm::Precopy, Algorithm::Auto, Algorithm::StopAndCopy]);
         let pool = negotiate(&s, &t, Algorithm::Auto).expect("pool");
         assert_eq!(pool.algorithms, vec![Algorithm::Precopy, Algorithm::Auto]);
+    }
+
+    #[test]
+    fn test_random_needs_only_the_source_to_offer_it_and_a_concrete_algorithm_in_common() {
+        // A target built before `random`: its offer lacks it, and its check of the `Hello`
+        // sees `auto`.
+        let s = caps(&Algorithm::ALL);
+        let old = caps(&[Algorithm::Precopy, Algorithm::Postcopy, Algorithm::Auto]);
+        let pool = negotiate(&s, &old, Algorithm::Random).expect("random against an older target");
+        assert_eq!(
+            pool.algorithms,
+            vec![Algorithm::Precopy, Algorithm::Postcopy, Algorithm::Auto]
+        );
+        assert!(negotiate(&s, &old, Algorithm::Random.in_hello()).is_ok());
+        // Nothing concrete in common, or a source that does not offer it: refused.
+        let choosers = caps(&[Algorithm::Auto, Algorithm::Random]);
+        assert!(negotiate(&choosers, &choosers, Algorithm::Random).is_err());
+        assert!(negotiate(&old, &s, Algorithm::Random).is_err());
     }
 
     #[test]

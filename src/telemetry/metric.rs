@@ -15,6 +15,9 @@ pub const COMPRESSION_SAVED_BYTES_TOTAL: &str = "migratory_compression_saved_byt
 pub const POSTCOPY_FAULTS_TOTAL: &str = "migratory_postcopy_faults_total";
 /// Counter: injected faults, by `kind`.
 pub const FAULTS_INJECTED_TOTAL: &str = "migratory_faults_injected_total";
+/// Counter: migrations that had a deadline for their total time, by `result` (met, missed);
+/// a migration that did not complete missed its deadline.
+pub const DEADLINES_TOTAL: &str = "migratory_deadlines_total";
 /// Counter: frames refused on TCP links because their MAC did not verify (changed, replayed,
 /// reordered, or not from the peer that proved the cluster key); each one closes its link.
 pub const LINK_FRAMES_REJECTED_TOTAL: &str = "migratory_link_frames_rejected_total";
@@ -44,7 +47,39 @@ pub const EXPECTED_DOWNTIME_SECONDS: &str = "migratory_expected_downtime_seconds
 
 /// Values of the `algorithm` label: the algorithms' names (`protocol::Algorithm::name`, whose
 /// tests check that the two agree).
-pub const ALGORITHMS: [&str; 5] = ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto"];
+pub const ALGORITHMS: [&str; 6] = ["stop-and-copy", "precopy", "postcopy", "hybrid", "auto", "random"];
+
+/// Values of the `kind` label of [`PAGES_SENT_TOTAL`].
+pub const PAGE_KINDS: [&str; 4] = ["normal", "zero", "retransmitted", "pulled"];
+
+/// Values of the `encoding` label of [`PAGES_ENCODED_TOTAL`].
+pub const ENCODINGS: [&str; 2] = ["lz4", "xbzrle"];
+
+/// Values of the `kind` label of [`FAULTS_INJECTED_TOTAL`]: the fault kinds' names
+/// (`engine::FaultKind::name`, whose agreement with this list a test below checks).
+pub const FAULT_KINDS: [&str; 11] = [
+    "link-drop",
+    "corrupt-frame",
+    "cancel",
+    "source-pause-error",
+    "refuse-reservation",
+    "fail-state-load",
+    "target-crash",
+    "link-stall",
+    "bandwidth-collapse",
+    "postcopy-link-loss",
+    "lose-dirty-page",
+];
+
+/// Values of the `result` label of [`DEADLINES_TOTAL`].
+pub mod deadline {
+    /// The migration completed within its deadline.
+    pub const MET: &str = "met";
+    /// It took longer, or did not complete.
+    pub const MISSED: &str = "missed";
+    /// Every value, to register the series at zero.
+    pub const ALL: [&str; 2] = [MET, MISSED];
+}
 
 /// Values of the `result` label of [`MIGRATIONS_TOTAL`], one per way a migration ends. They
 /// live here, below the engine, so that registering the series needs nothing from above; the
@@ -98,8 +133,9 @@ pub const DURATION_BUCKETS_SECONDS: &[f64] = &[
 /// Histogram buckets for pre-copy rounds.
 pub const ROUND_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 30.0, 50.0];
 
-/// Records every counter series the engine can produce at zero, so a scrape shows them from
-/// the start and `increase()` counts a series' first event.
+/// Records every counter series the engine can produce at zero, every label value a dashboard
+/// may query included, so a scrape shows them from the start (a panel shows 0, not "no data")
+/// and `increase()` counts a series' first event.
 pub fn register_zeroes() {
     for algorithm in ALGORITHMS {
         for outcome in result::ALL {
@@ -109,15 +145,21 @@ pub fn register_zeroes() {
             }
         }
     }
-    for kind in ["normal", "zero", "retransmitted", "pulled"] {
+    for kind in PAGE_KINDS {
         metrics::counter!(PAGES_SENT_TOTAL, "kind" => kind).increment(0);
     }
     metrics::counter!(BYTES_SENT_TOTAL).increment(0);
-    for encoding in ["lz4", "xbzrle"] {
+    for encoding in ENCODINGS {
         metrics::counter!(PAGES_ENCODED_TOTAL, "encoding" => encoding).increment(0);
     }
     metrics::counter!(COMPRESSION_SAVED_BYTES_TOTAL).increment(0);
     metrics::counter!(POSTCOPY_FAULTS_TOTAL).increment(0);
+    for kind in FAULT_KINDS {
+        metrics::counter!(FAULTS_INJECTED_TOTAL, "kind" => kind).increment(0);
+    }
+    for outcome in deadline::ALL {
+        metrics::counter!(DEADLINES_TOTAL, "result" => outcome).increment(0);
+    }
     metrics::counter!(LINK_FRAMES_REJECTED_TOTAL).increment(0);
     for kind in announce_kind::ALL {
         metrics::counter!(ANNOUNCE_FRAMES_TOTAL, "kind" => kind).increment(0);
@@ -146,6 +188,10 @@ pub fn describe_all() {
     );
     describe_counter!(POSTCOPY_FAULTS_TOTAL, "Post-copy faults taken on targets");
     describe_counter!(FAULTS_INJECTED_TOTAL, "Injected faults by kind");
+    describe_counter!(
+        DEADLINES_TOTAL,
+        "Migrations with a deadline for total time, by whether they met it"
+    );
     describe_counter!(
         LINK_FRAMES_REJECTED_TOTAL,
         "Frames refused on TCP links for a MAC that did not verify"
@@ -180,4 +226,101 @@ pub fn describe_all() {
         Unit::Seconds,
         "Downtime expected if the migration stopped now"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    /// What a recorder installed a moment ago shows, before any migration.
+    fn fresh_exposition() -> String {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_all();
+            register_zeroes();
+        });
+        handle.render()
+    }
+
+    /// The counters (`migratory_*_total`) that `dashboards/*.json` query.
+    fn dashboard_counters() -> Vec<String> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("dashboards/") {
+            let path = entry.expect("a dashboard entry").path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("a dashboard");
+            for (at, _) in text.match_indices("migratory_") {
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if name.ends_with("_total") && !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn test_a_fresh_recorder_shows_every_counter_label_value_at_zero() {
+        let text = fresh_exposition();
+        let mut expected = Vec::new();
+        for a in ALGORITHMS {
+            for r in result::ALL {
+                expected.push(format!("{MIGRATIONS_TOTAL}{{algorithm=\"{a}\",result=\"{r}\"}} 0"));
+            }
+        }
+        for k in PAGE_KINDS {
+            expected.push(format!("{PAGES_SENT_TOTAL}{{kind=\"{k}\"}} 0"));
+        }
+        for e in ENCODINGS {
+            expected.push(format!("{PAGES_ENCODED_TOTAL}{{encoding=\"{e}\"}} 0"));
+        }
+        for k in FAULT_KINDS {
+            expected.push(format!("{FAULTS_INJECTED_TOTAL}{{kind=\"{k}\"}} 0"));
+        }
+        for r in deadline::ALL {
+            expected.push(format!("{DEADLINES_TOTAL}{{result=\"{r}\"}} 0"));
+        }
+        for c in [
+            BYTES_SENT_TOTAL,
+            COMPRESSION_SAVED_BYTES_TOTAL,
+            POSTCOPY_FAULTS_TOTAL,
+            LINK_FRAMES_REJECTED_TOTAL,
+        ] {
+            expected.push(format!("{c} 0"));
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        for e in &expected {
+            assert!(lines.contains(&e.as_str()), "missing `{e}` in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn test_every_counter_a_dashboard_queries_exists_before_its_first_event() {
+        let text = fresh_exposition();
+        let counters = dashboard_counters();
+        assert!(counters.len() >= 5, "found only {counters:?} in dashboards/");
+        for c in counters {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{c}{{")) || l.starts_with(&format!("{c} "))),
+                "{c} is queried by a dashboard but not registered at zero"
+            );
+        }
+    }
+
+    #[test]
+    fn test_fault_kind_names_are_the_metric_labels() {
+        assert_eq!(
+            crate::engine::FaultKind::ALL.map(crate::engine::FaultKind::name),
+            FAULT_KINDS
+        );
+    }
 }

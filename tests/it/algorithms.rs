@@ -19,12 +19,15 @@ fn expected(alg: Algorithm) -> Vec<Vec<Stage>> {
         Pull,
         Commitment,
     ];
+    let stop = vec![Premigration, Reservation, Stopcopy, Activation, Commitment];
+    let post = vec![Premigration, Reservation, Stopcopy, Activation, Pull, Commitment];
     match alg {
-        Algorithm::StopAndCopy => vec![vec![Premigration, Reservation, Stopcopy, Activation, Commitment]],
+        Algorithm::StopAndCopy => vec![stop],
         Algorithm::Precopy => vec![pre],
-        Algorithm::Postcopy => vec![vec![Premigration, Reservation, Stopcopy, Activation, Pull, Commitment]],
+        Algorithm::Postcopy => vec![post],
         Algorithm::Hybrid => vec![hyb],
         Algorithm::Auto => vec![pre, hyb],
+        Algorithm::Random => vec![stop, pre, post, hyb],
     }
 }
 
@@ -96,6 +99,7 @@ matrix! {
     test_auto_xen_to_kvm: Algorithm::Auto, XenHvm, Kvm;
     test_auto_kvm_to_xen: Algorithm::Auto, Kvm, XenHvm;
     test_auto_kvm_to_kvm: Algorithm::Auto, Kvm, Kvm;
+    test_random_xen_to_kvm: Algorithm::Random, XenHvm, Kvm;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

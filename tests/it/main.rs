@@ -7,6 +7,7 @@ mod support_certs;
 mod algorithms;
 mod auth;
 mod cancel;
+mod choices;
 mod compression;
 mod contained;
 mod embed;

@@ -45,7 +45,7 @@ async fn test_algorithm_outside_the_pool_is_refused_by_the_target() {
     let error = assert_refused_before_reservation(&e, req).await;
     assert!(error.contains("target offers [stop-and-copy, precopy]"), "{error}");
     assert!(
-        error.contains("source offers [stop-and-copy, precopy, postcopy, hybrid, auto]"),
+        error.contains("source offers [stop-and-copy, precopy, postcopy, hybrid, auto, random]"),
         "{error}"
     );
 }
@@ -135,7 +135,7 @@ async fn test_a_target_whose_backend_cannot_post_copy_refuses_it_at_negotiation(
             "{error}"
         );
         assert!(
-            error.contains("target offers [stop-and-copy, precopy, auto]"),
+            error.contains("target offers [stop-and-copy, precopy, auto, random]"),
             "{error}"
         );
     }

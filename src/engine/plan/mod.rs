@@ -17,16 +17,20 @@ use super::report::PredictionReport;
 use crate::protocol::Algorithm;
 
 mod auto;
+mod deadline;
 mod hybrid;
 mod postcopy;
 mod precopy;
+mod random;
 mod rounds;
 mod stop_and_copy;
 
 pub use auto::AutoPlan;
+pub use deadline::{with_deadline, Deadline, DeadlinePlan};
 pub use hybrid::HybridPlan;
 pub use postcopy::PostcopyPlan;
 pub use precopy::PrecopyPlan;
+pub use random::RandomPlan;
 pub use stop_and_copy::StopAndCopyPlan;
 
 /// How the VM leaves: everything before activation, or the rest pulled after it.
@@ -173,8 +177,9 @@ pub trait Plan: Send + fmt::Debug {
     fn predict(&self, inputs: &CostInputs) -> Prediction;
 }
 
-/// The plan of `requested`, within `cfg`; `pool` is what both hosts offer.
-pub fn for_algorithm(requested: Algorithm, cfg: PolicyConfig, pool: &[Algorithm]) -> Box<dyn Plan> {
+/// The plan of `requested`, within `cfg`; `pool` is what both hosts offer. `seed` drives
+/// `random`'s pick (the others ignore it). A deadline wraps the result ([`with_deadline`]).
+pub fn for_algorithm(requested: Algorithm, cfg: PolicyConfig, pool: &[Algorithm], seed: u64) -> Box<dyn Plan> {
     let postcopy_in_pool = pool.contains(&Algorithm::Postcopy) || pool.contains(&Algorithm::Hybrid);
     match requested {
         Algorithm::StopAndCopy => Box::new(StopAndCopyPlan),
@@ -182,6 +187,7 @@ pub fn for_algorithm(requested: Algorithm, cfg: PolicyConfig, pool: &[Algorithm]
         Algorithm::Precopy => Box::new(PrecopyPlan::new(cfg, postcopy_in_pool)),
         Algorithm::Hybrid => Box::new(HybridPlan::new(cfg, postcopy_in_pool)),
         Algorithm::Auto => Box::new(AutoPlan::new(cfg, pool)),
+        Algorithm::Random => Box::new(RandomPlan::new(cfg, pool, seed)),
     }
 }
 

@@ -16,14 +16,17 @@ fn obs(round: u32, remaining: u64, dirty_per_sec: f64) -> RoundObservation {
     }
 }
 
-const POOL: [Algorithm; 5] = Algorithm::ALL;
+const POOL: [Algorithm; 6] = Algorithm::ALL;
 
 #[test]
 fn test_every_algorithm_has_a_plan_that_runs_it() {
-    for a in Algorithm::ALL {
-        let plan = for_algorithm(a, PolicyConfig::default(), &POOL);
+    for a in Algorithm::ALL.into_iter().filter(|a| *a != Algorithm::Random) {
+        let plan = for_algorithm(a, PolicyConfig::default(), &POOL, 0);
         assert_eq!(plan.algorithm(), a, "{a}");
     }
+    // `random` runs what it picked, a concrete algorithm of the pool.
+    let picked = for_algorithm(Algorithm::Random, PolicyConfig::default(), &POOL, 0).algorithm();
+    assert!(picked.is_concrete(), "{picked}");
 }
 
 #[test]
@@ -37,7 +40,7 @@ fn test_plans_that_do_not_iterate_switch_over_at_once_with_a_forecast() {
         (Algorithm::StopAndCopy, Switchover::StopAndCopy),
         (Algorithm::Postcopy, Switchover::Postcopy),
     ] {
-        let mut plan = for_algorithm(a, PolicyConfig::default(), &POOL);
+        let mut plan = for_algorithm(a, PolicyConfig::default(), &POOL, 0);
         assert!(!plan.iterates());
         let v = plan.start(65_536, Some(estimate));
         assert_eq!(v.next, Next::Switchover(how));

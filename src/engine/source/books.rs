@@ -208,6 +208,7 @@ impl SourceRun {
                 .record(total.as_secs_f64());
             metrics::histogram!(metric::PRECOPY_ROUNDS).record(f64::from(self.rounds));
         }
+        let deadline = self.s.req.deadline.map(|d| self.deadline_verdict(d, total, result));
         let faults = self.faults_seen;
         let qos = QosReport::new(
             self.s.req.priority,
@@ -259,6 +260,45 @@ impl SourceRun {
             downtime_parts: self.parts,
             recoveries: self.recoveries,
             qos,
+            seed: self.seed,
+            deadline_s: deadline.map(|(d, _, _)| d),
+            deadline_met: deadline.map(|(_, met, _)| met),
+            deadline_margin_s: deadline.map(|(_, _, margin)| margin),
         }
+    }
+
+    /// The deadline `d` against `total`: (deadline, met, margin), all in seconds. A miss is
+    /// counted and said in the decisions too, so that no reader of the report overlooks it.
+    fn deadline_verdict(&mut self, d: Duration, total: Duration, result: Outcome) -> (f64, bool, f64) {
+        let met = result.succeeded() && total <= d;
+        let margin = d.as_secs_f64() - total.as_secs_f64();
+        let label = if met {
+            metric::deadline::MET
+        } else {
+            metric::deadline::MISSED
+        };
+        metrics::counter!(metric::DEADLINES_TOTAL, "result" => label).increment(1);
+        if !met {
+            let reason = if result.succeeded() {
+                format!(
+                    "total {:.3} s, {:.3} s over the {:.3} s deadline",
+                    total.as_secs_f64(),
+                    -margin,
+                    d.as_secs_f64()
+                )
+            } else {
+                format!(
+                    "the migration ended {} after {:.3} s",
+                    result.label(),
+                    total.as_secs_f64()
+                )
+            };
+            self.decisions.push(DecisionReport {
+                after_round: self.rounds.saturating_sub(1),
+                action: "deadline missed".to_string(),
+                reason,
+            });
+        }
+        (d.as_secs_f64(), met, margin)
     }
 }

@@ -23,7 +23,7 @@ impl SourceRun {
         };
         self.send(ControlMessage::Hello {
             capabilities: self.s.caps.clone(),
-            requested: self.s.req.algorithm.into(),
+            requested: self.s.req.algorithm.in_hello().into(),
             vm: self.s.guest.config().id.0.clone(),
             nonce: my_nonce.clone(),
             resume,
@@ -105,7 +105,7 @@ impl SourceRun {
         self.s.req.announce.validate().map_err(local)?;
         self.send(ControlMessage::Reserve {
             config: self.s.guest.config().clone(),
-            algorithm: self.s.req.algorithm.into(),
+            algorithm: self.machine.reserving().into(),
             announce: Some(self.s.req.announce),
         })
         .await?;

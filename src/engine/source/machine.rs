@@ -64,6 +64,8 @@ pub(crate) enum SourceEvent {
         pages: u64,
         /// What earlier migrations or the link's cap say of the bandwidth.
         estimate: Option<Estimate>,
+        /// Time since the migration started (what a deadline has spent already).
+        elapsed: std::time::Duration,
     },
     /// A pre-copy round went out and its dirty set was collected.
     RoundObserved(RoundObservation),
@@ -151,6 +153,12 @@ pub(crate) struct SourceMachine {
     recovers: bool,
     /// Where a stop-and-copy switchover verifies.
     verify: VerifyMode,
+    /// `random`'s seed.
+    seed: u64,
+    /// The request's deadline for total time.
+    deadline: Option<std::time::Duration>,
+    /// What both sides offer, once negotiated.
+    pool: Vec<Algorithm>,
 }
 
 impl SourceMachine {
@@ -164,6 +172,24 @@ impl SourceMachine {
             plan: None,
             recovers,
             verify,
+            seed: 0,
+            deadline: None,
+            pool: Vec::new(),
+        }
+    }
+
+    /// The same machine, with `random`'s `seed` and a `deadline` for total time.
+    pub fn with_qos(mut self, seed: u64, deadline: Option<std::time::Duration>) -> Self {
+        self.seed = seed;
+        self.deadline = deadline;
+        self
+    }
+
+    /// The algorithm `Reserve` names: `random`'s pick once negotiated, else the one requested.
+    pub fn reserving(&self) -> Algorithm {
+        match self.requested {
+            Algorithm::Random => self.algorithm(),
+            other => other,
         }
     }
 
@@ -280,14 +306,27 @@ impl SourceMachine {
                 (S::Recovering { pull_done: false }, vec![A::AssumePull, A::Recover])
             }
             (S::Negotiating, E::Negotiated { pool }) => {
-                self.plan = Some(plan::for_algorithm(self.requested, self.cfg, &pool));
+                self.plan = Some(plan::for_algorithm(self.requested, self.cfg, &pool, self.seed));
+                self.pool = pool;
                 (S::Reserving, vec![A::Enter(Stage::Reservation), A::Reserve])
             }
-            (S::Reserving, E::Reserved { pages, estimate }) => {
-                let plan = self.plan.as_mut().ok_or(MachineError::Unexpected {
+            (
+                S::Reserving,
+                E::Reserved {
+                    pages,
+                    estimate,
+                    elapsed,
+                },
+            ) => {
+                let plan = self.plan.take().ok_or(MachineError::Unexpected {
                     state: S::Reserving,
                     event: "Reserved before negotiation",
                 })?;
+                // Wrapped here, where the time the deadline has spent is known.
+                let deadline = self.deadline.map(|total| plan::Deadline { total, spent: elapsed });
+                let plan = self
+                    .plan
+                    .insert(plan::with_deadline(plan, deadline, &self.cfg, &self.pool));
                 let resends = plan.iterates();
                 let verdict = plan.start(pages, estimate);
                 let mut actions = vec![A::StartPlane { resends }];

@@ -131,6 +131,8 @@ pub(crate) struct SourceRun {
     /// Page encodings negotiated for this migration.
     codecs: PageCodecs,
     compression: CompressionReport,
+    /// `random`'s seed, for the report.
+    seed: Option<u64>,
 }
 
 impl std::fmt::Debug for SourceRun {
@@ -146,12 +148,15 @@ impl SourceRun {
     /// A run of `s`; call inside the runtime (planned faults start their timers).
     pub fn new(mut s: SourceSetup) -> Self {
         let now = clock::now();
+        // `random` needs a seed; the report records it, so a pick can be replayed.
+        let seed = (s.req.algorithm == crate::protocol::Algorithm::Random).then(|| s.req.seed.unwrap_or_else(os_seed));
         let machine = SourceMachine::new(
             s.req.algorithm,
             s.req.policy,
             !s.req.recovery_timeout.is_zero(),
             s.req.verify,
-        );
+        )
+        .with_qos(seed.unwrap_or(0), s.req.deadline);
         let faults = faults::Injector::new(&s.req.faults, now);
         if let Some(f) = &faults {
             f.decorate(&mut s.end.data_tx);
@@ -199,6 +204,7 @@ impl SourceRun {
             recoveries: 0,
             codecs: PageCodecs::NONE,
             compression: CompressionReport::default(),
+            seed,
         }
     }
 
@@ -294,6 +300,7 @@ impl SourceRun {
                 Some(SourceEvent::Reserved {
                     pages: self.s.guest.memory().page_count(),
                     estimate: self.estimate(),
+                    elapsed: clock::now().duration_since(self.started),
                 })
             }
             A::StartPlane { resends } => {
@@ -351,5 +358,21 @@ impl SourceRun {
                 Some(SourceEvent::Released)
             }
         })
+    }
+}
+
+/// A seed from the OS's generator. Should it fail, the clock and the process id stand in: the
+/// pick needs to be unpredictable only in the ordinary sense, and the report records the seed.
+fn os_seed() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    match ring::rand::SystemRandom::new().fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            crate::memory::SplitMix64::new(nanos ^ (u64::from(std::process::id()) << 32)).next()
+        }
     }
 }

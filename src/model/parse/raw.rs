@@ -162,6 +162,7 @@ pub(crate) struct RawMigrate {
     // Quality of service.
     pub priority: Option<Text<Priority>>,
     pub min_bandwidth: Option<Bandwidth>,
+    pub deadline: Option<Spanned<Seconds>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +175,7 @@ pub(crate) struct RawEvacuate {
     // Quality of service.
     pub priority: Option<Text<Priority>>,
     pub min_bandwidth: Option<Bandwidth>,
+    pub deadline: Option<Spanned<Seconds>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,6 +188,7 @@ pub(crate) struct RawConsolidate {
     // Quality of service.
     pub priority: Option<Text<Priority>>,
     pub min_bandwidth: Option<Bandwidth>,
+    pub deadline: Option<Spanned<Seconds>>,
 }
 
 #[derive(Debug, Deserialize)]

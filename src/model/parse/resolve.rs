@@ -440,7 +440,7 @@ impl Refs<'_> {
                     vm: self.vms.find(&m.vm, lines)?,
                     to,
                     limits: with_qos(
-                        self.limits(m.algorithm, m.bandwidth, &m.downtime_limit)?,
+                        self.limits(m.algorithm, m.bandwidth, &m.downtime_limit, &m.deadline)?,
                         m.priority,
                         m.min_bandwidth,
                     ),
@@ -451,7 +451,7 @@ impl Refs<'_> {
                 EventKind::Evacuate {
                     host: self.hosts.find(&e.host, lines)?,
                     limits: with_qos(
-                        self.limits(e.algorithm, e.bandwidth, &e.downtime_limit)?,
+                        self.limits(e.algorithm, e.bandwidth, &e.downtime_limit, &e.deadline)?,
                         e.priority,
                         e.min_bandwidth,
                     ),
@@ -462,7 +462,7 @@ impl Refs<'_> {
                 EventKind::Consolidate {
                     datacenter: self.datacenters.find(&c.datacenter, lines)?,
                     limits: with_qos(
-                        self.limits(c.algorithm, c.bandwidth, &c.downtime_limit)?,
+                        self.limits(c.algorithm, c.bandwidth, &c.downtime_limit, &c.deadline)?,
                         c.priority,
                         c.min_bandwidth,
                     ),
@@ -482,6 +482,7 @@ impl Refs<'_> {
         algorithm: Option<Text<Algorithm>>,
         bandwidth: Option<Bandwidth>,
         downtime_limit: &Option<Spanned<Seconds>>,
+        deadline: &Option<Spanned<Seconds>>,
     ) -> Result<MigrationLimits, ScenarioError> {
         Ok(MigrationLimits {
             algorithm: algorithm.map_or(Algorithm::Auto, |Text(a)| a),
@@ -491,6 +492,10 @@ impl Refs<'_> {
                 .map(|d| positive(self.lines, d, "downtime_limit"))
                 .transpose()?,
             qos: MigrationQos::default(),
+            deadline_s: deadline
+                .as_ref()
+                .map(|d| positive(self.lines, d, "deadline"))
+                .transpose()?,
         })
     }
 

@@ -98,6 +98,7 @@ fn test_two_datacenters_example() {
                 bandwidth_bytes_per_sec: None,
                 downtime_limit_s: Some(0.3),
                 qos: Default::default(),
+                deadline_s: None,
             },
         }
     );
@@ -278,6 +279,11 @@ fn test_bad_input_names_its_line() {
             "a migration needs to_host or to_datacenter",
         ),
         (
+            format!("{VM}[[event]]\nat = \"1s\"\nmigrate = {{ vm = \"v\", to_host = \"h2\", deadline = \"0s\" }}\n"),
+            9,
+            "deadline must be above zero",
+        ),
+        (
             "[[event]]\nat = \"-1s\"\nfail_host = { host = \"h1\" }\n".into(),
             2,
             "\"-1s\" is negative: a duration cannot be",
@@ -370,4 +376,27 @@ fn test_migration_entries_carry_priority_and_floor() {
     let err = parse(&with_base(&bad)).unwrap_err();
     assert_eq!(err.line, line_of_extra(9), "{err}");
     assert!(err.detail.contains("unknown priority \"urgent\""), "{err}");
+}
+
+#[test]
+fn test_a_deadline_and_random_parse_in_every_kind_of_limits() {
+    let text = with_base(&format!(
+        "{VM}[[event]]\nat = \"1s\"\nmigrate = {{ vm = \"v\", to_host = \"h2\", algorithm = \"random\", deadline = \"5s\" }}\n\
+         [[event]]\nat = \"2s\"\nevacuate = {{ host = \"h2\", deadline = \"1.5s\" }}\n\
+         [[event]]\nat = \"3s\"\nconsolidate = {{ datacenter = \"dc1\", deadline = \"2m\" }}\n"
+    ));
+    let s = parse(&text).unwrap();
+    let limits: Vec<&MigrationLimits> = s
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Migrate { limits, .. }
+            | EventKind::Evacuate { limits, .. }
+            | EventKind::Consolidate { limits, .. } => Some(limits),
+            _ => None,
+        })
+        .collect();
+    let deadlines: Vec<Option<f64>> = limits.iter().map(|l| l.deadline_s).collect();
+    assert_eq!(deadlines, [Some(5.0), Some(1.5), Some(120.0)]);
+    assert_eq!(limits[0].algorithm, Algorithm::Random);
 }

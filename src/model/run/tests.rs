@@ -47,6 +47,7 @@ fn limits(a: Algorithm) -> MigrationLimits {
         bandwidth_bytes_per_sec: None,
         downtime_limit_s: None,
         qos: Default::default(),
+        deadline_s: None,
     }
 }
 
@@ -411,4 +412,83 @@ fn test_a_floor_is_honoured_and_one_that_cannot_be_assured_is_refused() {
     );
     let rates = shares_while_all_move(&out, 3);
     assert!(close(&rates, &[100e6, 100e6 / 3.0, 200e6 / 3.0]), "{rates:?}");
+}
+
+/// A busy VM (200 MB/s over a 512 MiB hot set) behind a 125 MB/s link: pre-copy stalls and
+/// forces a stop-and-copy well after the deadline; post-copy after the first pass meets it.
+#[test]
+fn test_a_deadline_only_post_copy_can_meet_is_met_in_the_model_too() {
+    let busy = |deadline_s: Option<f64>| {
+        let mut sc = two_datacenters(Algorithm::Precopy, 200e6);
+        sc.vms[0].workload.working_set_bytes = 512 * MIB;
+        if let EventKind::Migrate { limits, .. } = &mut sc.events[0].kind {
+            limits.deadline_s = deadline_s;
+        }
+        checked(&sc).migrations[0].clone()
+    };
+    let alone = busy(None);
+    assert_eq!(
+        (alone.result.as_str(), alone.algorithm.as_str()),
+        ("completed", "precopy")
+    );
+    assert!(alone.total_s > 28.0, "pre-copy alone: {} s", alone.total_s);
+    assert!(alone.why.iter().all(|w| !w.starts_with("deadline")), "{:?}", alone.why);
+
+    let met = busy(Some(28.0));
+    assert_eq!(
+        (met.result.as_str(), met.algorithm.as_str()),
+        ("completed", "postcopy"),
+        "{:?}",
+        met.why
+    );
+    assert!(met.total_s <= 28.0, "{} s", met.total_s);
+    assert!(
+        met.why
+            .iter()
+            .any(|w| w.starts_with("switch to post-copy: deadline 28.00 s")),
+        "{:?}",
+        met.why
+    );
+    assert!(
+        met.why.last().is_some_and(|w| w.starts_with("deadline met")),
+        "{:?}",
+        met.why
+    );
+
+    let missed = busy(Some(1.0));
+    assert_eq!(
+        (missed.result.as_str(), missed.algorithm.as_str()),
+        ("completed", "precopy")
+    );
+    assert_eq!(missed.total_s, alone.total_s, "an impossible deadline changes nothing");
+    assert!(
+        missed.why.last().is_some_and(|w| w.starts_with("deadline missed")),
+        "{:?}",
+        missed.why
+    );
+}
+
+#[test]
+fn test_random_picks_by_the_runs_seed() {
+    let out = |seed| {
+        run_with(
+            &two_datacenters(Algorithm::Random, 20e6),
+            RunOptions {
+                seed: Some(seed),
+                check: true,
+                ..RunOptions::default()
+            },
+        )
+        .expect("a run")
+        .migrations[0]
+            .clone()
+    };
+    let (a, b) = (out(5), out(5));
+    assert_eq!(a.algorithm, b.algorithm);
+    assert_eq!(a.requested, "random");
+    assert!(
+        a.why[0].starts_with(&format!("random chose {}: uniform pick among", a.algorithm)),
+        "{:?}",
+        a.why
+    );
 }

@@ -31,6 +31,7 @@ fn reserved() -> SourceEvent {
     E::Reserved {
         pages: 1024,
         estimate: None,
+        elapsed: Duration::from_millis(5),
     }
 }
 
@@ -249,4 +250,47 @@ fn test_a_plan_that_gives_up_aborts_before_commitment() {
     let a = step(&mut m, round(0, 5_000_000));
     assert!(matches!(a.last(), Some(A::Abort { detail }) if detail.contains("round cap")));
     assert_eq!(m.location(false), VmLocation::Source);
+}
+
+#[test]
+fn test_random_reserves_its_pick_and_announces_it_first() {
+    let mut m = SourceMachine::new(
+        Algorithm::Random,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::BeforeCommit,
+    )
+    .with_qos(42, None);
+    assert_eq!(m.reserving(), Algorithm::Random, "nothing picked before negotiation");
+    negotiated(&mut m);
+    let picked = m.reserving();
+    assert!(picked.is_concrete(), "{picked}");
+    assert_eq!(m.algorithm(), picked);
+    let a = step(&mut m, reserved());
+    let first = a.iter().find_map(|a| match a {
+        A::Decided { decisions, .. } => decisions.first().cloned(),
+        _ => None,
+    });
+    assert_eq!(first.map(|c| c.action), Some(format!("random chose {picked}")));
+}
+
+#[test]
+fn test_a_deadline_wraps_the_plan_once_reserved() {
+    // A deadline already spent by the setup: the plan says so, and runs as it would.
+    let mut m = SourceMachine::new(
+        Algorithm::StopAndCopy,
+        PolicyConfig::default(),
+        true,
+        VerifyMode::BeforeCommit,
+    )
+    .with_qos(0, Some(Duration::from_millis(1)));
+    negotiated(&mut m);
+    let a = step(&mut m, reserved());
+    assert!(
+        matches!(&a[1], A::Decided { decisions, .. } if decisions[0].action == "deadline will be missed"),
+        "{a:?}"
+    );
+    assert!(a.contains(&A::Switchover {
+        how: Switchover::StopAndCopy
+    }));
 }
