@@ -31,7 +31,7 @@ fn qemu_or_skip(test: &str) -> Option<PathBuf> {
 fn small_guest() -> (GuestSpec, Vec<u8>) {
     // Under TCG too the guest's TSC counts at the host's rate, so one measurement paces both.
     let spec = GuestSpec::busy(64 << 20, 8 << 20, 100_000_000, host_tsc_hz());
-    let image = build_image(&spec).unwrap();
+    let image = build_image(&spec).expect("fake QEMU setup");
     (spec, image)
 }
 
@@ -54,7 +54,8 @@ fn test_guest_boots_and_reports_progress_on_debugcon() {
     let qemu = Qemu::start(&config(binary, accel, &spec, false), &image).unwrap();
     qemu.wait_for_output(READY_LINE, TIMEOUT).unwrap();
     // Two passes over the hot set: the loop runs and reports.
-    qemu.wait_for_output(&format!("{PASS_PREFIX}00000002"), TIMEOUT).unwrap();
+    qemu.wait_for_output(&format!("{PASS_PREFIX}00000002"), TIMEOUT)
+        .unwrap();
     println!("guest under QEMU ({}): {:?}", accel.name(), qemu.debug_output());
 }
 
@@ -98,17 +99,22 @@ fn test_qemu_to_qemu_migration_completes_with_a_downtime() {
 /// the command it answers substituted for `ID`) to the next command.
 fn fake_qemu(answer: &'static str) -> (tempdir::Dir, std::thread::JoinHandle<()>) {
     let dir = tempdir::Dir::new();
-    let listener = UnixListener::bind(dir.path.join("qmp.sock")).unwrap();
+    let listener = UnixListener::bind(dir.path.join("qmp.sock")).expect("fake QEMU setup");
     let server = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut writer = stream.try_clone().unwrap();
+        let (stream, _) = listener.accept().expect("fake QEMU setup");
+        let mut writer = stream.try_clone().expect("fake QEMU setup");
         let mut lines = BufReader::new(stream).lines();
-        writeln!(writer, r#"{{"QMP": {{"version": {{"qemu": {{"major": 7, "minor": 2, "micro": 0}}}}, "capabilities": []}}}}"#).unwrap();
-        let id = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap()["id"].to_string();
-        let first = lines.next().unwrap().unwrap();
-        writeln!(writer, r#"{{"return": {{}}, "id": {}}}"#, id(&first)).unwrap();
-        let second = lines.next().unwrap().unwrap();
-        writeln!(writer, "{}", answer.replace("ID", &id(&second))).unwrap();
+        writeln!(
+            writer,
+            r#"{{"QMP": {{"version": {{"qemu": {{"major": 7, "minor": 2, "micro": 0}}}}, "capabilities": []}}}}"#
+        )
+        .expect("fake QEMU setup");
+        let id =
+            |line: &str| serde_json::from_str::<serde_json::Value>(line).expect("fake QEMU setup")["id"].to_string();
+        let first = lines.next().expect("a line").expect("readable");
+        writeln!(writer, r#"{{"return": {{}}, "id": {}}}"#, id(&first)).expect("fake QEMU setup");
+        let second = lines.next().expect("a line").expect("readable");
+        writeln!(writer, "{}", answer.replace("ID", &id(&second))).expect("fake QEMU setup");
         // Hold the socket open until the client has read the answer and hung up.
         let _ = lines.next();
     });
@@ -118,12 +124,12 @@ fn fake_qemu(answer: &'static str) -> (tempdir::Dir, std::thread::JoinHandle<()>
 fn ask_fake(answer: &'static str) -> Result<serde_json::Value, QmpError> {
     let (dir, server) = fake_qemu(answer);
     let path = dir.path.join("qmp.sock");
-    let stream = UnixStream::connect(&path).unwrap();
-    let mut client = QmpClient::over(stream, &path).unwrap();
+    let stream = UnixStream::connect(&path).expect("fake QEMU setup");
+    let mut client = QmpClient::over(stream, &path).expect("fake QEMU setup");
     assert_eq!(client.version(), "7.2.0");
     let result = client.execute("query-migrate", None);
     drop(client);
-    server.join().unwrap();
+    server.join().expect("fake QEMU setup");
     result
 }
 
@@ -178,7 +184,7 @@ mod tempdir {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
             let path = std::env::temp_dir().join(format!("migratory-qmp-test-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir(&path).unwrap();
+            std::fs::create_dir(&path).expect("fake QEMU setup");
             Self { path }
         }
     }

@@ -386,7 +386,9 @@ fn one_move(cluster: &Cluster, src: usize, dst: usize, index: u32) -> Result<Mov
 mod qemu_peer {
     use super::{QemuMoveRow, QemuPeer, GAP, HOT_SET_BYTES, MEMORY_BYTES, RATE_BYTES_PER_SEC};
     use migratory::qemu::guest::READY_LINE;
-    use migratory::qemu::{build_image, find_qemu, host_tsc_hz, migrate, Accel, GuestSpec, MigrateOptions, Qemu, QemuConfig};
+    use migratory::qemu::{
+        build_image, find_qemu, host_tsc_hz, migrate, Accel, GuestSpec, MigrateOptions, Qemu, QemuConfig,
+    };
 
     /// How long the guest may take to fill its RAM and print its ready line.
     const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
@@ -428,7 +430,9 @@ mod qemu_peer {
             moves: Vec::new(),
             error: None,
         };
-        source.wait_for_output(READY_LINE, BOOT_TIMEOUT).map_err(|e| e.to_string())?;
+        source
+            .wait_for_output(READY_LINE, BOOT_TIMEOUT)
+            .map_err(|e| e.to_string())?;
         println!(
             "{:>4} {:>9} {:>9} {:>9} {:>12} {:>7} {:>6}",
             "move", "down ms", "total ms", "setup ms", "transferred", "MB/s", "syncs"

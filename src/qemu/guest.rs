@@ -119,7 +119,8 @@ pub const MAX_MEMORY_BYTES: u64 = 3 << 30;
 
 const _: () = assert!(HEADER_BYTES + PARAMS_BYTES <= TEXT_READY_OFFSET);
 const _: () = assert!(TEXT_READY_OFFSET + READY_LINE.len() + 2 <= TEXT_PASS_OFFSET);
-const _: () = assert!(TEXT_PASS_OFFSET + PASS_PREFIX.len() + 1 <= CODE_OFFSET);
+// The text and its NUL end before the code.
+const _: () = assert!(TEXT_PASS_OFFSET + PASS_PREFIX.len() < CODE_OFFSET);
 const _: () = assert!(STACK_TOP < STATE_ADDR && STATE_ADDR + 0x1000 < DATA_ADDR);
 
 /// What the guest does.
@@ -596,7 +597,10 @@ mod tests {
             }),
             GuestError::HotSet { .. }
         ));
-        assert!(matches!(refused(GuestSpec { tsc_hz: 0, ..spec() }), GuestError::Pace { .. }));
+        assert!(matches!(
+            refused(GuestSpec { tsc_hz: 0, ..spec() }),
+            GuestError::Pace { .. }
+        ));
         assert!(matches!(
             refused(GuestSpec {
                 report_every_passes: 0,

@@ -304,7 +304,10 @@ fn scratch_dir() -> Result<PathBuf, ProcessError> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
-        .map_err(|source| ProcessError::Scratch { path: dir.clone(), source })?;
+        .map_err(|source| ProcessError::Scratch {
+            path: dir.clone(),
+            source,
+        })?;
     Ok(dir)
 }
 
