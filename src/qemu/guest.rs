@@ -9,6 +9,11 @@
 //! hot set, page after page, paced against the TSC so that it dirties
 //! [`GuestSpec::rate_bytes_per_sec`]. With KVM the guest's TSC runs at the host's rate, and the
 //! host measures that rate ([`host_tsc_hz`]) and writes it, as ticks per batch, into the image.
+//! Between batches the guest halts (`hlt`) until the next tick of the PIT, programmed to
+//! [`TIMER_HZ`], instead of spinning: like the sim guest's writer, which sleeps between its
+//! writes, it leaves the host's CPUs to the migration. IRQ 0 is the only interrupt unmasked,
+//! and interrupts are on only inside `sti; hlt`; the handler acknowledges the tick and
+//! returns to the instruction after the `hlt`.
 //!
 //! # Guest-physical layout
 //!
@@ -17,8 +22,10 @@
 //! | [`IMAGE_ADDR`] | the image: the Multiboot header ([`MultibootHeader`], 32 bytes) |
 //! | [`PARAMS_ADDR`] | the parameter block the host writes: u32 fields at the `PARAM_*` offsets |
 //! | `IMAGE_ADDR + TEXT_*_OFFSET` | the texts the guest prints, NUL-terminated |
+//! | `IMAGE_ADDR + HANDLER_OFFSET` | the timer interrupt's handler |
 //! | [`CODE_ADDR`] | the code; the entry point |
 //! | [`STACK_TOP`] | the stack, growing down towards the image |
+//! | [`IDT_ADDR`] | the interrupt descriptor table (vectors 0x20 to 0x2f, the PIC's remapped IRQs); its IDTR at [`IDTR_ADDR`] |
 //! | [`STATE_ADDR`] | the state block: u32 fields at the `STATE_*` offsets; a memory dump of the paused guest reads its progress without its registers |
 //! | [`STATE_ADDR`] + 4 KiB | free: room for a per-page ledger (a self-checking guest, issue 18) |
 //! | [`DATA_ADDR`] | the data area up to the end of RAM; the hot set is its first pages |
@@ -45,6 +52,16 @@ pub const PARAMS_ADDR: u32 = IMAGE_ADDR + HEADER_BYTES as u32;
 pub const CODE_ADDR: u32 = IMAGE_ADDR + CODE_OFFSET as u32;
 /// The initial stack pointer.
 pub const STACK_TOP: u32 = 0x1F_F000;
+/// The IDT, right above the stack.
+pub const IDT_ADDR: u32 = STACK_TOP;
+/// The IDTR operand of `lidt` (limit u16, base u32), at the end of the IDT's page.
+pub const IDTR_ADDR: u32 = IDT_ADDR + 0xff0;
+/// The vector of IRQ 0 once the PIC is remapped; IRQ 0-15 take 16 vectors from here.
+pub const IRQ_BASE_VECTOR: u32 = 0x20;
+/// The PIT's tick rate while the guest waits (its deadline is checked on every tick).
+pub const TIMER_HZ: u32 = 1000;
+/// The PIT's input clock.
+const PIT_HZ: u32 = 1_193_182;
 /// The state block (2 MiB).
 pub const STATE_ADDR: u32 = 0x20_0000;
 /// The first page of the data area and of the hot set (4 MiB).
@@ -62,8 +79,10 @@ pub const MULTIBOOT_MAGIC: u32 = 0x1BAD_B002;
 pub const MULTIBOOT_FLAGS: u32 = 1 << 16;
 /// Bytes of the header: magic, flags, checksum and the five address fields.
 pub const HEADER_BYTES: usize = 32;
+/// Where the timer interrupt's handler is in the image.
+pub const HANDLER_OFFSET: usize = 0x80;
 /// Where the code starts in the image.
-pub const CODE_OFFSET: usize = 0x80;
+pub const CODE_OFFSET: usize = 0x100;
 /// Where [`READY_LINE`] (with its newline and a NUL) is in the image.
 pub const TEXT_READY_OFFSET: usize = 0x50;
 /// Where [`PASS_PREFIX`] (with a NUL) is in the image.
@@ -120,7 +139,8 @@ pub const MAX_MEMORY_BYTES: u64 = 3 << 30;
 const _: () = assert!(HEADER_BYTES + PARAMS_BYTES <= TEXT_READY_OFFSET);
 const _: () = assert!(TEXT_READY_OFFSET + READY_LINE.len() + 2 <= TEXT_PASS_OFFSET);
 // The text and its NUL end before the code.
-const _: () = assert!(TEXT_PASS_OFFSET + PASS_PREFIX.len() < CODE_OFFSET);
+const _: () = assert!(TEXT_PASS_OFFSET + PASS_PREFIX.len() < HANDLER_OFFSET);
+const _: () = assert!((IRQ_BASE_VECTOR + 16) * 8 <= IDTR_ADDR - IDT_ADDR);
 const _: () = assert!(STACK_TOP < STATE_ADDR && STATE_ADDR + 0x1000 < DATA_ADDR);
 
 /// What the guest does.
@@ -193,6 +213,15 @@ pub enum GuestError {
     /// `report_every_passes` is 0.
     #[error("report_every_passes must be at least 1")]
     ZeroReportEvery,
+    /// The timer handler outgrew its room in the layout (five instructions: only a change to
+    /// them gets here).
+    #[error("timer handler of {len} bytes exceeds {limit}")]
+    HandlerTooLong {
+        /// Its length.
+        len: usize,
+        /// The room.
+        limit: usize,
+    },
     /// iced-x86 refused the code.
     #[error("assembling the guest")]
     Assemble(#[source] IcedError),
@@ -247,6 +276,13 @@ pub fn build_image(spec: &GuestSpec) -> Result<Vec<u8>, GuestError> {
         (PARAM_REPORT_EVERY_PASSES, spec.report_every_passes),
     ];
     let code = emit().map_err(GuestError::Assemble)?;
+    let handler = emit_handler().map_err(GuestError::Assemble)?;
+    if HANDLER_OFFSET + handler.len() > CODE_OFFSET {
+        return Err(GuestError::HandlerTooLong {
+            len: handler.len(),
+            limit: CODE_OFFSET - HANDLER_OFFSET,
+        });
+    }
 
     let mut image = vec![0u8; CODE_OFFSET];
     let header = MultibootHeader::for_image(code.len());
@@ -262,6 +298,7 @@ pub fn build_image(spec: &GuestSpec) -> Result<Vec<u8>, GuestError> {
         // The NUL after each text is the zero already there.
         image[at..at + text.len()].copy_from_slice(text.as_bytes());
     }
+    image[HANDLER_OFFSET..HANDLER_OFFSET + handler.len()].copy_from_slice(&handler);
     image.extend_from_slice(&code);
     Ok(image)
 }
@@ -380,13 +417,76 @@ fn state(offset: u32) -> AsmMemoryOperand {
     dword_ptr(u64::from(STATE_ADDR + offset))
 }
 
+/// The timer's handler: acknowledges IRQ 0 at the PIC, drops the interrupt frame and jumps to
+/// the EIP it saved (the instruction after the `hlt`), with interrupts left off. No `iret`:
+/// KVM here (nested) failed to emulate one in protected mode with paging off, and the only
+/// place interrupts are on is `sti; hlt`, so the frame always returns there. Clobbers eax
+/// and ecx, which the wait loop reloads.
+fn emit_handler() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(32)?;
+    a.mov(al, 0x20u32)?;
+    a.out(0x20u32, al)?;
+    a.pop(ecx)?;
+    a.add(esp, 8u32)?;
+    a.jmp(ecx)?;
+    a.assemble(u64::from(IMAGE_ADDR) + HANDLER_OFFSET as u64)
+}
+
+/// Points vectors 0x20-0x2f at the handler, remaps the PIC there with only IRQ 0 unmasked,
+/// starts the PIT at [`TIMER_HZ`]. Interrupts stay off except inside `sti; hlt`.
+fn emit_timer_setup(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let handler = IMAGE_ADDR + HANDLER_OFFSET as u32;
+    // A 32-bit interrupt gate: selector = the CS the loader left, present, DPL 0.
+    a.mov(ax, cs)?;
+    a.movzx(ecx, ax)?;
+    a.shl(ecx, 16u32)?;
+    a.or(ecx, handler & 0xffff)?;
+    a.mov(edx, (handler & 0xffff_0000) | 0x8e00)?;
+    a.mov(edi, IDT_ADDR + IRQ_BASE_VECTOR * 8)?;
+    a.mov(ebx, 16u32)?;
+    let mut gates = a.create_label();
+    a.set_label(&mut gates)?;
+    a.mov(dword_ptr(edi), ecx)?;
+    a.mov(dword_ptr(edi + 4), edx)?;
+    a.add(edi, 8u32)?;
+    a.dec(ebx)?;
+    a.jnz(gates)?;
+    a.mov(word_ptr(u64::from(IDTR_ADDR)), (IRQ_BASE_VECTOR + 16) * 8 - 1)?;
+    a.mov(dword_ptr(u64::from(IDTR_ADDR + 2)), IDT_ADDR)?;
+    a.lidt(ptr(u64::from(IDTR_ADDR)))?;
+    // The 8259 pair: ICW1 (edge, cascade, ICW4), ICW2 (vector bases), ICW3 (slave on IRQ 2),
+    // ICW4 (8086 mode), then the masks.
+    for (port, value) in [
+        (0x20, 0x11),
+        (0xa0, 0x11),
+        (0x21, IRQ_BASE_VECTOR),
+        (0xa1, IRQ_BASE_VECTOR + 8),
+        (0x21, 0x04),
+        (0xa1, 0x02),
+        (0x21, 0x01),
+        (0xa1, 0x01),
+        (0x21, 0xfe),
+        (0xa1, 0xff),
+    ] {
+        a.mov(al, value)?;
+        a.out(port as u32, al)?;
+    }
+    // PIT channel 0, low then high byte of the divisor, mode 2 (rate generator).
+    let divisor = PIT_HZ / TIMER_HZ;
+    for (port, value) in [(0x43u32, 0x34u32), (0x40, divisor & 0xff), (0x40, divisor >> 8)] {
+        a.mov(al, value)?;
+        a.out(port, al)?;
+    }
+    Ok(())
+}
+
 fn emit() -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(32)?;
     let mut print_str = a.create_label();
     let mut print_hex = a.create_label();
     let port = u32::from(DEBUGCON_PORT);
 
-    // Entry: interrupts stay off (no IDT); a stack for the two print routines.
+    // Entry: interrupts off until the IDT is set up; a stack for the print routines.
     a.cli()?;
     a.cld()?;
     a.mov(esp, STACK_TOP)?;
@@ -418,6 +518,7 @@ fn emit() -> Result<Vec<u8>, IcedError> {
     a.jmp(fill_loop)?;
     a.set_label(&mut fill_done)?;
 
+    emit_timer_setup(&mut a)?;
     a.mov(state(STATE_PHASE), 2u32)?;
     a.mov(esi, IMAGE_ADDR + TEXT_READY_OFFSET as u32)?;
     a.call(print_str)?;
@@ -492,7 +593,9 @@ fn emit() -> Result<Vec<u8>, IcedError> {
     a.mov(state(STATE_DEADLINE_HI), edx)?;
     a.jmp(main_loop)?;
     a.set_label(&mut early)?;
-    a.pause()?;
+    // `sti` takes effect after `hlt` starts, so the tick always lands in the `hlt`.
+    a.sti()?;
+    a.hlt()?;
     a.jmp(wait)?;
 
     // print_str(esi = NUL-terminated text); clobbers eax, esi.
