@@ -15,6 +15,7 @@
 //!   an activated VM, their QEMU-style schedule, and the packet socket they leave by.
 //! * [`telemetry`]: metric names; the library records through the `metrics` facade and never
 //!   installs a recorder.
+//! * `qemu` (x86-64 Linux): QEMU as a peer to measure against, driven over QMP.
 //! * [`api`]: the request and response bodies of the daemon's HTTP control API, for the daemon,
 //!   the CLI and any other client.
 //!
@@ -37,6 +38,8 @@ pub mod memory;
 pub mod model;
 pub mod offload;
 pub mod protocol;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod qemu;
 pub mod telemetry;
 pub mod units;
 pub mod vm;

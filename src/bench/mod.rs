@@ -2,9 +2,11 @@
 //! baseline measured in the same run (memcpy for in-process links, a plain TCP copy between two
 //! processes for loopback TCP), as a ratio, plus the DESIGN.md targets met or missed. A soak of
 //! many small migrations in this process ([`soak`]) runs first and reports resident memory
-//! before and after.
+//! before and after. The busy case between two real daemons ([`busy`]) runs last, and with
+//! `--peer qemu` the same case QEMU-to-QEMU beside it.
 
 mod baseline;
+mod busy;
 mod compression;
 mod scenario;
 mod soak;
@@ -44,6 +46,14 @@ pub struct BenchArgs {
     /// --quick one run of the hot set).
     #[arg(long)]
     compression: bool,
+    /// Also run the busy case with this peer (`qemu`: QEMU-to-QEMU, where it and /dev/kvm
+    /// exist) and print migratory/peer ratios.
+    #[arg(long, value_name = "PEER")]
+    peer: Option<busy::Peer>,
+    /// Instead of the standard set: only the busy case between two daemons (10 moves, 3 with
+    /// --quick), and the peer's with --peer.
+    #[arg(long)]
+    busy: bool,
 }
 
 /// Soak length without `--soak`: the 10,000, or few enough for `--quick` to stay
@@ -93,6 +103,8 @@ struct Output {
     targets: Vec<Target>,
     /// Null when skipped (`--soak 0`) or when it could not be set up.
     soak: Option<soak::Soak>,
+    /// The busy case between two daemons, and the peer's.
+    busy: Option<busy::Busy>,
 }
 
 /// A DESIGN.md target, checked against the rows.
@@ -354,6 +366,9 @@ pub fn run(args: BenchArgs) -> ExitCode {
     if args.compression {
         return compression::run(&rt, args.quick, &sizes, args.json.as_deref());
     }
+    if args.busy {
+        return busy_alone(&args);
+    }
     let list = scenarios(args.quick, &sizes);
     let mut memcpy: HashMap<u64, f64> = HashMap::new();
     let mut tcp: HashMap<u64, f64> = HashMap::new();
@@ -451,17 +466,14 @@ pub fn run(args: BenchArgs) -> ExitCode {
         );
         rows.push(r);
     }
-    let targets = targets(&rows);
     println!();
-    for t in &targets {
-        println!(
-            "{} {}: {} (goal {})",
-            if t.met { "met   " } else { "MISSED" },
-            t.what,
-            t.measured,
-            t.goal
-        );
-    }
+    // After the scenarios: its daemons are processes of their own, so the soak's figures and
+    // the scenarios' are untouched.
+    let busy = busy::run(args.quick, args.peer);
+    failed |= busy.failed();
+    let mut targets = targets(&rows);
+    targets.extend(busy::targets(&busy));
+    print_targets(&targets);
     if let Some(path) = &args.json {
         let out = Output {
             quick: args.quick,
@@ -470,6 +482,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
             plain_tcp_bytes_per_s: tcp,
             targets,
             soak,
+            busy: Some(busy),
         };
         failed |= !write_json(path, &out);
     }
@@ -477,6 +490,43 @@ pub fn run(args: BenchArgs) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// `bench --busy`: the busy case alone, its targets, and its JSON.
+fn busy_alone(args: &BenchArgs) -> ExitCode {
+    let busy = busy::run(args.quick, args.peer);
+    let targets = busy::targets(&busy);
+    print_targets(&targets);
+    let mut failed = busy.failed();
+    if let Some(path) = &args.json {
+        let out = Output {
+            quick: args.quick,
+            rows: Vec::new(),
+            memcpy_bytes_per_s: HashMap::new(),
+            plain_tcp_bytes_per_s: HashMap::new(),
+            targets,
+            soak: None,
+            busy: Some(busy),
+        };
+        failed |= !write_json(path, &out);
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print_targets(targets: &[Target]) {
+    for t in targets {
+        println!(
+            "{} {}: {} (goal {})",
+            if t.met { "met   " } else { "MISSED" },
+            t.what,
+            t.measured,
+            t.goal
+        );
     }
 }
 

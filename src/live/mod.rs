@@ -28,8 +28,8 @@
 
 mod check;
 mod compare;
-mod daemons;
-mod http;
+pub(crate) mod daemons;
+pub(crate) mod http;
 mod record;
 mod replay;
 
