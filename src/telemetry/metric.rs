@@ -273,8 +273,15 @@ mod tests {
         let mut expected = Vec::new();
         for a in ALGORITHMS {
             for r in result::ALL {
-                expected.push(format!("{MIGRATIONS_TOTAL}{{algorithm=\"{a}\",result=\"{r}\"}} 0"));
+                for p in priority::ALL {
+                    expected.push(format!(
+                        "{MIGRATIONS_TOTAL}{{algorithm=\"{a}\",result=\"{r}\",priority=\"{p}\"}} 0"
+                    ));
+                }
             }
+        }
+        for k in announce_kind::ALL {
+            expected.push(format!("{ANNOUNCE_FRAMES_TOTAL}{{kind=\"{k}\"}} 0"));
         }
         for k in PAGE_KINDS {
             expected.push(format!("{PAGES_SENT_TOTAL}{{kind=\"{k}\"}} 0"));

@@ -83,11 +83,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_without_postcopy_keeps_auto_and_the_pre_copy_family() {
+    fn test_without_postcopy_keeps_auto_random_and_the_pre_copy_family() {
         let caps = HypervisorCapabilities::all(vec![NativeLayout::Kvm]).without_postcopy();
         assert_eq!(
             caps.algorithms,
-            vec![Algorithm::StopAndCopy, Algorithm::Precopy, Algorithm::Auto]
+            vec![Algorithm::StopAndCopy, Algorithm::Precopy, Algorithm::Auto, Algorithm::Random]
         );
         assert!(!caps.offers(Algorithm::Hybrid));
         assert_eq!(caps.layouts, vec![NativeLayout::Kvm]);
