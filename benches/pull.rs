@@ -111,8 +111,8 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "{:<10} {:<10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
-        "via", "pattern", "faults", "mean us", "p50 us", "p99 us", "max us", "down ms", "result"
+        "{:<10} {:<10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}  result",
+        "via", "pattern", "faults", "mean us", "p50 us", "p99 us", "max us", "down ms"
     );
     for tcp in [false, true] {
         for pattern in [Pattern::HotSet, Pattern::Sequential] {
@@ -120,7 +120,10 @@ fn main() {
             let report = rt.block_on(run(mib << 20, pattern, tcp));
             let mut v = std::mem::take(&mut *samples.0.lock().unwrap_or_else(|p| p.into_inner()));
             v.sort_by(f64::total_cmp);
-            let at = |q: f64| v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))).copied();
+            let at = |q: f64| {
+                v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
+                    .copied()
+            };
             let us = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{:.0}", x * 1e6));
             let mean = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
             println!(

@@ -374,7 +374,10 @@ mod tests {
                 // connection the pulled page comes behind what the data connection holds.
                 let bulk = dst.data_rx.clone();
                 let draining = std::thread::spawn(move || {
-                    while !matches!(bulk.recv_lane_timeout(Lane::Bulk, WAIT), DataRecv::Closed | DataRecv::Idle) {}
+                    while !matches!(
+                        bulk.recv_lane_timeout(Lane::Bulk, WAIT),
+                        DataRecv::Closed | DataRecv::Idle
+                    ) {}
                 });
                 let _push = plane.start_postcopy(PageSet::full(PAGES)).expect("push");
                 // The engine's fallback: a request the lane does not take goes over control.

@@ -97,22 +97,20 @@ impl TargetPlane {
                 Arc::clone(&tx),
             );
             let (link, pool) = (link.clone(), pool.clone());
-            let thread = std::thread::Builder::new()
-                .name(name.into())
-                .spawn(move || {
-                    let sinks = Sinks {
-                        digests: &d,
-                        applied: &tx,
-                        received_bytes: &bytes,
-                        refetch: &refetch,
-                    };
-                    let from = From { link: &link, lane };
-                    if let Err(err) = apply_loop(guest.as_ref(), accept, from, &pool, &halt, &sinks) {
-                        *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
-                        // Wake anyone waiting on the count so they see the error.
-                        tx.send_modify(|_| {});
-                    }
-                });
+            let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+                let sinks = Sinks {
+                    digests: &d,
+                    applied: &tx,
+                    received_bytes: &bytes,
+                    refetch: &refetch,
+                };
+                let from = From { link: &link, lane };
+                if let Err(err) = apply_loop(guest.as_ref(), accept, from, &pool, &halt, &sinks) {
+                    *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                    // Wake anyone waiting on the count so they see the error.
+                    tx.send_modify(|_| {});
+                }
+            });
             match thread {
                 Ok(t) => self.threads.push(t),
                 Err(e) => {

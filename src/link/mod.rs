@@ -23,7 +23,8 @@ pub use actor::{
 pub use inproc::{pair, pair_with_budget};
 pub use pool::FramePool;
 pub use pull::{
-    decode_request, encode_request, pull_connections_opened, PullAsk, PullRequestError, MAX_REQUEST_PAGES,
+    decode_request, encode_request, pull_connections_opened, pull_requests_received, PullAsk, PullRequestError,
+    MAX_REQUEST_PAGES,
 };
 pub use shaper::{Shaping, TokenBucket};
 

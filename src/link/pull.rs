@@ -89,6 +89,14 @@ pub fn pull_connections_opened() -> u64 {
     OPENED.load(Ordering::Relaxed)
 }
 
+/// Page requests this process received on pull connections.
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// Page requests this process received on pull connections, since it started.
+pub fn pull_requests_received() -> u64 {
+    REQUESTS.load(Ordering::Relaxed)
+}
+
 /// Counts a pull connection the listener accepted.
 pub(super) fn opened() {
     OPENED.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +284,10 @@ impl PullIn {
             let (tag, small) = (buf[4], n <= MAX_REQUEST_BODY);
             let lane = match tag {
                 TAG_PAGES => &self.pages,
-                TAG_PULL_REQUEST if small => &self.requests,
+                TAG_PULL_REQUEST if small => {
+                    REQUESTS.fetch_add(1, Ordering::Relaxed);
+                    &self.requests
+                }
                 other => return LinkError::BadFrame(format!("tag {other:#04x} on the pull connection")),
             };
             let t = Timed {

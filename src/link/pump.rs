@@ -18,12 +18,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::pull::spawn_pull;
 use super::secure::{FrameMac, Session, Side, TAG_LEN};
 use super::{
     ControlChannel, DataReceiver, DataSender, FramePool, LinkEnd, LinkFault, Timed, TokenBucket, CONTROL_CHANNEL_BYTES,
     CONTROL_CHANNEL_FRAMES, DATA_CHANNEL_FRAMES, URGENT_CHANNEL_FRAMES,
 };
-use super::pull::spawn_pull;
 use crate::protocol::frame::{MAX_FRAME_LEN, TAG_PAGES};
 use crate::protocol::pages::FLAG_PULLED;
 use crate::protocol::pages::{start_frame_buffer, FRAME_CAPACITY};
@@ -32,7 +32,6 @@ use crate::protocol::pages::{start_frame_buffer, FRAME_CAPACITY};
 pub(super) const READ_POLL: Duration = Duration::from_millis(200);
 /// Longest one control frame may take to write: a peer that stops reading is gone.
 const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
 
 /// A connection on its way to a link: its handshake (TLS) is done and its preamble exchanged.
 pub(super) enum Conn {

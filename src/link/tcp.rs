@@ -668,7 +668,9 @@ mod tests {
         // The server end goes away (its pull connection with it) while the client still uses
         // its link.
         drop(server);
-        tokio::time::timeout(WAIT, fault.raised()).await.expect("the loss is seen");
+        tokio::time::timeout(WAIT, fault.raised())
+            .await
+            .expect("the loss is seen");
         assert_eq!(fault.get(), Some(LinkError::PullClosed));
         drop(client);
     }
