@@ -10,11 +10,13 @@
 //! against its digest before it touches guest memory.
 
 pub mod encoder;
+mod pull;
 mod source;
 mod target;
 pub mod xbzrle_cache;
 
 pub use encoder::EncodeStats;
+pub use pull::{PullPaths, PREPAGE_WINDOW};
 pub use source::{PlaneEncoding, RoundStats, SourcePlane};
 pub use target::TargetPlane;
 

@@ -9,14 +9,16 @@ use crossbeam::channel::{self, Receiver, Sender};
 use tokio::sync::oneshot;
 
 use super::encoder::{EncodeStats, SourceEncoder};
+use super::pull::{Owed, PullPaths, PullServer, PullShared};
 use super::DataPlaneError;
 use crate::dirty::PageSet;
 use crate::link::{DataSender, FramePool, TokenBucket};
-use crate::protocol::pages::{PageBatchBuilder, FLAG_POSTCOPY, FLAG_PULLED};
+use crate::protocol::pages::{PageBatchBuilder, FLAG_POSTCOPY};
 use crate::protocol::{PageCodecs, PageKind, BATCH_PAGES};
 use crate::vmm::Guest;
 
-/// Background push batches in post-copy are small so a pull waits behind at most one of them.
+/// Background push batches in post-copy are small: on a link without a pull lane of its own, a
+/// pulled page that shares the data connections waits behind what they hold.
 const POSTCOPY_PUSH_BATCH: usize = 32;
 /// Pending pull requests the source accepts before the target must re-request.
 const PULL_QUEUE: usize = 65_536;
@@ -74,7 +76,7 @@ impl RoundStats {
         }
     }
 
-    fn add(&mut self, o: &RoundStats) {
+    pub(super) fn add(&mut self, o: &RoundStats) {
         self.full_pages += o.full_pages;
         self.zero_pages += o.zero_pages;
         self.pulled_pages += o.pulled_pages;
@@ -93,7 +95,7 @@ enum Job {
         reply: Reply,
     },
     Postcopy {
-        missing: PageSet,
+        owed: Arc<Owed>,
         reply: Reply,
     },
 }
@@ -104,18 +106,20 @@ pub struct SourcePlane {
     jobs: Option<Sender<Job>>,
     pulls: Sender<u64>,
     batches: Arc<AtomicU64>,
-    pulled: Arc<AtomicU64>,
+    pull: Arc<PullShared>,
     stop: Arc<AtomicBool>,
     corrupt: Arc<AtomicBool>,
     codecs: PageCodecs,
     thread: Option<JoinHandle<()>>,
+    /// The pull server: post-copy's requests, answered apart from the push.
+    server: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Job::Round { round, pages, .. } => write!(f, "Round({round}, {} pages)", pages.len()),
-            Job::Postcopy { missing, .. } => write!(f, "Postcopy({} pages)", missing.len()),
+            Job::Postcopy { owed, .. } => write!(f, "Postcopy({} pages)", owed.unsent()),
         }
     }
 }
@@ -141,9 +145,20 @@ impl SourcePlane {
         let (jobs, job_rx) = channel::bounded::<Job>(4);
         let (pulls, pull_rx) = channel::bounded::<u64>(PULL_QUEUE);
         let batches = Arc::new(AtomicU64::new(0));
-        let pulled = Arc::new(AtomicU64::new(0));
+        let pull = Arc::new(PullShared::default());
         let stop = Arc::new(AtomicBool::new(false));
         let corrupt = Arc::new(AtomicBool::new(false));
+        let server = PullServer {
+            guest: Arc::clone(&guest),
+            link: link.clone(),
+            pool: pool.clone(),
+            stop: Arc::clone(&stop),
+            corrupt: Arc::clone(&corrupt),
+            sent_bytes: Arc::clone(&sent_bytes),
+            batches: Arc::clone(&batches),
+            shared: Arc::clone(&pull),
+            pulls: pull_rx,
+        };
         let worker = Worker {
             corrupt: Arc::clone(&corrupt),
             sent_bytes,
@@ -152,24 +167,31 @@ impl SourcePlane {
             guest,
             link,
             batches: Arc::clone(&batches),
-            pulled_total: Arc::clone(&pulled),
-            pulls: pull_rx,
+            pull: Arc::clone(&pull),
             encoder,
         };
         let thread = std::thread::Builder::new()
             .name("migratory-send".into())
             .spawn(move || worker.run(job_rx))
             .map_err(|e| DataPlaneError::Spawn(e.to_string()))?;
-        Ok(Self {
+        let mut plane = Self {
             jobs: Some(jobs),
             pulls,
             batches,
-            pulled,
+            pull,
             stop,
             corrupt,
             codecs,
             thread: Some(thread),
-        })
+            server: None,
+        };
+        // Dropping `plane` on failure stops the push thread.
+        let server = std::thread::Builder::new()
+            .name("migratory-pull".into())
+            .spawn(move || server.run())
+            .map_err(|e| DataPlaneError::Spawn(e.to_string()))?;
+        plane.server = Some(server);
+        Ok(plane)
     }
 
     /// The encodings this plane uses: the negotiated ones, less XBZRLE on a link that may
@@ -196,7 +218,16 @@ impl SourcePlane {
 
     /// Pages pulled on demand so far.
     pub fn pulled(&self) -> u64 {
-        self.pulled.load(Ordering::Relaxed)
+        self.pull.pulled.load(Ordering::Relaxed)
+    }
+
+    /// The requests served so far, by the way they came.
+    pub fn pull_paths(&self) -> PullPaths {
+        let [lane, control] = &self.pull.paths;
+        PullPaths {
+            lane: lane.load(Ordering::Relaxed),
+            control: control.load(Ordering::Relaxed),
+        }
     }
 
     fn submit(&self, job: Job) -> Result<(), DataPlaneError> {
@@ -231,7 +262,10 @@ impl SourcePlane {
         missing: PageSet,
     ) -> Result<oneshot::Receiver<Result<RoundStats, DataPlaneError>>, DataPlaneError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Job::Postcopy { missing, reply })?;
+        // Shared before the push starts: from now on a pull takes its page off the push.
+        let owed = Arc::new(Owed::new(&missing));
+        let owed = Arc::clone(self.pull.owed.get_or_init(|| owed));
+        self.submit(Job::Postcopy { owed, reply })?;
         Ok(rx)
     }
 
@@ -246,7 +280,7 @@ impl Drop for SourcePlane {
     fn drop(&mut self) {
         self.abort();
         self.jobs = None;
-        if let Some(t) = self.thread.take() {
+        for t in [self.thread.take(), self.server.take()].into_iter().flatten() {
             let _ = t.join();
         }
     }
@@ -260,36 +294,15 @@ struct Worker {
     guest: Arc<dyn Guest>,
     link: DataSender,
     batches: Arc<AtomicU64>,
-    pulled_total: Arc<AtomicU64>,
-    pulls: Receiver<u64>,
+    pull: Arc<PullShared>,
     /// `None` without compression: pages go through the plain raw-or-zero path.
     encoder: Option<SourceEncoder>,
 }
 
 impl Worker {
     fn run(mut self, jobs: Receiver<Job>) {
-        let mut pulling = false;
-        loop {
-            let job = if pulling {
-                // After the push ends, keep answering pulls (re-requests of pages in flight)
-                // until the migration drops us.
-                channel::select! {
-                    recv(jobs) -> j => match j { Ok(j) => j, Err(_) => return },
-                    recv(self.pulls) -> p => {
-                        if let Ok(p) = p {
-                            if self.send_pulled(p).is_err() {
-                                return;
-                            }
-                        }
-                        continue;
-                    }
-                }
-            } else {
-                match jobs.recv() {
-                    Ok(j) => j,
-                    Err(_) => return,
-                }
-            };
+        // Pulls are the pull server's: this thread only runs jobs.
+        while let Ok(job) = jobs.recv() {
             match job {
                 Job::Round {
                     round,
@@ -305,13 +318,12 @@ impl Worker {
                     self.account_encoding(&mut result, before);
                     let _ = reply.send(result);
                 }
-                Job::Postcopy { missing, reply } => {
-                    pulling = true;
+                Job::Postcopy { owed, reply } => {
                     if let Some(e) = self.encoder.as_mut() {
                         e.end_deltas();
                     }
                     let before = self.encoded();
-                    let mut result = self.push(&missing);
+                    let mut result = self.push(&owed);
                     self.account_encoding(&mut result, before);
                     let _ = reply.send(result);
                 }
@@ -355,18 +367,6 @@ impl Worker {
         stats: &mut RoundStats,
         pace: Option<&mut TokenBucket>,
     ) -> Result<(), DataPlaneError> {
-        self.ship_on(batch, stats, pace, false)
-    }
-
-    /// Sends a finished batch; `urgent` batches (pulls) take the lane that never queues behind
-    /// bulk frames.
-    fn ship_on(
-        &self,
-        batch: PageBatchBuilder,
-        stats: &mut RoundStats,
-        pace: Option<&mut TokenBucket>,
-        urgent: bool,
-    ) -> Result<(), DataPlaneError> {
         let frame = self.finish(batch)?;
         if let Some(bucket) = pace {
             let wait = bucket.take(frame.len() as u64);
@@ -376,12 +376,9 @@ impl Worker {
         }
         let stats_len = frame.len() as u64;
         stats.bytes += stats_len;
-        let sent = if urgent {
-            self.link.send_urgent(frame, &self.stop)
-        } else {
-            self.link.send(frame, &self.stop)
-        };
-        sent.map_err(|_| DataPlaneError::LinkClosed)?;
+        self.link
+            .send(frame, &self.stop)
+            .map_err(|_| DataPlaneError::LinkClosed)?;
         self.batches.fetch_add(1, Ordering::Release);
         self.sent_bytes.fetch_add(stats_len, Ordering::Relaxed);
         Ok(())
@@ -399,44 +396,11 @@ impl Worker {
         Ok(batch.finish())
     }
 
-    /// Ships a post-copy push batch. While it waits for room on the link, pulls that arrive are
-    /// served first, and their pages are appended to `served` (the push need not send them).
-    fn ship_push(
-        &mut self,
-        batch: PageBatchBuilder,
-        stats: &mut RoundStats,
-        served: &mut Vec<u64>,
-    ) -> Result<(), DataPlaneError> {
-        let frame = self.finish(batch)?;
-        let len = frame.len() as u64;
-        stats.bytes += len;
-        let mut sent = self.link.send_unless(frame, &self.stop, &self.pulls);
-        while let Some((held, page)) = sent.map_err(|_| DataPlaneError::LinkClosed)? {
-            let s = self.send_pulled(page)?;
-            stats.add(&s);
-            served.push(page);
-            sent = self.link.resend(held, &self.stop, &self.pulls);
-        }
-        self.batches.fetch_add(1, Ordering::Release);
-        self.sent_bytes.fetch_add(len, Ordering::Relaxed);
-        Ok(())
-    }
-
+    /// Adds `page` to `batch`, through the encoder if compression is on.
     fn add(&mut self, batch: &mut PageBatchBuilder, page: u64, stats: &mut RoundStats) -> Result<(), DataPlaneError> {
-        self.add_as(batch, page, stats, true)
-    }
-
-    /// Adds `page` to `batch`, through the encoder if `encode` and compression is on.
-    fn add_as(
-        &mut self,
-        batch: &mut PageBatchBuilder,
-        page: u64,
-        stats: &mut RoundStats,
-        encode: bool,
-    ) -> Result<(), DataPlaneError> {
         self.check(page)?;
         let memory = self.guest.memory();
-        let added = match self.encoder.as_mut().filter(|_| encode) {
+        let added = match self.encoder.as_mut() {
             Some(e) => batch.add_encoded(memory, page, e),
             None => batch.add_from(memory, page),
         };
@@ -469,67 +433,36 @@ impl Worker {
         Ok(stats)
     }
 
-    fn send_pulled(&mut self, page: u64) -> Result<RoundStats, DataPlaneError> {
-        let mut stats = RoundStats::default();
-        let mut batch = self.batch(u32::MAX, FLAG_POSTCOPY | FLAG_PULLED);
-        // Raw: a guest waits on each pulled page, and on a fast link compressing it costs
-        // more time than the bytes it saves.
-        self.add_as(&mut batch, page, &mut stats, false)?;
-        // Drain whatever else is already waiting into the same urgent batch.
-        while batch.len() < POSTCOPY_PUSH_BATCH {
-            match self.pulls.try_recv() {
-                Ok(p) => self.add_as(&mut batch, p, &mut stats, false)?,
-                Err(_) => break,
-            }
-        }
-        let n = batch.len() as u64;
-        self.ship_on(batch, &mut stats, None, true)?;
-        stats.pulled_pages = n;
-        self.pulled_total.fetch_add(n, Ordering::Relaxed);
-        Ok(stats)
-    }
-
-    /// Pushes every missing page once, serving pulls first and continuing from just after the
-    /// most recent pull (guests fault near where they faulted last).
-    fn push(&mut self, missing: &PageSet) -> Result<RoundStats, DataPlaneError> {
+    /// Pushes every page the target is still owed once, from just after the latest pull's
+    /// prepaging window (guests fault near where they faulted last), while the pull server
+    /// answers requests on its own thread; what it sent is added to the figures.
+    fn push(&mut self, owed: &Owed) -> Result<RoundStats, DataPlaneError> {
         let started = Instant::now();
-        let total = missing.universe();
-        let mut pending = missing.clone();
-        let mut left = pending.len();
+        let total = self.guest.memory().page_count();
         let mut stats = RoundStats::default();
         let mut cursor = 0u64;
-        let mut served = Vec::new();
-        while left > 0 {
-            while let Ok(p) = self.pulls.try_recv() {
-                let s = self.send_pulled(p)?;
-                stats.add(&s);
-                served.push(p);
+        while owed.unsent() > 0 {
+            if let Some(e) = self.pull.error() {
+                return Err(e);
             }
-            for p in served.drain(..) {
-                cursor = (p + 1) % total.max(1);
-                // A pulled page no longer needs pushing.
-                if pending.contains(p) {
-                    pending.remove(p);
-                    left -= 1;
-                }
+            if let Some(hint) = owed.take_hint() {
+                cursor = hint;
             }
             let mut batch = self.batch(u32::MAX, FLAG_POSTCOPY);
             let mut scanned = 0u64;
-            // A pull that arrives while the batch fills cuts it short: it goes out first.
-            while batch.len() < POSTCOPY_PUSH_BATCH && scanned < total && left > 0 && self.pulls.is_empty() {
+            while batch.len() < POSTCOPY_PUSH_BATCH && scanned < total && owed.unsent() > 0 {
                 let p = cursor;
-                cursor = (cursor + 1) % total;
+                cursor = (cursor + 1) % total.max(1);
                 scanned += 1;
-                if pending.contains(p) {
-                    pending.remove(p);
-                    left -= 1;
+                if owed.claim(p) {
                     self.add(&mut batch, p, &mut stats)?;
                 }
             }
             if !batch.is_empty() {
-                self.ship_push(batch, &mut stats, &mut served)?;
+                self.ship(batch, &mut stats, None)?;
             }
         }
+        stats.add(&self.pull.take_stats());
         stats.elapsed = started.elapsed();
         Ok(stats)
     }

@@ -9,15 +9,17 @@ use tokio::sync::watch;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::DataPlaneError;
-use crate::link::{DataReceiver, DataRecv, FramePool};
+use crate::link::{DataReceiver, DataRecv, FramePool, Lane, PullAsk};
 use crate::protocol::frame::frame_body;
 use crate::protocol::pages::{PageError, FLAG_POSTCOPY};
 use crate::protocol::{lz4_page, xbzrle, PageBatch, PageCodecs, PagePayload};
 use crate::units::{PageIndex, PAGE_SIZE};
 use crate::vmm::Guest;
 
-/// Handle of the target's data-plane thread: applies batches, counts them, and records the
-/// digest of every page as received (the target side of verification).
+/// Handle of the target's data-plane threads: applies batches, counts them, and records the
+/// digest of every page as received (the target side of verification). Two threads: one for
+/// the bulk lane, and one that applies pulled pages the moment they arrive, so that a faulting
+/// guest never waits for a bulk batch to be written first.
 #[derive(Debug)]
 pub struct TargetPlane {
     guest: Arc<dyn Guest>,
@@ -29,7 +31,9 @@ pub struct TargetPlane {
     stop: Arc<AtomicBool>,
     /// Post-copy: where a page that arrived damaged is asked for again.
     refetch: Arc<Mutex<Option<RefetchSender>>>,
-    thread: Option<JoinHandle<()>>,
+    /// The link's data half, for page requests on its pull lane.
+    link: DataReceiver,
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// Where post-copy pages that arrived damaged go to be requested again.
@@ -57,7 +61,8 @@ impl TargetPlane {
             error: Arc::new(Mutex::new(None)),
             stop: Arc::new(AtomicBool::new(false)),
             refetch: Arc::new(Mutex::new(None)),
-            thread: None,
+            link: link.clone(),
+            threads: Vec::new(),
         };
         plane.start(link, pool)?;
         Ok(plane)
@@ -74,43 +79,60 @@ impl TargetPlane {
     }
 
     fn start(&mut self, link: DataReceiver, pool: FramePool) -> Result<(), DataPlaneError> {
-        // Each thread owns its sender: when it ends, every watcher of its count learns so.
+        // The threads of one link share its sender: when both end, every watcher of the count
+        // learns so.
         let (tx, applied) = watch::channel(self.applied());
-        let guest = Arc::clone(&self.guest);
-        let accept = self.accept;
-        let (d, e, halt, bytes, refetch) = (
-            Arc::clone(&self.digests),
-            Arc::clone(&self.error),
-            Arc::clone(&self.stop),
-            Arc::clone(&self.received_bytes),
-            Arc::clone(&self.refetch),
-        );
-        let thread = std::thread::Builder::new()
-            .name("migratory-recv".into())
-            .spawn(move || {
+        let tx = Arc::new(tx);
+        self.link = link.clone();
+        self.applied = applied;
+        for (lane, name) in [(Lane::Bulk, "migratory-recv"), (Lane::Urgent, "migratory-recv-pull")] {
+            let guest = Arc::clone(&self.guest);
+            let accept = self.accept;
+            let (d, e, halt, bytes, refetch, tx) = (
+                Arc::clone(&self.digests),
+                Arc::clone(&self.error),
+                Arc::clone(&self.stop),
+                Arc::clone(&self.received_bytes),
+                Arc::clone(&self.refetch),
+                Arc::clone(&tx),
+            );
+            let (link, pool) = (link.clone(), pool.clone());
+            let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
                 let sinks = Sinks {
                     digests: &d,
                     applied: &tx,
                     received_bytes: &bytes,
                     refetch: &refetch,
                 };
-                if let Err(err) = apply_loop(guest.as_ref(), accept, &link, &pool, &halt, &sinks) {
+                let from = From { link: &link, lane };
+                if let Err(err) = apply_loop(guest.as_ref(), accept, from, &pool, &halt, &sinks) {
                     *e.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
                     // Wake anyone waiting on the count so they see the error.
                     tx.send_modify(|_| {});
                 }
-            })
-            .map_err(|e| DataPlaneError::Spawn(e.to_string()))?;
-        self.applied = applied;
-        self.thread = Some(thread);
+            });
+            match thread {
+                Ok(t) => self.threads.push(t),
+                Err(e) => {
+                    self.halt();
+                    return Err(DataPlaneError::Spawn(e.to_string()));
+                }
+            }
+        }
         Ok(())
     }
 
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+
+    /// Post-copy: asks the source for `pages` on the link's pull lane. Anything but
+    /// [`PullAsk::Sent`] means the caller asks over the control link instead.
+    pub fn ask(&self, pages: &[u64]) -> PullAsk {
+        self.link.ask(pages)
     }
 
     /// Post-copy: a page that arrives damaged (bad digest, undecodable) is not installed; it
@@ -182,6 +204,12 @@ impl Drop for TargetPlane {
     }
 }
 
+/// Which lane of which link an apply loop reads.
+struct From<'a> {
+    link: &'a DataReceiver,
+    lane: Lane,
+}
+
 /// Where the apply loop reports what it did.
 struct Sinks<'a> {
     digests: &'a [AtomicU64],
@@ -193,7 +221,7 @@ struct Sinks<'a> {
 fn apply_loop(
     guest: &dyn Guest,
     accept: PageCodecs,
-    link: &DataReceiver,
+    from: From<'_>,
     pool: &FramePool,
     stop: &AtomicBool,
     sinks: &Sinks<'_>,
@@ -216,7 +244,7 @@ fn apply_loop(
         if stop.load(Ordering::Acquire) {
             return Ok(());
         }
-        let frame = match link.recv_timeout(STOP_POLL) {
+        let frame = match from.link.recv_lane_timeout(from.lane, STOP_POLL) {
             DataRecv::Frame(f) => f,
             DataRecv::Idle => continue,
             DataRecv::Closed => return Ok(()),

@@ -23,6 +23,10 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
     let (d_ba_tx, d_ba_rx) = channel::bounded(DATA_CHANNEL_FRAMES);
     let (u_ab_tx, u_ab_rx) = channel::bounded(URGENT_CHANNEL_FRAMES);
     let (u_ba_tx, u_ba_rx) = channel::bounded(URGENT_CHANNEL_FRAMES);
+    // The pull lane's requests, each way: a queue of their own, as a TCP link's pull
+    // connection is a socket of its own.
+    let (r_ab_tx, r_ab_rx) = channel::bounded(URGENT_CHANNEL_FRAMES);
+    let (r_ba_tx, r_ba_rx) = channel::bounded(URGENT_CHANNEL_FRAMES);
     let cap = || {
         shaping
             .bandwidth_bytes_per_sec
@@ -42,9 +46,11 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
         data_tx: DataSender {
             tx: d_ab_tx,
             urgent: u_ab_tx,
+            requests: Some(r_ba_rx),
             budgets: a_budgets,
             latency: shaping.latency,
             _alive: None,
+            _pull: None,
             throttle: None,
             // One channel: frames arrive in the order sent.
             ordered: true,
@@ -52,7 +58,9 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
         data_rx: DataReceiver {
             rx: d_ba_rx,
             urgent: u_ba_rx,
+            asks: Some(r_ab_tx),
             _alive: None,
+            _pull: None,
         },
         pool: pool.clone(),
     };
@@ -66,9 +74,11 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
         data_tx: DataSender {
             tx: d_ba_tx,
             urgent: u_ba_tx,
+            requests: Some(r_ab_rx),
             budgets: cap().into_iter().collect(),
             latency: shaping.latency,
             _alive: None,
+            _pull: None,
             throttle: None,
             // One channel: frames arrive in the order sent.
             ordered: true,
@@ -76,7 +86,9 @@ pub fn pair_with_budget(shaping: Shaping, budget: Option<Arc<Mutex<TokenBucket>>
         data_rx: DataReceiver {
             rx: d_ab_rx,
             urgent: u_ab_rx,
+            asks: Some(r_ba_tx),
             _alive: None,
+            _pull: None,
         },
         pool,
     };

@@ -10,6 +10,7 @@ mod actor;
 pub mod gate;
 mod inproc;
 mod pool;
+mod pull;
 mod pump;
 pub mod secure;
 mod shaper;
@@ -21,6 +22,10 @@ pub use actor::{
 };
 pub use inproc::{pair, pair_with_budget};
 pub use pool::FramePool;
+pub use pull::{
+    decode_request, encode_request, pull_connections_opened, pull_requests_received, PullAsk, PullRequestError,
+    MAX_REQUEST_PAGES,
+};
 pub use shaper::{weighted_shares, Claim, Shaping, SharedBudget, TokenBucket};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,6 +71,9 @@ pub enum LinkError {
         /// The frame's place in that connection's direction.
         seq: u64,
     },
+    /// The pull connection closed while the link was in use: the link is lost with it.
+    #[error("the pull connection closed")]
+    PullClosed,
     /// The owner's event queue is full: the peer sends faster than the owner reads.
     #[error("peer floods the link: {events} messages of {bytes} bytes wait for the owner")]
     Overflow {
@@ -129,7 +137,8 @@ pub struct ControlChannel {
     pub fault: LinkFault,
 }
 
-/// Frames in flight on the urgent lane (post-copy pulls).
+/// Frames in flight on the urgent lane (post-copy pulls), and page requests in flight on the
+/// pull lane.
 pub const URGENT_CHANNEL_FRAMES: usize = 64;
 
 /// Extra pacing of a data sender: a decorator that slows, or watches, what leaves. Fault
@@ -144,16 +153,26 @@ pub trait Throttle: Send + Sync + std::fmt::Debug {
 /// Sends page batch frames to the peer, shaped by the link's shared bandwidth budget. Two
 /// lanes: bulk frames, and urgent frames (post-copy pulls) that never queue behind bulk ones,
 /// as QEMU's post-copy preempt channel does.
+///
+/// A link with a **pull lane** (in-process, and TCP where the peer accepted the pull
+/// connection) carries urgent frames apart from the bulk ones all the way to the peer, and
+/// brings the peer's page requests here ([`Self::pull_requests`]); without one, urgent frames
+/// share the data connections (ahead of queued bulk frames, but behind what the sockets hold)
+/// and requests come over the control link.
 #[derive(Debug, Clone)]
 pub struct DataSender {
     tx: channel::Sender<Timed>,
     urgent: channel::Sender<Timed>,
+    /// Page request frames from the peer's pull lane; `None`: the peer asks over control.
+    requests: Option<channel::Receiver<Timed>>,
     /// The link's own cap, and the host's budget shared by all its migrations.
     budgets: Vec<Arc<Mutex<TokenBucket>>>,
     latency: Duration,
     /// Held while anyone may send; socket writers blocked on a stalled peer give up when the
     /// last clone is gone.
     _alive: Option<Arc<()>>,
+    /// Held while this end uses its pull connection (shared with the [`DataReceiver`]).
+    _pull: Option<Arc<()>>,
     /// A decorator's extra pacing (fault injection), if any.
     throttle: Option<Arc<dyn Throttle>>,
     /// True if bulk frames arrive in the order sent (one stream carries them).
@@ -165,6 +184,11 @@ impl DataSender {
     /// may reorder them; anything that depends on order (a delta after its base) checks this.
     pub fn is_ordered(&self) -> bool {
         self.ordered
+    }
+
+    /// The peer's page request frames ([`decode_request`]), if this link has a pull lane.
+    pub fn pull_requests(&self) -> Option<channel::Receiver<Timed>> {
+        self.requests.clone()
     }
 
     /// Installs `throttle` on this sender and the clones made from it after.
@@ -207,50 +231,6 @@ impl DataSender {
         send_until(&self.tx, self.timed(frame), stop)
     }
 
-    /// Like [`Self::send`], but while the bulk channel is full it also watches `interrupt`: if
-    /// that yields first, the frame comes back unsent (already paced: offer it again with
-    /// [`Self::resend`]) together with what interrupted. Post-copy's push uses it so that a pull
-    /// arriving while the push waits for room is served at once, not after a bulk slot frees up
-    /// (the wait for room was the largest share of a fault's latency in-process).
-    pub fn send_unless<T>(
-        &self,
-        frame: Bytes,
-        stop: &AtomicBool,
-        interrupt: &channel::Receiver<T>,
-    ) -> Result<Option<(Timed, T)>, LinkError> {
-        self.pace(frame.len(), stop);
-        self.resend(self.timed(frame), stop, interrupt)
-    }
-
-    /// Offers a frame handed back by [`Self::send_unless`] again.
-    pub fn resend<T>(
-        &self,
-        t: Timed,
-        stop: &AtomicBool,
-        interrupt: &channel::Receiver<T>,
-    ) -> Result<Option<(Timed, T)>, LinkError> {
-        loop {
-            let mut sel = channel::Select::new();
-            let send = sel.send(&self.tx);
-            let recv = sel.recv(interrupt);
-            match sel.select_timeout(STOP_POLL) {
-                Ok(op) if op.index() == send => {
-                    return op.send(&self.tx, t).map(|()| None).map_err(|_| LinkError::Closed);
-                }
-                Ok(op) => {
-                    debug_assert_eq!(op.index(), recv);
-                    match op.recv(interrupt) {
-                        Ok(v) => return Ok(Some((t, v))),
-                        // Nothing can interrupt any more: a plain send.
-                        Err(_) => return send_until(&self.tx, t, stop).map(|()| None),
-                    }
-                }
-                Err(_) if stop.load(Ordering::Acquire) => return Err(LinkError::Closed),
-                Err(_) => {}
-            }
-        }
-    }
-
     /// Sends one urgent frame ahead of queued bulk frames; it still counts against the budget.
     pub fn send_urgent(&self, frame: Bytes, stop: &AtomicBool) -> Result<(), LinkError> {
         self.pace(frame.len(), stop);
@@ -276,13 +256,18 @@ fn send_until(tx: &channel::Sender<Timed>, mut t: Timed, stop: &AtomicBool) -> R
 /// How often a blocked data-plane send looks up for a stop request.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
-/// Receives page batch frames from the peer, urgent ones first.
+/// Receives page batch frames from the peer, urgent ones first; asks for pages on the pull
+/// lane if the link has one.
 #[derive(Debug, Clone)]
 pub struct DataReceiver {
     rx: channel::Receiver<Timed>,
     urgent: channel::Receiver<Timed>,
+    /// Page requests to the peer's pull lane; `None`: pages are asked for over control.
+    asks: Option<channel::Sender<Timed>>,
     /// Held while anyone receives; socket readers stop when the last clone is gone.
     _alive: Option<Arc<()>>,
+    /// Held while this end uses its pull connection (shared with the [`DataSender`]).
+    _pull: Option<Arc<()>>,
 }
 
 /// What a bounded wait on a [`DataReceiver`] gave.
@@ -296,7 +281,60 @@ pub enum DataRecv {
     Closed,
 }
 
+/// Which of a receiver's lanes to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Bulk frames only.
+    Bulk,
+    /// Urgent frames (pulled pages) only.
+    Urgent,
+}
+
 impl DataReceiver {
+    /// True if this link has a pull lane of its own ([`Self::ask`] can send).
+    pub fn has_pull_lane(&self) -> bool {
+        self.asks.is_some()
+    }
+
+    /// Asks the peer for `pages` on the pull lane, without waiting. [`PullAsk::Sent`] only if
+    /// the request is on its way; otherwise the caller asks over the control link.
+    pub fn ask(&self, pages: &[u64]) -> PullAsk {
+        let Some(asks) = &self.asks else {
+            return PullAsk::NoLane;
+        };
+        let t = Timed {
+            due: Instant::now(),
+            frame: encode_request(pages),
+        };
+        match asks.try_send(t) {
+            Ok(()) => PullAsk::Sent,
+            Err(channel::TrySendError::Full(_)) => PullAsk::Full,
+            Err(channel::TrySendError::Disconnected(_)) => PullAsk::Closed,
+        }
+    }
+
+    /// This receiver, asking for pages on `other`'s pull lane: for a decorator that puts a
+    /// thread between a link's data half and the plane (the page requests still reach the
+    /// link's peer).
+    pub fn asking_through(mut self, other: &DataReceiver) -> Self {
+        self.asks.clone_from(&other.asks);
+        self
+    }
+
+    /// The next frame of `lane` alone, as [`Self::recv_timeout`] delivers it: a data plane
+    /// that applies pulled pages on a thread of their own reads each lane separately.
+    pub fn recv_lane_timeout(&self, lane: Lane, wait: Duration) -> DataRecv {
+        let rx = match lane {
+            Lane::Bulk => &self.rx,
+            Lane::Urgent => &self.urgent,
+        };
+        match rx.recv_timeout(wait) {
+            Ok(t) => deliver(t),
+            Err(channel::RecvTimeoutError::Timeout) => DataRecv::Idle,
+            Err(channel::RecvTimeoutError::Disconnected) => DataRecv::Closed,
+        }
+    }
+
     /// The next frame (an urgent one if any is waiting), delivered no earlier than its due
     /// instant; gives up after `wait` so the caller can check for a stop request.
     pub fn recv_timeout(&self, wait: Duration) -> DataRecv {
@@ -314,17 +352,20 @@ impl DataReceiver {
         // before it went away: those are delivered first.
         .or_else(|()| self.urgent.try_recv().or_else(|_| self.rx.try_recv()).map_err(|_| ()));
         match got {
-            Ok(t) => {
-                let now = Instant::now();
-                if t.due > now {
-                    std::thread::sleep(t.due - now);
-                }
-                DataRecv::Frame(t.frame)
-            }
+            Ok(t) => deliver(t),
             // One lane closed means the peer dropped its sender: both go together.
             Err(()) => DataRecv::Closed,
         }
     }
+}
+
+/// A frame, no earlier than its due instant (in-process latency shaping).
+fn deliver(t: Timed) -> DataRecv {
+    let now = Instant::now();
+    if t.due > now {
+        std::thread::sleep(t.due - now);
+    }
+    DataRecv::Frame(t.frame)
 }
 
 /// One end of a link, as a transport hands it to the engine.
@@ -345,26 +386,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_send_unless_hands_frame_back_when_interrupted_while_full() {
+    fn test_an_in_process_link_has_a_pull_lane_apart_from_the_bulk_one() {
         let (a, b) = pair(Shaping::default());
         let stop = AtomicBool::new(false);
-        let (pull_tx, pull_rx) = channel::unbounded::<u64>();
-        // Fill the bulk lane, then queue an interrupt.
+        // Fill the bulk lane: neither pulled pages nor requests wait behind it.
         for _ in 0..DATA_CHANNEL_FRAMES {
             assert!(a.data_tx.send(Bytes::from_static(b"bulk"), &stop).is_ok());
         }
-        pull_tx.send(7).expect("queue");
-        let (held, page) = a
-            .data_tx
-            .send_unless(Bytes::from_static(b"late"), &stop, &pull_rx)
-            .expect("link up")
-            .expect("the full link gives way to the waiting interrupt");
-        assert_eq!((page, &held.frame[..]), (7, &b"late"[..]));
-        // Once the peer takes a frame, the held one goes out.
+        assert!(b.data_rx.has_pull_lane());
+        assert_eq!(b.data_rx.ask(&[7, 9]), PullAsk::Sent);
+        let requests = a.data_tx.pull_requests().expect("a pull lane");
+        let asked = requests.recv_timeout(Duration::from_secs(1)).expect("the request");
+        assert_eq!(decode_request(&asked.frame), Ok(vec![7, 9]));
+        a.data_tx
+            .send_urgent(Bytes::from_static(b"pulled"), &stop)
+            .expect("the urgent lane has room");
+        match b.data_rx.recv_lane_timeout(Lane::Urgent, Duration::from_secs(1)) {
+            DataRecv::Frame(f) => assert_eq!(&f[..], b"pulled"),
+            other => panic!("no pulled frame: {other:?}"),
+        }
         assert!(matches!(
-            b.data_rx.recv_timeout(Duration::from_secs(1)),
-            DataRecv::Frame(_)
+            b.data_rx.recv_lane_timeout(Lane::Bulk, Duration::from_secs(1)),
+            DataRecv::Frame(f) if &f[..] == b"bulk"
         ));
-        assert!(a.data_tx.resend(held, &stop, &pull_rx).expect("sent").is_none());
+        // The other way too: each end asks its peer.
+        assert_eq!(a.data_rx.ask(&[1]), PullAsk::Sent);
+        assert!(b.data_tx.pull_requests().expect("lane").try_recv().is_ok());
     }
 }

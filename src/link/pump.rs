@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::pull::spawn_pull;
 use super::secure::{FrameMac, Session, Side, TAG_LEN};
 use super::{
     ControlChannel, DataReceiver, DataSender, FramePool, LinkEnd, LinkFault, Timed, TokenBucket, CONTROL_CHANNEL_BYTES,
@@ -28,7 +29,7 @@ use crate::protocol::pages::FLAG_PULLED;
 use crate::protocol::pages::{start_frame_buffer, FRAME_CAPACITY};
 
 /// How often a blocked data-stream reader looks up to see whether its consumer is gone.
-const READ_POLL: Duration = Duration::from_millis(200);
+pub(super) const READ_POLL: Duration = Duration::from_millis(200);
 /// Longest one control frame may take to write: a peer that stops reading is gone.
 const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -81,6 +82,7 @@ pub(super) use on_conn;
 pub(super) fn build_end(
     control: Conn,
     data: Vec<Conn>,
+    pull: Option<Conn>,
     budgets: Vec<Arc<Mutex<TokenBucket>>>,
     session: &Session,
     side: Side,
@@ -106,6 +108,12 @@ pub(super) fn build_end(
     let (in_urg_tx, in_urg_rx) = channel::bounded::<Timed>(URGENT_CHANNEL_FRAMES);
     let alive = Arc::new(());
     let sending = Arc::new(());
+    // With a pull connection, urgent frames and page requests go on it alone.
+    let lane = match pull {
+        Some(conn) => Some(spawn_pull(conn, session, side, &pool, &fault, &urg_rx, &in_urg_tx)?),
+        None => None,
+    };
+    let data_urgent = lane.is_none().then(|| urg_rx.clone());
     // Writer threads take frames from one queue; with more than one, frames may overtake.
     let mut writers = 0usize;
     for (i, conn) in data.into_iter().enumerate() {
@@ -116,7 +124,7 @@ pub(super) fn build_end(
         };
         let out = DataOut {
             bulk: bulk_rx.clone(),
-            urgent: urg_rx.clone(),
+            urgent: data_urgent.clone(),
             pool: pool.clone(),
             alive: Arc::downgrade(&sending),
             mac: seal,
@@ -193,16 +201,20 @@ pub(super) fn build_end(
         data_tx: DataSender {
             tx: bulk_tx,
             urgent: urg_tx,
+            requests: lane.as_ref().map(|l| l.requests.clone()),
             budgets,
             latency: Duration::ZERO,
             _alive: Some(sending),
+            _pull: lane.as_ref().map(|l| Arc::clone(&l.alive)),
             throttle: None,
             ordered: writers <= 1,
         },
         data_rx: DataReceiver {
             rx: in_bulk_rx,
             urgent: in_urg_rx,
+            asks: lane.as_ref().map(|l| l.asks.clone()),
             _alive: Some(alive),
+            _pull: lane.map(|l| l.alive),
         },
         pool,
     })
@@ -342,7 +354,8 @@ async fn read_control_frames<R: tokio::io::AsyncRead>(
 /// One data connection's sending half: frames from the link's queues to the socket.
 struct DataOut {
     bulk: channel::Receiver<Timed>,
-    urgent: channel::Receiver<Timed>,
+    /// `None` when the link's pull connection carries the urgent frames.
+    urgent: Option<channel::Receiver<Timed>>,
     pool: FramePool,
     alive: Weak<()>,
     mac: Option<FrameMac>,
@@ -352,11 +365,14 @@ impl DataOut {
     fn run<W: Write>(&mut self, s: &mut W) {
         let mut scratch = Vec::with_capacity(if self.mac.is_some() { FRAME_CAPACITY } else { 0 });
         loop {
-            let next = match self.urgent.try_recv() {
-                Ok(t) => Ok(t),
-                Err(_) => channel::select! {
-                    recv(self.urgent) -> t => t,
-                    recv(self.bulk) -> t => t,
+            let next = match &self.urgent {
+                None => self.bulk.recv(),
+                Some(urgent) => match urgent.try_recv() {
+                    Ok(t) => Ok(t),
+                    Err(_) => channel::select! {
+                        recv(urgent) -> t => t,
+                        recv(self.bulk) -> t => t,
+                    },
                 },
             };
             let Ok(t) = next else { break };
@@ -449,7 +465,7 @@ impl DataIn {
 /// Writes `buf` completely; `Ok(false)` if every sender went away while the peer was not
 /// reading (a stopped or silent peer must not hold this thread forever). Both a plain socket
 /// and a rustls stream report a timed-out write before consuming anything, so retrying is safe.
-fn write_full<W: Write>(s: &mut W, buf: &[u8], alive: &Weak<()>) -> io::Result<bool> {
+pub(super) fn write_full<W: Write>(s: &mut W, buf: &[u8], alive: &Weak<()>) -> io::Result<bool> {
     let mut at = 0;
     while at < buf.len() {
         match s.write(&buf[at..]) {
@@ -468,7 +484,7 @@ fn write_full<W: Write>(s: &mut W, buf: &[u8], alive: &Weak<()>) -> io::Result<b
 }
 
 /// Reads into `buf` completely; `Ok(false)` if the consumer went away or the peer closed.
-fn read_full<R: Read>(s: &mut R, buf: &mut [u8], alive: &Weak<()>) -> io::Result<bool> {
+pub(super) fn read_full<R: Read>(s: &mut R, buf: &mut [u8], alive: &Weak<()>) -> io::Result<bool> {
     let mut at = 0;
     while at < buf.len() {
         match s.read(&mut buf[at..]) {

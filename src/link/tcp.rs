@@ -17,6 +17,14 @@
 //!
 //! Page batches of one migration may arrive out of order across streams; the target's data
 //! plane applies a page only if its round is not older than the one already applied.
+//!
+//! Between the control handshake and the data connections the client opens the **pull
+//! connection** (post-copy's page requests and the pages they ask for, see [`super::pull`]) and
+//! waits for the listener's one-byte answer. A listener that does not know the role (built
+//! before it, or serving over TLS, where the pull connection is not offered yet) closes it;
+//! the link then works as before, with pulls on the shared connections. Since the answer comes
+//! before any data connection is opened, a link is complete, with or without its pull
+//! connection, once its control and data connections are all there.
 
 use std::collections::HashMap;
 use std::io;
@@ -30,6 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::gate::{AcceptLimits, Gate};
+use super::pull::{PULL_ACCEPTED, PULL_ROLE};
 use super::pump::{build_end, on_conn, Conn};
 use super::secure::{self, SecureError, Session, Side, PROOF_LEN};
 use super::tls::TlsSetup;
@@ -119,7 +128,7 @@ impl Preamble {
         let mut id = [0u8; 8];
         id.copy_from_slice(&b[9..17]);
         let (role, streams) = (b[17], b[18]);
-        if streams == 0 || streams > MAX_STREAMS || role > streams {
+        if streams == 0 || streams > MAX_STREAMS || (role > streams && role != PULL_ROLE) {
             return Err(bad(format!("role {role} of {streams} streams")));
         }
         Ok(Self {
@@ -160,7 +169,8 @@ async fn open(addr: SocketAddr, tls: Option<&TlsSetup>) -> Result<Conn, TcpLinkE
 /// Opens a link to `addr` with `streams` data connections, shaped to `bandwidth` bytes per
 /// second if given, charged to a host's shared `budget` if given, over TLS if `tls` is given,
 /// proving `key` if given (a keyed listener refuses a link without it, and a keyed client
-/// refuses a listener that does not prove the same key).
+/// refuses a listener that does not prove the same key). Over plain TCP it also opens a pull
+/// connection if the listener takes one.
 pub async fn connect(
     addr: SocketAddr,
     streams: u8,
@@ -168,6 +178,56 @@ pub async fn connect(
     budget: Option<Arc<Mutex<TokenBucket>>>,
     tls: Option<&TlsSetup>,
     key: Option<&ClusterKey>,
+) -> Result<LinkEnd, TcpLinkError> {
+    connect_with(addr, streams, bandwidth, budget, tls, key, true).await
+}
+
+/// Like [`connect`], without a pull connection, as a client built before pull connections
+/// connects: post-copy pulls then share the data and control connections.
+pub async fn connect_without_pull(
+    addr: SocketAddr,
+    streams: u8,
+    tls: Option<&TlsSetup>,
+    key: Option<&ClusterKey>,
+) -> Result<LinkEnd, TcpLinkError> {
+    connect_with(addr, streams, None, None, tls, key, false).await
+}
+
+/// Opens the pull connection of link `preamble` names and waits for the listener's answer;
+/// `None` if the listener does not take it (the link goes on without one).
+async fn open_pull(addr: SocketAddr, preamble: [u8; PREAMBLE_LEN], session: &Session) -> Option<Conn> {
+    let mut conn = open(addr, None).await.ok()?;
+    let mut hello = preamble.to_vec();
+    hello.extend_from_slice(&session.prove_data(PULL_ROLE, &conn.binding()));
+    let answered = on_conn!(&mut conn, s => {
+        async {
+            s.write_all(&hello).await?;
+            s.flush().await?;
+            let mut answer = [0u8; 1];
+            s.read_exact(&mut answer).await?;
+            Ok::<_, io::Error>(answer[0])
+        }
+        .await
+    });
+    match answered {
+        Ok(PULL_ACCEPTED) => {
+            super::pull::opened();
+            Some(conn)
+        }
+        // Closed, reset or anything else: a listener that does not know the role.
+        _ => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connect_with(
+    addr: SocketAddr,
+    streams: u8,
+    bandwidth: Option<u64>,
+    budget: Option<Arc<Mutex<TokenBucket>>>,
+    tls: Option<&TlsSetup>,
+    key: Option<&ClusterKey>,
+    pull: bool,
 ) -> Result<LinkEnd, TcpLinkError> {
     if streams == 0 || streams > MAX_STREAMS {
         return Err(TcpLinkError::Streams {
@@ -191,6 +251,11 @@ pub async fn connect(
         let session = on_conn!(&mut control, s => {
             secure::client_handshake(s, &preamble(0), id, key, &binding, is_tls).await
         })?;
+        // Over TLS the pull connection is not offered yet: pulls share the TLS connections.
+        let pull = match pull && tls.is_none() {
+            true => open_pull(addr, preamble(PULL_ROLE), &session).await,
+            false => None,
+        };
         let mut data = Vec::with_capacity(streams as usize);
         for role in 1..=streams {
             let mut conn = open(addr, tls).await?;
@@ -202,9 +267,9 @@ pub async fn connect(
             });
             data.push(conn);
         }
-        Ok::<_, TcpLinkError>((control, data, session))
+        Ok::<_, TcpLinkError>((control, data, pull, session))
     };
-    let (control, data, session) = tokio::time::timeout(CONNECT_TIMEOUT, opened)
+    let (control, data, pull, session) = tokio::time::timeout(CONNECT_TIMEOUT, opened)
         .await
         .map_err(|_| TcpLinkError::Timeout("connect"))??;
     let mut budgets: Vec<_> = bandwidth
@@ -212,7 +277,7 @@ pub async fn connect(
         .into_iter()
         .collect();
     budgets.extend(budget);
-    Ok(build_end(control, data, budgets, &session, Side::Client)?)
+    Ok(build_end(control, data, pull, budgets, &session, Side::Client)?)
 }
 
 /// How a listener accepts links.
@@ -227,6 +292,9 @@ pub struct ServeOptions {
     pub allowed_peers: Option<Vec<IpAddr>>,
     /// Caps on connections not yet authenticated.
     pub limits: AcceptLimits,
+    /// Refuse pull connections, as a listener built before them does: links then carry
+    /// post-copy pulls on their shared connections.
+    pub refuse_pull: bool,
 }
 
 /// Accepts links on `listener` and hands each assembled [`LinkEnd`] to `links`. Runs until
@@ -244,6 +312,7 @@ pub async fn serve(
         .as_ref()
         .map(|t| tokio_rustls::TlsAcceptor::from(Arc::clone(&t.server)));
     let shared = Arc::new(Shared {
+        refuse_pull: options.refuse_pull,
         key: options.key,
         acceptor,
         assembly: Mutex::new(HashMap::new()),
@@ -284,8 +353,13 @@ pub async fn serve(
                 }
             };
             if let Some(link) = complete {
-                let CompleteLink { control, data, session } = link;
-                match build_end(control, data, Vec::new(), &session, Side::Server) {
+                let CompleteLink {
+                    control,
+                    data,
+                    pull,
+                    session,
+                } = link;
+                match build_end(control, data, pull, Vec::new(), &session, Side::Server) {
                     Ok(end) => {
                         let _ = shared.links.send(end).await;
                     }
@@ -300,6 +374,7 @@ pub async fn serve(
 
 /// What every connection task of one listener shares.
 struct Shared {
+    refuse_pull: bool,
     key: Option<ClusterKey>,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     /// Authenticated links waiting for their data connections, by link id.
@@ -315,12 +390,15 @@ struct PendingLink {
     /// Set once the client has been told it is accepted.
     control: Option<Conn>,
     data: Vec<Option<Conn>>,
+    /// The pull connection, if the client opened one (always before its data connections).
+    pull: Option<Conn>,
 }
 
 /// A link with every connection in place.
 struct CompleteLink {
     control: Conn,
     data: Vec<Conn>,
+    pull: Option<Conn>,
     session: Session,
 }
 
@@ -355,6 +433,8 @@ impl Shared {
             };
             link.control = Some(conn);
             Ok(take_if_complete(&mut assembly, p.link_id))
+        } else if p.role == PULL_ROLE {
+            self.join_pull(p, conn, &binding).await.map(|()| None)
         } else {
             let mut proof = [0u8; PROOF_LEN];
             on_conn!(&mut conn, s => s.read_exact(&mut proof).await)?;
@@ -375,6 +455,46 @@ impl Shared {
                 _ => return Err(orphan),
             }
             Ok(take_if_complete(&mut assembly, p.link_id))
+        }
+    }
+
+    /// A pull connection: proved like a data connection, answered, then held with its link.
+    async fn join_pull(&self, p: Preamble, mut conn: Conn, binding: &[u8]) -> Result<(), TcpLinkError> {
+        let orphan = TcpLinkError::Orphan {
+            link_id: p.link_id,
+            role: p.role,
+        };
+        let mut proof = [0u8; PROOF_LEN];
+        on_conn!(&mut conn, s => s.read_exact(&mut proof).await)?;
+        // Refused by closing it, as a listener that does not know the role does.
+        if self.refuse_pull || conn.is_tls() {
+            return Err(orphan);
+        }
+        {
+            let assembly = self.assembly.lock().unwrap_or_else(|e| e.into_inner());
+            let link = assembly.get(&p.link_id).ok_or(orphan)?;
+            link.session.verify_data(p.role, binding, &proof)?;
+            if link.pull.is_some() || link.data.iter().any(Option::is_some) {
+                return Err(TcpLinkError::Orphan {
+                    link_id: p.link_id,
+                    role: p.role,
+                });
+            }
+        }
+        on_conn!(&mut conn, s => {
+            s.write_all(&[PULL_ACCEPTED]).await?;
+            s.flush().await?;
+        });
+        let mut assembly = self.assembly.lock().unwrap_or_else(|e| e.into_inner());
+        match assembly.get_mut(&p.link_id) {
+            Some(link) if link.pull.is_none() => {
+                link.pull = Some(conn);
+                Ok(())
+            }
+            _ => Err(TcpLinkError::Orphan {
+                link_id: p.link_id,
+                role: p.role,
+            }),
         }
     }
 
@@ -401,6 +521,7 @@ impl Shared {
                 session,
                 control: None,
                 data: (0..p.streams).map(|_| None).collect(),
+                pull: None,
             },
         );
         Ok(())
@@ -416,6 +537,7 @@ fn take_if_complete(assembly: &mut HashMap<u64, PendingLink>, id: u64) -> Option
     Some(CompleteLink {
         control: link.control?,
         data: link.data.into_iter().flatten().collect(),
+        pull: link.pull,
         session: link.session,
     })
 }
@@ -441,5 +563,115 @@ mod tests {
         let mut bad = p.encode();
         bad[18] = 0;
         assert!(Preamble::decode(&bad).is_err());
+        let pull = Preamble { role: PULL_ROLE, ..p };
+        assert_eq!(Preamble::decode(&pull.encode()).expect("the pull connection"), pull);
+    }
+
+    use std::sync::atomic::AtomicBool;
+
+    use crate::link::{decode_request, DataRecv, Lane, LinkError, PullAsk};
+    use crate::protocol::pages::{PageBatchBuilder, FLAG_POSTCOPY, FLAG_PULLED};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A listener with `options` and a link to it (`pull`: the client offers a pull
+    /// connection); returns (client end, server end).
+    async fn linked(options: ServeOptions, pull: bool) -> (LinkEnd, LinkEnd) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let key = options.key.clone();
+        let (tx, mut rx) = mpsc::channel(1);
+        tokio::spawn(serve(listener, tx, Arc::new(AtomicU64::new(0)), options));
+        let client = if pull {
+            connect(addr, 2, None, None, None, key.as_ref()).await
+        } else {
+            connect_without_pull(addr, 2, None, key.as_ref()).await
+        }
+        .expect("connect");
+        let server = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("assembled in time")
+            .expect("a link");
+        (client, server)
+    }
+
+    fn page_frame(page: u64, flags: u8) -> bytes::Bytes {
+        let memory = crate::memory::GuestMemory::new(16 * crate::units::PAGE_SIZE as u64).expect("map");
+        let mut batch = PageBatchBuilder::new(u32::MAX, flags);
+        batch.add_from(&memory, page).expect("page");
+        batch.finish()
+    }
+
+    /// The server end asks for pages; the client end answers with one urgent frame, which must
+    /// arrive on the server's urgent lane.
+    async fn pull_round_trip(client: &LinkEnd, server: &LinkEnd, lane: bool) {
+        let (client_tx, server_rx) = (client.data_tx.clone(), server.data_rx.clone());
+        let asked = tokio::task::spawn_blocking(move || {
+            if lane {
+                assert_eq!(server_rx.ask(&[3, 4]), PullAsk::Sent);
+                let requests = client_tx.pull_requests().expect("the client serves a pull lane");
+                let got = requests.recv_timeout(WAIT).expect("the request arrives");
+                assert_eq!(decode_request(&got.frame), Ok(vec![3, 4]));
+            } else {
+                assert_eq!(server_rx.ask(&[3]), PullAsk::NoLane);
+                assert!(client_tx.pull_requests().is_none());
+            }
+            let stop = AtomicBool::new(false);
+            let pulled = page_frame(3, FLAG_POSTCOPY | FLAG_PULLED);
+            client_tx.send(page_frame(1, FLAG_POSTCOPY), &stop).expect("bulk");
+            client_tx.send_urgent(pulled.clone(), &stop).expect("urgent");
+            match server_rx.recv_lane_timeout(Lane::Urgent, WAIT) {
+                DataRecv::Frame(f) => assert_eq!(f, pulled),
+                other => panic!("no pulled page: {other:?}"),
+            }
+        });
+        tokio::time::timeout(WAIT * 2, asked)
+            .await
+            .expect("in time")
+            .expect("the exchange");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_a_keyed_link_carries_requests_and_pulled_pages_on_its_pull_connection() {
+        let key = ClusterKey::new(&[7u8; 32]).expect("key");
+        let before = crate::link::pull_connections_opened();
+        let options = ServeOptions {
+            key: Some(key),
+            ..ServeOptions::default()
+        };
+        let (client, server) = linked(options, true).await;
+        assert!(client.data_rx.has_pull_lane() && server.data_rx.has_pull_lane());
+        assert!(crate::link::pull_connections_opened() > before);
+        pull_round_trip(&client, &server, true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_without_a_pull_connection_pulls_share_the_data_connections() {
+        // A listener that refuses the pull connection, as one built before it does.
+        let refusing = ServeOptions {
+            refuse_pull: true,
+            ..ServeOptions::default()
+        };
+        let (client, server) = linked(refusing, true).await;
+        assert!(!client.data_rx.has_pull_lane() && !server.data_rx.has_pull_lane());
+        pull_round_trip(&client, &server, false).await;
+        // A client that offers none, as one built before it.
+        let (client, server) = linked(ServeOptions::default(), false).await;
+        assert!(!client.data_rx.has_pull_lane() && !server.data_rx.has_pull_lane());
+        pull_round_trip(&client, &server, false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_a_lost_pull_connection_loses_the_link() {
+        let (client, server) = linked(ServeOptions::default(), true).await;
+        let fault = client.control.fault.clone();
+        // The server end goes away (its pull connection with it) while the client still uses
+        // its link.
+        drop(server);
+        tokio::time::timeout(WAIT, fault.raised())
+            .await
+            .expect("the loss is seen");
+        assert_eq!(fault.get(), Some(LinkError::PullClosed));
+        drop(client);
     }
 }

@@ -15,6 +15,8 @@ pub const MAX_FRAME_LEN: usize = 32 << 20;
 pub const TAG_CONTROL: u8 = b'C';
 /// Tag of a page batch frame.
 pub const TAG_PAGES: u8 = b'P';
+/// Tag of a post-copy page request on a link's pull lane (`crate::link::encode_request`).
+pub const TAG_PULL_REQUEST: u8 = b'R';
 
 /// Errors of framing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

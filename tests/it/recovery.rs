@@ -223,9 +223,14 @@ async fn test_postcopy_recovery_over_tcp() {
     req.target_addr = Some(addr);
     req.shaping.bandwidth_bytes_per_sec = Some(64_000_000);
     req.faults = "postcopy-link-loss:300ms@8MiB".parse().expect("plan");
+    let opened = migratory::link::pull_connections_opened();
     let report = src.migrate(req).await.expect("report");
     assert_eq!(report.result, Outcome::Recovered, "{:?}", report.error);
     assert_eq!(report.recoveries, 1);
+    assert!(
+        migratory::link::pull_connections_opened() >= opened + 2,
+        "the recovery link opens a pull connection of its own"
+    );
     assert!(report.verified, "{:?}", report.mismatched_pages);
     assert!(src.list_vms("src").await.expect("list").is_empty(), "source freed");
     let moved = dst.vm_info("dst", "rec-tcp").await.expect("vm on target");

@@ -63,6 +63,38 @@ tcp_matrix! {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_tcp_postcopy_pulls_take_the_pull_connection_while_the_push_runs() {
+    let (src, dst, addr) = common::two_engines().await;
+    let (opened, asked) = (
+        migratory::link::pull_connections_opened(),
+        migratory::link::pull_requests_received(),
+    );
+    // Writes all over memory: the guest faults on pages the push has not reached.
+    let spec = VmSpec {
+        workload: migratory::vmm::WorkloadSpec {
+            pattern: migratory::vmm::Pattern::Uniform,
+            ..common::writer(40_000_000, 32 * MIB)
+        },
+        ..VmSpec::new("pulls", 32 * MIB)
+    };
+    src.create_vm("src", spec).await.expect("create");
+    let mut req = MigrationRequest::new("pulls", "src", addr.to_string()).algorithm(Algorithm::Postcopy);
+    req.target_addr = Some(addr);
+    let report = src.migrate(req).await.expect("report");
+    assert_eq!(report.result, Outcome::Completed, "{:?}", report.error);
+    assert!(report.verified, "{:?}", report.mismatched_pages);
+    assert!(report.postcopy_faults > 0, "the guest faulted");
+    assert!(report.pages.pulled > 0, "pages were pulled");
+    assert!(migratory::link::pull_connections_opened() > opened, "a pull connection");
+    assert!(
+        migratory::link::pull_requests_received() > asked,
+        "the requests came on the pull connection"
+    );
+    let moved = dst.vm_info("dst", "pulls").await.expect("vm on target");
+    assert!(moved.state.is_running(), "{}", moved.state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_listener_survives_hostile_connections_then_migrates() {
     let (src, dst, addr) = common::two_engines().await;
     let hostile: Vec<Vec<u8>> = vec![

@@ -9,7 +9,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::finish::{failed, prefer_peer_abort, Exit};
 use super::run::{Flow, TargetRun};
-use crate::link::LinkEvents;
+use crate::link::{LinkEvents, PullAsk};
 use crate::protocol::ControlMessage;
 use crate::units::{PageIndex, PAGE_SIZE};
 use crate::vmm::{FaultSink, Guest, GuestStats};
@@ -38,9 +38,16 @@ impl Wanted {
 }
 
 impl TargetRun {
-    /// Asks the source for `first` and for whatever else is wanted already, in one message.
+    /// Asks the source for `first` and for whatever else is wanted already, in one request: on
+    /// the link's pull lane if it has one (a connection of its own, served ahead of the push),
+    /// else (a peer without pull connections, or a full lane) in a `PageRequest`.
     pub(super) async fn request_pages(&mut self, first: u64) -> Flow {
         let pages = batch_after(first, &mut self.wanted.pages, PULL_BATCH);
+        if let Some(plane) = &self.plane {
+            if plane.ask(&pages) == PullAsk::Sent {
+                return Ok(());
+            }
+        }
         self.send(ControlMessage::PageRequest { pages }).await
     }
 

@@ -173,6 +173,8 @@ fn count_bytes((from, pool): (DataReceiver, FramePool)) -> (Arc<AtomicU64>, (Dat
     let received = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&received);
     let to = near.data_tx;
+    // Page requests still go to the source on the link's own pull lane.
+    let far_rx = far.data_rx.asking_through(&from);
     let spawned = std::thread::Builder::new()
         .name("migratory-fault-count".into())
         .spawn(move || {
@@ -198,7 +200,7 @@ fn count_bytes((from, pool): (DataReceiver, FramePool)) -> (Arc<AtomicU64>, (Dat
         tracing::error!(error = %e, "the fault injection's byte counter did not start");
     }
     // Frames cross from the source's end to this one: they go back to the link's pool.
-    (received, (far.data_rx, pool))
+    (received, (far_rx, pool))
 }
 
 #[cfg(test)]
