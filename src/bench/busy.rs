@@ -69,6 +69,10 @@ pub struct MoveRow {
     pub rounds: u32,
     /// Each stage's duration, ms, in order.
     pub stages_ms: Vec<(String, f64)>,
+    /// Where the downtime went (the report's `downtime_parts`), ms.
+    pub downtime_parts_ms: Vec<(String, f64)>,
+    /// Why the rounds stopped: the report's last decision.
+    pub stop_reason: String,
 }
 
 /// QEMU's figures for one move, from its source's `query-migrate`.
@@ -291,6 +295,16 @@ struct ReportView {
     bytes_sent: u64,
     rounds: u32,
     stages: Vec<StageView>,
+    #[serde(default)]
+    downtime_parts: std::collections::BTreeMap<String, f64>,
+    #[serde(default)]
+    decisions: Vec<DecisionView>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DecisionView {
+    action: String,
+    reason: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -332,6 +346,12 @@ fn run_daemons(moves: u32, rows: &mut Vec<MoveRow>) -> Result<(), String> {
             row.rounds,
             stages.join(", ")
         );
+        let parts: Vec<String> = row
+            .downtime_parts_ms
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms:.2}"))
+            .collect();
+        println!("{:>29} downtime: {}; {}", "", parts.join(", "), row.stop_reason);
         let completed = row.result == "completed";
         rows.push(row);
         if !completed {
@@ -379,6 +399,18 @@ fn one_move(cluster: &Cluster, src: usize, dst: usize, index: u32) -> Result<Mov
         bytes_sent: r.bytes_sent,
         rounds: r.rounds,
         stages_ms: r.stages.into_iter().map(|s| (s.name, s.duration_s * 1e3)).collect(),
+        downtime_parts_ms: ["pause", "final_pages", "state", "verify", "prepare", "activation"]
+            .into_iter()
+            .map(|part| {
+                let ms = r.downtime_parts.get(&format!("{part}_s")).copied().unwrap_or(0.0) * 1e3;
+                (part.to_string(), ms)
+            })
+            .collect(),
+        stop_reason: r
+            .decisions
+            .last()
+            .map(|d| format!("{}: {}", d.action, d.reason))
+            .unwrap_or_default(),
     })
 }
 

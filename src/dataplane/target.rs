@@ -378,7 +378,9 @@ mod tests {
     #[test]
     fn test_corrupted_page_is_refused_not_applied() {
         let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::WorkloadSpec::idle()).expect("src");
-        let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
+        let target: Arc<dyn Guest> = Arc::new(
+            SimGuest::reserve(config(), NativeLayout::Kvm, crate::vmm::MemoryCommit::Background).expect("dst"),
+        );
         let (a, b) = pair(Shaping::default());
         let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool, PageCodecs::NONE).expect("plane");
         let mut batch = PageBatchBuilder::new(0, 0);
@@ -419,7 +421,9 @@ mod tests {
     fn test_compressed_and_delta_pages_are_applied() {
         use crate::dataplane::encoder::SourceEncoder;
         let source = SimGuest::create(config(), NativeLayout::Kvm, crate::vmm::WorkloadSpec::idle()).expect("src");
-        let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
+        let target: Arc<dyn Guest> = Arc::new(
+            SimGuest::reserve(config(), NativeLayout::Kvm, crate::vmm::MemoryCommit::Background).expect("dst"),
+        );
         let (a, b) = pair(Shaping::default());
         let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool, BOTH).expect("plane");
         let mem = source.memory();
@@ -465,7 +469,9 @@ mod tests {
 
     /// Sends one frame to a fresh plane accepting `accept`; returns the error it stops with.
     fn refusal(accept: PageCodecs, frame: bytes::Bytes) -> DataPlaneError {
-        let target: Arc<dyn Guest> = Arc::new(SimGuest::reserve(config(), NativeLayout::Kvm).expect("dst"));
+        let target: Arc<dyn Guest> = Arc::new(
+            SimGuest::reserve(config(), NativeLayout::Kvm, crate::vmm::MemoryCommit::Background).expect("dst"),
+        );
         let (a, b) = pair(Shaping::default());
         let plane = TargetPlane::spawn(Arc::clone(&target), b.data_rx, b.pool, accept).expect("plane");
         a.data_tx.send(frame, &AtomicBool::new(false)).expect("send");

@@ -337,7 +337,7 @@ impl Handler<ReserveIncoming> for Host {
     fn handle(&mut self, msg: ReserveIncoming, _: &mut Self::Context) -> Self::Result {
         let ReserveIncoming {
             config,
-            demand_paged,
+            commit,
             decorate,
         } = msg;
         let bytes = config.memory_bytes;
@@ -365,7 +365,7 @@ impl Handler<ReserveIncoming> for Host {
         }
         self.committed_bytes += bytes;
         let backend = self.backend.clone();
-        let reserve = async move { ask(&backend, ReserveVm { config, demand_paged }, "vm reserve", BACKEND_ASK).await };
+        let reserve = async move { ask(&backend, ReserveVm { config, commit }, "vm reserve", BACKEND_ASK).await };
         Box::pin(reserve.into_actor(self).map(move |res, act, _| {
             let guest = match res {
                 Ok(Ok(g)) => g,

@@ -46,10 +46,8 @@ pub struct CreateVm {
 pub struct ReserveVm {
     /// The incoming VM's configuration.
     pub config: VmConfig,
-    /// Every page will arrive on demand (post-copy). A backend whose demand paging needs
-    /// absent pages (userfaultfd) then maps RAM without committing it, instead of committing
-    /// it now only to drop it at the switchover, inside the downtime.
-    pub demand_paged: bool,
+    /// How to commit its memory.
+    pub commit: super::MemoryCommit,
 }
 
 /// Stop a guest's threads; its memory goes with the last reference. The reply comes once the
@@ -80,7 +78,7 @@ impl Handler<ReserveVm> for Backend {
     fn handle(&mut self, msg: ReserveVm, _: &mut Self::Context) -> Self::Result {
         let hypervisor = Arc::clone(&self.hypervisor);
         let work = offload::run("reserve-vm", move || {
-            hypervisor.reserve_guest(msg.config, msg.demand_paged).map(decorate)
+            hypervisor.reserve_guest(msg.config, msg.commit).map(decorate)
         });
         Box::pin(async move { flatten(work.await) })
     }

@@ -18,7 +18,7 @@ mod workload;
 
 pub use backend::{decorate_next_guest, Backend, CreateVm, DestroyGuest, GuestDecorator, ReserveVm};
 pub use guest::{guest_thread_name, FaultSink, Guest, GuestRef, GuestStats, VmmError};
-pub use hypervisor::{Hypervisor, HypervisorCapabilities};
+pub use hypervisor::{Hypervisor, HypervisorCapabilities, MemoryCommit};
 pub use spec::{BackendSpec, BackendSpecError, Unsupported};
 pub use workload::{Pattern, WorkloadSpec};
 

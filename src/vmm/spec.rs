@@ -151,7 +151,7 @@ impl Hypervisor for Unsupported {
         Err(self.refusal())
     }
 
-    fn reserve_guest(&self, _: VmConfig, _: bool) -> Result<Arc<dyn Guest>, VmmError> {
+    fn reserve_guest(&self, _: VmConfig, _: super::MemoryCommit) -> Result<Arc<dyn Guest>, VmmError> {
         Err(self.refusal())
     }
 }
@@ -206,6 +206,6 @@ mod tests {
             nics: Vec::new(),
         };
         assert!(h.create_guest(config.clone(), WorkloadSpec::idle()).is_err());
-        assert!(h.reserve_guest(config, false).is_err());
+        assert!(h.reserve_guest(config, crate::vmm::MemoryCommit::UpFront).is_err());
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use migratory::engine::{EngineHandle, HostConfig, MigrationRequest, Outcome, VmLocation, VmSpec};
 use migratory::format::{NativeLayout, VmConfig};
 use migratory::protocol::Algorithm;
-use migratory::vmm::{BackendSpec, Guest, Hypervisor, HypervisorCapabilities, VmmError, WorkloadSpec};
+use migratory::vmm::{BackendSpec, Guest, Hypervisor, HypervisorCapabilities, MemoryCommit, VmmError, WorkloadSpec};
 
 use crate::common::{self, MIB};
 
@@ -113,12 +113,13 @@ impl Hypervisor for NoDemandPaging {
         self.0.create_guest(config, workload)
     }
 
-    fn reserve_guest(&self, config: VmConfig, demand_paged: bool) -> Result<Arc<dyn Guest>, VmmError> {
-        assert!(
-            !demand_paged,
+    fn reserve_guest(&self, config: VmConfig, commit: MemoryCommit) -> Result<Arc<dyn Guest>, VmmError> {
+        assert_ne!(
+            commit,
+            MemoryCommit::OnDemand,
             "a post-copy reservation reached a backend that cannot post-copy"
         );
-        self.0.reserve_guest(config, demand_paged)
+        self.0.reserve_guest(config, commit)
     }
 }
 

@@ -140,7 +140,7 @@ impl TargetRun {
     }
 
     /// Reserves the VM through the host and starts the data plane on the link's data half.
-    pub(super) async fn reserve(&mut self, config: VmConfig, demand_paged: bool) -> Flow {
+    pub(super) async fn reserve(&mut self, config: VmConfig, commit: crate::vmm::MemoryCommit) -> Flow {
         if self.params.key.is_some() && !self.handshake.authenticated {
             return Err(Exit::Fail(AbortReason::Unauthenticated {
                 detail: "Reserve before a valid Authenticate".into(),
@@ -149,7 +149,7 @@ impl TargetRun {
         let (data_rx, pool) = self.data.take().ok_or_else(|| violation("second reservation"))?;
         let reserve = ReserveIncoming {
             config,
-            demand_paged,
+            commit,
             decorate: None,
         };
         // Longer than the host's own bound on the backend: the host answers first, and a

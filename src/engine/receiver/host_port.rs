@@ -27,8 +27,8 @@ pub type Reservation = (Addr<Vm>, Arc<dyn Guest>);
 pub struct ReserveIncoming {
     /// The incoming VM.
     pub config: VmConfig,
-    /// Its pages will all come on demand (post-copy); see [`crate::vmm::ReserveVm::demand_paged`].
-    pub demand_paged: bool,
+    /// How its memory is committed; see [`crate::vmm::MemoryCommit`].
+    pub commit: crate::vmm::MemoryCommit,
     /// Wraps the reserved guest before its VM actor starts (fault injection; `None` in
     /// production).
     pub decorate: Option<GuestDecorator>,
@@ -38,7 +38,7 @@ impl std::fmt::Debug for ReserveIncoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReserveIncoming")
             .field("config", &self.config)
-            .field("demand_paged", &self.demand_paged)
+            .field("commit", &self.commit)
             .field("decorated", &self.decorate.is_some())
             .finish()
     }

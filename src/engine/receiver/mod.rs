@@ -184,7 +184,11 @@ fn test_config(id: &str, pages: u64) -> crate::format::VmConfig {
 #[cfg(test)]
 fn reserved_guest(id: &str, pages: u64) -> crate::vmm::GuestRef {
     let config = test_config(id, pages);
-    let guest = crate::vmm::sim::SimGuest::reserve(config, crate::format::NativeLayout::Kvm);
+    let guest = crate::vmm::sim::SimGuest::reserve(
+        config,
+        crate::format::NativeLayout::Kvm,
+        crate::vmm::MemoryCommit::Background,
+    );
     std::sync::Arc::new(guest.expect("a small reservation"))
 }
 

@@ -248,11 +248,11 @@ impl TargetRun {
             }
             A::Reserve {
                 config,
-                demand_paged,
+                commit,
                 announce,
             } => {
                 self.announce = announce;
-                self.reserve(config, demand_paged).await
+                self.reserve(config, commit).await
             }
             A::NoteRound { .. } => Ok(()),
             A::Suspend {

@@ -92,8 +92,8 @@ pub enum ReceiverAction {
     Reserve {
         /// Its configuration.
         config: VmConfig,
-        /// Every page will arrive on demand (post-copy): RAM need not be committed up front.
-        demand_paged: bool,
+        /// How its memory is committed, from the algorithm.
+        commit: crate::vmm::MemoryCommit,
         /// How to announce the VM's NICs once it is activated here.
         announce: crate::announce::AnnounceParams,
     },
@@ -204,7 +204,7 @@ impl ReceiverState {
                     S::Receiving,
                     A::Reserve {
                         config,
-                        demand_paged: algorithm == Algorithm::Postcopy,
+                        commit: crate::vmm::MemoryCommit::for_algorithm(algorithm),
                         announce,
                     },
                 ),

@@ -27,11 +27,13 @@ impl TargetRun {
                 }))
             }
         }
-        // Memory committed in the background must be whole before demand paging drops the
-        // missing pages (a late commit would fill them with zeros) and before `Prepared`: a
-        // host that cannot back the VM refuses while the source still owns it.
+        // Every page is here: memory committed in the background must be whole before
+        // `Prepared`, so that a host that cannot back the VM refuses while the source still
+        // owns it. With pages missing (post-copy) the commit goes on after activation instead,
+        // beside the pages that arrive (a backend that drops the missing pages waits for it
+        // first, in `begin_demand_paging`).
         let guest = self.guest()?;
-        if !guest.memory().committed() {
+        if missing.is_empty() && !guest.memory().committed() {
             let g = Arc::clone(&guest);
             let waited = tokio::task::spawn_blocking(move || g.memory().wait_committed()).await;
             match waited {

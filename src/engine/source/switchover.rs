@@ -34,8 +34,12 @@ impl SourceRun {
         let digests_after_activation = match how {
             Switchover::StopAndCopy => {
                 let after = self.machine.verifies_after_activation();
-                if !after {
-                    // Memory is still from here on: hash it while the last pages travel.
+                // Memory is still from here on: hash it while the last pages travel, when
+                // verifying before commit, or when those pages are most of the VM (a
+                // stop-and-copy) so that the hash overlaps their transfer. A short final set
+                // leaves the cores to the downtime; the hash then runs after it.
+                let most = pages.len().saturating_mul(4) >= self.s.guest.memory().page_count();
+                if !after || most {
                     self.hashing = Some(self.hash_memory());
                 }
                 let final_started = clock::now();

@@ -19,7 +19,7 @@ use crate::format::native::kvm::KvmVcpu;
 use crate::format::{DeviceState, NativeLayout, NativeVcpu, VcpuState, VmConfig, LAPIC_REGISTER_BYTES};
 use crate::memory::GuestMemory;
 use crate::units::PAGE_SIZE;
-use crate::vmm::{FaultSink, Guest, GuestStats, Pattern, VmmError, WorkloadSpec};
+use crate::vmm::{FaultSink, Guest, GuestStats, MemoryCommit, Pattern, VmmError, WorkloadSpec};
 
 /// Device blob carrying what the VMM (not the guest) knows: the pacing and the program's shape.
 pub const KVM_GUEST_DEVICE: &str = "kvm-guest";
@@ -213,15 +213,15 @@ impl KvmGuest {
     }
 
     /// An empty, paused guest waiting for an incoming migration: vCPUs created, nothing
-    /// loaded, RAM committed in the background while pages arrive unless `demand_paged`
-    /// (post-copy brings every page through userfaultfd, which needs them absent; committing
-    /// them now would mean dropping them again at the switchover, inside the downtime: about
-    /// 90 ms per GiB here). The receiver waits for the commit before demand paging starts.
-    pub fn reserve(config: VmConfig, demand_paged: bool) -> Result<Self, VmmError> {
-        let memory = if demand_paged {
-            GuestMemory::new(config.memory_bytes)?
-        } else {
-            GuestMemory::new_committing(config.memory_bytes)?
+    /// loaded, RAM committed as `commit` says; on demand means not at all (post-copy brings
+    /// every page through userfaultfd, which needs them absent; committing them now would
+    /// mean dropping them again at the switchover, inside the downtime: about 90 ms per GiB
+    /// here). Demand paging waits for a background commit first.
+    pub fn reserve(config: VmConfig, commit: MemoryCommit) -> Result<Self, VmmError> {
+        let memory = match commit {
+            MemoryCommit::OnDemand => GuestMemory::new(config.memory_bytes)?,
+            MemoryCommit::Background => GuestMemory::new_committing(config.memory_bytes)?,
+            MemoryCommit::UpFront => GuestMemory::new_populated(config.memory_bytes)?,
         };
         let pacing = Pacing {
             rate_bytes_per_sec: 0,
@@ -518,6 +518,9 @@ impl Guest for KvmGuest {
     }
 
     fn begin_demand_paging(&self, missing: &PageSet, faults: FaultSink) -> Result<(), VmmError> {
+        // Demand paging drops the missing pages for userfaultfd to fill: a background commit
+        // still running would fault them back in as zeros, and no fault would ever come.
+        self.memory.wait_committed()?;
         self.demand.begin(&self.memory, missing, faults)
     }
 
@@ -651,7 +654,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(src.stats().writes, stopped, "a paused guest writes nothing");
 
-        let dst = KvmGuest::reserve(config("by-hand", 16 * MIB), false).expect("reserve");
+        let dst = KvmGuest::reserve(config("by-hand", 16 * MIB), MemoryCommit::Background).expect("reserve");
         let mut page = vec![0u8; PAGE_SIZE];
         for p in 0..src.memory().page_count() {
             src.memory().read_page(PageIndex(p), &mut page).expect("read");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::demand::check_demand_paging;
 use super::{open_kvm, KvmGuest};
 use crate::format::{NativeLayout, VmConfig};
-use crate::vmm::{Guest, Hypervisor, HypervisorCapabilities, VmmError, WorkloadSpec};
+use crate::vmm::{Guest, Hypervisor, HypervisorCapabilities, MemoryCommit, VmmError, WorkloadSpec};
 
 /// Guests on /dev/kvm, vCPU state in the kvm layout. Post-copy needs userfaultfd, which a host
 /// may forbid (`vm.unprivileged_userfaultfd`, the mode of /dev/userfaultfd, seccomp): where it
@@ -37,7 +37,7 @@ impl Hypervisor for KvmHypervisor {
         Ok(Arc::new(KvmGuest::create(config, workload)?))
     }
 
-    fn reserve_guest(&self, config: VmConfig, demand_paged: bool) -> Result<Arc<dyn Guest>, VmmError> {
-        Ok(Arc::new(KvmGuest::reserve(config, demand_paged)?))
+    fn reserve_guest(&self, config: VmConfig, commit: MemoryCommit) -> Result<Arc<dyn Guest>, VmmError> {
+        Ok(Arc::new(KvmGuest::reserve(config, commit)?))
     }
 }

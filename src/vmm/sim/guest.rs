@@ -11,7 +11,7 @@ use crate::format::{DeviceState, NativeLayout, NativeVcpu, VcpuState, VmConfig};
 use crate::memory::GuestMemory;
 use crate::telemetry::metric;
 use crate::units::PageIndex;
-use crate::vmm::{FaultSink, Guest, GuestStats, VmmError, WorkloadSpec};
+use crate::vmm::{FaultSink, Guest, GuestStats, MemoryCommit, VmmError, WorkloadSpec};
 
 /// Longest a writer burst holds the run lock; bounds how long `pause` can wait.
 const MAX_BURST_PAGES: u64 = 2048;
@@ -83,9 +83,12 @@ impl SimGuest {
 
     /// Creates an empty (all-zero) guest that waits for incoming state: a reservation.
     /// Its memory is committed in the background while pages arrive (see
-    /// [`GuestMemory::new_committing`]).
-    pub fn reserve(config: VmConfig, layout: NativeLayout) -> Result<Self, VmmError> {
-        let memory = GuestMemory::new_committing(config.memory_bytes)?;
+    /// [`GuestMemory::new_committing`]) or up front, as `commit` says.
+    pub fn reserve(config: VmConfig, layout: NativeLayout, commit: MemoryCommit) -> Result<Self, VmmError> {
+        let memory = match commit {
+            MemoryCommit::Background => GuestMemory::new_committing(config.memory_bytes)?,
+            MemoryCommit::UpFront | MemoryCommit::OnDemand => GuestMemory::new_populated(config.memory_bytes)?,
+        };
         Self::build(config, layout, WorkloadSpec::idle(), memory)
     }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::SimGuest;
 use crate::format::{NativeLayout, VmConfig};
-use crate::vmm::{Guest, Hypervisor, HypervisorCapabilities, VmmError, WorkloadSpec};
+use crate::vmm::{Guest, Hypervisor, HypervisorCapabilities, MemoryCommit, VmmError, WorkloadSpec};
 
 /// Sim guests keeping vCPU state in one native layout. It can run every algorithm: its demand
 /// paging works on guest memory it holds itself, and it runs everywhere.
@@ -39,9 +39,9 @@ impl Hypervisor for SimHypervisor {
         Ok(Arc::new(guest))
     }
 
-    /// Memory is committed either way: the sim marks missing pages in a bitmap and blocks its
-    /// writer on them, so it has no use for absent pages.
-    fn reserve_guest(&self, config: VmConfig, _demand_paged: bool) -> Result<Arc<dyn Guest>, VmmError> {
-        Ok(Arc::new(SimGuest::reserve(config, self.layout)?))
+    /// On-demand memory is committed up front: the sim marks missing pages in a bitmap and
+    /// blocks its writer on them, so it has no use for absent pages.
+    fn reserve_guest(&self, config: VmConfig, commit: MemoryCommit) -> Result<Arc<dyn Guest>, VmmError> {
+        Ok(Arc::new(SimGuest::reserve(config, self.layout, commit)?))
     }
 }
