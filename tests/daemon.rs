@@ -169,7 +169,7 @@ fn test_random_with_a_seed_and_deadlines_through_the_cli() {
         "migratory_faults_injected_total{kind=\"link-drop\"} 0",
         "migratory_deadlines_total{result=\"met\"} 0",
         "migratory_deadlines_total{result=\"missed\"} 0",
-        "migratory_migrations_total{algorithm=\"random\",result=\"completed\"} 0",
+        "migratory_migrations_total{algorithm=\"random\",result=\"completed\",priority=\"normal\"} 0",
     ] {
         assert!(
             fresh.lines().any(|l| l == series),

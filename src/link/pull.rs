@@ -230,6 +230,11 @@ impl PullOut {
 
 /// The pull connection's receiving half: frames checked, then pages to the urgent lane and
 /// requests to whoever serves them.
+/// How long a closed pull connection waits before it counts as the link's loss: long
+/// enough for a loopback or LAN control connection to deliver what the peer sent before it
+/// closed, short next to a post-copy recovery's timeout.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 struct PullIn {
     pages: channel::Sender<Timed>,
     requests: channel::Sender<Timed>,
@@ -242,6 +247,12 @@ struct PullIn {
 impl PullIn {
     fn run<R: Read>(&mut self, s: &mut R) {
         let why = self.pump(s);
+        if why == LinkError::PullClosed {
+            // A peer that gives up sends `Abort` on the control connection and then closes
+            // every connection; this one's end can be seen first. The grace lets the control
+            // connection deliver the reason (and its own close) before this loss is raised.
+            std::thread::sleep(CLOSE_GRACE);
+        }
         // Gone while this end still uses it: the link is lost (a recovery opens a new one).
         if self.alive.upgrade().is_some() {
             self.fault.raise(why);

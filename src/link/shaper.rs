@@ -350,8 +350,10 @@ impl Pool {
         self.budget.refill(now);
         let member = &mut self.members[i].bucket;
         if !was_active {
-            // Back from quiet: a fresh burst at its new rate.
-            member.tokens = member.burst;
+            // Back from quiet: a fresh burst at its new rate, but only what the budget holds:
+            // a member that comes and goes between short rounds must not draw a burst the
+            // others' sending has already spent (measured: 30% over a 20 MB/s budget).
+            member.tokens = member.burst.min(self.budget.tokens.max(0.0));
         }
         if member.tokens >= bytes {
             member.tokens -= bytes;

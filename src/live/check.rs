@@ -102,8 +102,9 @@ fn check_hosts(scenario: &Scenario) -> Result<(), LiveError> {
                 line: None,
                 feature: format!("algorithms of host {}", host.name),
                 why: format!(
-                    "it offers only [{}], and a daemon always offers all five",
-                    offered.join(", ")
+                    "it offers only [{}], and a daemon always offers all {}",
+                    offered.join(", "),
+                    Algorithm::ALL.len()
                 ),
             });
         }

@@ -16,7 +16,7 @@
 //!   VM's bandwidth; concurrent migrations on one link do not share its capacity. A host's
 //!   bandwidth budget is its daemon's `--bandwidth-budget`, which they do share.
 //! * **Refused:** more than 8 hosts, 16 VMs or 8 GiB of guest RAM; `consolidate` and
-//!   `fail_link` events; hosts offering fewer than all five algorithms; a dirty-rate change
+//!   `fail_link` events; hosts offering fewer than every algorithm; a dirty-rate change
 //!   before the last event (one after it is noted and not played).
 //! * **Host failure** is a SIGKILL of that host's daemon.
 //! * **RAM samples** are the memory of the VMs a daemon lists (held copies included); an
