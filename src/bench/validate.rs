@@ -107,9 +107,10 @@ fn stage(r: &MigrationReport, name: &str) -> f64 {
 }
 
 /// Fits the costs of one link kind at one size from three idle migrations: setup and
-/// reservation from their stage times; post-copy's switchover from its downtime (it verifies
-/// after the pull); verification from pre-copy's downtime beyond that; the data plane's rate
-/// from stop-and-copy's.
+/// reservation from their stage times (the reservation from stop-and-copy's and post-copy's,
+/// which commit memory before answering); post-copy's switchover from its downtime;
+/// verification from pre-copy's commitment stage, which follows activation; the data plane's
+/// rate from stop-and-copy's downtime.
 fn calibrate_at(rt: &tokio::runtime::Runtime, via: Via, memory: u64) -> Result<Calibration, String> {
     let case = |algorithm| Case {
         via,
@@ -125,6 +126,9 @@ fn calibrate_at(rt: &tokio::runtime::Runtime, via: Via, memory: u64) -> Result<C
     let post = real(rt, &case(Algorithm::Postcopy))?;
     let runs = [&sc, &pc, &post];
     let mean = |name: &str| runs.iter().map(|r| stage(r, name)).sum::<f64>() / runs.len() as f64;
+    // Stop-and-copy and post-copy commit the target's memory before `Reserved`; pre-copy
+    // commits it in the background (`vmm::MemoryCommit`).
+    let reservation = (stage(&sc, "reservation") + stage(&post, "reservation")) / 2.0;
     let size = memory as f64;
     let rate = |bytes: f64, secs: f64| if secs > 1e-6 { bytes / secs } else { 1e12 };
     let switchover = post.downtime_s;
@@ -133,10 +137,11 @@ fn calibrate_at(rt: &tokio::runtime::Runtime, via: Via, memory: u64) -> Result<C
         memory_mib: memory / MIB,
         params: ModelParams {
             setup_s: mean("premigration"),
-            reserve_bytes_per_sec: rate(size, mean("reservation")),
+            reserve_bytes_per_sec: rate(size, reservation),
             switchover_s: switchover,
             postcopy_switchover_s: switchover,
-            verify_bytes_per_sec: rate(size, pc.downtime_s - switchover),
+            // Verified after activation: pre-copy's commitment stage is the comparison.
+            verify_bytes_per_sec: rate(size, stage(&pc, "commitment")),
             plane_bytes_per_sec: rate(size, sc.downtime_s - switchover),
             local_rtt_s: ModelParams::default().local_rtt_s,
         },

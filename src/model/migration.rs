@@ -321,9 +321,15 @@ pub(super) fn start(sim: &mut Sim<'_>, m: usize) {
     let mig = &mut sim.migs[m];
     mig.reserved = true;
     mig.start = t;
-    // Hello/Welcome, Authenticate, Reserve/Reserved: two round trips and the commit of memory.
+    // Hello/Welcome, Authenticate, Reserve/Reserved: two round trips, and the commit of
+    // memory where the engine commits before answering (`vmm::MemoryCommit`): a pre-copy
+    // reservation commits in the background while round 0 runs.
+    let commit = match crate::vmm::MemoryCommit::for_algorithm(mig.requested) {
+        crate::vmm::MemoryCommit::Background => 0.0,
+        crate::vmm::MemoryCommit::UpFront | crate::vmm::MemoryCommit::OnDemand => ram / p.reserve_bytes_per_sec,
+    };
     mig.phase = Phase::Setup {
-        until: t + p.setup_s + 2.0 * mig.rtt + ram / p.reserve_bytes_per_sec,
+        until: t + p.setup_s + 2.0 * mig.rtt + commit,
     };
 }
 
@@ -385,10 +391,10 @@ pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
                     mig.bandwidth = mig.round_bytes / (t - p);
                 }
             }
-            // Hashing began at the pause, alongside the last pages.
-            let hashed = mig.paused_at.unwrap_or(t) + mig.verify;
+            // Verified after activation (the engine's default): the switchover waits for no
+            // hash.
             mig.phase = Phase::Switch {
-                until: hashed.max(t) + mig.switchover,
+                until: t + mig.switchover,
                 how: Switchover::StopAndCopy,
             };
             Step::Continue
@@ -396,7 +402,16 @@ pub(super) fn next_phase(sim: &mut Sim<'_>, m: usize) -> Step {
         Phase::Switch { how, .. } => {
             mig.downtime = mig.paused_at.map_or(0.0, |p| t - p);
             match how {
-                Switchover::StopAndCopy => Step::Complete,
+                Switchover::StopAndCopy => {
+                    // The digests are compared while the target runs the VM. A stop-and-copy
+                    // (no rounds: the last pages are all of them) hashed from the pause,
+                    // alongside its pages; after pre-copy rounds the hash starts now.
+                    let from = if mig.rounds == 0 { mig.paused_at.unwrap_or(t) } else { t };
+                    mig.phase = Phase::Verify {
+                        until: (from + mig.verify).max(t),
+                    };
+                    Step::Activate
+                }
                 Switchover::Postcopy => {
                     mig.phase = Phase::Push {
                         left: mig.pending as f64 * PAGE_SIZE as f64,

@@ -189,8 +189,12 @@ async fn test_link_drop_on_a_byte_trigger_keeps_the_vm_on_the_source() {
     let report = e.migrate(req).await.expect("report");
     assert_eq!(report.result, Outcome::Failed, "{:?}", report.error);
     assert_eq!(report.vm_location, VmLocation::Source);
+    // The trigger counts frames as they pass the link's throttle; the report counts a frame
+    // once its send returned, so the frame the drop cut (and one queued behind it) may be
+    // missing from it. Seen under load: 7.6 MB reported for the 8 MiB trigger.
+    let in_flight = 2 * migratory::protocol::pages::FRAME_CAPACITY as u64;
     assert!(
-        report.bytes_sent >= 8 * MIB,
+        report.bytes_sent + in_flight >= 8 * MIB,
         "fired after 8 MiB, sent {}",
         report.bytes_sent
     );
