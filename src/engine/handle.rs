@@ -608,7 +608,8 @@ impl EngineHandle {
     /// # engine.create_vm("a", VmSpec::new("vm1", 16 << 20)).await?;
     /// let report = engine.migrate(MigrationRequest::new("vm1", "a", "b").algorithm(Algorithm::Precopy)).await?;
     /// assert!(report.verified);
-    /// assert_eq!(report.stage_names().last(), Some(&"activation"));
+    /// // Verified after activation (the default): the digest comparison comes last.
+    /// assert_eq!(report.stage_names().last(), Some(&"commitment"));
     /// # Ok(())
     /// # }
     /// ```
