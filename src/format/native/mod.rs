@@ -16,6 +16,7 @@
 //! [`NativeError::Unrepresentable`] instead of being silently dropped.
 
 pub mod kvm;
+pub mod qemu;
 pub mod xen_hvm;
 
 use std::fmt;
