@@ -3,6 +3,8 @@
 mod bench;
 mod cli;
 mod daemon;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod demo_qemu;
 mod exporter;
 mod live;
 mod progress;
@@ -112,6 +114,11 @@ struct DemoArgs {
     /// With --metrics: keep serving after the demo ends, until interrupted.
     #[arg(long, requires = "metrics")]
     hold: bool,
+    /// With --backend kvm: move the guest kvm → QEMU → kvm through QEMU's own migration
+    /// stream, with QEMU running TCG (`qemu-tcg`) or KVM (`qemu-kvm`), and check it arrives
+    /// intact (see README, "Moving VMs to and from QEMU").
+    #[arg(long, value_name = "qemu-tcg|qemu-kvm", value_parser = ["qemu-tcg", "qemu-kvm"])]
+    through: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -133,6 +140,15 @@ fn main() -> ExitCode {
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
+    if let Some(through) = args.through.clone() {
+        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        return demo_qemu::run(&args, &through);
+        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+        {
+            eprintln!("migratory: --through {through} needs x86-64 Linux");
+            return ExitCode::FAILURE;
+        }
+    }
     let backends = match demo_backends(&args) {
         Ok(b) => b,
         Err(e) => {

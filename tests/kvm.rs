@@ -237,3 +237,71 @@ fn test_kvm_with_another_layout_is_refused_on_the_command_line() {
         );
     }
 }
+
+/// QEMU on both sides of a daemon: `migrate --to-qemu` hands the running guest to a QEMU that
+/// waits with `-incoming`, and QEMU's own `migrate` (to the daemon's `--qemu-incoming`
+/// listener) brings it back; the guest checks itself all the way.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[test]
+fn test_a_daemon_moves_a_kvm_guest_to_qemu_and_takes_it_back() {
+    use migratory::engine::qemu::DEFAULT_MACHINE;
+    use migratory::qemu::{find_qemu, interop, Accel, QemuConfig};
+
+    let test = "test_a_daemon_moves_a_kvm_guest_to_qemu_and_takes_it_back";
+    if !kvm_present(test) {
+        return;
+    }
+    let Some(binary) = find_qemu() else {
+        println!("SKIPPED {test}: qemu-system-x86_64 is not installed");
+        return;
+    };
+    let k = Daemon::start(
+        "kvm-qemu",
+        "kvm",
+        &["--backend", "kvm", "--qemu-incoming", "127.0.0.1:0"],
+    );
+    let back_to: std::net::SocketAddr = k
+        .qemu
+        .as_deref()
+        .expect("the ready line names the QEMU listener")
+        .parse()
+        .expect("IP:PORT");
+    let id = unique("toqemu");
+    create_kvm_vm(&k, &id);
+    let before = counter(&k.vm(&id).expect("VM"), "writes");
+    let config = QemuConfig {
+        binary,
+        accel: Accel::detect(),
+        memory_mib: 64,
+        incoming: true,
+        machine: DEFAULT_MACHINE.to_string(),
+        extra_args: Vec::new(),
+    };
+    let (mut qemu, addr) = interop::start_receiving(&config).expect("QEMU waits");
+    let run = k.cli(&["migrate", &id, "--to-qemu", &addr.to_string(), "--json"]);
+    run.assert_success();
+    let leg: Value = serde_json::from_str(&run.stdout).expect("JSON leg");
+    assert_eq!(leg["direction"], "to-qemu", "{leg}");
+    assert!(k.vm(&id).is_none(), "the daemon's copy is gone once QEMU runs the VM");
+    interop::wait_for_state(&mut qemu, "running", TIMEOUT).expect("QEMU runs the guest");
+    let on_qemu = interop::wait_for_reports(&qemu, 0, 1, TIMEOUT).expect("the guest reports on QEMU");
+    let last = on_qemu.last().expect("a report");
+    assert!(last.progress > before, "the guest went on writing on QEMU: {last:?}");
+    assert_eq!(last.mismatches, 0, "{last:?}");
+
+    interop::send_to(&mut qemu, back_to, 10_000_000_000).expect("QEMU migrates back");
+    interop::wait_for_end(&mut qemu, TIMEOUT).expect("QEMU's migration completes");
+    let arrived = wait_until("the VM from QEMU on the daemon", TIMEOUT, || {
+        k.vms()
+            .into_iter()
+            .find(|v| v["id"].as_str().is_some_and(|s| s.starts_with("qemu-")))
+            .ok_or_else(|| "not yet".to_string())
+    });
+    let new_id = arrived["id"].as_str().expect("id").to_string();
+    let back = wait_for_checked_progress(&k, &new_id, last.progress);
+    assert_eq!(
+        counter(&back, "integrity_errors"),
+        0,
+        "the guest found pages not as it wrote them after kvm -> QEMU -> kvm: {back}"
+    );
+}

@@ -41,6 +41,8 @@ fn config(binary: PathBuf, accel: Accel, spec: &GuestSpec, incoming: bool) -> Qe
         accel,
         memory_mib: spec.memory_mib(),
         incoming,
+        machine: "pc".into(),
+            extra_args: Vec::new(),
     }
 }
 
@@ -51,7 +53,7 @@ fn test_guest_boots_and_reports_progress_on_debugcon() {
     };
     let accel = Accel::detect();
     let (spec, image) = small_guest();
-    let qemu = Qemu::start(&config(binary, accel, &spec, false), &image).unwrap();
+    let qemu = Qemu::start(&config(binary, accel, &spec, false), Some(&image)).unwrap();
     qemu.wait_for_output(READY_LINE, TIMEOUT).unwrap();
     // Two passes over the hot set: the loop runs and reports.
     qemu.wait_for_output(&format!("{PASS_PREFIX}00000002"), TIMEOUT)
@@ -66,9 +68,9 @@ fn test_qemu_to_qemu_migration_completes_with_a_downtime() {
     };
     let accel = Accel::detect();
     let (spec, image) = small_guest();
-    let mut source = Qemu::start(&config(binary.clone(), accel, &spec, false), &image).unwrap();
+    let mut source = Qemu::start(&config(binary.clone(), accel, &spec, false), Some(&image)).unwrap();
     source.wait_for_output(READY_LINE, TIMEOUT).unwrap();
-    let mut target = Qemu::start(&config(binary, accel, &spec, true), &image).unwrap();
+    let mut target = Qemu::start(&config(binary, accel, &spec, true), Some(&image)).unwrap();
     let moved = migrate(&mut source, &mut target, &MigrateOptions::default()).unwrap();
     let info = source.qmp().query_migrate().unwrap();
     assert_eq!(info.status.as_deref(), Some("completed"));

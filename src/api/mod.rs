@@ -11,6 +11,7 @@
 //! | `POST /vms/{id}/resume` | [`ResumeVm`] (may be left out) | `200` [`Vm`] |
 //! | `POST /vms/{id}/discard` | | `200` [`Discarded`] |
 //! | `POST /vms/{id}/recover` | [`RecoverVm`] (may be left out) | `202` [`MigrationStarted`] |
+//! | `POST /vms/{id}/to-qemu` | [`ToQemu`] | `200` [`QemuLeg`], once QEMU runs the VM |
 //! | `POST /migrations` | [`StartMigration`] | `202` [`MigrationStarted`] |
 //! | `GET /migrations` | | `200` `[`[`MigrationStatus`]`]` |
 //! | `GET /migrations/{id}` | | `200` [`MigrationStatus`] |
@@ -36,11 +37,13 @@
 mod error;
 mod host;
 mod migrations;
+mod qemu;
 mod vms;
 
 pub use error::ApiError;
 pub use host::{DrainStarted, DrainStatus, DrainedVm, Shutdown, ShutdownStarted, StartDrain, StayedVm};
 pub use migrations::{CancelRequested, MigrationStarted, MigrationStatusView, StartMigration};
+pub use qemu::{QemuLeg, ToQemu};
 pub use vms::{CreateVm, Discarded, RecoverVm, ResumeVm, Vm};
 
 pub use crate::engine::{MigrationReport, MigrationStatus, Phase};

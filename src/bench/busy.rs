@@ -442,8 +442,10 @@ mod qemu_peer {
             accel: Accel::Kvm,
             memory_mib: spec.memory_mib(),
             incoming,
+            machine: "pc".into(),
+            extra_args: Vec::new(),
         };
-        let mut source = Qemu::start(&config(false), &image).map_err(|e| e.to_string())?;
+        let mut source = Qemu::start(&config(false), Some(&image)).map_err(|e| e.to_string())?;
         let version = source.qmp().version().to_string();
         println!(
             "qemu: QEMU {version} with kvm, -cpu qemu64, the project's Multiboot guest: {} MiB, hot set {} MiB at {} MB/s, one page in {} zero; max-bandwidth {} GB/s (QEMU's default is 128 MiB/s), downtime-limit {} ms (QEMU's default), {moves} moves",
@@ -471,7 +473,7 @@ mod qemu_peer {
         );
         for index in 1..=moves {
             std::thread::sleep(GAP);
-            let moved = Qemu::start(&config(true), &image)
+            let moved = Qemu::start(&config(true), Some(&image))
                 .map_err(|e| e.to_string())
                 .and_then(|mut target| {
                     let m = migrate(&mut source, &mut target, &opts).map_err(|e| e.to_string())?;

@@ -319,6 +319,13 @@ impl ApiClient {
         })
     }
 
+    /// The same client, waiting up to `timeout` for each read and write (for a request whose
+    /// answer comes only when long work ends).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// The same client, speaking mutual TLS with `config` to an `https://` URL.
     pub fn with_tls(mut self, config: Option<std::sync::Arc<rustls::ClientConfig>>) -> Self {
         self.tls = config;

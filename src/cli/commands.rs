@@ -208,6 +208,9 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         }
         return finish_waiting(client, args, id, poll);
     }
+    if let Some(addr) = args.to_qemu {
+        return migrate_to_qemu(client, args, addr);
+    }
     let to = args.to.clone().unwrap_or_default();
     // What the user did not give stays out, so the daemon's own defaults apply.
     let body = api::StartMigration {
@@ -241,6 +244,37 @@ fn migrate(client: &ApiClient, args: &MigrateArgs, poll: Duration) -> Result<Str
         ));
     }
     finish_waiting(client, args, started.id, poll)
+}
+
+/// How long `migrate --to-qemu` waits for the daemon's answer, which comes when the migration
+/// has ended.
+const TO_QEMU_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// `--to-qemu`: the daemon moves the VM and answers at the end.
+fn migrate_to_qemu(client: &ApiClient, args: &MigrateArgs, addr: std::net::SocketAddr) -> Result<String, CommandError> {
+    let body = api::ToQemu {
+        addr: addr.to_string(),
+        machine: Some(args.qemu_machine.clone()),
+        algorithm: Some(args.algorithm.name().to_string()),
+        downtime_limit_ms: Some(args.downtime_limit_ms),
+    };
+    let client = client.clone().with_timeout(TO_QEMU_TIMEOUT);
+    let path = format!("/vms/{}/to-qemu", path_segment(&args.vm));
+    let leg: api::QemuLeg = post(&client, &path, &body, "QEMU migration report")?;
+    if args.json {
+        return Ok(format!(
+            "{}\n",
+            serde_json::to_string_pretty(&leg).unwrap_or_else(|_| "null".into())
+        ));
+    }
+    Ok(format!(
+        "migrated {} to QEMU at {addr}: {} rounds, {:.1} MB, downtime {:.1} ms, total {:.0} ms\n",
+        clean(&args.vm),
+        leg.rounds,
+        leg.stream_bytes as f64 / 1e6,
+        leg.downtime_ms,
+        leg.total_ms
+    ))
 }
 
 /// `--wait`: polls migration `id` to its end and prints its summary (or report).
@@ -492,6 +526,8 @@ mod tests {
         MigrateArgs {
             vm: "vm1".to_string(),
             to: Some("127.0.0.1:7001".to_string()),
+            to_qemu: None,
+            qemu_machine: "pc-i440fx-7.2".to_string(),
             recover: false,
             algorithm: Algorithm::Precopy,
             streams: 2,

@@ -234,8 +234,16 @@ pub struct MigrateArgs {
     pub vm: String,
     /// The peer host's migration listener (with --recover: where the target listens now, if it
     /// moved).
-    #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer, required_unless_present = "recover")]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_peer, required_unless_present_any = ["recover", "to_qemu"])]
     pub to: Option<String>,
+    /// Move the VM to a QEMU started with `-incoming tcp:HOST:PORT` (same machine type and RAM
+    /// size; see README, "Moving VMs to and from QEMU"), in QEMU's own migration stream, and
+    /// wait until QEMU runs it.
+    #[arg(long, value_name = "IP:PORT", conflicts_with_all = ["to", "recover", "wait"])]
+    pub to_qemu: Option<std::net::SocketAddr>,
+    /// With --to-qemu: the machine type the QEMU runs.
+    #[arg(long, value_name = "TYPE", requires = "to_qemu", default_value = "pc-i440fx-7.2")]
+    pub qemu_machine: String,
     /// Carry on the post-copy pull of a held `stale` copy whose recovery timed out.
     #[arg(long)]
     pub recover: bool,
@@ -266,8 +274,9 @@ pub struct MigrateArgs {
     /// recovery).
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     pub recovery_timeout: f64,
-    /// With --wait: print the final report as one JSON object instead of the summary line.
-    #[arg(long, requires = "wait")]
+    /// With --wait or --to-qemu: print the final report as one JSON object instead of the
+    /// summary line.
+    #[arg(long)]
     pub json: bool,
     /// Page compression where both hosts offer it: off, lz4, xbzrle, both or auto (the
     /// daemon's default, auto, uses what won on the benchmark).

@@ -14,6 +14,8 @@
 mod listen;
 mod migrations;
 mod ops;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod qemu;
 mod refusal;
 mod vms;
 
@@ -162,6 +164,12 @@ pub struct ServeArgs {
     /// without it an activation is only an event.
     #[arg(long, value_name = "IFACE")]
     announce_via: Option<String>,
+    /// Take live migrations from QEMU on this address (QMP `migrate tcp:ADDR`, with the
+    /// `return-path` capability on): the VM resumes here on the kvm backend. QEMU's stream is
+    /// not authenticated, so only --allow-peer addresses may connect when that list is given;
+    /// bind a loopback or management address.
+    #[arg(long, value_name = "IP:PORT")]
+    qemu_incoming: Option<SocketAddr>,
 }
 
 struct State {
@@ -255,6 +263,14 @@ pub fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
+/// `POST /vms/{id}/to-qemu` where QEMU migrations are built (x86-64 Linux).
+fn qemu_routes(cfg: &mut web::ServiceConfig) {
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    cfg.route("/vms/{id}/to-qemu", web::post().to(qemu::to_qemu));
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    let _ = cfg;
+}
+
 async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), String> {
     check_name("host name", &args.name).map_err(|e| format!("--name: {e}"))?;
     let backend =
@@ -328,6 +344,21 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         .await
         .map_err(|e| e.to_string())?
         .ok_or("migration listener did not start")?;
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    let qemu_note = match args.qemu_incoming {
+        Some(addr) if args.backend == "kvm" => {
+            let allowed = allowed_peers.as_ref().map(|a| a.addrs.iter().map(|p| p.ip()).collect());
+            let bound = qemu::listen(engine.clone(), args.name.clone(), addr, allowed)?;
+            format!(", QEMU migrations on {bound}")
+        }
+        Some(_) => return Err("--qemu-incoming needs --backend kvm: a VM from QEMU runs on the kvm backend".into()),
+        None => String::new(),
+    };
+    #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+    let qemu_note = match args.qemu_incoming {
+        Some(_) => return Err("--qemu-incoming needs x86-64 Linux".into()),
+        None => String::new(),
+    };
     let metrics_addr = match args.metrics {
         Some(addr) => Some(serve_metrics(addr, metrics)?),
         None => None,
@@ -355,6 +386,7 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
             .route("/vms/{id}/resume", web::post().to(ops::resume_vm))
             .route("/vms/{id}/discard", web::post().to(ops::discard_vm))
             .route("/vms/{id}/recover", web::post().to(ops::recover_vm))
+            .configure(qemu_routes)
             .route("/drain", web::post().to(ops::start_drain))
             .route("/drain", web::get().to(ops::drain_status))
             .route("/shutdown", web::post().to(ops::shutdown))
@@ -403,7 +435,7 @@ async fn run(args: ServeArgs, metrics: Option<PrometheusHandle>) -> Result<(), S
         .unwrap_or_default();
     // One line a supervisor (or a test) can read to learn the bound addresses.
     eprintln!(
-        "migratory: host {} serving migrations on {migrations}, API on {api}{metrics_note}",
+        "migratory: host {} serving migrations on {migrations}, API on {api}{metrics_note}{qemu_note}",
         args.name
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -215,6 +215,36 @@ impl EngineHandle {
             })
     }
 
+    /// Moves VM `vm` of `host` to a QEMU started with `-incoming tcp:HOST:PORT` (the same
+    /// machine type and RAM size; see README, "Moving VMs to and from QEMU"), in QEMU's own
+    /// migration stream. The VM runs on exactly one side afterwards: on QEMU when this returns
+    /// `Ok`, here after most errors, and paused here after
+    /// [`Unconfirmed`](crate::engine::qemu::QemuLegError::Unconfirmed).
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    pub async fn migrate_to_qemu(
+        &self,
+        host: &str,
+        vm: &str,
+        options: crate::engine::qemu::ToQemuOptions,
+    ) -> Result<crate::engine::qemu::QemuLegReport, crate::engine::qemu::QemuLegError> {
+        let (addr, _) = self.ask(crate::engine::qemu::QemuHostOf(host.to_string())).await??;
+        crate::engine::qemu::outgoing::send(addr, vm.to_string(), options).await
+    }
+
+    /// Takes the migration QEMU sends on `stream` (QMP `migrate` to this side, with the
+    /// `return-path` capability) into a new VM on `host`, whose backend must be kvm. QEMU hears
+    /// success only once the VM runs here; on any error it hears failure and resumes its VM.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    pub async fn receive_from_qemu(
+        &self,
+        host: &str,
+        stream: std::net::TcpStream,
+        options: crate::engine::qemu::FromQemuOptions,
+    ) -> Result<crate::engine::qemu::QemuLegReport, crate::engine::qemu::QemuLegError> {
+        let (addr, backend) = self.ask(crate::engine::qemu::QemuHostOf(host.to_string())).await??;
+        crate::engine::qemu::incoming::receive(addr, backend, stream, options).await
+    }
+
     /// The address `host` accepts TCP migrations on, if it listens.
     ///
     /// ```

@@ -519,6 +519,18 @@ impl Handler<DeleteVm> for Host {
     }
 }
 
+/// The name of this host's backend (`sim`, `kvm`, or an embedder's).
+#[derive(Debug, Message)]
+#[rtype(result = "String")]
+pub struct GetBackendName;
+
+impl Handler<GetBackendName> for Host {
+    type Result = MessageResult<GetBackendName>;
+    fn handle(&mut self, _: GetBackendName, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.config.backend.name().to_string())
+    }
+}
+
 /// This host's capabilities.
 #[derive(Debug, Message)]
 #[rtype(result = "Capabilities")]

@@ -20,6 +20,8 @@ pub mod migration;
 mod operator;
 pub mod plan;
 pub mod policy;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod qemu;
 mod progress;
 mod qos;
 pub mod receiver;

@@ -11,16 +11,20 @@
 //!
 //! x86-64 Linux only, like the kvm backend.
 
+pub mod digest;
 pub mod guest;
+pub mod interop;
 pub mod process;
 pub mod qmp;
+pub mod round_trip;
+pub mod stream;
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use thiserror::Error;
 
 pub use guest::{build_image, host_tsc_hz, GuestError, GuestSpec};
+pub use interop::InteropError;
 pub use process::{find_qemu, Accel, ProcessError, Qemu, QemuConfig};
 pub use qmp::{MigrationInfo, QmpClient, QmpError};
 
@@ -71,109 +75,27 @@ impl Move {
     }
 }
 
-/// Why a QEMU-to-QEMU migration did not complete.
-#[derive(Debug, Error)]
-pub enum QemuError {
-    /// A QMP exchange.
-    #[error(transparent)]
-    Qmp(#[from] QmpError),
-    /// The target did not say where it listens.
-    #[error("the incoming QEMU names no TCP port: {info:?}")]
-    NoIncomingPort {
-        /// Its `query-migrate`.
-        info: Box<MigrationInfo>,
-    },
-    /// The migration ended otherwise than completed.
-    #[error("QEMU migration {status}: {error}")]
-    Failed {
-        /// `failed`, `cancelled`, ...
-        status: String,
-        /// QEMU's `error-desc`.
-        error: String,
-    },
-    /// It did not end in time.
-    #[error("QEMU migration still {status} after {waited:?}")]
-    Timeout {
-        /// The last status seen.
-        status: String,
-        /// How long.
-        waited: Duration,
-    },
-    /// A completed migration without the figures of one.
-    #[error("completed QEMU migration without its figures: {info:?}")]
-    NoFigures {
-        /// Its `query-migrate`.
-        info: Box<MigrationInfo>,
-    },
-}
-
-/// How often `query-migrate` is asked while a migration runs; the figures come from QEMU, so
-/// this sets only how soon the end is seen.
-const POLL_EVERY: Duration = Duration::from_millis(20);
-
 /// Migrates `source`'s guest to `target` (started with `incoming`) over loopback TCP and waits
 /// until the target runs it. The source is left stopped (`postmigrate`).
-pub fn migrate(source: &mut Qemu, target: &mut Qemu, opts: &MigrateOptions) -> Result<Move, QemuError> {
-    let deadline = Instant::now() + opts.timeout;
-    target
-        .qmp()
-        .execute("migrate-incoming", Some(json!({ "uri": "tcp:127.0.0.1:0" })))?;
-    let listening = target.qmp().query_migrate()?;
-    let port = listening
-        .socket_address
-        .as_ref()
-        .and_then(|list| list.iter().find(|a| a.kind == "inet"))
-        .and_then(|a| a.port.as_deref())
-        .and_then(|p| p.parse::<u16>().ok());
-    let Some(port) = port else {
-        return Err(QemuError::NoIncomingPort {
-            info: Box::new(listening),
-        });
-    };
+pub fn migrate(source: &mut Qemu, target: &mut Qemu, opts: &MigrateOptions) -> Result<Move, InteropError> {
+    let started = Instant::now();
+    let to = interop::listen(target)?;
     source.qmp().execute(
         "migrate-set-parameters",
         Some(json!({ "max-bandwidth": opts.max_bandwidth_bytes_per_sec })),
     )?;
     source
         .qmp()
-        .execute("migrate", Some(json!({ "uri": format!("tcp:127.0.0.1:{port}") })))?;
-    let info = loop {
-        let info = source.qmp().query_migrate()?;
-        let status = info.status.clone().unwrap_or_default();
-        match status.as_str() {
-            "completed" => break info,
-            "failed" | "cancelled" => {
-                return Err(QemuError::Failed {
-                    status,
-                    error: info.error_desc.unwrap_or_default(),
-                })
-            }
-            _ if Instant::now() >= deadline => {
-                return Err(QemuError::Timeout {
-                    status,
-                    waited: opts.timeout,
-                })
-            }
-            _ => std::thread::sleep(POLL_EVERY),
-        }
-    };
+        .execute("migrate", Some(json!({ "uri": format!("tcp:{to}") })))?;
+    let info = interop::wait_for_end(source, opts.timeout)?;
     // The target resumes on its own (autostart) once it has loaded the last section.
-    loop {
-        let state = target.qmp().run_state()?;
-        if state == "running" {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return Err(QemuError::Timeout {
-                status: format!("completed, target {state}"),
-                waited: opts.timeout,
-            });
-        }
-        std::thread::sleep(POLL_EVERY);
-    }
+    interop::wait_for_state(target, "running", opts.timeout.saturating_sub(started.elapsed()))?;
     let (Some(downtime_ms), Some(total_time_ms), Some(ram)) = (info.downtime, info.total_time, info.ram.as_ref())
     else {
-        return Err(QemuError::NoFigures { info: Box::new(info) });
+        return Err(InteropError::Failed {
+            status: "completed".into(),
+            error: format!("without the figures of a completed migration: {info:?}"),
+        });
     };
     Ok(Move {
         downtime_ms,

@@ -2,10 +2,11 @@
 //! socket, its debugcon output, its stderr and its kernel image in a private scratch directory.
 //! Dropping a [`Qemu`] kills (SIGKILL) and reaps the process and removes the directory.
 //!
-//! The command line (the source; the target adds `-incoming defer`):
+//! The command line (the source; the target adds `-incoming defer`; a QEMU that will only
+//! receive a migration runs without `-kernel`):
 //!
 //! ```text
-//! qemu-system-x86_64 -machine pc,accel=kvm|tcg -cpu qemu64 -m MIB -nographic -nodefaults
+//! qemu-system-x86_64 -machine MACHINE,accel=kvm|tcg -cpu qemu64 -m MIB -nographic -nodefaults
 //!   -kernel DIR/guest.img -qmp unix:DIR/qmp.sock,server=on,wait=off
 //!   -chardev file,id=debugcon,path=DIR/debugcon.log -device isa-debugcon,iobase=0xe9,chardev=debugcon
 //! ```
@@ -122,6 +123,11 @@ pub struct QemuConfig {
     pub memory_mib: u64,
     /// Wait for an incoming migration (`-incoming defer`) instead of booting the guest.
     pub incoming: bool,
+    /// The machine type: `pc` (QEMU's current i440FX machine), or a versioned one such as
+    /// `pc-i440fx-7.2`, which a migration stream names and the receiving QEMU must match.
+    pub machine: String,
+    /// More arguments, appended as given (an extra `-device`, for instance).
+    pub extra_args: Vec<String>,
 }
 
 /// A running QEMU; killed on drop.
@@ -137,13 +143,15 @@ static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
 
 impl Qemu {
     /// Starts QEMU with `image` as its `-kernel` and connects to its QMP socket.
-    pub fn start(config: &QemuConfig, image: &[u8]) -> Result<Qemu, ProcessError> {
+    pub fn start(config: &QemuConfig, image: Option<&[u8]>) -> Result<Qemu, ProcessError> {
         let dir = scratch_dir()?;
         let scratch = |path: PathBuf| move |source| ProcessError::Scratch { path, source };
         let kernel = dir.join("guest.img");
-        if let Err(e) = std::fs::write(&kernel, image) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(scratch(kernel)(e));
+        if let Some(image) = image {
+            if let Err(e) = std::fs::write(&kernel, image) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(scratch(kernel)(e));
+            }
         }
         let stderr_path = dir.join("stderr.log");
         let stderr = match File::create(&stderr_path) {
@@ -155,12 +163,13 @@ impl Qemu {
         };
         let qmp_path = dir.join("qmp.sock");
         let mut cmd = Command::new(&config.binary);
-        cmd.args(["-machine", &format!("pc,accel={}", config.accel.name())])
+        cmd.args(["-machine", &format!("{},accel={}", config.machine, config.accel.name())])
             .args(["-cpu", "qemu64", "-m", &config.memory_mib.to_string()])
-            .args(["-nographic", "-nodefaults"])
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-qmp")
+            .args(["-nographic", "-nodefaults"]);
+        if image.is_some() {
+            cmd.arg("-kernel").arg(&kernel);
+        }
+        cmd.arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
             .arg("-chardev")
             .arg(format!("file,id=debugcon,path={}", dir.join("debugcon.log").display()))
@@ -171,6 +180,7 @@ impl Qemu {
         if config.incoming {
             cmd.args(["-incoming", "defer"]);
         }
+        cmd.args(&config.extra_args);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         let child = match cmd.spawn() {
             Ok(c) => c,
@@ -208,6 +218,11 @@ impl Qemu {
     /// KVM or TCG.
     pub fn accel(&self) -> Accel {
         self.accel
+    }
+
+    /// A path in this QEMU's private scratch directory, removed with it.
+    pub fn scratch_file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     /// What the guest printed on debugcon so far (at most [`MAX_DEBUG_OUTPUT`] bytes).

@@ -23,6 +23,11 @@ pub const DEADLINES_TOTAL: &str = "migratory_deadlines_total";
 pub const LINK_FRAMES_REJECTED_TOTAL: &str = "migratory_link_frames_rejected_total";
 /// Counter: network announce frames sent by targets after activation, by `kind` (rarp, garp).
 pub const ANNOUNCE_FRAMES_TOTAL: &str = "migratory_announce_frames_total";
+/// Counter: migrations to and from QEMU, by `direction` (to-qemu, from-qemu) and `result`
+/// (completed, failed).
+pub const QEMU_MIGRATIONS_TOTAL: &str = "migratory_qemu_migrations_total";
+/// Histogram: downtime of migrations to and from QEMU as this side sees it, by `direction`.
+pub const QEMU_DOWNTIME_SECONDS: &str = "migratory_qemu_downtime_seconds";
 /// Histogram: duration of each stage, by `stage` and `algorithm`.
 pub const STAGE_DURATION_SECONDS: &str = "migratory_stage_duration_seconds";
 /// Histogram: downtime (pause on the source to resume on the target), by `algorithm` and
@@ -44,6 +49,9 @@ pub const DIRTY_RATE_PAGES_PER_SECOND: &str = "migratory_dirty_rate_pages_per_se
 pub const LINK_THROUGHPUT_BYTES_PER_SECOND: &str = "migratory_link_throughput_bytes_per_second";
 /// Gauge: downtime the policy expects if it stopped now.
 pub const EXPECTED_DOWNTIME_SECONDS: &str = "migratory_expected_downtime_seconds";
+
+/// Values of the `direction` label of [`QEMU_MIGRATIONS_TOTAL`] and [`QEMU_DOWNTIME_SECONDS`].
+pub const QEMU_DIRECTIONS: [&str; 2] = ["to-qemu", "from-qemu"];
 
 /// Values of the `algorithm` label: the algorithms' names (`protocol::Algorithm::name`, whose
 /// tests check that the two agree).
@@ -164,6 +172,11 @@ pub fn register_zeroes() {
     for kind in announce_kind::ALL {
         metrics::counter!(ANNOUNCE_FRAMES_TOTAL, "kind" => kind).increment(0);
     }
+    for direction in QEMU_DIRECTIONS {
+        for outcome in [result::COMPLETED, result::FAILED] {
+            metrics::counter!(QEMU_MIGRATIONS_TOTAL, "direction" => direction, "result" => outcome).increment(0);
+        }
+    }
     metrics::gauge!(MIGRATIONS_IN_PROGRESS).increment(0.0);
     metrics::gauge!(REMAINING_PAGES).increment(0.0);
 }
@@ -176,6 +189,15 @@ pub fn describe_all() {
         "Finished migrations by algorithm, result and priority"
     );
     describe_counter!(PAGES_SENT_TOTAL, "Pages sent by kind");
+    describe_counter!(
+        QEMU_MIGRATIONS_TOTAL,
+        "Migrations to and from QEMU by direction and result"
+    );
+    describe_histogram!(
+        QEMU_DOWNTIME_SECONDS,
+        Unit::Seconds,
+        "Downtime of migrations to and from QEMU, as this side sees it"
+    );
     describe_counter!(BYTES_SENT_TOTAL, Unit::Bytes, "Bytes sent by migrations");
     describe_counter!(
         PAGES_ENCODED_TOTAL,

@@ -52,6 +52,8 @@ pub struct Daemon {
     pub api: String,
     /// Base URL of its metrics listener (`--metrics`), if it has one.
     pub metrics: Option<String>,
+    /// Its `--qemu-incoming` listener, if it has one.
+    pub qemu: Option<String>,
     /// The API token file the CLI is given (`--token-file`) over TCP.
     pub token_file: Option<PathBuf>,
     /// Every stderr line so far, drained by a thread so the pipe never fills.
@@ -116,6 +118,7 @@ impl Daemon {
             migration_addr,
             api: ready.api,
             metrics: ready.metrics,
+            qemu: ready.qemu,
             token_file,
             stderr,
             scratch,

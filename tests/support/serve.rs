@@ -82,10 +82,16 @@ pub struct Ready {
     pub api: String,
     /// `http://IP:PORT` of the metrics listener, when there is one.
     pub metrics: Option<String>,
+    /// `IP:PORT` of the `--qemu-incoming` listener, when there is one.
+    pub qemu: Option<String>,
 }
 
 impl Ready {
     pub fn parse(tail: &str) -> Ready {
+        let (tail, qemu) = match tail.split_once(", QEMU migrations on ") {
+            Some((head, qemu)) => (head, Some(qemu.to_string())),
+            None => (tail, None),
+        };
         let (migrations, rest) = tail
             .split_once(", API on ")
             .unwrap_or_else(|| panic!("unexpected ready line tail {tail:?}"));
@@ -106,6 +112,7 @@ impl Ready {
             migrations: migrations.to_string(),
             api: api.to_string(),
             metrics,
+            qemu,
         }
     }
 }
