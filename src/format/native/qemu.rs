@@ -20,7 +20,8 @@
 //!   clear) CS.DPL must be 0, because QEMU's `cpu_post_load` clears every DPL otherwise.
 //! - **GDTR/IDTR** use only `base` and `limit` (at most 0xffff); `selector` and `flags` are 0.
 //! - **Debug registers** have no place in the common format: DR0-DR3 must be 0, DR6 and DR7 their
-//!   reset values. `a20_mask` must be -1 (A20 open), `xcr0` 1 (x87 only, QEMU's reset value: the
+//!   reset values; `dr[4]` and `dr[5]` (aliases, 0 under TCG, copies of DR6/DR7 under KVM) are
+//!   not state and are written 0. `a20_mask` must be -1 (A20 open), `xcr0` 1 (x87 only, QEMU's reset value: the
 //!   common format has no XCR0 and KVM keeps it outside the state it carries).
 //! - **MSRs**: the named fields (SYSENTER_CS/ESP/EIP, PAT, STAR, LSTAR, CSTAR, FMASK,
 //!   KERNEL_GS_BASE, TSC_AUX: [`QEMU_NAMED_MSRS`]) always appear in the common list; a common state
@@ -540,8 +541,11 @@ impl QemuCpu {
         fixed(|| "mp_state".into(), u64::from(self.mp_state), u64::from(MP_STATE_RUNNABLE))?;
         fixed(|| "a20_mask".into(), self.a20_mask as u32 as u64, A20_OPEN as u32 as u64)?;
         fixed(|| "xcr0".into(), self.xcr0, XCR0_RESET)?;
+        // dr[4] and dr[5] are not state: DR4/DR5 alias DR6/DR7, TCG leaves them 0 and QEMU's
+        // KVM code copies DR6/DR7 into them.
         for (i, &v) in self.dr.iter().enumerate() {
             let reset = match i {
+                4 | 5 => continue,
                 6 => DR6_RESET,
                 7 => DR7_RESET,
                 _ => 0,
