@@ -47,10 +47,19 @@ fn qemu_list_msr_index() -> impl Strategy<Value = u32> {
 
 fn qemu_apic() -> impl Strategy<Value = QemuApic> {
     let ids = (any::<u32>(), any::<[u8; 4]>(), 0u8..16, any::<u32>());
-    let vectors = (any::<[u32; 8]>(), any::<[u32; 8]>(), any::<[u32; 8]>(), any::<[u32; 6]>());
+    let vectors = (
+        any::<[u32; 8]>(),
+        any::<[u32; 8]>(),
+        any::<[u32; 8]>(),
+        any::<[u32; 6]>(),
+    );
     let rest = (any::<u32>(), any::<[u32; 2]>(), any::<u32>(), any::<u32>());
     (ids, vectors, rest).prop_map(
-        |((apicbase, [id, arb_id, tpr, log_dest], dest_mode, spurious_vec), (isr, tmr, irr, lvt), (esr, icr, divide_conf, initial_count))| {
+        |(
+            (apicbase, [id, arb_id, tpr, log_dest], dest_mode, spurious_vec),
+            (isr, tmr, irr, lvt),
+            (esr, icr, divide_conf, initial_count),
+        )| {
             QemuApic {
                 apicbase: apicbase & !(APIC_BASE_EXTD as u32),
                 id,
@@ -116,12 +125,7 @@ fn qemu_cpu() -> impl Strategy<Value = QemuCpu> {
         Just((-1i32, 0u8, 0u32)),
         (0i32..=255, bit(), any::<u32>()).prop_map(|(nr, has, code)| (nr, has, if has == 1 { code } else { 0 })),
     ];
-    let events = (
-        prop_oneof![Just(-1i32), 0i32..=255],
-        exception,
-        bit(),
-        any::<bool>(),
-    );
+    let events = (prop_oneof![Just(-1i32), 0i32..=255], exception, bit(), any::<bool>());
     let rest = (
         btree_map(qemu_list_msr_index(), any::<u64>(), 0..16),
         proptest::option::of(qemu_apic()),
@@ -248,9 +252,9 @@ fn qemu_apic_common() -> impl Strategy<Value = (u64, u64, Vec<u8>)> {
     prop_oneof![
         1 => Just((0u64, 0u64, Vec::new())),
         3 => qemu_apic().prop_map(|a| {
-            let mut q = QemuCpu::from_common(&base_common()).unwrap();
+            let mut q = QemuCpu::from_common(&base_common()).expect("base_common is representable");
             q.apic = Some(a);
-            let s = q.to_common(0).unwrap();
+            let s = q.to_common(0).expect("a generated APIC converts");
             (s.apic_base, s.cr8, s.lapic)
         }),
     ]
@@ -278,13 +282,19 @@ fn qemu_representable_state() -> impl Strategy<Value = VcpuState> {
         .prop_map(|(named, smbase, mut map)| {
             for (i, &index) in QEMU_NAMED_MSRS.iter().enumerate() {
                 // SYSENTER_CS is 32 bits wide in QEMU.
-                let value = if index == msr_index::SYSENTER_CS { named[i] & 0xffff_ffff } else { named[i] };
+                let value = if index == msr_index::SYSENTER_CS {
+                    named[i] & 0xffff_ffff
+                } else {
+                    named[i]
+                };
                 map.insert(index, value);
             }
             if let Some(v) = smbase {
                 map.insert(MSR_SMBASE, u64::from(v));
             }
-            map.into_iter().map(|(index, value)| Msr { index, value }).collect::<Vec<_>>()
+            map.into_iter()
+                .map(|(index, value)| Msr { index, value })
+                .collect::<Vec<_>>()
         });
     (vcpu_state(), segments, msrs, qemu_xsave(), qemu_apic_common()).prop_map(
         |(mut s, (cs, ds, es, fs, gs, ss, tr, ldtr), msrs, xsave, (apic_base, cr8, lapic))| {
@@ -384,7 +394,8 @@ fn violate(s: &mut VcpuState, which: usize, pick: u64) -> String {
 // This project's kvm boot state (src/vmm/kvm/boot.rs setup_long_mode), built as boot.rs does
 // ---------------------------------------------------------------------------------------------
 
-fn kvm_seg(selector: u16, base: u64, limit: u32, type_: u8, s: u8, dpl: u8, l: u8, db: u8, g: u8) -> KvmSegment {
+/// A present segment; `[s, dpl, l, db, g]` as `kvm_segment` has them.
+fn kvm_seg(selector: u16, base: u64, limit: u32, type_: u8, [s, dpl, l, db, g]: [u8; 5]) -> KvmSegment {
     KvmSegment {
         base,
         limit,
@@ -405,9 +416,9 @@ fn kvm_seg(selector: u16, base: u64, limit: u32, type_: u8, s: u8, dpl: u8, l: u
 /// The vCPU right after `setup_long_mode`, with the MSRs, xsave image and APIC page KVM
 /// reports after reset.
 fn kvm_boot_vcpu() -> KvmVcpu {
-    let code = kvm_seg(0x0b, 0, 0xffff_ffff, 0xb, 1, 3, 1, 0, 1);
-    let data = kvm_seg(0x13, 0, 0xffff_ffff, 0x3, 1, 3, 0, 1, 1);
-    let tss = kvm_seg(0x18, 0x600, 0x10b, 0xb, 0, 0, 0, 0, 0);
+    let code = kvm_seg(0x0b, 0, 0xffff_ffff, 0xb, [1, 3, 1, 0, 1]);
+    let data = kvm_seg(0x13, 0, 0xffff_ffff, 0x3, [1, 3, 0, 1, 1]);
+    let tss = kvm_seg(0x18, 0x600, 0x10b, 0xb, [0; 5]);
     let ldt = KvmSegment {
         type_: 2,
         present: 0,
@@ -433,13 +444,12 @@ fn kvm_boot_vcpu() -> KvmVcpu {
         reserved: 0,
         data,
     };
-    let mut msrs = vec![msr(msr_index::TSC, 123_456), msr(0x1a0, 1), msr(MSR_PAT, 0x0007_0406_0007_0406)];
-    msrs.extend(
-        QEMU_NAMED_MSRS
-            .iter()
-            .filter(|&&i| i != MSR_PAT)
-            .map(|&i| msr(i, 0)),
-    );
+    let mut msrs = vec![
+        msr(msr_index::TSC, 123_456),
+        msr(0x1a0, 1),
+        msr(MSR_PAT, 0x0007_0406_0007_0406),
+    ];
+    msrs.extend(QEMU_NAMED_MSRS.iter().filter(|&&i| i != MSR_PAT).map(|&i| msr(i, 0)));
     msrs.sort_by_key(|m| m.index);
     KvmVcpu {
         id: 0,
@@ -493,9 +503,17 @@ fn captured_cpu(stream: &[u8]) -> Option<(QemuCpu, u32)> {
     pattern.extend_from_slice(&12u32.to_be_bytes());
     let at = stream.windows(pattern.len()).position(|w| w == pattern.as_slice())? + pattern.len();
     let cpu = stream.get(at..at + 900)?;
-    let u32_at = |o: usize| u32::from_be_bytes(cpu[o..o + 4].try_into().unwrap());
-    let u64_at = |o: usize| u64::from_be_bytes(cpu[o..o + 8].try_into().unwrap());
-    let mut q = QemuCpu::from_common(&base_common()).unwrap();
+    let u32_at = |o: usize| {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&cpu[o..o + 4]);
+        u32::from_be_bytes(b)
+    };
+    let u64_at = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&cpu[o..o + 8]);
+        u64::from_be_bytes(b)
+    };
+    let mut q = QemuCpu::from_common(&base_common()).expect("base_common is representable");
     q.eflags = u64_at(136);
     let hflags = u32_at(144);
     // regs 128, eip, eflags, hflags, 4 FPU words, 8 x 10-byte fpregs: the segments start at 236.
@@ -603,7 +621,10 @@ fn test_kvm_boot_state_survives_kvm_qemu_kvm() {
     assert_eq!(q.ldt.flags, 2 << 8);
     assert_eq!(q.tr.flags, 0x8b00);
     assert_eq!(q.segs[1].flags, 0x00a0_fb00);
-    assert_eq!(q.apic.map(|a| (a.apicbase, a.spurious_vec, a.dest_mode)), Some((0xfee0_0900, 0xff, 0xf)));
+    assert_eq!(
+        q.apic.map(|a| (a.apicbase, a.spurious_vec, a.dest_mode)),
+        Some((0xfee0_0900, 0xff, 0xf))
+    );
     let back = KvmVcpu::from_common(&q.to_common(0).unwrap()).unwrap();
     let mut expected = k.clone();
     // The version register is the one thing not carried; KVM_SET_LAPIC recomputes it.
@@ -614,7 +635,10 @@ fn test_kvm_boot_state_survives_kvm_qemu_kvm() {
 #[test]
 fn test_compute_hflags_matches_real_qemu() {
     let mut checked = 0;
-    for (path, mode) in [("/tmp/qcap/s.bin", "TCG, real mode"), ("/tmp/qcap/k.bin", "KVM, protected mode")] {
+    for (path, mode) in [
+        ("/tmp/qcap/s.bin", "TCG, real mode"),
+        ("/tmp/qcap/k.bin", "KVM, protected mode"),
+    ] {
         let Ok(stream) = std::fs::read(path) else {
             println!("SKIPPED: {path} ({mode}) is not there");
             continue;

@@ -538,8 +538,16 @@ impl QemuCpu {
     fn check_unrepresentable(&self) -> Result<(), NativeError> {
         fixed(|| "halted".into(), u64::from(self.halted), 0)?;
         fixed(|| "interrupt_request".into(), u64::from(self.interrupt_request), 0)?;
-        fixed(|| "mp_state".into(), u64::from(self.mp_state), u64::from(MP_STATE_RUNNABLE))?;
-        fixed(|| "a20_mask".into(), self.a20_mask as u32 as u64, A20_OPEN as u32 as u64)?;
+        fixed(
+            || "mp_state".into(),
+            u64::from(self.mp_state),
+            u64::from(MP_STATE_RUNNABLE),
+        )?;
+        fixed(
+            || "a20_mask".into(),
+            self.a20_mask as u32 as u64,
+            A20_OPEN as u32 as u64,
+        )?;
         fixed(|| "xcr0".into(), self.xcr0, XCR0_RESET)?;
         // dr[4] and dr[5] are not state: DR4/DR5 alias DR6/DR7, TCG leaves them 0 and QEMU's
         // KVM code copies DR6/DR7 into them.
@@ -556,12 +564,8 @@ impl QemuCpu {
             return Err(unrepresentable("hflags", u64::from(self.hflags)));
         }
         // GIF clear (inside CLGI) and the nested-SVM/SMM/MPX bits are state; VGIF is a cache.
-        let h2_state = HF2_HIF_MASK
-            | HF2_VINTR_MASK
-            | HF2_SMM_INSIDE_NMI_MASK
-            | HF2_MPX_PR_MASK
-            | HF2_NPT_MASK
-            | HF2_IGNNE_MASK;
+        let h2_state =
+            HF2_HIF_MASK | HF2_VINTR_MASK | HF2_SMM_INSIDE_NMI_MASK | HF2_MPX_PR_MASK | HF2_NPT_MASK | HF2_IGNNE_MASK;
         let h2_known = HF2_GIF_MASK | HF2_NMI_MASK | HF2_VGIF_MASK | h2_state;
         if self.hflags2 & HF2_GIF_MASK == 0 || self.hflags2 & (h2_state | !h2_known) != 0 {
             return Err(unrepresentable("hflags2", u64::from(self.hflags2)));
@@ -716,7 +720,10 @@ fn segment_to_common(name: &str, q: &QemuSegment) -> Result<Segment, NativeError
 fn segment_from_common(name: &str, s: &Segment) -> Result<QemuSegment, NativeError> {
     let a = &s.attributes;
     if a.unusable == a.present {
-        return Err(unrepresentable(format!("{name}.attributes.unusable"), u64::from(a.unusable)));
+        return Err(unrepresentable(
+            format!("{name}.attributes.unusable"),
+            u64::from(a.unusable),
+        ));
     }
     Ok(QemuSegment {
         selector: u32::from(s.selector),
@@ -741,5 +748,209 @@ fn dtable_from_common(d: &DescriptorTable) -> QemuSegment {
         base: d.base,
         limit: u32::from(d.limit),
         flags: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::FormatError;
+
+    /// A representable common state with every part in use.
+    fn state() -> VcpuState {
+        let mut s = super::super::tests::busy_state();
+        s.gs.attributes.present = false;
+        s.msrs
+            .retain(|m| qemu_list_msr(m.index) || QEMU_NAMED_MSRS.contains(&m.index));
+        for &index in &QEMU_NAMED_MSRS {
+            if !s.msrs.iter().any(|m| m.index == index) {
+                s.msrs.push(Msr { index, value: 0x1000 });
+            }
+        }
+        s.msrs.push(Msr { index: 0x1a0, value: 1 });
+        s.msrs.sort_by_key(|m| m.index);
+        s.xsave = vec![0; QEMU_XSAVE_BYTES];
+        s.xsave[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
+        s.xsave[28..32].copy_from_slice(&xsave::MXCSR_MASK.to_le_bytes());
+        s.xsave[32] = 0xaa; // ST0 mantissa
+        s.xsave[593] = 0xbb; // YMM1 high half, byte 1
+        s.xsave[512] = 0x7;
+        let mut apic = QemuApic {
+            apicbase: 0xfee0_0900,
+            id: 3,
+            tpr: 0xf5,
+            spurious_vec: 0x1ff,
+            dest_mode: 0xf,
+            ..QemuApic::default()
+        };
+        apic.irr[7] = 1 << 15;
+        apic.lvt = [0x1_0000, 0x1_0000, 0x1_0000, 0x8700, 0x8400, 0x1_0000];
+        s.lapic = lapic::page_from_apic(&apic);
+        s
+    }
+
+    fn qemu() -> QemuCpu {
+        QemuCpu::from_common(&state()).unwrap()
+    }
+
+    fn err_of(mutate: impl FnOnce(&mut QemuCpu)) -> NativeError {
+        let mut q = qemu();
+        mutate(&mut q);
+        q.to_common(3).unwrap_err()
+    }
+
+    fn refused(field: &str, value: u64) -> NativeError {
+        NativeError::Unrepresentable {
+            field: field.into(),
+            value,
+        }
+    }
+
+    #[test]
+    fn test_busy_state_maps_field_by_field() {
+        let s = state();
+        let q = qemu();
+        // QEMU order: RAX RCX RDX RBX RSP RBP RSI RDI; common: rax rbx rcx rdx rsi rdi rsp rbp.
+        assert_eq!(q.regs[0], s.gprs[0]);
+        assert_eq!(q.regs[1], s.gprs[2]);
+        assert_eq!(q.regs[3], s.gprs[1]);
+        assert_eq!(q.regs[4], s.gprs[6]);
+        assert_eq!(q.regs[5], s.gprs[7]);
+        assert_eq!(q.regs[6], s.gprs[4]);
+        assert_eq!(q.regs[15], s.gprs[15]);
+        assert_eq!(q.segs[3].flags, 0x00d0_ff00, "DS: every attribute but L");
+        assert_eq!(q.segs[5].flags & DESC_P, 0, "GS unusable: not present");
+        assert_eq!(q.apic.map(|a| a.tpr >> 4), Some(0xf));
+        assert_eq!(q.fpregs[0].mantissa, 0xaa);
+        assert_eq!(q.ymmh[1][0], 0xbb << 8);
+        assert_eq!(q.xstate_bv, 7);
+        assert_eq!((q.exception_nr, q.has_error_code, q.error_code), (13, 1, 0xffff_ffff));
+        assert_eq!(q.interrupt_injected, 0xef);
+        assert_eq!(q.hflags2, HF2_GIF_MASK | HF2_NMI_MASK | HF2_VGIF_MASK);
+        assert_eq!(q.pat, 0x0007_0406_0007_0406);
+        assert_eq!(q.msrs, vec![(0x1a0, 1)]);
+        assert_eq!(q.to_common(3).unwrap(), s);
+    }
+
+    #[test]
+    fn test_state_the_common_format_lacks_is_refused() {
+        assert_eq!(err_of(|q| q.halted = 1), refused("halted", 1));
+        assert_eq!(err_of(|q| q.mp_state = 3), refused("mp_state", 3));
+        assert_eq!(err_of(|q| q.interrupt_request = 2), refused("interrupt_request", 2));
+        assert_eq!(err_of(|q| q.soft_interrupt = 1), refused("soft_interrupt", 1));
+        assert_eq!(err_of(|q| q.nmi_injected = 1), refused("nmi_injected", 1));
+        assert_eq!(err_of(|q| q.a20_mask = !(1 << 20)), refused("a20_mask", 0xffef_ffff));
+        assert_eq!(err_of(|q| q.xcr0 = 7), refused("xcr0", 7));
+        assert_eq!(err_of(|q| q.dr[7] = 0x401), refused("dr[7]", 0x401));
+        assert_eq!(err_of(|q| q.xstate_bv = 0xe7), refused("xstate_bv", 0xe7));
+        assert_eq!(err_of(|q| q.fptag = 0x100), refused("fptag", 0x100));
+        let h = qemu().hflags | HF_INHIBIT_IRQ_MASK;
+        assert_eq!(err_of(|q| q.hflags = h), refused("hflags", u64::from(h)));
+        assert_eq!(err_of(|q| q.hflags2 = HF2_VGIF_MASK), refused("hflags2", 0x100));
+        assert_eq!(err_of(|q| q.hflags2 |= HF2_NPT_MASK), refused("hflags2", 0x145));
+    }
+
+    #[test]
+    fn test_invalid_native_values_are_named() {
+        assert_eq!(
+            err_of(|q| q.segs[2].selector = 0x1_0000),
+            refused("segs.ss.selector", 0x1_0000)
+        );
+        assert_eq!(err_of(|q| q.gdt.flags = 0x9300), refused("gdt.flags", 0x9300));
+        assert_eq!(err_of(|q| q.idt.limit = 0x1_0000), refused("idt.limit", 0x1_0000));
+        assert_eq!(
+            err_of(|q| q.ldt.base = 1 << 47),
+            NativeError::NonCanonical {
+                field: "ldt.base".into(),
+                value: 1 << 47
+            }
+        );
+        assert_eq!(
+            err_of(|q| q.exception_nr = 256),
+            NativeError::OutOfRange {
+                field: "exception_nr".into(),
+                value: 256,
+                max: 255
+            }
+        );
+        assert_eq!(
+            err_of(|q| q.has_error_code = 2),
+            NativeError::InvalidFlag {
+                field: "has_error_code".into(),
+                value: 2
+            }
+        );
+        assert_eq!(
+            err_of(|q| q.msrs.push((0x4000_0000, 1))),
+            refused("msrs[0x40000000]", 1)
+        );
+        assert_eq!(
+            err_of(|q| q.msrs.insert(0, (0x200, 1))),
+            NativeError::MsrOrder {
+                index: 0x1a0,
+                previous: 0x200
+            }
+        );
+        assert_eq!(
+            err_of(|q| {
+                if let Some(a) = &mut q.apic {
+                    a.apicbase |= 1 << 10;
+                }
+            }),
+            refused("apic.apicbase", 0xfee0_0d00)
+        );
+        assert_eq!(
+            err_of(|q| {
+                q.cr0 &= !1;
+                q.segs[1].flags |= 3 << 13;
+            }),
+            refused("segs.cs.flags", 0x00a0_fb00),
+        );
+    }
+
+    #[test]
+    fn test_smbase_is_listed_only_away_from_reset() {
+        let mut q = qemu();
+        assert!(!q.to_common(3).unwrap().msrs.iter().any(|m| m.index == MSR_SMBASE));
+        q.smbase = 0xa_0000;
+        let s = q.to_common(3).unwrap();
+        assert!(s.msrs.contains(&Msr {
+            index: MSR_SMBASE,
+            value: 0xa_0000
+        }));
+        assert_eq!(QemuCpu::from_common(&s).unwrap(), q);
+    }
+
+    #[test]
+    fn test_empty_lapic_needs_no_apic_state() {
+        let mut s = state();
+        s.lapic.clear();
+        assert_eq!(QemuCpu::from_common(&s), Err(refused("apic_base", 0xfee0_0900)));
+        s.apic_base = 0;
+        assert_eq!(QemuCpu::from_common(&s), Err(refused("cr8", 0xf)));
+        s.cr8 = 0;
+        let q = QemuCpu::from_common(&s).unwrap();
+        assert_eq!(q.apic, None);
+        assert_eq!(q.to_common(s.id).unwrap(), s);
+    }
+
+    #[test]
+    fn test_invalid_common_state_is_refused_first() {
+        let mut s = state();
+        s.rip = 1 << 47;
+        assert_eq!(
+            QemuCpu::from_common(&s),
+            Err(NativeError::InvalidCommon(FormatError::NonCanonical {
+                field: "rip",
+                value: 1 << 47
+            }))
+        );
+    }
+
+    #[test]
+    fn test_count_shift_follows_the_divide_register() {
+        // Divide by 2, 4, 8, 16, 32, 64, 128, 1 (SDM encoding 0b0000..0b1011 with bit 2 unused).
+        let shifts: Vec<i32> = [0, 1, 2, 3, 8, 9, 10, 11].into_iter().map(count_shift).collect();
+        assert_eq!(shifts, [1, 2, 3, 4, 5, 6, 7, 0]);
     }
 }
