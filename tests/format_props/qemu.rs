@@ -331,7 +331,9 @@ fn violate(s: &mut VcpuState, which: usize, pick: u64) -> String {
             "xsave.len()".into()
         }
         2 => {
+            // A component past AVX in use: its bit, and a non-zero byte in its area.
             s.xsave[512] |= 0x8 << (pick % 5);
+            s.xsave[832 + (pick as usize >> 8) % (QEMU_XSAVE_BYTES - 832)] = 1 | pick as u8;
             "xsave.xstate_bv".into()
         }
         3 => {
@@ -648,6 +650,23 @@ fn test_compute_hflags_matches_real_qemu() {
         checked += 1;
     }
     println!("compute_hflags checked against {checked} captured QEMU 7.2 stream(s)");
+}
+
+#[test]
+fn test_components_past_avx_in_init_state_are_dropped() {
+    let mut s = base_common();
+    // x87, SSE and PKRU (value 0).
+    s.xsave[512..520].copy_from_slice(&(0x3u64 | 1 << 9).to_le_bytes());
+    let q = QemuCpu::from_common(&s).unwrap();
+    assert_eq!(q.xstate_bv, 0x3);
+    s.xsave[2688] = 0x55; // PKRU's slot in the standard format
+    assert_eq!(
+        QemuCpu::from_common(&s),
+        Err(NativeError::Unrepresentable {
+            field: "xsave.xstate_bv".into(),
+            value: 0x203
+        })
+    );
 }
 
 #[test]

@@ -18,7 +18,10 @@
 //! and every CPU with DAZ report), bytes 10..15 of each ST slot, 416..512 (reserved and
 //! software-available, 0), the header's reserved bytes 528..576 (0), and every byte from 832 on
 //! (0: the components there, AVX-512, PKRU, MPX, ..., must be absent from XSTATE_BV, and an
-//! absent component's bytes are ignored by XRSTOR).
+//! absent component's bytes are ignored by XRSTOR). A component past AVX that XSTATE_BV marks
+//! present while every byte from 832 on is zero is in its init state (all these components'
+//! init state is zeros): its bit is dropped rather than refused. Any other bit past AVX is
+//! refused.
 
 use super::{QemuCpu, QemuFpReg};
 use crate::format::native::NativeError;
@@ -113,7 +116,12 @@ pub(super) fn image_into_qemu(image: &[u8], q: &mut QemuCpu) -> Result<(), Nativ
             value: image.len() as u64,
         });
     }
-    let xstate_bv = u64_at(image, XSTATE_BV);
+    let mut xstate_bv = u64_at(image, XSTATE_BV);
+    if image[YMMH_END..].iter().all(|&b| b == 0) {
+        // Components past AVX whose area is all zeros are in their init state, which XRSTOR
+        // also loads for a clear bit (KVM may report PKRU = 0 this way).
+        xstate_bv &= QEMU_XSTATE_COMPONENTS;
+    }
     check_xstate_bv("xsave.xstate_bv", xstate_bv)?;
     let xcomp_bv = u64_at(image, XCOMP_BV);
     if xcomp_bv != 0 {
