@@ -8,6 +8,11 @@
 //! EFLAGS bits TF, IOPL, RF, VM and AC are left out. TCG never stores them in `hflags`
 //! (`cpu_get_tb_cpu_state` ORs them in from EFLAGS for every translation block), and a copy left
 //! in `hflags` would stay set after the guest cleared the flag.
+//!
+//! In 64-bit code SS32 is set, as `x86_update_hflags` and a CS load set it; TCG leaves it at
+//! SS.B after a later SS load (a null SS loaded by an interrupt clears it), which no 64-bit
+//! instruction reads. Checked against the hflags of real QEMU 7.2 streams in real mode (TCG) and
+//! 32-bit protected mode (KVM) by `tests/format_props/qemu.rs`; long mode follows the source.
 
 use super::QemuCpu;
 
