@@ -21,6 +21,10 @@ use proptest::sample::select;
 
 const CASES: u32 = 256;
 
+// The qemu layout's part, in its own file to keep this one readable.
+#[path = "format_props/qemu.rs"]
+mod qemu;
+
 // ---------------------------------------------------------------------------------------------
 // Building blocks
 // ---------------------------------------------------------------------------------------------
