@@ -5,13 +5,17 @@
 use serde::{Deserialize, Serialize};
 
 /// The body of `POST /vms/{id}/to-qemu`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToQemu {
     /// Where the QEMU listens: `HOST:PORT` (an IP address).
     pub addr: String,
     /// The machine type the QEMU runs [default: `pc-i440fx-7.2`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// The QEMU's accelerator, `kvm` (the default) or `tcg`: TCG keeps the task register in a
+    /// form of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
     /// `precopy` (the default) or `stop-and-copy`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<String>,

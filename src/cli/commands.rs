@@ -255,6 +255,7 @@ fn migrate_to_qemu(client: &ApiClient, args: &MigrateArgs, addr: std::net::Socke
     let body = api::ToQemu {
         addr: addr.to_string(),
         machine: Some(args.qemu_machine.clone()),
+        accel: Some(args.qemu_accel.clone()),
         algorithm: Some(args.algorithm.name().to_string()),
         downtime_limit_ms: Some(args.downtime_limit_ms),
     };
@@ -528,6 +529,7 @@ mod tests {
             to: Some("127.0.0.1:7001".to_string()),
             to_qemu: None,
             qemu_machine: "pc-i440fx-7.2".to_string(),
+            qemu_accel: "kvm".to_string(),
             recover: false,
             algorithm: Algorithm::Precopy,
             streams: 2,

@@ -244,6 +244,10 @@ pub struct MigrateArgs {
     /// With --to-qemu: the machine type the QEMU runs.
     #[arg(long, value_name = "TYPE", requires = "to_qemu", default_value = "pc-i440fx-7.2")]
     pub qemu_machine: String,
+    /// With --to-qemu: the QEMU's accelerator (TCG keeps the task register in a form of its
+    /// own).
+    #[arg(long, value_name = "kvm|tcg", requires = "to_qemu", default_value = "kvm", value_parser = ["kvm", "tcg"])]
+    pub qemu_accel: String,
     /// Carry on the post-copy pull of a held `stale` copy whose recovery timed out.
     #[arg(long)]
     pub recover: bool,

@@ -16,6 +16,7 @@ use migratory::engine::qemu::{FromQemuOptions, QemuLegError, ToQemuOptions};
 use migratory::engine::EngineHandle;
 use migratory::format::check_name;
 use migratory::protocol::Algorithm;
+use migratory::qemu::Accel;
 
 use super::{Refusal, State};
 
@@ -47,6 +48,11 @@ pub(super) async fn to_qemu(
     if let Some(m) = b.machine {
         check_name("machine", &m).map_err(|e| Refusal::field("machine", e))?;
         options.machine = m;
+    }
+    match b.accel.as_deref() {
+        None | Some("kvm") => {}
+        Some("tcg") => options.accel = Accel::Tcg,
+        Some(other) => return Err(Refusal::field("accel", format!("{other:?} is neither kvm nor tcg"))),
     }
     if let Some(a) = b.algorithm {
         options.algorithm = a

@@ -202,12 +202,18 @@ pub async fn round_trip(
         intact: false,
         vm_on: "kvm".into(),
     };
-    // Leg 1: here → QEMU.
-    let at_leg1 = engine.vm_info(host, vm).await?;
+    // Leg 1: here → QEMU, once the guest has checked itself here.
+    let at_leg1 = wait_for_passes(engine, host, vm, 1, opts.timeout).await?;
     let mut there = ToQemuOptions::new(addr);
     there.flip_page = opts.flip_page_there;
+    there.accel = opts.accel;
     let leg1 = engine.migrate_to_qemu(host, vm, there).await;
-    out.legs.push(leg_of("kvm", &through, &leg1));
+    let mut leg = leg_of("kvm", &through, &leg1);
+    if let Some(e) = &mut leg.error {
+        // QEMU says why it refused the stream on its stderr.
+        e.push_str(&format!("; QEMU's stderr: {}", qemu.stderr_tail()));
+    }
+    out.legs.push(leg);
     out.progress.push(HostProgress {
         host: "kvm".into(),
         pages_written: at_leg1.stats.writes,
@@ -294,22 +300,8 @@ pub async fn round_trip(
     }
     // From inside: the guest keeps checking back here.
     let at_return = engine.vm_info(host, vm).await?;
-    let deadline = arrived_at + opts.timeout;
-    let now = loop {
-        let v = engine.vm_info(host, vm).await?;
-        if v.stats.verify_passes >= at_return.stats.verify_passes + opts.passes_after {
-            break v;
-        }
-        if Instant::now() >= deadline {
-            return Err(RoundTripError::Setup(format!(
-                "the guest completed {} verify passes back on kvm in {:?}, not {}",
-                v.stats.verify_passes - at_return.stats.verify_passes,
-                opts.timeout,
-                opts.passes_after
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let wanted = at_return.stats.verify_passes + opts.passes_after;
+    let now = wait_for_passes(engine, host, vm, wanted, opts.timeout.saturating_sub(arrived_at.elapsed())).await?;
     out.progress.push(HostProgress {
         host: "kvm".into(),
         pages_written: now.stats.writes.saturating_sub(at_return.stats.writes),
@@ -320,4 +312,29 @@ pub async fn round_trip(
         && out.ram_mismatched_pages.is_empty()
         && out.integrity_errors == 0;
     Ok(out)
+}
+
+/// Waits until the guest of `vm` has completed `passes` verify passes in all, and returns the
+/// VM's view then.
+async fn wait_for_passes(
+    engine: &EngineHandle,
+    host: &str,
+    vm: &str,
+    passes: u64,
+    timeout: Duration,
+) -> Result<crate::vm::VmInfo, RoundTripError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = engine.vm_info(host, vm).await?;
+        if v.stats.verify_passes >= passes {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(RoundTripError::Setup(format!(
+                "the guest of {vm} completed {} verify passes on kvm in {timeout:?}, not {passes}",
+                v.stats.verify_passes
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -18,7 +18,7 @@ use actix::Addr;
 
 use super::{record, Direction, QemuLegError, QemuLegReport, GUEST_RAM_BLOCK, MAX_QEMU_RAM_BYTES};
 use crate::engine::host::{Host, ReleaseVm};
-use crate::engine::receiver::host_port::ReserveIncoming;
+use crate::engine::receiver::ReserveIncoming;
 use crate::format::native::qemu::QemuCpu;
 use crate::format::{VcpuState, VmConfig, VmId};
 use crate::qemu::digest::RamDigest;
@@ -405,6 +405,9 @@ fn to_common(cpus: &[QemuCpu]) -> Result<Vec<VcpuState>, QemuLegError> {
     }
     let mut out = Vec::with_capacity(cpus.len());
     for (i, c) in cpus.iter().enumerate() {
+        let mut c = c.clone();
+        // A vCPU from TCG holds TR as available; ours must be busy (KVM on VMX needs it).
+        c.tr_from_tcg();
         out.push(c.to_common(i as u32)?);
     }
     Ok(out)

@@ -25,6 +25,7 @@ use crate::engine::plan::{for_algorithm, Next, RoundObservation, Verdict};
 use crate::engine::{EngineError, PolicyConfig};
 use crate::format::native::qemu::QemuCpu;
 use crate::protocol::Algorithm;
+use crate::qemu::process::Accel;
 use crate::qemu::stream::return_path::{read_return_message, ReturnMessage};
 use crate::qemu::stream::writer::StreamWriter;
 use crate::qemu::stream::{RamBlock, StreamError, PAGE_SIZE};
@@ -51,6 +52,9 @@ pub struct ToQemuOptions {
     pub algorithm: Algorithm,
     /// The stopping rule's limits (downtime, rounds, traffic).
     pub policy: PolicyConfig,
+    /// The QEMU's accelerator: TCG keeps TR in a form of its own
+    /// ([`QemuCpu::tr_for_tcg`]).
+    pub accel: Accel,
     /// How long connecting may take.
     pub connect_timeout: Duration,
     /// How long QEMU may take to confirm after the complete stream.
@@ -69,6 +73,7 @@ impl ToQemuOptions {
             machine: DEFAULT_MACHINE.to_string(),
             algorithm: Algorithm::Precopy,
             policy: PolicyConfig::default(),
+            accel: Accel::Kvm,
             connect_timeout: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(30),
             flip_page: None,
@@ -139,9 +144,11 @@ async fn run(host: Addr<Host>, id: String, options: ToQemuOptions) -> Result<Qem
     }
     let paused_at = Instant::now();
     let g = Arc::clone(&guest);
-    let (confirm, flip) = (options.confirm_timeout, options.flip_page);
-    let finished =
-        crate::offload::run("qemu-out-switchover", move || switchover(sending, g.as_ref(), confirm, flip)).await;
+    let (confirm, flip, accel) = (options.confirm_timeout, options.flip_page, options.accel);
+    let finished = crate::offload::run("qemu-out-switchover", move || {
+        switchover(sending, g.as_ref(), confirm, flip, accel)
+    })
+    .await;
     let _ = guest.stop_dirty_log();
     match flatten(finished) {
         Ok(done) => {
@@ -297,7 +304,13 @@ struct Done {
 }
 
 /// With the VM paused: the last pages, the vCPUs, the end; then QEMU's answer.
-fn switchover(mut s: Sending, guest: &dyn Guest, confirm: Duration, flip: Option<u64>) -> Result<Done, QemuLegError> {
+fn switchover(
+    mut s: Sending,
+    guest: &dyn Guest,
+    confirm: Duration,
+    flip: Option<u64>,
+    accel: Accel,
+) -> Result<Done, QemuLegError> {
     guest
         .sync_dirty_log()
         .map_err(|e| QemuLegError::Refused(format!("dirty log: {e}")))?;
@@ -309,7 +322,10 @@ fn switchover(mut s: Sending, guest: &dyn Guest, confirm: Duration, flip: Option
         .save_vcpus()
         .map_err(|e| QemuLegError::Refused(format!("saving the vCPUs: {e}")))?;
     for (i, v) in vcpus.iter().enumerate() {
-        let cpu = QemuCpu::from_common(v)?;
+        let mut cpu = QemuCpu::from_common(v)?;
+        if accel == Accel::Tcg {
+            cpu.tr_for_tcg();
+        }
         s.writer.cpu(i as u32, &cpu)?;
     }
     s.writer.finish()?;

@@ -372,7 +372,33 @@ fn unrepresentable(field: impl Into<String>, value: u64) -> NativeError {
     }
 }
 
+/// TR's type for a loaded 64-bit TSS as KVM reports it and VMX requires it: busy.
+const TSS64_BUSY: u32 = 0xb;
+/// The same TSS as QEMU's TCG caches it after `ltr` (the descriptor's type before it was
+/// marked busy); TCG checks CPL-3 port access only against a TR of this type.
+const TSS64_AVAILABLE: u32 = 0x9;
+
 impl QemuCpu {
+    /// Sets TR's cached type the way QEMU's TCG holds a loaded 64-bit TSS (available, 9), for a
+    /// QEMU that runs TCG: with the busy type KVM uses (11), TCG refuses every CPL-3 port access
+    /// that the TSS's I/O bitmap allows. KVM on this project's PVM hosts takes either type; on
+    /// VMX it needs 11, so call this only for a TCG destination.
+    pub fn tr_for_tcg(&mut self) {
+        let system = self.tr.flags & (1 << 12) == 0;
+        if system && (self.tr.flags >> DESC_TYPE_SHIFT) & 0xf == TSS64_BUSY {
+            self.tr.flags = (self.tr.flags & !(0xf << DESC_TYPE_SHIFT)) | (TSS64_AVAILABLE << DESC_TYPE_SHIFT);
+        }
+    }
+
+    /// The reverse of [`QemuCpu::tr_for_tcg`], for a vCPU that comes from QEMU's TCG: a loaded
+    /// TSS is busy architecturally, and KVM on VMX refuses an available one in TR.
+    pub fn tr_from_tcg(&mut self) {
+        let system = self.tr.flags & (1 << 12) == 0;
+        if system && (self.tr.flags >> DESC_TYPE_SHIFT) & 0xf == TSS64_AVAILABLE {
+            self.tr.flags = (self.tr.flags & !(0xf << DESC_TYPE_SHIFT)) | (TSS64_BUSY << DESC_TYPE_SHIFT);
+        }
+    }
+
     /// Converts to the common format as vCPU `id`, refusing values that are invalid or that the
     /// common format cannot carry; fields that are not state are ignored (module docs).
     pub fn to_common(&self, id: u32) -> Result<VcpuState, NativeError> {
@@ -753,6 +779,18 @@ fn dtable_from_common(d: &DescriptorTable) -> QemuSegment {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn test_tr_takes_tcg_s_available_type_and_back() {
+        let mut q = QemuCpu::from_common(&VcpuState::initial_long_mode(0)).expect("valid");
+        assert_eq!((q.tr.flags >> 8) & 0xf, 0xb);
+        q.tr_for_tcg();
+        assert_eq!((q.tr.flags >> 8) & 0xf, 0x9);
+        q.tr_from_tcg();
+        assert_eq!((q.tr.flags >> 8) & 0xf, 0xb);
+        assert_eq!(q, QemuCpu::from_common(&VcpuState::initial_long_mode(0)).expect("valid"));
+    }
+
     use super::*;
     use crate::format::FormatError;
 
