@@ -283,10 +283,16 @@ impl<R: Read> StreamReader<R> {
                 let id = self.be32("section id")?;
                 let len = self.u8("idstr length")?;
                 let idstr = self.string(usize::from(len), "idstr")?;
-                let _instance = self.be32("instance id")?;
+                let instance = self.be32("instance id")?;
                 let version = self.be32("version id")?;
                 if idstr != "ram" {
                     return Err(StreamError::UnsupportedSection { name: idstr });
+                }
+                if instance != 0 {
+                    return Err(StreamError::Malformed {
+                        at,
+                        what: format!("ram section instance {instance}, QEMU has one (0)"),
+                    });
                 }
                 if self.ram_section_id.is_some() {
                     return Err(StreamError::Malformed {
@@ -400,7 +406,8 @@ impl<R: Read> StreamReader<R> {
                     data,
                 })
             }
-            ram_flag::EOS if flags == ram_flag::EOS => {
+            // QEMU writes EOS with no address; one with an address is not QEMU's.
+            ram_flag::EOS if flags == ram_flag::EOS && addr == 0 => {
                 let fat = self.offset;
                 let marker = self.u8("section footer")?;
                 let fid = self.be32("section footer id")?;
@@ -646,4 +653,330 @@ fn try_candidate(tail: &[u8], base: u64, p: usize, end: usize) -> Result<Option<
         return Ok(None);
     };
     parse_full_sections(&tail[..p], base, &desc).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream built by hand, piece by piece.
+    #[derive(Default)]
+    struct B(Vec<u8>);
+
+    impl B {
+        fn u8(mut self, v: u8) -> Self {
+            self.0.push(v);
+            self
+        }
+        fn be16(mut self, v: u16) -> Self {
+            self.0.extend(v.to_be_bytes());
+            self
+        }
+        fn be32(mut self, v: u32) -> Self {
+            self.0.extend(v.to_be_bytes());
+            self
+        }
+        fn be64(mut self, v: u64) -> Self {
+            self.0.extend(v.to_be_bytes());
+            self
+        }
+        fn name(mut self, s: &str) -> Self {
+            self.0.push(s.len() as u8);
+            self.0.extend(s.as_bytes());
+            self
+        }
+        fn raw(mut self, b: &[u8]) -> Self {
+            self.0.extend(b);
+            self
+        }
+        fn header(self) -> Self {
+            self.be32(QEMU_VM_FILE_MAGIC)
+                .be32(3)
+                .u8(kind::CONFIGURATION)
+                .be32(13)
+                .raw(b"pc-i440fx-7.2")
+        }
+        fn ram_start(self) -> Self {
+            self.u8(kind::SECTION_START)
+                .be32(2)
+                .name("ram")
+                .be32(0)
+                .be32(4)
+                .be64(3 * 4096 | ram_flag::MEM_SIZE)
+                .name("pc.ram")
+                .be64(2 * 4096)
+                .name("pc.bios")
+                .be64(4096)
+                .be64(ram_flag::EOS)
+                .u8(kind::SECTION_FOOTER)
+                .be32(2)
+        }
+        fn footer(self, id: u32) -> Self {
+            self.be64(ram_flag::EOS).u8(kind::SECTION_FOOTER).be32(id)
+        }
+        /// One `timer` FULL section whose 6-byte buffer holds a false `00 06 len` candidate,
+        /// then EOF and its description.
+        fn devices(self, idstr: &str) -> Self {
+            let json = format!(
+                r#"{{"page_size": 4096, "devices": [{{"name": "{idstr}", "instance_id": 0, "vmsd_name": "timer", "version": 2, "fields": [{{"name": "b", "type": "buffer", "size": 6}}, {{"name": "t", "type": "int64", "size": 8}}]}}]}}"#
+            );
+            self.u8(kind::SECTION_FULL)
+                .be32(3)
+                .name(idstr)
+                .be32(0)
+                .be32(2)
+                .raw(&[0, 6, 0, 0, 0, 2])
+                .be64(-5i64 as u64)
+                .u8(kind::SECTION_FOOTER)
+                .be32(3)
+                .u8(kind::EOF)
+                .u8(kind::VMDESCRIPTION)
+                .be32(json.len() as u32)
+                .raw(json.as_bytes())
+        }
+        fn full(self) -> Self {
+            self.header()
+                .u8(kind::COMMAND)
+                .be16(command::OPEN_RETURN_PATH)
+                .be16(0)
+                .u8(kind::COMMAND)
+                .be16(command::PING)
+                .be16(4)
+                .be32(7)
+                .ram_start()
+                .u8(kind::SECTION_PART)
+                .be32(2)
+                .be64(ram_flag::PAGE)
+                .name("pc.ram")
+                .raw(&[0xab; PAGE_SIZE])
+                .be64(4096 | ram_flag::ZERO | ram_flag::CONTINUE)
+                .u8(0)
+                .footer(2)
+                .u8(kind::SECTION_END)
+                .be32(2)
+                .be64(ram_flag::ZERO)
+                .name("pc.bios")
+                .u8(0x5a)
+                .footer(2)
+                .devices("timer")
+        }
+    }
+
+    /// A transport that fails any read past its bytes, like QEMU's socket that stays open.
+    struct Open<'a>(&'a [u8]);
+
+    impl Read for Open<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(std::io::Error::other("read past the bytes QEMU sent"));
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// Everything the stream yields, as text, or the first error.
+    fn read_all(bytes: &[u8]) -> Result<Vec<String>, StreamError> {
+        let mut r = StreamReader::new(bytes);
+        let mut out = vec![format!("{:?}", r.read_header()?)];
+        loop {
+            match r.next_record()? {
+                Record::Page { block, offset, data } => {
+                    let d = match data {
+                        PageData::Fill(b) => format!("fill {b}"),
+                        PageData::Bytes(b) => format!(
+                            "{} bytes, fnv {:#x}",
+                            b.len(),
+                            b.iter()
+                                .fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3))
+                        ),
+                    };
+                    out.push(format!("page {block} {offset:#x} {d}"));
+                }
+                Record::Devices(d) => {
+                    out.push(format!("{d:?}"));
+                    return Ok(out);
+                }
+                other => out.push(format!("{other:?}")),
+            }
+        }
+    }
+
+    #[test]
+    fn test_synthetic_stream_yields_its_records_in_order_and_stops_after_the_vmdesc() {
+        let bytes = B::default().full().0;
+        let mut r = StreamReader::new(Open(&bytes));
+        let h = r.read_header().unwrap();
+        assert_eq!((h.version, h.machine.as_str()), (3, "pc-i440fx-7.2"));
+        assert!(matches!(r.next_record().unwrap(), Record::Command(Command::OpenReturnPath)));
+        assert!(matches!(r.next_record().unwrap(), Record::Command(Command::Ping(7))));
+        match r.next_record().unwrap() {
+            Record::RamBlocks(b) => assert_eq!(
+                b,
+                vec![
+                    RamBlock { name: "pc.ram".into(), length: 8192 },
+                    RamBlock { name: "pc.bios".into(), length: 4096 }
+                ]
+            ),
+            other => panic!("{other:?}"),
+        }
+        match r.next_record().unwrap() {
+            Record::Page { block: 0, offset: 0, data: PageData::Bytes(b) } => {
+                assert_eq!(b.len(), PAGE_SIZE);
+                assert!(b.iter().all(|&x| x == 0xab));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            r.next_record().unwrap(),
+            Record::Page { block: 0, offset: 4096, data: PageData::Fill(0) }
+        ));
+        assert!(matches!(r.next_record().unwrap(), Record::RoundEnd));
+        assert!(matches!(
+            r.next_record().unwrap(),
+            Record::Page { block: 1, offset: 0, data: PageData::Fill(0x5a) }
+        ));
+        assert!(matches!(r.next_record().unwrap(), Record::LastPagesEnd));
+        // The false `00 06` candidate inside the timer's buffer is passed over, and the
+        // transport is never read past the description.
+        match r.next_record().unwrap() {
+            Record::Devices(d) => {
+                assert_eq!(d.sections.len(), 1);
+                assert_eq!(d.sections[0].fields.i64("t").unwrap(), -5);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.bytes_read(), bytes.len() as u64);
+        assert!(matches!(r.next_record(), Err(StreamError::Finished)));
+    }
+
+    #[test]
+    fn test_unsupported_commands_flags_sections_and_blocks_are_refused_by_name() {
+        let postcopy = B::default().header().u8(kind::COMMAND).be16(3).be16(0).0;
+        let e = read_all(&postcopy).unwrap_err();
+        assert!(matches!(e, StreamError::UnsupportedCommand { command: 3 }), "{e}");
+        assert!(e.to_string().contains("POSTCOPY_ADVISE"));
+
+        for (flag, name) in [
+            (ram_flag::XBZRLE, "XBZRLE"),
+            (ram_flag::COMPRESS_PAGE, "COMPRESS_PAGE"),
+            (ram_flag::HOOK, "HOOK"),
+            (ram_flag::MULTIFD_FLUSH, "MULTIFD_FLUSH"),
+            (0x800, "0x800"),
+        ] {
+            let s = B::default().header().ram_start().u8(kind::SECTION_PART).be32(2).be64(flag).0;
+            match read_all(&s) {
+                Err(StreamError::UnsupportedRamFlags { flags, names }) => {
+                    assert_eq!(flags, flag);
+                    assert!(names.contains(name), "{names}");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+
+        let block = B::default()
+            .header()
+            .u8(kind::SECTION_START)
+            .be32(1)
+            .name("block")
+            .be32(0)
+            .be32(1)
+            .0;
+        assert!(matches!(read_all(&block), Err(StreamError::UnsupportedSection { name }) if name == "block"));
+
+        let vram = B::default()
+            .header()
+            .u8(kind::SECTION_START)
+            .be32(2)
+            .name("ram")
+            .be32(0)
+            .be32(4)
+            .be64(4096 | ram_flag::MEM_SIZE)
+            .name("vga.vram")
+            .be64(4096)
+            .0;
+        assert!(matches!(read_all(&vram), Err(StreamError::UnsupportedRamBlock { name }) if name == "vga.vram"));
+
+        let unknown = B::default().header().ram_start().u8(kind::SECTION_PART).be32(2).be64(ram_flag::ZERO).name("pc.rom").0;
+        assert!(matches!(read_all(&unknown), Err(StreamError::UnknownRamBlock { name }) if name == "pc.rom"));
+
+        let device = B::default().header().ram_start().u8(kind::SECTION_END).be32(2).footer(2).devices("pvpanic").0;
+        assert!(matches!(read_all(&device), Err(StreamError::UnsupportedSection { name }) if name == "pvpanic"));
+    }
+
+    #[test]
+    fn test_pages_outside_their_block_bad_footers_and_missing_vmdesc_are_refused() {
+        let outside = B::default()
+            .header()
+            .ram_start()
+            .u8(kind::SECTION_PART)
+            .be32(2)
+            .be64(2 * 4096 | ram_flag::ZERO)
+            .name("pc.ram")
+            .u8(0)
+            .0;
+        let e = read_all(&outside).unwrap_err();
+        assert!(matches!(e, StreamError::Malformed { .. }) && e.to_string().contains("outside"), "{e}");
+
+        let footer = B::default().header().ram_start().u8(kind::SECTION_PART).be32(2).be64(ram_flag::EOS).u8(0x7e).be32(9).0;
+        assert!(matches!(read_all(&footer), Err(StreamError::Malformed { .. })));
+
+        let no_desc = B::default().header().ram_start().u8(kind::SECTION_END).be32(2).footer(2).u8(kind::EOF).0;
+        assert!(matches!(read_all(&no_desc), Err(StreamError::NoDeviceDescription)));
+
+        let early_eof = B::default().header().ram_start().u8(kind::EOF).0;
+        assert!(matches!(read_all(&early_eof), Err(StreamError::Malformed { .. })));
+
+        let bad_magic = B::default().be32(0x5145_564e).0;
+        assert!(matches!(read_all(&bad_magic), Err(StreamError::BadMagic { found: 0x5145_564e })));
+        let v2 = B::default().be32(QEMU_VM_FILE_MAGIC).be32(2).0;
+        assert!(matches!(read_all(&v2), Err(StreamError::UnsupportedVersion { found: 2 })));
+    }
+
+    #[test]
+    fn test_block_counts_and_ram_sizes_are_bounded() {
+        let mut many = B::default()
+            .header()
+            .u8(kind::SECTION_START)
+            .be32(2)
+            .name("ram")
+            .be32(0)
+            .be32(4)
+            .be64(65 * 4096 | ram_flag::MEM_SIZE);
+        for i in 0..65 {
+            many = many.name(&format!("/rom@etc/{i}")).be64(4096);
+        }
+        assert!(matches!(
+            read_all(&many.0),
+            Err(StreamError::TooLarge { what: "RAM block count", .. })
+        ));
+        let huge = B::default()
+            .header()
+            .u8(kind::SECTION_START)
+            .be32(2)
+            .name("ram")
+            .be32(0)
+            .be32(4)
+            .be64((2u64 << 40) | ram_flag::MEM_SIZE)
+            .0;
+        assert!(matches!(read_all(&huge), Err(StreamError::TooLarge { what: "RAM bytes", .. })));
+    }
+
+    #[test]
+    fn test_every_truncation_and_header_flip_of_a_synthetic_stream_errors_or_differs() {
+        let bytes = B::default().full().0;
+        let whole = read_all(&bytes).unwrap();
+        for n in 0..bytes.len() {
+            assert!(read_all(&bytes[..n]).is_err(), "truncated to {n} bytes");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x41;
+            if let Ok(got) = read_all(&b) {
+                assert_ne!(got, whole, "flipped byte {i}");
+            }
+        }
+    }
 }

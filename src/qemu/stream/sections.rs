@@ -486,7 +486,7 @@ mod tests {
         let mut b = vec![kind::SECTION_FULL, 0, 0, 0, 9, 3, b'd', b'e', b'v', 0, 0, 0, 1, 0, 0, 0, 2];
         b.extend([0x12, 0x34]);
         b.extend([0xff, 0xff, 0xff, 0xfe, 0, 0, 0, 5]);
-        // the struct: x, then its empty subsection... which takes 1+1+7+4 bytes: not 3.
+        // The struct: x, then its empty subsection (1 + 1 + 7 + 4 bytes).
         b.extend([7]);
         b.extend([kind::SUBSECTION, 7]);
         b.extend(b"inner/y");
@@ -504,10 +504,10 @@ mod tests {
     #[test]
     fn test_full_section_parses_into_a_named_tree_and_checks_struct_sizes() {
         let desc = vmdesc::parse(DESC, 0).unwrap();
-        // The description says the struct took 3 bytes; it took 13: refused.
+        // The description says the struct took 3 bytes; it took 14: refused.
         let err = parse_full_sections(&bytes(), 100, &desc).unwrap_err();
-        assert!(err.to_string().contains("\"s\" took 13"), "{err}");
-        let fixed = String::from_utf8(DESC.to_vec()).unwrap().replace("\"size\":3", "\"size\":13");
+        assert!(err.to_string().contains("\"s\" took 14"), "{err}");
+        let fixed = String::from_utf8(DESC.to_vec()).unwrap().replace("\"size\":3", "\"size\":14");
         let desc = vmdesc::parse(fixed.as_bytes(), 0).unwrap();
         let d = parse_full_sections(&bytes(), 100, &desc).unwrap();
         let s = &d.sections[0];
