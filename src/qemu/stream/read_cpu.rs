@@ -36,9 +36,11 @@ pub const APIC_VERSION: u32 = 3;
 /// `HF_GUEST_MASK`: a nested guest is running.
 const HF_GUEST: u32 = 1 << 21;
 
-/// MSR-carrying `cpu/*` subsections: (subsection, [(field, first index, index step per
-/// array element)]).
-const MSR_SUBSECTIONS: &[(&str, &[(&str, u32, u32)])] = &[
+/// MSR fields: (field, first index, index step per array element).
+type MsrFields = &'static [(&'static str, u32, u32)];
+
+/// MSR-carrying `cpu/*` subsections and their fields.
+const MSR_SUBSECTIONS: &[(&str, MsrFields)] = &[
     ("cpu/async_pf_msr", &[("env.async_pf_en_msr", 0x4b56_4d02, 1)]),
     ("cpu/async_pv_eoi_msr", &[("env.pv_eoi_en_msr", 0x4b56_4d04, 1)]),
     ("cpu/steal_time_msr", &[("env.steal_time_msr", 0x4b56_4d03, 1)]),
@@ -46,7 +48,10 @@ const MSR_SUBSECTIONS: &[(&str, &[(&str, u32, u32)])] = &[
     ("cpu/msr_tsc_adjust", &[("env.tsc_adjust", 0x3b, 1)]),
     ("cpu/msr_tscdeadline", &[("env.tsc_deadline", 0x6e0, 1)]),
     ("cpu/msr_ia32_misc_enable", &[("env.msr_ia32_misc_enable", 0x1a0, 1)]),
-    ("cpu/msr_ia32_feature_control", &[("env.msr_ia32_feature_control", 0x3a, 1)]),
+    (
+        "cpu/msr_ia32_feature_control",
+        &[("env.msr_ia32_feature_control", 0x3a, 1)],
+    ),
     (
         "cpu/msr_architectural_pmu",
         &[
@@ -61,7 +66,10 @@ const MSR_SUBSECTIONS: &[(&str, &[(&str, u32, u32)])] = &[
     ),
     (
         "cpu/msr_hyperv_hypercall",
-        &[("env.msr_hv_guest_os_id", 0x4000_0000, 1), ("env.msr_hv_hypercall", 0x4000_0001, 1)],
+        &[
+            ("env.msr_hv_guest_os_id", 0x4000_0000, 1),
+            ("env.msr_hv_hypercall", 0x4000_0001, 1),
+        ],
     ),
     ("cpu/msr_hyperv_vapic", &[("env.msr_hv_vapic", 0x4000_0073, 1)]),
     ("cpu/msr_hyperv_time", &[("env.msr_hv_tsc", 0x4000_0021, 1)]),
@@ -78,7 +86,10 @@ const MSR_SUBSECTIONS: &[(&str, &[(&str, u32, u32)])] = &[
     ),
     (
         "cpu/msr_hyperv_stimer",
-        &[("env.msr_hv_stimer_config", 0x4000_00b0, 2), ("env.msr_hv_stimer_count", 0x4000_00b1, 2)],
+        &[
+            ("env.msr_hv_stimer_config", 0x4000_00b0, 2),
+            ("env.msr_hv_stimer_count", 0x4000_00b1, 2),
+        ],
     ),
     (
         "cpu/msr_hyperv_reenlightenment",
@@ -108,7 +119,7 @@ const MSR_SUBSECTIONS: &[(&str, &[(&str, u32, u32)])] = &[
 ];
 
 /// MSR-valued main `cpu` fields, carried when not zero: (field, first index, step).
-const MAIN_MSRS: &[(&str, u32, u32)] = &[
+const MAIN_MSRS: MsrFields = &[
     ("env.mtrr_deftype", 0x2ff, 1),
     ("env.mcg_status", 0x17a, 1),
     ("env.mcg_ctl", 0x17b, 1),
@@ -122,7 +133,9 @@ const MAIN_MSRS: &[(&str, u32, u32)] = &[
 
 /// The fixed-range MTRRs in `env.mtrr_fixed` order: 64K_00000, 16K_80000, 16K_A0000, then
 /// the eight 4K ranges.
-const MTRR_FIXED: [u32; 11] = [0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f];
+const MTRR_FIXED: [u32; 11] = [
+    0x250, 0x258, 0x259, 0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f,
+];
 
 /// Subsections accepted without carrying anything (see the module doc).
 const IGNORED_SUBSECTIONS: [&str; 2] = ["cpu/tsc_khz", "cpu_common/crash_occurred"];
@@ -162,7 +175,9 @@ fn cpu_from(common: &DeviceSection, cpu: &DeviceSection, apic: Option<QemuApic>)
     version(cpu, CPU_VERSION)?;
     for sub in common.fields.subsections() {
         if !IGNORED_SUBSECTIONS.contains(&sub.name()) {
-            return Err(StreamError::UnsupportedSubsection { name: sub.name().into() });
+            return Err(StreamError::UnsupportedSubsection {
+                name: sub.name().into(),
+            });
         }
     }
     let f = &cpu.fields;
@@ -354,7 +369,9 @@ fn fixed<T, const N: usize>(v: Vec<T>, name: &str, f: &Fields) -> Result<[T; N],
 fn apic_from(s: &DeviceSection) -> Result<QemuApic, StreamError> {
     version(s, APIC_VERSION)?;
     if let Some(sub) = s.fields.subsections().first() {
-        return Err(StreamError::UnsupportedSubsection { name: sub.name().into() });
+        return Err(StreamError::UnsupportedSubsection {
+            name: sub.name().into(),
+        });
     }
     let f = &s.fields;
     let words = |name: &str| -> Result<Vec<u32>, StreamError> {

@@ -9,7 +9,9 @@ use std::io::{ErrorKind, Read};
 use std::ops::Range;
 
 use super::sections::{check_known_sections, classify_block, parse_full_sections, DeviceSections};
-use super::{command, kind, ram_flag, vmdesc, RamBlock, StreamError, PAGE_SIZE, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION};
+use super::{
+    command, kind, ram_flag, vmdesc, RamBlock, StreamError, PAGE_SIZE, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
+};
 
 /// The most RAM blocks a MEM_SIZE record may list.
 pub const MAX_RAM_BLOCKS: usize = 64;
@@ -94,7 +96,11 @@ enum Step {
     Again,
     Record(Record<'static>),
     /// A page: its fill byte, or the range of its bytes in the buffer.
-    Page { block: usize, offset: u64, data: Result<u8, Range<usize>> },
+    Page {
+        block: usize,
+        offset: u64,
+        data: Result<u8, Range<usize>>,
+    },
 }
 
 /// Reads QEMU's precopy stream from `R`.
@@ -371,7 +377,9 @@ impl<R: Read> StreamReader<R> {
         }
         let bad = |what: String| StreamError::Malformed { at, what };
         match flags & !ram_flag::CONTINUE {
-            ram_flag::MEM_SIZE if ty == kind::SECTION_START && self.blocks.is_empty() && flags == ram_flag::MEM_SIZE => {
+            ram_flag::MEM_SIZE
+                if ty == kind::SECTION_START && self.blocks.is_empty() && flags == ram_flag::MEM_SIZE =>
+            {
                 self.read_blocks(addr, at)?;
                 Ok(Step::Record(Record::RamBlocks(self.blocks.clone())))
             }
@@ -702,7 +710,7 @@ mod tests {
                 .name("ram")
                 .be32(0)
                 .be32(4)
-                .be64(3 * 4096 | ram_flag::MEM_SIZE)
+                .be64((3 * 4096) | ram_flag::MEM_SIZE)
                 .name("pc.ram")
                 .be64(2 * 4096)
                 .name("pc.bios")
@@ -789,8 +797,8 @@ mod tests {
                         PageData::Bytes(b) => format!(
                             "{} bytes, fnv {:#x}",
                             b.len(),
-                            b.iter()
-                                .fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3))
+                            b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ u64::from(x))
+                                .wrapping_mul(0x100_0000_01b3))
                         ),
                     };
                     out.push(format!("page {block} {offset:#x} {d}"));
@@ -810,20 +818,33 @@ mod tests {
         let mut r = StreamReader::new(Open(&bytes));
         let h = r.read_header().unwrap();
         assert_eq!((h.version, h.machine.as_str()), (3, "pc-i440fx-7.2"));
-        assert!(matches!(r.next_record().unwrap(), Record::Command(Command::OpenReturnPath)));
+        assert!(matches!(
+            r.next_record().unwrap(),
+            Record::Command(Command::OpenReturnPath)
+        ));
         assert!(matches!(r.next_record().unwrap(), Record::Command(Command::Ping(7))));
         match r.next_record().unwrap() {
             Record::RamBlocks(b) => assert_eq!(
                 b,
                 vec![
-                    RamBlock { name: "pc.ram".into(), length: 8192 },
-                    RamBlock { name: "pc.bios".into(), length: 4096 }
+                    RamBlock {
+                        name: "pc.ram".into(),
+                        length: 8192
+                    },
+                    RamBlock {
+                        name: "pc.bios".into(),
+                        length: 4096
+                    }
                 ]
             ),
             other => panic!("{other:?}"),
         }
         match r.next_record().unwrap() {
-            Record::Page { block: 0, offset: 0, data: PageData::Bytes(b) } => {
+            Record::Page {
+                block: 0,
+                offset: 0,
+                data: PageData::Bytes(b),
+            } => {
                 assert_eq!(b.len(), PAGE_SIZE);
                 assert!(b.iter().all(|&x| x == 0xab));
             }
@@ -831,12 +852,20 @@ mod tests {
         }
         assert!(matches!(
             r.next_record().unwrap(),
-            Record::Page { block: 0, offset: 4096, data: PageData::Fill(0) }
+            Record::Page {
+                block: 0,
+                offset: 4096,
+                data: PageData::Fill(0)
+            }
         ));
         assert!(matches!(r.next_record().unwrap(), Record::RoundEnd));
         assert!(matches!(
             r.next_record().unwrap(),
-            Record::Page { block: 1, offset: 0, data: PageData::Fill(0x5a) }
+            Record::Page {
+                block: 1,
+                offset: 0,
+                data: PageData::Fill(0x5a)
+            }
         ));
         assert!(matches!(r.next_record().unwrap(), Record::LastPagesEnd));
         // The false `00 06` candidate inside the timer's buffer is passed over, and the
@@ -866,7 +895,13 @@ mod tests {
             (ram_flag::MULTIFD_FLUSH, "MULTIFD_FLUSH"),
             (0x800, "0x800"),
         ] {
-            let s = B::default().header().ram_start().u8(kind::SECTION_PART).be32(2).be64(flag).0;
+            let s = B::default()
+                .header()
+                .ram_start()
+                .u8(kind::SECTION_PART)
+                .be32(2)
+                .be64(flag)
+                .0;
             match read_all(&s) {
                 Err(StreamError::UnsupportedRamFlags { flags, names }) => {
                     assert_eq!(flags, flag);
@@ -899,10 +934,24 @@ mod tests {
             .0;
         assert!(matches!(read_all(&vram), Err(StreamError::UnsupportedRamBlock { name }) if name == "vga.vram"));
 
-        let unknown = B::default().header().ram_start().u8(kind::SECTION_PART).be32(2).be64(ram_flag::ZERO).name("pc.rom").0;
+        let unknown = B::default()
+            .header()
+            .ram_start()
+            .u8(kind::SECTION_PART)
+            .be32(2)
+            .be64(ram_flag::ZERO)
+            .name("pc.rom")
+            .0;
         assert!(matches!(read_all(&unknown), Err(StreamError::UnknownRamBlock { name }) if name == "pc.rom"));
 
-        let device = B::default().header().ram_start().u8(kind::SECTION_END).be32(2).footer(2).devices("pvpanic").0;
+        let device = B::default()
+            .header()
+            .ram_start()
+            .u8(kind::SECTION_END)
+            .be32(2)
+            .footer(2)
+            .devices("pvpanic")
+            .0;
         assert!(matches!(read_all(&device), Err(StreamError::UnsupportedSection { name }) if name == "pvpanic"));
     }
 
@@ -913,26 +962,50 @@ mod tests {
             .ram_start()
             .u8(kind::SECTION_PART)
             .be32(2)
-            .be64(2 * 4096 | ram_flag::ZERO)
+            .be64((2 * 4096) | ram_flag::ZERO)
             .name("pc.ram")
             .u8(0)
             .0;
         let e = read_all(&outside).unwrap_err();
-        assert!(matches!(e, StreamError::Malformed { .. }) && e.to_string().contains("outside"), "{e}");
+        assert!(
+            matches!(e, StreamError::Malformed { .. }) && e.to_string().contains("outside"),
+            "{e}"
+        );
 
-        let footer = B::default().header().ram_start().u8(kind::SECTION_PART).be32(2).be64(ram_flag::EOS).u8(0x7e).be32(9).0;
+        let footer = B::default()
+            .header()
+            .ram_start()
+            .u8(kind::SECTION_PART)
+            .be32(2)
+            .be64(ram_flag::EOS)
+            .u8(0x7e)
+            .be32(9)
+            .0;
         assert!(matches!(read_all(&footer), Err(StreamError::Malformed { .. })));
 
-        let no_desc = B::default().header().ram_start().u8(kind::SECTION_END).be32(2).footer(2).u8(kind::EOF).0;
+        let no_desc = B::default()
+            .header()
+            .ram_start()
+            .u8(kind::SECTION_END)
+            .be32(2)
+            .footer(2)
+            .u8(kind::EOF)
+            .0;
         assert!(matches!(read_all(&no_desc), Err(StreamError::NoDeviceDescription)));
 
         let early_eof = B::default().header().ram_start().u8(kind::EOF).0;
         assert!(matches!(read_all(&early_eof), Err(StreamError::Malformed { .. })));
 
         let bad_magic = B::default().be32(0x5145_564e).0;
-        assert!(matches!(read_all(&bad_magic), Err(StreamError::BadMagic { found: 0x5145_564e })));
+        assert!(matches!(
+            read_all(&bad_magic),
+            Err(StreamError::BadMagic { found: 0x5145_564e })
+        ));
         let v2 = B::default().be32(QEMU_VM_FILE_MAGIC).be32(2).0;
-        assert!(matches!(read_all(&v2), Err(StreamError::UnsupportedVersion { found: 2 })));
+        assert!(matches!(
+            read_all(&v2),
+            Err(StreamError::UnsupportedVersion { found: 2 })
+        ));
     }
 
     #[test]
@@ -944,13 +1017,16 @@ mod tests {
             .name("ram")
             .be32(0)
             .be32(4)
-            .be64(65 * 4096 | ram_flag::MEM_SIZE);
+            .be64((65 * 4096) | ram_flag::MEM_SIZE);
         for i in 0..65 {
             many = many.name(&format!("/rom@etc/{i}")).be64(4096);
         }
         assert!(matches!(
             read_all(&many.0),
-            Err(StreamError::TooLarge { what: "RAM block count", .. })
+            Err(StreamError::TooLarge {
+                what: "RAM block count",
+                ..
+            })
         ));
         let huge = B::default()
             .header()
@@ -961,7 +1037,10 @@ mod tests {
             .be32(4)
             .be64((2u64 << 40) | ram_flag::MEM_SIZE)
             .0;
-        assert!(matches!(read_all(&huge), Err(StreamError::TooLarge { what: "RAM bytes", .. })));
+        assert!(matches!(
+            read_all(&huge),
+            Err(StreamError::TooLarge { what: "RAM bytes", .. })
+        ));
     }
 
     #[test]

@@ -227,7 +227,10 @@ pub fn parse_full_sections(bytes: &[u8], base: u64, desc: &VmDesc) -> Result<Dev
         let at = c.at();
         let ty = c.u8("section type")?;
         if ty != kind::SECTION_FULL {
-            return Err(c.bad_at(at, format!("section type {ty:#x} where FULL {:?} is described", dev.name)));
+            return Err(c.bad_at(
+                at,
+                format!("section type {ty:#x} where FULL {:?} is described", dev.name),
+            ));
         }
         let section_id = c.be32("section id")?;
         let len = usize::from(c.u8("idstr length")?);
@@ -483,7 +486,25 @@ mod tests {
       "subsections":[{"vmsd_name":"dev/sub","version":3,"fields":[{"name":"z","type":"uint64","size":8}]}]}]}"#;
 
     fn bytes() -> Vec<u8> {
-        let mut b = vec![kind::SECTION_FULL, 0, 0, 0, 9, 3, b'd', b'e', b'v', 0, 0, 0, 1, 0, 0, 0, 2];
+        let mut b = vec![
+            kind::SECTION_FULL,
+            0,
+            0,
+            0,
+            9,
+            3,
+            b'd',
+            b'e',
+            b'v',
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            2,
+        ];
         b.extend([0x12, 0x34]);
         b.extend([0xff, 0xff, 0xff, 0xfe, 0, 0, 0, 5]);
         // The struct: x, then its empty subsection (1 + 1 + 7 + 4 bytes).
@@ -507,7 +528,9 @@ mod tests {
         // The description says the struct took 3 bytes; it took 14: refused.
         let err = parse_full_sections(&bytes(), 100, &desc).unwrap_err();
         assert!(err.to_string().contains("\"s\" took 14"), "{err}");
-        let fixed = String::from_utf8(DESC.to_vec()).unwrap().replace("\"size\":3", "\"size\":14");
+        let fixed = String::from_utf8(DESC.to_vec())
+            .unwrap()
+            .replace("\"size\":3", "\"size\":14");
         let desc = vmdesc::parse(fixed.as_bytes(), 0).unwrap();
         let d = parse_full_sections(&bytes(), 100, &desc).unwrap();
         let s = &d.sections[0];
@@ -539,7 +562,9 @@ mod tests {
         for fw in ["pc.bios", "pc.rom", "/rom@etc/acpi/tables", "kvmvapic.rom"] {
             assert_eq!(classify_block(fw).unwrap(), BlockKind::Firmware);
         }
-        assert!(matches!(classify_block("vga.vram"), Err(StreamError::UnsupportedRamBlock { name }) if name == "vga.vram"));
+        assert!(
+            matches!(classify_block("vga.vram"), Err(StreamError::UnsupportedRamBlock { name }) if name == "vga.vram")
+        );
         let mk = |idstr: &str| DeviceSection {
             idstr: idstr.into(),
             instance_id: 0,
@@ -558,6 +583,8 @@ mod tests {
         let bad = DeviceSections {
             sections: vec![mk("cpu"), mk("pvpanic")],
         };
-        assert!(matches!(check_known_sections(&bad), Err(StreamError::UnsupportedSection { name }) if name == "pvpanic"));
+        assert!(
+            matches!(check_known_sections(&bad), Err(StreamError::UnsupportedSection { name }) if name == "pvpanic")
+        );
     }
 }

@@ -103,8 +103,8 @@ pub fn parse(bytes: &[u8], at: u64) -> Result<VmDesc, StreamError> {
         .iter()
         .map(|d| {
             let name = str_of(d, "name").ok_or_else(|| bad(format!("vmdesc device without name: {}", short(d))))?;
-            let instance_id = u32_of(d, "instance_id")
-                .ok_or_else(|| bad(format!("vmdesc device {name:?} without instance_id")))?;
+            let instance_id =
+                u32_of(d, "instance_id").ok_or_else(|| bad(format!("vmdesc device {name:?} without instance_id")))?;
             let vmsd = vmsd(d, 0).map_err(|what| bad(format!("vmdesc device {name:?}: {what}")))?;
             Ok(DeviceDesc {
                 name,
@@ -158,14 +158,18 @@ fn field(j: &Json, depth: usize) -> Result<FieldDesc, String> {
     if size > MAX_FIELD_SIZE {
         return Err(format!("field {name:?} size {size} over {MAX_FIELD_SIZE}"));
     }
-    let array_len = j.get("array_len").map(|v| v.as_u64().ok_or_else(|| format!("field {name:?}: array_len {v}")));
+    let array_len = j
+        .get("array_len")
+        .map(|v| v.as_u64().ok_or_else(|| format!("field {name:?}: array_len {v}")));
     let array_len = array_len.transpose()?;
     if let Some(n) = array_len {
         if n > MAX_ARRAY_LEN {
             return Err(format!("field {name:?} array_len {n} over {MAX_ARRAY_LEN}"));
         }
     }
-    let index = j.get("index").map(|v| v.as_u64().ok_or_else(|| format!("field {name:?}: index {v}")));
+    let index = j
+        .get("index")
+        .map(|v| v.as_u64().ok_or_else(|| format!("field {name:?}: index {v}")));
     let index = index.transpose()?;
     if let Some(i) = index {
         if i >= MAX_ARRAY_LEN {
@@ -174,7 +178,9 @@ fn field(j: &Json, depth: usize) -> Result<FieldDesc, String> {
     }
     let kind = match ty.as_str() {
         "struct" => {
-            let s = j.get("struct").ok_or_else(|| format!("struct field {name:?} without its struct"))?;
+            let s = j
+                .get("struct")
+                .ok_or_else(|| format!("struct field {name:?} without its struct"))?;
             FieldKind::Struct(vmsd(s, depth + 1).map_err(|e| format!("{name:?}: {e}"))?)
         }
         "tmp" => FieldKind::Tmp(vmsd(j, depth + 1).map_err(|e| format!("{name:?}: {e}"))?),
@@ -235,7 +241,8 @@ mod tests {
         assert!(matches!(parse(no_size, 7), Err(StreamError::Malformed { at: 7, .. })));
         let huge = br#"{"page_size":4096,"devices":[{"name":"x","instance_id":0,"version":1,"fields":[{"name":"a","type":"uint8","size":1,"array_len":99999999999}]}]}"#;
         assert!(parse(huge, 0).is_err());
-        let mut deep = String::from(r#"{"page_size":4096,"devices":[{"name":"x","instance_id":0,"version":1,"subsections":["#);
+        let mut deep =
+            String::from(r#"{"page_size":4096,"devices":[{"name":"x","instance_id":0,"version":1,"subsections":["#);
         for _ in 0..40 {
             deep.push_str(r#"{"vmsd_name":"s","version":1,"subsections":["#);
         }
