@@ -503,3 +503,59 @@ fn test_truncated_real_streams_error() {
         );
     }
 }
+
+#[test]
+fn test_cpu_msr_subsections_are_mapped_and_an_unknown_subsection_is_refused_by_name() {
+    let Some(bytes) = small_capture() else {
+        println!("SKIPPED: test_cpu_msr_subsections_are_mapped_and_an_unknown_subsection_is_refused_by_name: qemu-system-x86_64 is not installed");
+        return;
+    };
+    let devices = |b: &[u8]| {
+        let mut r = StreamReader::new(b);
+        r.read_header().unwrap();
+        loop {
+            if let Record::Devices(d) = r.next_record().unwrap() {
+                return d;
+            }
+        }
+    };
+    let d = devices(bytes);
+    let cpu = &cpus_from_sections(&d).unwrap()[0];
+    let subs: Vec<&str> = d
+        .find("cpu", 0)
+        .unwrap()
+        .fields
+        .subsections()
+        .iter()
+        .map(|s| s.name())
+        .collect();
+    println!("cpu subsections {subs:?}, msrs {:x?}", cpu.msrs);
+    assert!(cpu.msrs.windows(2).all(|w| w[0].0 < w[1].0), "MSRs ascending");
+    // Under TCG QEMU 7.2 sends poll_control (its default of 1 is "needed" when 0) and the
+    // SMI count; each lands under its architectural index.
+    for (sub, index) in [("cpu/poll_control_msr", 0x4b56_4d05u32), ("cpu/msr_smi_count", 0x34)] {
+        if subs.contains(&sub) {
+            assert!(cpu.msrs.iter().any(|&(i, _)| i == index), "{sub} not at {index:#x}");
+        }
+    }
+    // The same stream with one cpu subsection renamed, in the stream and in its vmdesc
+    // alike: it still parses, and the vCPU is refused naming the subsection.
+    let Some(&sub) = subs.first() else {
+        println!("no cpu subsection in this stream: the refusal is covered by the unit tests only");
+        return;
+    };
+    let renamed = format!("{}X", &sub[..sub.len() - 1]);
+    let mut b = bytes.clone();
+    let mut replaced = 0;
+    let mut at = 0;
+    while let Some(p) = b[at..].windows(sub.len()).position(|w| w == sub.as_bytes()) {
+        b[at + p..at + p + sub.len()].copy_from_slice(renamed.as_bytes());
+        at += p + sub.len();
+        replaced += 1;
+    }
+    assert_eq!(replaced, 2, "{sub} once in the stream, once in the vmdesc");
+    match cpus_from_sections(&devices(&b)) {
+        Err(StreamError::UnsupportedSubsection { name }) => assert_eq!(name, renamed),
+        other => panic!("{other:?}"),
+    }
+}
