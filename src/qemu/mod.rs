@@ -14,6 +14,7 @@
 pub mod guest;
 pub mod process;
 pub mod qmp;
+pub mod stream;
 
 use std::time::{Duration, Instant};
 
