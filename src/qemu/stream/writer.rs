@@ -30,6 +30,11 @@ use super::write_cpu::encode_cpu;
 use super::{RamBlock, StreamError, PAGE_SIZE};
 use crate::format::native::qemu::QemuCpu;
 
+/// The first section id used. Not 0: QEMU 7.2 finds the entry a PART or END section continues
+/// by the section id its START recorded (`load_section_id`), and every entry not loaded yet
+/// holds 0, so a ram section with id 0 is taken for the first registered device (`timer`).
+pub const FIRST_SECTION_ID: u32 = 1;
+
 /// `QEMU_VM_FILE_MAGIC`.
 pub const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
 /// `QEMU_VM_FILE_VERSION`.
@@ -121,8 +126,8 @@ impl<W: Write> StreamWriter<W> {
             written: 0,
             state: State::New,
             blocks: Vec::new(),
-            ram_section_id: 0,
-            next_section_id: 0,
+            ram_section_id: FIRST_SECTION_ID,
+            next_section_id: FIRST_SECTION_ID,
             last_block: None,
             devices: Vec::new(),
         }
@@ -486,13 +491,13 @@ mod tests {
         w.ram_setup(&pc_ram(64)).unwrap();
         let mut want = b"QEVM\0\0\0\x03\x07\0\0\0\x0dpc-i440fx-7.2".to_vec();
         want.extend_from_slice(&[8, 0, 1, 0, 0]);
-        want.extend_from_slice(&[1, 0, 0, 0, 0, 3]);
+        want.extend_from_slice(&[1, 0, 0, 0, 1, 3]);
         want.extend_from_slice(b"ram\0\0\0\0\0\0\0\x04");
         want.extend_from_slice(&((64u64 << 20) | 4).to_be_bytes());
         want.extend_from_slice(b"\x06pc.ram");
         want.extend_from_slice(&(64u64 << 20).to_be_bytes());
         want.extend_from_slice(&0x10u64.to_be_bytes());
-        want.extend_from_slice(&[0x7e, 0, 0, 0, 0]);
+        want.extend_from_slice(&[0x7e, 0, 0, 0, 1]);
         assert_eq!(w.get_mut(), &want);
         assert_eq!(w.bytes_written(), want.len() as u64);
     }
@@ -510,13 +515,13 @@ mod tests {
         w.page(0, 0x2000, &page).unwrap();
         w.end_pages().unwrap();
         let out = &w.get_mut()[start..];
-        let mut want = vec![2, 0, 0, 0, 0];
+        let mut want = vec![2, 0, 0, 0, 1];
         want.extend_from_slice(&(0x1000u64 | 0x02).to_be_bytes());
         want.extend_from_slice(b"\x06pc.ram\xab");
         want.extend_from_slice(&(0x2000u64 | 0x08 | 0x20).to_be_bytes());
         want.extend_from_slice(&page);
         want.extend_from_slice(&0x10u64.to_be_bytes());
-        want.extend_from_slice(&[0x7e, 0, 0, 0, 0]);
+        want.extend_from_slice(&[0x7e, 0, 0, 0, 1]);
         assert_eq!(out, &want[..]);
     }
 
