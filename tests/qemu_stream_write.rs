@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use migratory::format::native::qemu::{QemuApic, QemuCpu, QemuFpReg, QemuSegment};
 use migratory::qemu::find_qemu;
-use migratory::qemu::stream::return_path::wait_for_shut;
+use migratory::qemu::stream::return_path::{read_return_message, wait_for_shut, ReturnMessage};
+use migratory::qemu::stream::write_cpu::msr;
 use migratory::qemu::stream::writer::{StreamWriter, PC_I440FX_7_2};
 use migratory::qemu::stream::{RamBlock, StreamError, PAGE_SIZE};
 
@@ -90,14 +91,17 @@ impl Incoming {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("scratch directory");
         // A port that was free a moment ago; QEMU binds it itself.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
         let accel_name = match accel {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
         };
-        let stderr = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        let stderr = std::fs::File::create(dir.join("stderr.log")).expect("QEMU stderr file");
         let child = Command::new(qemu)
             .args(["-machine", &format!("pc,accel={accel_name}")])
             .args(["-cpu", "qemu64", "-m", &ram_mib.to_string()])
@@ -110,7 +114,7 @@ impl Incoming {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .unwrap();
+            .expect("starting qemu-system-x86_64");
         Incoming { child, dir, port }
     }
 
@@ -192,13 +196,7 @@ fn kvm_opens() -> bool {
 /// The guest's pages that are not zero, by guest-physical address.
 fn guest_pages() -> Vec<(u64, Vec<u8>)> {
     let mut low = vec![0u8; 4 * PAGE_SIZE];
-    let gdt: [u64; 5] = [
-        0,
-        0x00af_fb00_0000_ffff,
-        0x00cf_f300_0000_ffff,
-        tss_descriptor(),
-        0,
-    ];
+    let gdt: [u64; 5] = [0, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff, tss_descriptor(), 0];
     for (i, d) in gdt.iter().enumerate() {
         let at = GDT_ADDR as usize + i * 8;
         low[at..at + 8].copy_from_slice(&d.to_le_bytes());
@@ -262,8 +260,14 @@ fn segment(selector: u32, flags: u32) -> QemuSegment {
 
 /// The vCPU: long mode, CPL 3, at the code's first instruction, interrupts off.
 fn guest_cpu(accel: Accel) -> QemuCpu {
-    let code = segment(CODE_SELECTOR, TYPE_CODE_XRA | DESC_S | DESC_DPL3 | DESC_P | DESC_L | DESC_G);
-    let data = segment(DATA_SELECTOR, TYPE_DATA_RWA | DESC_S | DESC_DPL3 | DESC_P | DESC_B | DESC_G);
+    let code = segment(
+        CODE_SELECTOR,
+        TYPE_CODE_XRA | DESC_S | DESC_DPL3 | DESC_P | DESC_L | DESC_G,
+    );
+    let data = segment(
+        DATA_SELECTOR,
+        TYPE_DATA_RWA | DESC_S | DESC_DPL3 | DESC_P | DESC_B | DESC_G,
+    );
     let tss_type = match accel {
         Accel::Tcg => TYPE_TSS_AVAILABLE,
         Accel::Kvm => TYPE_TSS_BUSY,
@@ -284,9 +288,10 @@ fn guest_cpu(accel: Accel) -> QemuCpu {
         fpus: 0,
         fptag: 0,
         fpregs: [QemuFpReg::default(); 8],
-        fpop: 0,
-        fpip: 0,
-        fpdp: 0,
+        // Non-zero, so that the cpu/fpop_ip_dp subsection goes out and QEMU must accept it.
+        fpop: 0x1d9,
+        fpip: CODE_ADDR,
+        fpdp: FILL_ADDR,
         // ES, CS, SS, DS, FS, GS.
         segs: [data, code, data, data, data, data],
         ldt: QemuSegment::default(),
@@ -338,7 +343,7 @@ fn guest_cpu(accel: Accel) -> QemuCpu {
         soft_interrupt: 0,
         nmi_injected: 0,
         nmi_pending: 0,
-        msrs: Vec::new(),
+        msrs: guest_msrs(accel),
         apic: Some(QemuApic {
             apicbase: 0xfee0_0900,
             id: 0,
@@ -362,21 +367,35 @@ fn guest_cpu(accel: Accel) -> QemuCpu {
     }
 }
 
-/// Writes the whole migration: two pre-copy rounds (the first with a stale code page that the
-/// second replaces), the last pages, the vCPU, EOF.
-fn write_migration(
-    w: &mut StreamWriter<TcpStream>,
-    machine: &str,
-    ram_mib: u64,
-    accel: Accel,
-) -> Result<(), StreamError> {
-    let pages = guest_pages();
+/// MSRs that make subsections go out: under TCG a TSC adjustment and a poll-control value other
+/// than QEMU's default (MISC_ENABLE at its default stays out); under KVM none, as the host may
+/// lack them.
+fn guest_msrs(accel: Accel) -> Vec<(u32, u64)> {
+    match accel {
+        Accel::Tcg => vec![
+            (msr::IA32_TSC_ADJUST, 5),
+            (msr::IA32_MISC_ENABLE, 1),
+            (msr::MTRR_DEF_TYPE, 0xc06),
+            (msr::KVM_POLL_CONTROL, 0),
+        ],
+        Accel::Kvm => Vec::new(),
+    }
+}
+
+/// Header, return path, ram setup.
+fn write_start(w: &mut StreamWriter<TcpStream>, machine: &str, ram_mib: u64) -> Result<(), StreamError> {
     w.header(machine)?;
     w.open_return_path()?;
     w.ram_setup(&[RamBlock {
         name: "pc.ram".into(),
         length: ram_mib << 20,
-    }])?;
+    }])
+}
+
+/// The rest of the migration: two pre-copy rounds (the first with a stale code page that the
+/// second replaces), the last pages, the vCPU, EOF.
+fn write_rest(w: &mut StreamWriter<TcpStream>, accel: Accel) -> Result<(), StreamError> {
+    let pages = guest_pages();
     w.begin_round()?;
     for (addr, data) in &pages[..pages.len() - 2] {
         w.page(0, *addr, data)?;
@@ -399,15 +418,26 @@ fn guest_runs_after_migration(accel: Accel) {
     let Some(qemu) = qemu_or_skip() else { return };
     let mut incoming = Incoming::start(&qemu, accel, RAM_MIB);
     let stream = incoming.connect();
-    let mut return_path = stream.try_clone().unwrap();
+    let mut return_path = stream.try_clone().expect("a second handle on the socket");
+    return_path
+        .set_read_timeout(Some(DEADLINE))
+        .expect("socket read timeout");
     let mut w = StreamWriter::new(stream);
-    write_migration(&mut w, PC_I440FX_7_2, RAM_MIB, accel)
-        .unwrap_or_else(|e| panic!("writing: {e}; QEMU stderr: {}", incoming.stderr()));
-    return_path.set_read_timeout(Some(DEADLINE)).unwrap();
+    let stderr = |e: StreamError| panic!("writing: {e}; QEMU stderr: {}", incoming.stderr());
+    write_start(&mut w, PC_I440FX_7_2, RAM_MIB).unwrap_or_else(stderr);
+    // The return path is open as soon as QEMU has read the command: a PING comes back.
+    w.ping(0x5eed).unwrap_or_else(stderr);
+    assert_eq!(
+        read_return_message(&mut return_path).expect("PONG on the return path"),
+        ReturnMessage::Pong(0x5eed)
+    );
+    write_rest(&mut w, accel).unwrap_or_else(stderr);
     wait_for_shut(&mut return_path).unwrap_or_else(|e| panic!("return path: {e}; QEMU stderr: {}", incoming.stderr()));
     let mut wanted = GREETING.to_vec();
     wanted.push(FILL_BYTE);
-    incoming.wait_for_output(&wanted).unwrap();
+    if let Err(e) = incoming.wait_for_output(&wanted) {
+        panic!("{e}");
+    }
 }
 
 #[test]
@@ -430,12 +460,14 @@ fn refused(machine: &str, qemu_ram_mib: u64, stderr_says: &str) {
     let Some(qemu) = qemu_or_skip() else { return };
     let mut incoming = Incoming::start(&qemu, Accel::Tcg, qemu_ram_mib);
     let stream = incoming.connect();
-    let mut return_path = stream.try_clone().unwrap();
+    let mut return_path = stream.try_clone().expect("a second handle on the socket");
     let mut w = StreamWriter::new(stream);
-    if let Err(e) = write_migration(&mut w, machine, RAM_MIB, Accel::Tcg) {
+    if let Err(e) = write_start(&mut w, machine, RAM_MIB).and_then(|()| write_rest(&mut w, Accel::Tcg)) {
         assert!(matches!(e, StreamError::Io(_)), "{e}");
     }
-    return_path.set_read_timeout(Some(DEADLINE)).unwrap();
+    return_path
+        .set_read_timeout(Some(DEADLINE))
+        .expect("socket read timeout");
     let outcome = wait_for_shut(&mut return_path);
     assert!(
         matches!(

@@ -129,7 +129,10 @@ fn write_message<W: Write>(w: &mut W, kind: u16, payload: &[u8; 4]) -> Result<()
 /// End of stream and a reset connection both mean the destination went away.
 fn closed(e: std::io::Error) -> StreamError {
     match e.kind() {
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+        ErrorKind::UnexpectedEof => StreamError::ReturnPathClosed {
+            reason: "end of stream".into(),
+        },
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
             StreamError::ReturnPathClosed { reason: e.to_string() }
         }
         _ => StreamError::Io(e),
@@ -149,9 +152,18 @@ mod tests {
         assert_eq!(&buf[..8], &[0, 2, 0, 4, 0, 0, 0, 7]);
         let mut r = &buf[..];
         assert_eq!(read_return_message(&mut r).unwrap(), ReturnMessage::Pong(7));
-        assert_eq!(read_return_message(&mut r).unwrap(), ReturnMessage::Shut { failed: true });
-        assert_eq!(read_return_message(&mut r).unwrap(), ReturnMessage::Shut { failed: false });
-        assert!(matches!(read_return_message(&mut r), Err(StreamError::ReturnPathClosed { .. })));
+        assert_eq!(
+            read_return_message(&mut r).unwrap(),
+            ReturnMessage::Shut { failed: true }
+        );
+        assert_eq!(
+            read_return_message(&mut r).unwrap(),
+            ReturnMessage::Shut { failed: false }
+        );
+        assert!(matches!(
+            read_return_message(&mut r),
+            Err(StreamError::ReturnPathClosed { .. })
+        ));
     }
 
     #[test]

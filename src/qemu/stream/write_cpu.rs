@@ -338,7 +338,12 @@ fn cpu_subsections<'c>(cpu: &'c QemuCpu, m: &MsrState) -> Vec<Subsection<'c>> {
     };
     msr_u64("cpu/async_pf_msr", "env.async_pf_en_msr", m.async_pf, m.async_pf != 0);
     msr_u64("cpu/async_pv_eoi_msr", "env.pv_eoi_en_msr", m.pv_eoi, m.pv_eoi != 0);
-    msr_u64("cpu/steal_time_msr", "env.steal_time_msr", m.steal_time, m.steal_time != 0);
+    msr_u64(
+        "cpu/steal_time_msr",
+        "env.steal_time_msr",
+        m.steal_time,
+        m.steal_time != 0,
+    );
     let poll = m.poll_control.unwrap_or(POLL_CONTROL_DEFAULT);
     msr_u64(
         "cpu/poll_control_msr",
@@ -516,7 +521,8 @@ impl<'b> Fields<'b> {
 
     fn put<T: Scalar>(&mut self, name: &str, value: T) {
         value.put(self.body);
-        self.desc.push(json!({ "name": name, "type": T::TYPE, "size": T::SIZE }));
+        self.desc
+            .push(json!({ "name": name, "type": T::TYPE, "size": T::SIZE }));
     }
 
     fn array<T: Scalar>(&mut self, name: &str, values: &[T]) {
@@ -687,7 +693,13 @@ mod tests {
             .collect();
         assert_eq!(subs, ["cpu/poll_control_msr", "cpu/fpop_ip_dp", "cpu/msr_tsc_adjust"]);
         let body = &sections[1].body;
-        let tail = [&[QEMU_VM_SUBSECTION, 18][..], b"cpu/msr_tsc_adjust", &[0, 0, 0, 1], &5u64.to_be_bytes()].concat();
+        let tail = [
+            &[QEMU_VM_SUBSECTION, 18][..],
+            b"cpu/msr_tsc_adjust",
+            &[0, 0, 0, 1],
+            &5u64.to_be_bytes(),
+        ]
+        .concat();
         assert!(body.ends_with(&tail));
     }
 

@@ -78,7 +78,9 @@ enum State {
     /// Ram declared; no ram section open.
     Ram,
     /// A PART (`last` false) or END section open for pages.
-    Pages { last: bool },
+    Pages {
+        last: bool,
+    },
     /// The END section closed, or device sections written.
     Devices,
     Finished,
@@ -420,7 +422,14 @@ impl<W: Write> StreamWriter<W> {
         self.put(data)
     }
 
-    fn section_start(&mut self, kind: u8, id: u32, idstr: &str, instance: u32, version: u32) -> Result<(), StreamError> {
+    fn section_start(
+        &mut self,
+        kind: u8,
+        id: u32,
+        idstr: &str,
+        instance: u32,
+        version: u32,
+    ) -> Result<(), StreamError> {
         self.put(&[kind])?;
         self.put(&id.to_be_bytes())?;
         // idstrs here are "ram" and the cpu section names.
@@ -535,7 +544,10 @@ mod tests {
             Err(StreamError::OutOfOrder { call: "page", .. })
         ));
         w.begin_last_pages().unwrap();
-        assert!(matches!(w.page(0, 0, &[0; 100]), Err(StreamError::PageLength { len: 100 })));
+        assert!(matches!(
+            w.page(0, 0, &[0; 100]),
+            Err(StreamError::PageLength { len: 100 })
+        ));
         assert!(matches!(
             w.page(1, 0, &[0; PAGE_SIZE]),
             Err(StreamError::NoSuchBlock { index: 1, count: 1 })
