@@ -392,15 +392,21 @@ fn write_start(w: &mut StreamWriter<TcpStream>, machine: &str, ram_mib: u64) -> 
     }])
 }
 
-/// The rest of the migration: two pre-copy rounds (the first with a stale code page that the
-/// second replaces), the last pages, the vCPU, EOF.
+/// The rest of the migration, as a pre-copy would send it: a first round with every page of RAM
+/// (most of them zero, and a stale code page), a second with the code page as it is now, the
+/// last pages, the vCPU, EOF.
 fn write_rest(w: &mut StreamWriter<TcpStream>, accel: Accel) -> Result<(), StreamError> {
     let pages = guest_pages();
+    let zero = [0u8; PAGE_SIZE];
     w.begin_round()?;
-    for (addr, data) in &pages[..pages.len() - 2] {
-        w.page(0, *addr, data)?;
+    let mut low = pages[..pages.len() - 2].iter().peekable();
+    for addr in (0..RAM_MIB << 20).step_by(PAGE_SIZE) {
+        match low.next_if(|(a, _)| *a == addr) {
+            Some((_, data)) => w.page(0, addr, data)?,
+            None if addr == CODE_ADDR => w.page(0, addr, &[0xcc; PAGE_SIZE])?,
+            None => w.page(0, addr, &zero)?,
+        }
     }
-    w.page(0, CODE_ADDR, &[0xcc; PAGE_SIZE])?;
     w.end_pages()?;
     w.begin_round()?;
     let (code_addr, code) = &pages[pages.len() - 2];

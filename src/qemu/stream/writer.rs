@@ -473,11 +473,11 @@ fn put_into<W: Write>(buf: &mut Vec<u8>, inner: &mut W, written: &mut u64, bytes
 /// The byte a page consists of, if it is one byte repeated.
 fn uniform_byte(page: &[u8]) -> Option<u8> {
     let first = *page.first()?;
-    let pattern = [first; 8];
-    let chunks = page.chunks_exact(8);
-    let rest = chunks.remainder();
-    // Eight bytes per comparison: the compiler turns each into one word compare.
-    let uniform = chunks.into_iter().all(|c| c == pattern) && rest.iter().all(|b| *b == first);
+    // Whole cache lines per comparison (vectorised by the compiler), stopping at the first
+    // that differs: data pages differ early, fill pages are scanned at memory speed.
+    let pattern = [first; 64];
+    let lines = page.chunks_exact(64);
+    let uniform = lines.remainder().iter().all(|b| *b == first) && lines.into_iter().all(|line| line == pattern);
     uniform.then_some(first)
 }
 
