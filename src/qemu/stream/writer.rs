@@ -104,7 +104,6 @@ impl State {
 }
 
 /// Writes one QEMU migration stream to `W`; see the module docs for the order of calls.
-#[derive(Debug)]
 pub struct StreamWriter<W: Write> {
     inner: W,
     buf: Vec<u8>,
@@ -117,6 +116,20 @@ pub struct StreamWriter<W: Write> {
     last_block: Option<usize>,
     /// Description entries of the device sections written, for [`StreamWriter::finish`].
     devices: Vec<Value>,
+}
+
+impl<W: Write> std::fmt::Debug for StreamWriter<W> {
+    // Without the buffer's bytes (up to BUFFER_BYTES) or the inner writer.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamWriter")
+            .field("state", &self.state)
+            .field("written", &self.written)
+            .field("buffered", &self.buf.len())
+            .field("blocks", &self.blocks)
+            .field("ram_section_id", &self.ram_section_id)
+            .field("devices", &self.devices.len())
+            .finish()
+    }
 }
 
 impl<W: Write> StreamWriter<W> {
