@@ -367,9 +367,9 @@ fn guest_cpu(accel: Accel) -> QemuCpu {
     }
 }
 
-/// MSRs that make subsections go out: under TCG a TSC adjustment and a poll-control value other
-/// than QEMU's default (MISC_ENABLE at its default stays out); under KVM none, as the host may
-/// lack them.
+/// MSRs that make subsections go out: under TCG a TSC adjustment, a performance counter's event
+/// selector and a poll-control value other than QEMU's default (MISC_ENABLE at its default
+/// stays out); under KVM none, as the host may lack them.
 fn guest_msrs(accel: Accel) -> Vec<(u32, u64)> {
     match accel {
         Accel::Tcg => vec![
@@ -377,6 +377,7 @@ fn guest_msrs(accel: Accel) -> Vec<(u32, u64)> {
             (msr::IA32_MISC_ENABLE, 1),
             (msr::MTRR_DEF_TYPE, 0xc06),
             (msr::KVM_POLL_CONTROL, 0),
+            (msr::P6_EVNTSEL0, 0x43_0076),
         ],
         Accel::Kvm => Vec::new(),
     }

@@ -81,6 +81,22 @@ pub mod msr {
     pub const IA32_XSS: u32 = 0xda0;
     /// `cpu/virt_ssbd`.
     pub const VIRT_SSBD: u32 = 0xc001_011f;
+    /// `env.vm_hsave`, main field (SVM host save area).
+    pub const VM_HSAVE_PA: u32 = 0xc001_0117;
+    /// `cpu/msr_architectural_pmu`: `env.msr_gp_counters[i]` at `P6_PERFCTR0 + i`, i < 18.
+    pub const P6_PERFCTR0: u32 = 0xc1;
+    /// `cpu/msr_architectural_pmu`: `env.msr_gp_evtsel[i]` at `P6_EVNTSEL0 + i`, i < 18.
+    pub const P6_EVNTSEL0: u32 = 0x186;
+    /// `cpu/msr_architectural_pmu`: `env.msr_fixed_counters[i]` at `PERF_FIXED_CTR0 + i`, i < 3.
+    pub const PERF_FIXED_CTR0: u32 = 0x309;
+    /// `cpu/msr_architectural_pmu`.
+    pub const PERF_FIXED_CTR_CTRL: u32 = 0x38d;
+    /// `cpu/msr_architectural_pmu`.
+    pub const PERF_GLOBAL_STATUS: u32 = 0x38e;
+    /// `cpu/msr_architectural_pmu`.
+    pub const PERF_GLOBAL_CTRL: u32 = 0x38f;
+    /// `cpu/msr_architectural_pmu`.
+    pub const PERF_GLOBAL_OVF_CTRL: u32 = 0x390;
 }
 
 /// QEMU's `MSR_IA32_MISC_ENABLE_DEFAULT`: the value its `needed` compares against.
@@ -91,6 +107,10 @@ const POLL_CONTROL_DEFAULT: u64 = 1;
 const MCE_BANK_MSRS: usize = 40;
 /// `MSR_MTRRcap_VCNT`.
 const MTRR_VARS: usize = 8;
+/// QEMU 7.2's `MAX_FIXED_COUNTERS`.
+const PMU_FIXED_COUNTERS: usize = 3;
+/// QEMU 7.2's `MAX_GP_COUNTERS` (`MSR_IA32_PERF_STATUS - MSR_P6_EVNTSEL0`; later QEMUs: 15).
+const PMU_GP_COUNTERS: usize = 18;
 /// `APIC_LVT_MASKED` in the timer LVT.
 const APIC_LVT_MASKED: u32 = 1 << 16;
 
@@ -172,6 +192,37 @@ struct MsrState {
     tsc_deadline: u64,
     xss: u64,
     virt_ssbd: u64,
+    vm_hsave: u64,
+    pmu: Pmu,
+}
+
+/// The `cpu/msr_architectural_pmu` subsection (QEMU 7.2: 3 fixed and 18 general counters).
+#[derive(Debug, Default, Clone, Copy)]
+struct Pmu {
+    fixed_ctr_ctrl: u64,
+    global_ctrl: u64,
+    global_status: u64,
+    global_ovf_ctrl: u64,
+    fixed_counters: [u64; PMU_FIXED_COUNTERS],
+    gp_counters: [u64; PMU_GP_COUNTERS],
+    gp_evtsel: [u64; PMU_GP_COUNTERS],
+}
+
+impl Pmu {
+    /// QEMU's `pmu_enable_needed`.
+    fn any_set(&self) -> bool {
+        [
+            self.fixed_ctr_ctrl,
+            self.global_ctrl,
+            self.global_status,
+            self.global_ovf_ctrl,
+        ]
+        .iter()
+        .chain(&self.fixed_counters)
+        .chain(&self.gp_counters)
+        .chain(&self.gp_evtsel)
+        .any(|v| *v != 0)
+    }
 }
 
 impl MsrState {
@@ -219,6 +270,20 @@ impl MsrState {
                 msr::IA32_TSC_DEADLINE => s.tsc_deadline = value,
                 msr::IA32_XSS => s.xss = value,
                 msr::VIRT_SSBD => s.virt_ssbd = value,
+                msr::VM_HSAVE_PA => s.vm_hsave = value,
+                msr::PERF_FIXED_CTR_CTRL => s.pmu.fixed_ctr_ctrl = value,
+                msr::PERF_GLOBAL_CTRL => s.pmu.global_ctrl = value,
+                msr::PERF_GLOBAL_STATUS => s.pmu.global_status = value,
+                msr::PERF_GLOBAL_OVF_CTRL => s.pmu.global_ovf_ctrl = value,
+                i if (msr::PERF_FIXED_CTR0..msr::PERF_FIXED_CTR0 + PMU_FIXED_COUNTERS as u32).contains(&i) => {
+                    s.pmu.fixed_counters[(i - msr::PERF_FIXED_CTR0) as usize] = value;
+                }
+                i if (msr::P6_PERFCTR0..msr::P6_PERFCTR0 + PMU_GP_COUNTERS as u32).contains(&i) => {
+                    s.pmu.gp_counters[(i - msr::P6_PERFCTR0) as usize] = value;
+                }
+                i if (msr::P6_EVNTSEL0..msr::P6_EVNTSEL0 + PMU_GP_COUNTERS as u32).contains(&i) => {
+                    s.pmu.gp_evtsel[(i - msr::P6_EVNTSEL0) as usize] = value;
+                }
                 index => return Err(StreamError::UnsupportedMsr { index }),
             }
         }
@@ -277,8 +342,8 @@ fn cpu_fields(f: &mut Fields<'_>, cpu: &QemuCpu, m: &MsrState) {
     f.put("env.smbase", cpu.smbase);
     f.put("env.pat", cpu.pat);
     f.put("env.hflags2", cpu.hflags2);
-    // SVM: no nested guest is carried.
-    f.put("env.vm_hsave", 0u64);
+    // SVM: no nested guest is carried (the host save area's address is an MSR).
+    f.put("env.vm_hsave", m.vm_hsave);
     f.put("env.vm_vmcb", 0u64);
     f.put("env.tsc_offset", 0u64);
     f.put("env.intercept", 0u64);
@@ -331,28 +396,32 @@ type Subsection<'c> = (&'static str, u32, Box<dyn Fn(&mut Fields<'_>) + 'c>);
 /// The `cpu` subsections whose `needed` QEMU would find true, in `vmstate_x86_cpu`'s order.
 fn cpu_subsections<'c>(cpu: &'c QemuCpu, m: &MsrState) -> Vec<Subsection<'c>> {
     let mut subs: Vec<Subsection<'c>> = Vec::new();
-    let mut msr_u64 = |name: &'static str, field: &'static str, value: u64, needed: bool| {
-        if needed {
-            subs.push((name, 1, Box::new(move |f| f.put(field, value))));
-        }
-    };
-    msr_u64("cpu/async_pf_msr", "env.async_pf_en_msr", m.async_pf, m.async_pf != 0);
-    msr_u64("cpu/async_pv_eoi_msr", "env.pv_eoi_en_msr", m.pv_eoi, m.pv_eoi != 0);
-    msr_u64(
+    let s = &mut subs;
+    single(
+        s,
+        "cpu/async_pf_msr",
+        "env.async_pf_en_msr",
+        m.async_pf,
+        m.async_pf != 0,
+    );
+    single(s, "cpu/async_pv_eoi_msr", "env.pv_eoi_en_msr", m.pv_eoi, m.pv_eoi != 0);
+    single(
+        s,
         "cpu/steal_time_msr",
         "env.steal_time_msr",
         m.steal_time,
         m.steal_time != 0,
     );
     let poll = m.poll_control.unwrap_or(POLL_CONTROL_DEFAULT);
-    msr_u64(
+    single(
+        s,
         "cpu/poll_control_msr",
         "env.poll_control_msr",
         poll,
         poll != POLL_CONTROL_DEFAULT,
     );
     if cpu.fpop != 0 || cpu.fpip != 0 || cpu.fpdp != 0 {
-        subs.push((
+        s.push((
             "cpu/fpop_ip_dp",
             1,
             Box::new(move |f| {
@@ -362,46 +431,74 @@ fn cpu_subsections<'c>(cpu: &'c QemuCpu, m: &MsrState) -> Vec<Subsection<'c>> {
             }),
         ));
     }
-    let mut msr_u64 = |name: &'static str, field: &'static str, value: u64, needed: bool| {
-        if needed {
-            subs.push((name, 1, Box::new(move |f| f.put(field, value))));
-        }
-    };
-    msr_u64("cpu/msr_tsc_adjust", "env.tsc_adjust", m.tsc_adjust, m.tsc_adjust != 0);
-    msr_u64(
+    single(
+        s,
+        "cpu/msr_tsc_adjust",
+        "env.tsc_adjust",
+        m.tsc_adjust,
+        m.tsc_adjust != 0,
+    );
+    single(
+        s,
         "cpu/msr_tscdeadline",
         "env.tsc_deadline",
         m.tsc_deadline,
         m.tsc_deadline != 0,
     );
     let misc = m.misc_enable.unwrap_or(MISC_ENABLE_DEFAULT);
-    msr_u64(
+    single(
+        s,
         "cpu/msr_ia32_misc_enable",
         "env.msr_ia32_misc_enable",
         misc,
         misc != MISC_ENABLE_DEFAULT,
     );
-    msr_u64(
+    single(
+        s,
         "cpu/msr_ia32_feature_control",
         "env.msr_ia32_feature_control",
         m.feature_control,
         m.feature_control != 0,
     );
-    msr_u64("cpu/xss", "env.xss", m.xss, m.xss != 0);
+    let pmu = m.pmu;
+    if pmu.any_set() {
+        s.push((
+            "cpu/msr_architectural_pmu",
+            1,
+            Box::new(move |f| {
+                f.put("env.msr_fixed_ctr_ctrl", pmu.fixed_ctr_ctrl);
+                f.put("env.msr_global_ctrl", pmu.global_ctrl);
+                f.put("env.msr_global_status", pmu.global_status);
+                f.put("env.msr_global_ovf_ctrl", pmu.global_ovf_ctrl);
+                f.array("env.msr_fixed_counters", &pmu.fixed_counters);
+                f.array("env.msr_gp_counters", &pmu.gp_counters);
+                f.array("env.msr_gp_evtsel", &pmu.gp_evtsel);
+            }),
+        ));
+    }
+    single(s, "cpu/xss", "env.xss", m.xss, m.xss != 0);
     if m.umwait != 0 {
         let umwait = m.umwait;
-        subs.push(("cpu/umwait", 1, Box::new(move |f| f.put("env.umwait", umwait))));
+        s.push(("cpu/umwait", 1, Box::new(move |f| f.put("env.umwait", umwait))));
     }
-    let mut msr_u64 = |name: &'static str, field: &'static str, value: u64, needed: bool| {
-        if needed {
-            subs.push((name, 1, Box::new(move |f| f.put(field, value))));
-        }
-    };
     // QEMU 7.2 machines migrate the SMI count (`migrate-smi-count` defaults on).
-    msr_u64("cpu/msr_smi_count", "env.msr_smi_count", m.smi_count, m.smi_count != 0);
-    msr_u64("cpu/spec_ctrl", "env.spec_ctrl", m.spec_ctrl, m.spec_ctrl != 0);
-    msr_u64("cpu/virt_ssbd", "env.virt_ssbd", m.virt_ssbd, m.virt_ssbd != 0);
+    single(
+        s,
+        "cpu/msr_smi_count",
+        "env.msr_smi_count",
+        m.smi_count,
+        m.smi_count != 0,
+    );
+    single(s, "cpu/spec_ctrl", "env.spec_ctrl", m.spec_ctrl, m.spec_ctrl != 0);
+    single(s, "cpu/virt_ssbd", "env.virt_ssbd", m.virt_ssbd, m.virt_ssbd != 0);
     subs
+}
+
+/// A subsection of one u64 field, when `needed`.
+fn single(subs: &mut Vec<Subsection<'_>>, name: &'static str, field: &'static str, value: u64, needed: bool) {
+    if needed {
+        subs.push((name, 1, Box::new(move |f| f.put(field, value))));
+    }
 }
 
 /// `vmstate_apic_common`'s fields, version 3.
@@ -701,6 +798,20 @@ mod tests {
         ]
         .concat();
         assert!(body.ends_with(&tail));
+    }
+
+    #[test]
+    fn test_pmu_msrs_make_the_pmu_subsection() {
+        let mut cpu = sample_cpu();
+        cpu.msrs = vec![(msr::P6_EVNTSEL0 + 17, 0x43_0076), (msr::VM_HSAVE_PA, 0x9000)];
+        let sections = encode_cpu(0, &cpu).unwrap();
+        let name = b"cpu/msr_architectural_pmu";
+        let body = &sections[1].body;
+        let at = body.windows(name.len()).position(|w| w == name).unwrap();
+        // Name, version, then 4 + 3 + 18 + 18 u64s, the last being evtsel 17.
+        assert_eq!(body.len(), at + name.len() + 4 + 43 * 8);
+        assert!(body.ends_with(&0x43_0076u64.to_be_bytes()));
+        assert_eq!(body[..at - 2].len(), 1817);
     }
 
     #[test]
