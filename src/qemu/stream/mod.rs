@@ -6,10 +6,12 @@
 //!   trailing device description;
 //! * [`write_cpu`]: the `cpu_common`, `cpu` and `apic` sections of one vCPU, with their
 //!   description;
+//! * [`cpu_msrs`]: where the `cpu` section keeps each MSR;
 //! * [`return_path`]: the messages the destination sends back (`MIG_RP_MSG_*`).
 //!
 //! (This worktree's copy holds only the items the writer needs; the reader side owns the file.)
 
+pub mod cpu_msrs;
 pub mod return_path;
 pub mod write_cpu;
 pub mod writer;
