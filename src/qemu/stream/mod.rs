@@ -26,10 +26,14 @@
 //!   classification;
 //! * [`read_cpu`]: `cpu_common`, `cpu` and `apic` sections into [`QemuCpu`](crate::format::native::qemu::QemuCpu).
 
+pub mod cpu_msrs;
 pub mod read_cpu;
 pub mod reader;
+pub mod return_path;
 pub mod sections;
 pub mod vmdesc;
+pub mod write_cpu;
+pub mod writer;
 
 use thiserror::Error;
 
@@ -247,6 +251,74 @@ pub enum StreamError {
     MissingSection {
         /// The section, subsection or field path.
         name: String,
+    },
+    /// A vCPU MSR that no field or subsection of QEMU's `cpu` section carries.
+    #[error("MSR {index:#x} has no place in QEMU's cpu section")]
+    UnsupportedMsr {
+        /// The MSR index.
+        index: u32,
+    },
+    /// A writer call out of the stream's order (e.g. a page outside a ram section).
+    #[error("{call} is not allowed {state}")]
+    OutOfOrder {
+        /// The method called.
+        call: &'static str,
+        /// Where the writer was.
+        state: &'static str,
+    },
+    /// A page of another length than [`PAGE_SIZE`].
+    #[error("a page of {len} bytes, not {PAGE_SIZE}")]
+    PageLength {
+        /// The length given.
+        len: usize,
+    },
+    /// A block index that the ram setup did not declare.
+    #[error("ram block index {index}, but {count} blocks were declared")]
+    NoSuchBlock {
+        /// The index given.
+        index: usize,
+        /// How many blocks the setup declared.
+        count: usize,
+    },
+    /// A page offset that is not page-aligned or not inside its block.
+    #[error("page offset {offset:#x} in ram block {block} of {length:#x} bytes")]
+    PageOffset {
+        /// The block's name.
+        block: String,
+        /// The offset given.
+        offset: u64,
+        /// The block's length.
+        length: u64,
+    },
+    /// A ram block whose length is not a whole number of pages.
+    #[error("ram block {name} of {length:#x} bytes is not a whole number of pages")]
+    UnalignedRamBlock {
+        /// The block's name.
+        name: String,
+        /// Its length.
+        length: u64,
+    },
+    /// The destination reported that it failed to load the stream (`MIG_RP_MSG_SHUT` with 1).
+    #[error("the destination failed to load the stream (MIG_RP_MSG_SHUT {value})")]
+    DestinationFailed {
+        /// The value SHUT carried.
+        value: u32,
+    },
+    /// The return path ended before the destination said it was done.
+    #[error("the return path closed before MIG_RP_MSG_SHUT: {reason}")]
+    ReturnPathClosed {
+        /// End of stream, or the socket error.
+        reason: String,
+    },
+    /// A return-path message that breaks its format.
+    #[error("return-path message type {kind} with {len} bytes: {what}")]
+    BadReturnMessage {
+        /// The message type.
+        kind: u16,
+        /// Its length field.
+        len: u16,
+        /// What is wrong.
+        what: &'static str,
     },
     /// The stream ended, or its tail grew past its bound, without a JSON device description.
     #[error("QEMU stream has no device description (vmdesc) after its EOF")]
