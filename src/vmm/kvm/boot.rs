@@ -384,9 +384,7 @@ mod tests {
         assert_eq!(last_in_limit, 0x51f);
         assert!((0..=0x51f).all(|port| denied(port) != open(port)));
         // The CPU reads two bytes per check: the byte past the last port's must be all ones.
-        let tail: u8 = mem
-            .read_obj(GuestAddress(TSS_ADDR + u64::from(TSS_LIMIT)))
-            .unwrap();
+        let tail: u8 = mem.read_obj(GuestAddress(TSS_ADDR + u64::from(TSS_LIMIT))).unwrap();
         assert_eq!(tail, 0xff);
     }
 

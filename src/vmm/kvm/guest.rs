@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -681,6 +683,7 @@ fn first_difference(a: &KvmVcpu, b: &KvmVcpu) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::program::parse_debugcon_line;
     use super::*;
     use crate::format::{MacAddr, NicConfig, VmId};
     use crate::units::PageIndex;
@@ -748,6 +751,92 @@ mod tests {
         wait_until("a verify pass on the target", || dst.stats().verify_passes > passes);
         assert_eq!(dst.stats().integrity_errors, 0, "the guest found its memory intact");
         assert!(dst.report().crash_reason().is_none());
+    }
+
+    #[test]
+    fn test_ticks_per_batch_follow_rate_and_tsc() {
+        // 16 pages (64 KiB) at 64 MiB/s: a batch per 1/1024 s, 2.048 M ticks at 2.097152 GHz.
+        assert_eq!(tsc_ticks_per_batch(64 * MIB, 16, 2_097_152_000), 2_048_000);
+        assert_eq!(tsc_ticks_per_batch(0, 16, 2_000_000_000), 0, "rate 0: no self-pacing");
+        assert_eq!(tsc_ticks_per_batch(64 * MIB, 16, 0), 0, "no TSC rate: no self-pacing");
+        assert_eq!(tsc_ticks_per_batch(1, u32::MAX, u64::MAX), MAX_TSC_TICKS_PER_BATCH);
+    }
+
+    #[test]
+    fn test_debugcon_lines_reach_the_guest_report() {
+        if !kvm_available() {
+            println!("SKIPPED: /dev/kvm not available");
+            return;
+        }
+        let workload = WorkloadSpec {
+            rate_bytes_per_sec: 20 * MIB,
+            working_set_bytes: 2 * MIB,
+            pattern: Pattern::HotSet,
+            ..WorkloadSpec::default()
+        };
+        let g = KvmGuest::create(config("debugcon", 16 * MIB), workload).expect("create");
+        // Ready, then a pass line per verify pass.
+        wait_until("two pass lines", || {
+            g.report().debugcon_lines.load(Ordering::Acquire) >= 3
+        });
+        g.pause().expect("pause");
+        let line = g.report().last_debugcon_line().expect("a line");
+        let report = parse_debugcon_line(&line).unwrap_or_else(|| panic!("{line:?} does not parse"));
+        let stats = g.stats();
+        assert!(report.pass >= 2, "{line}");
+        assert!(u64::from(report.pass) <= stats.verify_passes, "{line} vs {stats:?}");
+        assert!(
+            report.progress > 0 && report.progress <= stats.writes,
+            "{line} vs {stats:?}"
+        );
+        assert_eq!(report.mismatches, 0, "{line}");
+    }
+
+    #[test]
+    fn test_a_guest_without_a_pacing_blob_resumes_with_its_header_pacing() {
+        if !kvm_available() {
+            println!("SKIPPED: /dev/kvm not available");
+            return;
+        }
+        let workload = WorkloadSpec {
+            rate_bytes_per_sec: 24 * MIB,
+            working_set_bytes: 3 * MIB,
+            pattern: Pattern::Sequential,
+            ..WorkloadSpec::default()
+        };
+        let src = KvmGuest::create(config("no-blob", 16 * MIB), workload).expect("create");
+        wait_until("a verify pass on the source", || src.stats().verify_passes >= 1);
+        src.pause().expect("pause");
+        let sent = src.pacing().expect("pacing");
+        assert_eq!(Pacing::from_guest_memory(src.guest_ram()).expect("header"), sent);
+
+        // As from QEMU: memory and registers, no device blob.
+        let dst = KvmGuest::reserve(config("no-blob", 16 * MIB), MemoryCommit::Background).expect("reserve");
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in 0..src.memory().page_count() {
+            src.memory().read_page(PageIndex(p), &mut page).expect("read");
+            dst.memory().write_page(PageIndex(p), &page).expect("write");
+        }
+        dst.load_vcpus(&src.save_vcpus().expect("save")).expect("load");
+        dst.load_devices(&[]).expect("no devices");
+        src.shutdown();
+        let stopped = src.stats().writes;
+        dst.resume().expect("resume");
+        assert_eq!(dst.pacing().expect("pacing"), sent);
+        assert_eq!(
+            dst.save_devices().expect("devices"),
+            src.save_devices().expect("devices"),
+            "the blob it would carry on"
+        );
+        wait_until("progress on the target", || dst.stats().writes > stopped + 1000);
+        let passes = dst.stats().verify_passes;
+        wait_until("a verify pass on the target", || dst.stats().verify_passes > passes);
+        assert_eq!(dst.stats().integrity_errors, 0);
+
+        // Memory that holds no program's header gives no pacing, and no resume.
+        let empty = KvmGuest::reserve(config("empty", 16 * MIB), MemoryCommit::Background).expect("reserve");
+        let error = empty.resume().unwrap_err();
+        assert!(format!("{error}").contains("magic"), "{error}");
     }
 
     #[test]

@@ -103,6 +103,8 @@ use thiserror::Error;
 
 mod debugcon;
 mod header;
+#[cfg(test)]
+mod qemu_tests;
 
 pub use debugcon::{
     is_debugcon_ready_line, parse_debugcon_line, DebugconLine, DebugconReport, MAX_DEBUGCON_LINE_BYTES,
@@ -903,8 +905,8 @@ mod tests {
         use super::super::*;
         use crate::vmm::kvm::boot::{setup_long_mode, write_boot_tables};
         use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-        use std::time::{Duration, Instant};
         use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+        use std::time::{Duration, Instant};
         use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
         /// Bounds every phase by exits, not by time: a phase normally ends in a few dozen.
@@ -1204,7 +1206,11 @@ mod tests {
             assert_eq!(guest.next(), Report::Ready(0));
             let within = |pages: u64, span: Duration, what: &str| {
                 let rate = (pages * PAGE_SIZE) as f64 / span.as_secs_f64();
-                println!("{what}: {:.1} MiB/s, target {} MiB/s", rate / f64::from(1 << 20), RATE >> 20);
+                println!(
+                    "{what}: {:.1} MiB/s, target {} MiB/s",
+                    rate / f64::from(1 << 20),
+                    RATE >> 20
+                );
                 assert!(
                     rate > RATE as f64 / 3.0 && rate < RATE as f64 * 3.0,
                     "{what}: {rate:.0} bytes/s against {RATE}"

@@ -6,6 +6,9 @@
 //! loop reads its commands. The kick is repeated until the reply arrives, which closes the race
 //! of a signal landing just before the thread re-enters `KVM_RUN`; the guest's own port exits
 //! (one per batch of pages) bound that race anyway.
+//!
+//! Bytes the guest writes to its debugcon port are assembled into lines (bounded), logged at
+//! debug level, and the last complete one is kept in the [`GuestReport`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};

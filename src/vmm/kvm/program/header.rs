@@ -77,9 +77,7 @@ pub fn read_header_params(mem: &GuestMemoryMmap<()>) -> Result<HeaderParams, Hea
             Err(HeaderError::Field { field: name, value })
         }
     };
-    let small = |name: &'static str, value: u64| {
-        in_range(name, value, 1..=u64::from(u32::MAX)).map(|v| v as u32)
-    };
+    let small = |name: &'static str, value: u64| in_range(name, value, 1..=u64::from(u32::MAX)).map(|v| v as u32);
     let params = HeaderParams {
         rate_bytes_per_sec: in_range(
             "rate_bytes_per_sec",
@@ -192,9 +190,6 @@ mod tests {
     #[test]
     fn test_memory_without_the_header_is_an_error() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MIB)]).unwrap();
-        assert!(matches!(
-            read_header_params(&mem),
-            Err(HeaderError::Unreadable { .. })
-        ));
+        assert!(matches!(read_header_params(&mem), Err(HeaderError::Unreadable { .. })));
     }
 }
