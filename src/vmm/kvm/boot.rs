@@ -8,7 +8,7 @@
 //! | address | what |
 //! |---|---|
 //! | [`GDT_ADDR`] | the GDT: null, 64-bit code ([`CODE_SELECTOR`]), data ([`DATA_SELECTOR`]), TSS ([`TSS_SELECTOR`]) |
-//! | [`TSS_ADDR`] | the 64-bit TSS, whose I/O permission bitmap opens [`GUEST_PORTS`] and nothing else |
+//! | [`TSS_ADDR`] | the 64-bit TSS, whose I/O permission bitmap opens [`GUEST_PORTS`] and [`DEBUGCON_PORT`], nothing else |
 //! | [`PML4_ADDR`] | the PML4, one entry |
 //! | [`PDPT_ADDR`] | the PDPT, one entry per GiB |
 //! | [`PD_ADDR`] | one page directory per GiB, 512 entries of 2 MiB each |
@@ -25,7 +25,7 @@
 //! nothing there. PVM also clears IOPL, which is why the bitmap, not IOPL, grants the ports.
 //!
 //! The IDT is empty (limit 0): the guest runs with interrupts off, so any exception (a `#GP`
-//! from an `out` to a port outside [`GUEST_PORTS`], for instance) becomes a triple fault, which
+//! from an `out` to a port the bitmap does not open, for instance) becomes a triple fault, which
 //! KVM reports as a shutdown exit rather than letting the guest run on.
 
 use std::ops::RangeInclusive;
@@ -45,6 +45,10 @@ pub const GUEST_PORTS: RangeInclusive<u16> = 0x510..=0x513;
 /// The widest access to a port of [`GUEST_PORTS`]: a 32-bit `out` to port `p` covers ports
 /// `p..p + 4`, and the CPU requires the bitmap to allow all four.
 pub const GUEST_PORT_ACCESS_BYTES: u16 = 4;
+/// The isa-debugcon port (QEMU's `-device isa-debugcon,iobase=0xe9`), open to CPL 3 for byte
+/// accesses only: the guest reports text there, which QEMU routes to a chardev and our VMM
+/// reads in its port exits.
+pub const DEBUGCON_PORT: u16 = crate::qemu::guest::DEBUGCON_PORT;
 /// Guest-physical address of the PML4, loaded into CR3.
 pub const PML4_ADDR: u64 = 0x1000;
 /// Guest-physical address of the page-directory-pointer table.
@@ -75,7 +79,14 @@ const TSS_HEADER_BYTES: usize = 0x68;
 /// Offset of the TSS field that gives the I/O bitmap's offset.
 const TSS_IO_MAP_BASE_FIELD: usize = 0x66;
 /// The last port a bitmap bit must allow.
-const LAST_OPEN_PORT: u16 = *GUEST_PORTS.end() + GUEST_PORT_ACCESS_BYTES - 1;
+const LAST_OPEN_PORT: u16 = {
+    let guest_ports_end = *GUEST_PORTS.end() + GUEST_PORT_ACCESS_BYTES - 1;
+    if DEBUGCON_PORT > guest_ports_end {
+        DEBUGCON_PORT
+    } else {
+        guest_ports_end
+    }
+};
 /// One bit per port up to the last open port, then the all-ones byte the CPU requires at the end
 /// (it reads two bytes per check).
 const IO_BITMAP_BYTES: usize = LAST_OPEN_PORT as usize / 8 + 2;
@@ -220,13 +231,15 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap<()>, ram_bytes: u64) -> Result<()
 }
 
 /// The TSS: all zeros (no stack is ever switched to) but for the I/O bitmap, whose bits are set
-/// (port denied) except for the bytes that accesses to [`GUEST_PORTS`] cover.
+/// (port denied) except for the bytes that accesses to [`GUEST_PORTS`] cover and
+/// [`DEBUGCON_PORT`].
 fn tss() -> Vec<u8> {
     let mut tss = vec![0u8; TSS_HEADER_BYTES + IO_BITMAP_BYTES];
     tss[TSS_IO_MAP_BASE_FIELD..TSS_IO_MAP_BASE_FIELD + 2].copy_from_slice(&(TSS_HEADER_BYTES as u16).to_le_bytes());
     let bitmap = &mut tss[TSS_HEADER_BYTES..];
     bitmap.fill(0xff);
-    for port in *GUEST_PORTS.start()..=LAST_OPEN_PORT {
+    let guest_ports = *GUEST_PORTS.start()..=*GUEST_PORTS.end() + GUEST_PORT_ACCESS_BYTES - 1;
+    for port in guest_ports.chain(std::iter::once(DEBUGCON_PORT)) {
         bitmap[usize::from(port / 8)] &= !(1 << (port % 8));
     }
     tss
@@ -354,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn test_tss_io_bitmap_opens_the_guest_ports_only() {
+    fn test_tss_io_bitmap_opens_the_guest_ports_and_debugcon_only() {
         let mem = memory(BOOT_RESERVED_END);
         write_boot_tables(&mem, GIB).unwrap();
         let io_map_base: u16 = mem.read_obj(GuestAddress(TSS_ADDR + 0x66)).unwrap();
@@ -364,12 +377,15 @@ mod tests {
                 .unwrap();
             byte & (1 << (port % 8)) != 0
         };
-        // A 32-bit out to 0x513 also covers 0x514..=0x516. Ports past the TSS limit (here from
-        // 0x520) are denied by the limit rather than by bits.
-        let open = 0x510..=0x516;
+        // A 32-bit out to 0x513 also covers 0x514..=0x516; debugcon takes bytes at 0xe9. Ports
+        // past the TSS limit (here from 0x520) are denied by the limit rather than by bits.
+        let open = |port: u16| (0x510..=0x516).contains(&port) || port == 0xe9;
         let last_in_limit = (u64::from(TSS_LIMIT) + 1 - u64::from(io_map_base)) * 8 - 1;
         assert_eq!(last_in_limit, 0x51f);
-        assert!((0..=0x51f).all(|port| denied(port) != open.contains(&port)));
+        assert!((0..=0x51f).all(|port| denied(port) != open(port)));
+        // The CPU reads two bytes per check: the byte past the last port's must be all ones.
+        let tail: u8 = mem.read_obj(GuestAddress(TSS_ADDR + u64::from(TSS_LIMIT))).unwrap();
+        assert_eq!(tail, 0xff);
     }
 
     #[test]

@@ -2,16 +2,21 @@
 //! the self-checking program of [`super::program`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use super::boot::{setup_long_mode, write_boot_tables};
 use super::demand::DemandPaging;
-use super::program::{assemble, data_base, ProgramPattern, ProgramSpec, CODE_ADDR, LEDGER_ADDR, STACK_TOP};
+use super::program::{
+    assemble, data_base, read_header_params, HeaderError, ProgramPattern, ProgramSpec, CODE_ADDR, LEDGER_ADDR,
+    MAX_TSC_TICKS_PER_BATCH, PATTERN_RANDOM, STACK_TOP, VMM_PACES_CPUID_LEAF, VMM_PACES_SIGNATURE,
+};
 use super::state::supported_msrs;
 use super::vcpu::{GuestReport, VcpuThread};
 use crate::dirty::{AtomicBitmap, DirtyError, DirtyLogSource, PageSet};
@@ -48,7 +53,9 @@ fn hv(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 }
 
 /// What the VMM carries with the VM: the write rate it paces the guest to and the shape of the
-/// program (for reports; the program itself travels in guest memory).
+/// program (for reports; the program itself travels in guest memory). A kvm guest carries it as
+/// the [`KVM_GUEST_DEVICE`] blob; the guest's header holds the same ([`Pacing::from_guest_memory`])
+/// for a guest that arrives without one.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pacing {
     /// Bytes of pages per second the guest may write.
@@ -64,6 +71,21 @@ pub struct Pacing {
 }
 
 impl Pacing {
+    /// The pacing the program recorded in its state header when it booted, checked (see
+    /// [`read_header_params`]): what a guest that arrives without a [`KVM_GUEST_DEVICE`] blob
+    /// (from QEMU) resumes with. Reads guest memory, so on a post-copy target call it only once
+    /// the header page is there.
+    pub fn from_guest_memory(mem: &GuestMemoryMmap<()>) -> Result<Pacing, HeaderError> {
+        let params = read_header_params(mem)?;
+        Ok(Pacing {
+            rate_bytes_per_sec: params.rate_bytes_per_sec,
+            working_set_pages: params.working_set_pages,
+            batch_pages: params.batch_pages,
+            verify_every_batches: params.verify_every_batches,
+            pattern: u32::from(params.pattern == PATTERN_RANDOM),
+        })
+    }
+
     fn pages_per_sec(&self) -> f64 {
         self.rate_bytes_per_sec as f64 / PAGE_SIZE as f64
     }
@@ -109,6 +131,8 @@ pub fn program_for(workload: &WorkloadSpec, memory_bytes: u64) -> Result<(Progra
             batch_pages: 1,
             verify_every_batches: 1,
             pattern: ProgramPattern::Sequential,
+            rate_bytes_per_sec: 0,
+            tsc_ticks_per_batch: 0,
         };
         data_base(&spec) + w * PAGE_SIZE as u64 <= memory_bytes
     };
@@ -144,6 +168,8 @@ pub fn program_for(workload: &WorkloadSpec, memory_bytes: u64) -> Result<(Progra
         batch_pages,
         verify_every_batches,
         pattern,
+        rate_bytes_per_sec: workload.rate_bytes_per_sec,
+        tsc_ticks_per_batch: tsc_ticks_per_batch(workload.rate_bytes_per_sec, batch_pages, tsc_hz()),
     };
     let pacing = Pacing {
         rate_bytes_per_sec: workload.rate_bytes_per_sec,
@@ -153,6 +179,49 @@ pub fn program_for(workload: &WorkloadSpec, memory_bytes: u64) -> Result<(Progra
         pattern: u32::from(matches!(pattern, ProgramPattern::Random { .. })),
     };
     Ok((spec, pacing))
+}
+
+/// TSC ticks in which a batch of `batch_pages` keeps to `rate_bytes_per_sec`; 0 (no
+/// self-pacing) for a rate or TSC rate of 0, capped at [`MAX_TSC_TICKS_PER_BATCH`].
+fn tsc_ticks_per_batch(rate_bytes_per_sec: u64, batch_pages: u32, tsc_hz: u64) -> u64 {
+    if rate_bytes_per_sec == 0 {
+        return 0;
+    }
+    let bytes = u128::from(batch_pages) * PAGE_SIZE as u128;
+    let ticks = bytes * u128::from(tsc_hz) / u128::from(rate_bytes_per_sec);
+    u64::try_from(ticks).unwrap_or(u64::MAX).min(MAX_TSC_TICKS_PER_BATCH)
+}
+
+/// The host's TSC rate, measured once per process (50 ms): the guest's TSC runs at it under
+/// KVM, and QEMU TCG's at the host's too.
+fn tsc_hz() -> u64 {
+    static HZ: OnceLock<u64> = OnceLock::new();
+    *HZ.get_or_init(crate::qemu::host_tsc_hz)
+}
+
+/// The CPUID table for the guest: what KVM supports, plus the leaf that tells the program its
+/// VMM paces it (see [`super::program`], "Pacing"), so it never spins under this backend.
+pub(super) fn guest_cpuid(kvm: &Kvm) -> Result<CpuId, VmmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(hv("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut entries = supported.as_slice().to_vec();
+    entries.retain(|e| e.function != VMM_PACES_CPUID_LEAF);
+    let [ebx, ecx, edx] = VMM_PACES_SIGNATURE;
+    entries.push(kvm_cpuid_entry2 {
+        function: VMM_PACES_CPUID_LEAF,
+        // The leaf is the top of its range of 256 (KVM answers leaves above a range's top with
+        // another leaf's values).
+        eax: VMM_PACES_CPUID_LEAF,
+        ebx,
+        ecx,
+        edx,
+        ..Default::default()
+    });
+    CpuId::from_entries(&entries).map_err(|e| VmmError::Hypervisor {
+        op: "building the guest's CPUID",
+        detail: format!("{e:?}"),
+    })
 }
 
 /// Opens /dev/kvm; the error says why a host cannot run kvm guests.
@@ -169,7 +238,9 @@ pub fn kvm_available() -> bool {
 pub struct KvmGuest {
     config: VmConfig,
     report: Arc<GuestReport>,
-    pacing: Mutex<Pacing>,
+    /// `None` on a reserved guest until a [`KVM_GUEST_DEVICE`] blob arrives; if none does, the
+    /// first resume reads it from the guest's header.
+    pacing: Mutex<Option<Pacing>>,
     running: AtomicBool,
     /// vCPU state as of the last pause or load: a stopped vCPU's state, read once, so that the
     /// TSC and APIC timer do not drift between the pause and the save.
@@ -200,7 +271,7 @@ impl KvmGuest {
         let (spec, pacing) = program_for(&workload, config.memory_bytes)?;
         let code = assemble(&spec).map_err(|e| VmmError::Failed(format!("guest program: {e}")))?;
         let memory = GuestMemory::new(config.memory_bytes)?;
-        let guest = Self::build(config, pacing, memory, true)?;
+        let guest = Self::build(config, Some(pacing), memory, true)?;
         write_boot_tables(&guest.view, guest.memory.len() as u64)
             .map_err(|e| VmmError::Failed(format!("boot tables: {e}")))?;
         guest
@@ -223,18 +294,11 @@ impl KvmGuest {
             MemoryCommit::Background => GuestMemory::new_committing(config.memory_bytes)?,
             MemoryCommit::UpFront => GuestMemory::new_populated(config.memory_bytes)?,
         };
-        let pacing = Pacing {
-            rate_bytes_per_sec: 0,
-            working_set_pages: 0,
-            batch_pages: 1,
-            verify_every_batches: 1,
-            pattern: 0,
-        };
-        Self::build(config, pacing, memory, false)
+        Self::build(config, None, memory, false)
     }
 
     /// The VM, its RAM and paused vCPU threads; `boot` points the vCPUs at the program.
-    fn build(config: VmConfig, pacing: Pacing, memory: GuestMemory, boot: bool) -> Result<Self, VmmError> {
+    fn build(config: VmConfig, pacing: Option<Pacing>, memory: GuestMemory, boot: bool) -> Result<Self, VmmError> {
         if config.vcpus != 1 {
             return Err(VmmError::StateMismatch {
                 detail: format!("the kvm backend runs 1-vCPU guests; this VM has {}", config.vcpus),
@@ -272,9 +336,7 @@ impl KvmGuest {
             .ok_or_else(|| VmmError::Failed("guest memory view".into()))?;
         let view = Arc::new(view);
         let msrs = Arc::new(supported_msrs(&kvm).map_err(|e| VmmError::Failed(e.to_string()))?);
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(hv("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid = guest_cpuid(&kvm)?;
         let report = Arc::new(GuestReport::new());
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
@@ -325,6 +387,21 @@ impl KvmGuest {
     /// What the guest has reported about itself.
     pub fn report(&self) -> &GuestReport {
         &self.report
+    }
+
+    /// The guest's pacing: the one it was created or loaded with, else the one its header
+    /// records (a guest that arrived without a [`KVM_GUEST_DEVICE`] blob).
+    pub fn pacing(&self) -> Result<Pacing, VmmError> {
+        let mut pacing = lock(&self.pacing);
+        if let Some(p) = *pacing {
+            return Ok(p);
+        }
+        let p = Pacing::from_guest_memory(&self.view).map_err(|e| VmmError::StateMismatch {
+            detail: format!("no {KVM_GUEST_DEVICE} device, and the guest's header gives no pacing: {e}"),
+        })?;
+        tracing::debug!(vm = %self.config.id, ?p, "pacing read from the guest's header");
+        *pacing = Some(p);
+        Ok(p)
     }
 
     /// Guest RAM as rust-vmm's `GuestMemory`, for tools that address it by guest address.
@@ -424,7 +501,7 @@ impl Guest for KvmGuest {
         if let Some(why) = self.report.crash_reason() {
             return Err(VmmError::Failed(format!("guest has stopped: {why}")));
         }
-        let pps = lock(&self.pacing).pages_per_sec();
+        let pps = self.pacing()?.pages_per_sec();
         for v in &self.vcpus {
             v.run(pps).map_err(|e| VmmError::Failed(e.to_string()))?;
         }
@@ -497,7 +574,7 @@ impl Guest for KvmGuest {
         Ok(vec![DeviceState {
             name: KVM_GUEST_DEVICE.to_string(),
             version: KVM_GUEST_DEVICE_VERSION,
-            data: lock(&self.pacing).to_blob(),
+            data: self.pacing()?.to_blob(),
         }])
     }
 
@@ -509,10 +586,11 @@ impl Guest for KvmGuest {
                     version: d.version,
                 });
             }
-            *lock(&self.pacing) = Pacing::from_blob(&d.data).ok_or_else(|| VmmError::MalformedDevice {
+            let pacing = Pacing::from_blob(&d.data).ok_or_else(|| VmmError::MalformedDevice {
                 name: d.name.clone(),
                 len: d.data.len(),
             })?;
+            *lock(&self.pacing) = Some(pacing);
         }
         Ok(())
     }
@@ -605,6 +683,7 @@ fn first_difference(a: &KvmVcpu, b: &KvmVcpu) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::program::parse_debugcon_line;
     use super::*;
     use crate::format::{MacAddr, NicConfig, VmId};
     use crate::units::PageIndex;
@@ -672,6 +751,92 @@ mod tests {
         wait_until("a verify pass on the target", || dst.stats().verify_passes > passes);
         assert_eq!(dst.stats().integrity_errors, 0, "the guest found its memory intact");
         assert!(dst.report().crash_reason().is_none());
+    }
+
+    #[test]
+    fn test_ticks_per_batch_follow_rate_and_tsc() {
+        // 16 pages (64 KiB) at 64 MiB/s: a batch per 1/1024 s, 2.048 M ticks at 2.097152 GHz.
+        assert_eq!(tsc_ticks_per_batch(64 * MIB, 16, 2_097_152_000), 2_048_000);
+        assert_eq!(tsc_ticks_per_batch(0, 16, 2_000_000_000), 0, "rate 0: no self-pacing");
+        assert_eq!(tsc_ticks_per_batch(64 * MIB, 16, 0), 0, "no TSC rate: no self-pacing");
+        assert_eq!(tsc_ticks_per_batch(1, u32::MAX, u64::MAX), MAX_TSC_TICKS_PER_BATCH);
+    }
+
+    #[test]
+    fn test_debugcon_lines_reach_the_guest_report() {
+        if !kvm_available() {
+            println!("SKIPPED: /dev/kvm not available");
+            return;
+        }
+        let workload = WorkloadSpec {
+            rate_bytes_per_sec: 20 * MIB,
+            working_set_bytes: 2 * MIB,
+            pattern: Pattern::HotSet,
+            ..WorkloadSpec::default()
+        };
+        let g = KvmGuest::create(config("debugcon", 16 * MIB), workload).expect("create");
+        // Ready, then a pass line per verify pass.
+        wait_until("two pass lines", || {
+            g.report().debugcon_lines.load(Ordering::Acquire) >= 3
+        });
+        g.pause().expect("pause");
+        let line = g.report().last_debugcon_line().expect("a line");
+        let report = parse_debugcon_line(&line).unwrap_or_else(|| panic!("{line:?} does not parse"));
+        let stats = g.stats();
+        assert!(report.pass >= 2, "{line}");
+        assert!(u64::from(report.pass) <= stats.verify_passes, "{line} vs {stats:?}");
+        assert!(
+            report.progress > 0 && report.progress <= stats.writes,
+            "{line} vs {stats:?}"
+        );
+        assert_eq!(report.mismatches, 0, "{line}");
+    }
+
+    #[test]
+    fn test_a_guest_without_a_pacing_blob_resumes_with_its_header_pacing() {
+        if !kvm_available() {
+            println!("SKIPPED: /dev/kvm not available");
+            return;
+        }
+        let workload = WorkloadSpec {
+            rate_bytes_per_sec: 24 * MIB,
+            working_set_bytes: 3 * MIB,
+            pattern: Pattern::Sequential,
+            ..WorkloadSpec::default()
+        };
+        let src = KvmGuest::create(config("no-blob", 16 * MIB), workload).expect("create");
+        wait_until("a verify pass on the source", || src.stats().verify_passes >= 1);
+        src.pause().expect("pause");
+        let sent = src.pacing().expect("pacing");
+        assert_eq!(Pacing::from_guest_memory(src.guest_ram()).expect("header"), sent);
+
+        // As from QEMU: memory and registers, no device blob.
+        let dst = KvmGuest::reserve(config("no-blob", 16 * MIB), MemoryCommit::Background).expect("reserve");
+        let mut page = vec![0u8; PAGE_SIZE];
+        for p in 0..src.memory().page_count() {
+            src.memory().read_page(PageIndex(p), &mut page).expect("read");
+            dst.memory().write_page(PageIndex(p), &page).expect("write");
+        }
+        dst.load_vcpus(&src.save_vcpus().expect("save")).expect("load");
+        dst.load_devices(&[]).expect("no devices");
+        src.shutdown();
+        let stopped = src.stats().writes;
+        dst.resume().expect("resume");
+        assert_eq!(dst.pacing().expect("pacing"), sent);
+        assert_eq!(
+            dst.save_devices().expect("devices"),
+            src.save_devices().expect("devices"),
+            "the blob it would carry on"
+        );
+        wait_until("progress on the target", || dst.stats().writes > stopped + 1000);
+        let passes = dst.stats().verify_passes;
+        wait_until("a verify pass on the target", || dst.stats().verify_passes > passes);
+        assert_eq!(dst.stats().integrity_errors, 0);
+
+        // Memory that holds no program's header gives no pacing, and no resume.
+        let empty = KvmGuest::reserve(config("empty", 16 * MIB), MemoryCommit::Background).expect("reserve");
+        let error = empty.resume().unwrap_err();
+        assert!(format!("{error}").contains("magic"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The self-checking guest program that the kvm backend runs.
 //!
 //! The program is x86-64 machine code, assembled here with iced-x86 for one [`ProgramSpec`]. It
-//! writes pages of its working set at a rate the VMM paces, keeps a ledger of the generation each
+//! writes pages of its working set at a rate (see [Pacing](#pacing)), keeps a ledger of the generation each
 //! page was last written with, and regularly reads every page back and compares it with the
 //! pattern its ledger entry predicts. A page that a migration failed to move, moved stale or
 //! corrupted therefore shows up as a [`PORT_MISMATCH`] exit naming the page. Use it whenever a
@@ -26,6 +26,61 @@
 //! kept in registers across its mismatch exits, and registers migrate with the vCPU. The code
 //! uses no privileged instruction: [`super::boot`] starts it at CPL 3, where it runs fastest.
 //!
+//! The same guest runs under QEMU (TCG or KVM) once a migration has moved it there: nothing in
+//! it waits for a VMM's answer (a port write nobody handles is simply ignored), it paces itself
+//! by the TSC where no VMM paces it, and it reports through isa-debugcon, which QEMU routes.
+//!
+//! # State header
+//!
+//! u64 fields at [`STATE_ADDR`] + offset:
+//!
+//! | offset | field |
+//! |---|---|
+//! | 0 [`PROGRESS_OFFSET`] | pages written so far, the init pass included |
+//! | 8 [`RNG_OFFSET`] | xorshift64 state of the random pattern |
+//! | 16 [`VERIFY_PASSES_OFFSET`] | verify passes completed |
+//! | 24 [`MISMATCHES_OFFSET`] | mismatches found |
+//! | 32 [`CURSOR_OFFSET`] | next page of the sequential pattern |
+//! | 40 [`BATCHES_OFFSET`] | batches completed |
+//! | 48 [`TSC_TICKS_PER_BATCH_OFFSET`] | TSC ticks per batch when self-paced; 0 = no self-pacing |
+//! | 56 [`TSC_DEADLINE_OFFSET`] | TSC value before which the next batch does not start |
+//! | 64 [`RATE_BYTES_PER_SEC_OFFSET`] | the workload's rate, bytes/s (for whoever resumes the guest) |
+//! | 72 [`WORKING_SET_PAGES_OFFSET`] | [`ProgramSpec::working_set_pages`] |
+//! | 80 [`BATCH_PAGES_OFFSET`] | [`ProgramSpec::batch_pages`] |
+//! | 88 [`VERIFY_EVERY_BATCHES_OFFSET`] | [`ProgramSpec::verify_every_batches`] |
+//! | 96 [`PATTERN_OFFSET`] | [`PATTERN_SEQUENTIAL`] or [`PATTERN_RANDOM`] |
+//! | 104 [`MAGIC_OFFSET`] | [`HEADER_MAGIC`] once the fields from 48 on are written |
+//!
+//! The program writes the fields from 48 on from its [`ProgramSpec`] when it boots, before the
+//! init pass; [`read_header_params`] reads them back, so a guest that arrives without the
+//! VMM's own device blob (from QEMU) can be resumed with the right pacing.
+//!
+//! # Pacing
+//!
+//! Under the kvm backend the VMM paces the guest: it sleeps in the [`PORT_PROGRESS`] exit.
+//! Elsewhere (QEMU) nobody does, so the guest also paces itself by the TSC: before each batch
+//! it spins (`pause`) until `rdtsc` reaches the deadline at [`TSC_DEADLINE_OFFSET`], then moves
+//! the deadline on by [`TSC_TICKS_PER_BATCH_OFFSET`]. The TSC jumps across a migration (QEMU
+//! TCG's restarts near 0; KVM carries it over the downtime): a deadline more than
+//! [`TSC_SLACK_BATCHES`] batches ahead of the TSC, or more than that behind it, is reset to now,
+//! so a move causes neither a stall nor a catch-up burst. A guest that is about to spin first
+//! asks CPUID leaf [`VMM_PACES_CPUID_LEAF`]: when it carries [`VMM_PACES_SIGNATURE`] (the kvm
+//! backend sets it), its VMM paces it and the guest starts the batch at once, so the two pacers
+//! never stack and the guest never burns its CPU under our VMM. The leaf is asked per batch, so
+//! the answer follows the guest across hypervisors.
+//!
+//! # Debugcon lines
+//!
+//! The guest writes text lines, byte by byte, to [`PORT_DEBUGCON`] (QEMU:
+//! `-chardev file,id=dc,path=F -device isa-debugcon,iobase=0xe9,chardev=dc`):
+//!
+//! * [`DEBUGCON_READY_LINE`] (`migratory-guest: ready\n`) once, after the init pass;
+//! * after every verify pass, `migratory-guest: pass PPPPPPPP progress GGGGGGGGGGGGGGGG
+//!   mismatches MMMMMMMM\n`, one space between words: the low 32 bits of the passes completed
+//!   (8 lowercase hex digits), the progress counter (16), the low 32 bits of the mismatches
+//!   counted so far (8). [`parse_debugcon_line`] reads it into a [`DebugconReport`]; for example
+//!   `migratory-guest: pass 0000001a progress 00000000000f4240 mismatches 00000000`.
+//!
 //! # Port protocol
 //!
 //! The guest reports with `out dx, eax` (32-bit values):
@@ -45,6 +100,16 @@
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 use thiserror::Error;
+
+mod debugcon;
+mod header;
+#[cfg(test)]
+mod qemu_tests;
+
+pub use debugcon::{
+    is_debugcon_ready_line, parse_debugcon_line, DebugconLine, DebugconReport, MAX_DEBUGCON_LINE_BYTES,
+};
+pub use header::{read_header_params, HeaderError, HeaderParams};
 
 /// Guest-physical address of the code and of the entry point (1 MiB).
 pub const CODE_ADDR: u64 = 0x10_0000;
@@ -67,6 +132,50 @@ pub const CURSOR_OFFSET: u64 = 32;
 /// Header field: batches completed; a verify pass follows each multiple of
 /// `verify_every_batches`, so the VMM can tell from a [`PORT_PROGRESS`] exit whether one is next.
 pub const BATCHES_OFFSET: u64 = 40;
+/// Header field: TSC ticks per batch of self-pacing; 0 turns self-pacing off (see
+/// [Pacing](self#pacing)).
+pub const TSC_TICKS_PER_BATCH_OFFSET: u64 = 48;
+/// Header field: the TSC value before which the next batch does not start.
+pub const TSC_DEADLINE_OFFSET: u64 = 56;
+/// Header field: the workload's write rate in bytes per second, for whoever resumes the guest.
+pub const RATE_BYTES_PER_SEC_OFFSET: u64 = 64;
+/// Header field: the working set in pages.
+pub const WORKING_SET_PAGES_OFFSET: u64 = 72;
+/// Header field: pages per batch.
+pub const BATCH_PAGES_OFFSET: u64 = 80;
+/// Header field: batches between verify passes.
+pub const VERIFY_EVERY_BATCHES_OFFSET: u64 = 88;
+/// Header field: the write order, [`PATTERN_SEQUENTIAL`] or [`PATTERN_RANDOM`].
+pub const PATTERN_OFFSET: u64 = 96;
+/// Header field: [`HEADER_MAGIC`] once the parameter fields are written.
+pub const MAGIC_OFFSET: u64 = 104;
+/// The value at [`MAGIC_OFFSET`]: this program's header, layout 1.
+pub const HEADER_MAGIC: u64 = u64::from_le_bytes(*b"MGGUEST1");
+/// [`PATTERN_OFFSET`] of [`ProgramPattern::Sequential`].
+pub const PATTERN_SEQUENTIAL: u64 = 0;
+/// [`PATTERN_OFFSET`] of [`ProgramPattern::Random`].
+pub const PATTERN_RANDOM: u64 = 1;
+/// How far, in batches, the TSC deadline may be ahead or behind before it is reset to now.
+pub const TSC_SLACK_BATCHES: u64 = 8;
+/// The largest [`ProgramSpec::tsc_ticks_per_batch`]: a day per batch at 3 GHz, and small
+/// enough that deadline arithmetic never overflows.
+pub const MAX_TSC_TICKS_PER_BATCH: u64 = 1 << 48;
+/// The largest [`ProgramSpec::rate_bytes_per_sec`] a header may record (1 TiB/s).
+pub const MAX_RATE_BYTES_PER_SEC: u64 = 1 << 40;
+/// CPUID leaf through which a VMM says it paces the guest in its [`PORT_PROGRESS`] exits.
+pub const VMM_PACES_CPUID_LEAF: u32 = 0x4000_0100;
+/// `ebx`, `ecx`, `edx` of [`VMM_PACES_CPUID_LEAF`] under a pacing VMM: "MigratoryVMM".
+pub const VMM_PACES_SIGNATURE: [u32; 3] = [
+    u32::from_le_bytes(*b"Migr"),
+    u32::from_le_bytes(*b"ator"),
+    u32::from_le_bytes(*b"yVMM"),
+];
+/// The isa-debugcon port the guest writes its text lines to.
+pub const PORT_DEBUGCON: u16 = super::boot::DEBUGCON_PORT;
+/// The line the guest writes to [`PORT_DEBUGCON`] after its init pass.
+pub const DEBUGCON_READY_LINE: &str = "migratory-guest: ready\n";
+/// The start of every line the guest writes to [`PORT_DEBUGCON`].
+pub const DEBUGCON_PREFIX: &str = "migratory-guest: ";
 /// Guest-physical address of the ledger: one u64 generation per working-set page.
 pub const LEDGER_ADDR: u64 = 0x20_1000;
 /// Size of a working-set page.
@@ -107,6 +216,7 @@ const _: () = {
         i += 1;
     }
 };
+const _: () = assert!(MAGIC_OFFSET + 8 <= LEDGER_ADDR - STATE_ADDR);
 const _: () = assert!(CODE_ADDR + CODE_MAX_BYTES as u64 <= STACK_TOP);
 const _: () = assert!(STACK_TOP <= STATE_ADDR);
 
@@ -122,6 +232,12 @@ pub struct ProgramSpec {
     pub verify_every_batches: u32,
     /// The order in which pages are written.
     pub pattern: ProgramPattern,
+    /// The workload's rate in bytes per second: recorded in the header for whoever resumes the
+    /// guest (the program paces by `tsc_ticks_per_batch`), at most [`MAX_RATE_BYTES_PER_SEC`].
+    pub rate_bytes_per_sec: u64,
+    /// TSC ticks per batch when no VMM paces the guest; 0: it does not pace itself. At most
+    /// [`MAX_TSC_TICKS_PER_BATCH`].
+    pub tsc_ticks_per_batch: u64,
 }
 
 /// The order in which the guest writes its working set.
@@ -156,6 +272,22 @@ pub enum ProgramError {
     /// xorshift64 never leaves the state 0.
     #[error("the random pattern's seed must not be 0")]
     ZeroSeed,
+    /// The rate is beyond what a header may record.
+    #[error("rate of {rate} bytes/s exceeds {limit}")]
+    Rate {
+        /// The requested rate.
+        rate: u64,
+        /// [`MAX_RATE_BYTES_PER_SEC`].
+        limit: u64,
+    },
+    /// The self-pacing period is beyond what the deadline arithmetic allows.
+    #[error("{ticks} TSC ticks per batch exceed {limit}")]
+    TscTicksPerBatch {
+        /// The requested ticks.
+        ticks: u64,
+        /// [`MAX_TSC_TICKS_PER_BATCH`].
+        limit: u64,
+    },
     /// The assembler rejected an instruction (a bug in this module).
     #[error("assembling the guest program")]
     Assemble(#[source] IcedError),
@@ -186,6 +318,18 @@ impl ProgramSpec {
         }
         if self.pattern == (ProgramPattern::Random { seed: 0 }) {
             return Err(ProgramError::ZeroSeed);
+        }
+        if self.rate_bytes_per_sec > MAX_RATE_BYTES_PER_SEC {
+            return Err(ProgramError::Rate {
+                rate: self.rate_bytes_per_sec,
+                limit: MAX_RATE_BYTES_PER_SEC,
+            });
+        }
+        if self.tsc_ticks_per_batch > MAX_TSC_TICKS_PER_BATCH {
+            return Err(ProgramError::TscTicksPerBatch {
+                ticks: self.tsc_ticks_per_batch,
+                limit: MAX_TSC_TICKS_PER_BATCH,
+            });
         }
         Ok(())
     }
@@ -231,13 +375,23 @@ pub fn assemble(spec: &ProgramSpec) -> Result<Vec<u8>, ProgramError> {
 /// * `r12` = page index of the init and verify loops, `rbx` = ledger sum of a verify pass,
 ///   `r15` = pages left in the batch.
 /// * `rdi` = page, `rsi` = generation: the arguments of `fill_page` and `check_page`.
-/// * `rax`, `rcx`, `rdx`, `r8`–`r11`: scratch, clobbered by both subroutines.
+/// * `rax`, `rcx`, `rdx`, `r8`–`r11`: scratch, clobbered by both subroutines; `rsi` and `r8`
+///   are also the arguments of `print_text` and `print_hex`, which clobber `rax`, `rcx`, `rdx`.
 fn emit(spec: &ProgramSpec) -> Result<Vec<u8>, IcedError> {
     let state = |offset: u64| qword_ptr(rbp + offset as i32);
     let mut a = CodeAssembler::new(64)?;
     let mut fill_page = a.create_label();
     let mut check_page = a.create_label();
+    let mut print_text = a.create_label();
+    let mut print_hex = a.create_label();
     let mut main_loop = a.create_label();
+    let mut texts = Texts {
+        ready: a.create_label(),
+        pass: a.create_label(),
+        progress: a.create_label(),
+        mismatches: a.create_label(),
+        newline: a.create_label(),
+    };
 
     // Entry. The VMM sets rsp too; setting it here keeps the program self-contained.
     a.mov(rsp, STACK_TOP)?;
@@ -255,6 +409,24 @@ fn emit(spec: &ProgramSpec) -> Result<Vec<u8>, IcedError> {
     };
     a.mov(rax, rng_seed)?;
     a.mov(state(RNG_OFFSET), rax)?;
+    // The parameters, so that whoever resumes the guest can read them; the magic last.
+    let pattern = match spec.pattern {
+        ProgramPattern::Sequential => PATTERN_SEQUENTIAL,
+        ProgramPattern::Random { .. } => PATTERN_RANDOM,
+    };
+    for (offset, value) in [
+        (TSC_TICKS_PER_BATCH_OFFSET, spec.tsc_ticks_per_batch),
+        (TSC_DEADLINE_OFFSET, 0),
+        (RATE_BYTES_PER_SEC_OFFSET, spec.rate_bytes_per_sec),
+        (WORKING_SET_PAGES_OFFSET, spec.working_set_pages),
+        (BATCH_PAGES_OFFSET, u64::from(spec.batch_pages)),
+        (VERIFY_EVERY_BATCHES_OFFSET, u64::from(spec.verify_every_batches)),
+        (PATTERN_OFFSET, pattern),
+        (MAGIC_OFFSET, HEADER_MAGIC),
+    ] {
+        a.mov(rax, value)?;
+        a.mov(state(offset), rax)?;
+    }
     a.xor(r12d, r12d)?;
     let mut init_loop = a.create_label();
     a.set_label(&mut init_loop)?;
@@ -269,9 +441,13 @@ fn emit(spec: &ProgramSpec) -> Result<Vec<u8>, IcedError> {
     a.mov(edx, u32::from(PORT_READY))?;
     a.xor(eax, eax)?;
     a.out(dx, eax)?;
+    a.lea(rsi, ptr(texts.ready))?;
+    a.mov(ecx, DEBUGCON_READY_LINE.len() as u32)?;
+    a.call(print_text)?;
 
-    // Main loop: one batch, its progress exit, and a verify pass when one is due.
+    // Main loop: self-pacing, one batch, its progress exit, and a verify pass when one is due.
     a.set_label(&mut main_loop)?;
+    emit_tsc_pacing(&mut a)?;
     a.mov(r15d, spec.batch_pages)?;
     let mut batch_loop = a.create_label();
     a.set_label(&mut batch_loop)?;
@@ -334,6 +510,27 @@ fn emit(spec: &ProgramSpec) -> Result<Vec<u8>, IcedError> {
     a.mov(eax, dword_ptr(rbp + VERIFY_PASSES_OFFSET as i32))?;
     a.mov(edx, u32::from(PORT_VERIFIED))?;
     a.out(dx, eax)?;
+    // The pass line (format in the module docs).
+    let fields = [
+        (texts.pass, PASS_TEXT, VERIFY_PASSES_OFFSET, 8),
+        (texts.progress, PROGRESS_TEXT, PROGRESS_OFFSET, 16),
+        (texts.mismatches, MISMATCHES_TEXT, MISMATCHES_OFFSET, 8),
+    ];
+    for (label, text, offset, digits) in fields {
+        a.lea(rsi, ptr(label))?;
+        a.mov(ecx, text.len() as u32)?;
+        a.call(print_text)?;
+        a.mov(r8, state(offset))?;
+        if digits < 16 {
+            // print_hex starts at the top nibble.
+            a.shl(r8, 64 - 4 * digits)?;
+        }
+        a.mov(ecx, digits)?;
+        a.call(print_hex)?;
+    }
+    a.lea(rsi, ptr(texts.newline))?;
+    a.mov(ecx, 1)?;
+    a.call(print_text)?;
     a.jmp(main_loop)?;
 
     // fill_page(rdi = page, rsi = generation): writes the page's pattern.
@@ -368,7 +565,140 @@ fn emit(spec: &ProgramSpec) -> Result<Vec<u8>, IcedError> {
     a.set_label(&mut check_done)?;
     a.ret()?;
 
+    // print_text(rsi = address, ecx = length, at least 1): writes the bytes to debugcon.
+    a.set_label(&mut print_text)?;
+    a.mov(edx, u32::from(PORT_DEBUGCON))?;
+    let mut text_loop = a.create_label();
+    a.set_label(&mut text_loop)?;
+    a.mov(al, byte_ptr(rsi))?;
+    a.out(dx, al)?;
+    a.inc(rsi)?;
+    a.dec(ecx)?;
+    a.jnz(text_loop)?;
+    a.ret()?;
+
+    // print_hex(r8 = value, its first digit in the top nibble; ecx = digits, at least 1): writes
+    // lowercase hex digits to debugcon.
+    a.set_label(&mut print_hex)?;
+    a.mov(edx, u32::from(PORT_DEBUGCON))?;
+    let mut hex_loop = a.create_label();
+    let mut hex_digit = a.create_label();
+    a.set_label(&mut hex_loop)?;
+    a.rol(r8, 4)?;
+    a.mov(eax, r8d)?;
+    a.and(eax, 0xf)?;
+    a.cmp(eax, 10)?;
+    a.jb(hex_digit)?;
+    a.add(eax, i32::from(b'a' - b'0' - 10))?;
+    a.set_label(&mut hex_digit)?;
+    a.add(eax, i32::from(b'0'))?;
+    a.out(dx, al)?;
+    a.dec(ecx)?;
+    a.jnz(hex_loop)?;
+    a.ret()?;
+
+    // The texts, after the code they are never executed.
+    for (label, text) in [
+        (&mut texts.ready, DEBUGCON_READY_LINE),
+        (&mut texts.pass, PASS_TEXT),
+        (&mut texts.progress, PROGRESS_TEXT),
+        (&mut texts.mismatches, MISMATCHES_TEXT),
+        (&mut texts.newline, "\n"),
+    ] {
+        a.set_label(label)?;
+        a.db(text.as_bytes())?;
+    }
+
     a.assemble(CODE_ADDR)
+}
+
+/// The texts of the debugcon lines, in the code segment after the code.
+struct Texts {
+    ready: CodeLabel,
+    pass: CodeLabel,
+    progress: CodeLabel,
+    mismatches: CodeLabel,
+    newline: CodeLabel,
+}
+
+const PASS_TEXT: &str = "migratory-guest: pass ";
+const PROGRESS_TEXT: &str = " progress ";
+const MISMATCHES_TEXT: &str = " mismatches ";
+
+/// Self-pacing before a batch (see [Pacing](self#pacing)): waits until the TSC reaches the
+/// deadline, unless pacing is off, the deadline is out of the slack (reset to now) or the VMM
+/// says it paces; then moves the deadline on by one batch. Registers: `r11` = ticks per batch,
+/// `r9` = the slack in ticks, `r8` = the deadline, `r10` = its distance from now, `r12d` = the
+/// CPUID leaf was asked; clobbers `rax`, `rbx`, `rcx`, `rdx` (rdtsc, cpuid).
+fn emit_tsc_pacing(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let state = |offset: u64| qword_ptr(rbp + offset as i32);
+    let mut done = a.create_label();
+    let mut wait = a.create_label();
+    let mut ahead = a.create_label();
+    let mut spin = a.create_label();
+    let mut now_again = a.create_label();
+    let mut reset = a.create_label();
+    let mut go = a.create_label();
+
+    a.mov(r11, state(TSC_TICKS_PER_BATCH_OFFSET))?;
+    a.test(r11, r11)?;
+    a.jz(done)?;
+    a.mov(r9, r11)?;
+    a.imul_3(r9, r9, TSC_SLACK_BATCHES as i32)?;
+    a.xor(r12d, r12d)?;
+    a.set_label(&mut wait)?;
+    emit_rdtsc(a)?;
+    a.mov(r8, state(TSC_DEADLINE_OFFSET))?;
+    a.mov(r10, r8)?;
+    a.sub(r10, rax)?;
+    // No borrow: the deadline is now or ahead.
+    a.jae(ahead)?;
+    // Behind: start at once; within the slack keep the schedule (a short catch-up), beyond it
+    // (the TSC jumped forward, or a long stall) restart it from now.
+    a.neg(r10)?;
+    a.cmp(r10, r9)?;
+    a.ja(reset)?;
+    a.jmp(go)?;
+    a.set_label(&mut ahead)?;
+    // Ahead by more than the slack: the TSC jumped back (a new QEMU); restart from now.
+    a.cmp(r10, r9)?;
+    a.ja(reset)?;
+    a.test(r10, r10)?;
+    a.jz(go)?;
+    // About to spin: once per batch, ask whether the VMM paces us.
+    a.test(r12d, r12d)?;
+    a.jnz(spin)?;
+    a.inc(r12d)?;
+    a.mov(eax, VMM_PACES_CPUID_LEAF)?;
+    a.xor(ecx, ecx)?;
+    a.cpuid()?;
+    a.cmp(ebx, VMM_PACES_SIGNATURE[0])?;
+    a.jne(spin)?;
+    a.cmp(ecx, VMM_PACES_SIGNATURE[1])?;
+    a.jne(spin)?;
+    a.cmp(edx, VMM_PACES_SIGNATURE[2])?;
+    a.je(now_again)?;
+    a.set_label(&mut spin)?;
+    a.pause()?;
+    a.jmp(wait)?;
+    // cpuid clobbered the TSC value.
+    a.set_label(&mut now_again)?;
+    emit_rdtsc(a)?;
+    a.set_label(&mut reset)?;
+    a.mov(r8, rax)?;
+    a.set_label(&mut go)?;
+    a.add(r8, r11)?;
+    a.mov(state(TSC_DEADLINE_OFFSET), r8)?;
+    a.set_label(&mut done)?;
+    Ok(())
+}
+
+/// `rax` = the TSC (clobbers `rdx`).
+fn emit_rdtsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    Ok(())
 }
 
 /// Picks the next page to write into `rdi` and advances the pattern's state in the header.
@@ -439,6 +769,8 @@ mod tests {
             batch_pages: 16,
             verify_every_batches: 2,
             pattern,
+            rate_bytes_per_sec: 0,
+            tsc_ticks_per_batch: 0,
         }
     }
 
@@ -458,13 +790,19 @@ mod tests {
                 batch_pages: u32::MAX,
                 verify_every_batches: u32::MAX,
                 pattern: ProgramPattern::Sequential,
+                rate_bytes_per_sec: MAX_RATE_BYTES_PER_SEC,
+                tsc_ticks_per_batch: MAX_TSC_TICKS_PER_BATCH,
             },
         ];
         for spec in specs {
             let code = assemble(&spec).unwrap();
             assert!(code.len() < CODE_MAX_BYTES, "{spec:?}: {} bytes", code.len());
-            let mut decoder = Decoder::with_ip(64, &code, CODE_ADDR, DecoderOptions::NONE);
+            let texts = [DEBUGCON_READY_LINE, PASS_TEXT, PROGRESS_TEXT, MISMATCHES_TEXT, "\n"];
+            let instructions = &code[..code.len() - texts.iter().map(|t| t.len()).sum::<usize>()];
+            assert!(code.ends_with(texts.concat().as_bytes()));
+            let mut decoder = Decoder::with_ip(64, instructions, CODE_ADDR, DecoderOptions::NONE);
             let mut outs = 0;
+            let mut byte_outs = 0;
             for instruction in &mut decoder {
                 assert!(
                     !instruction.is_invalid(),
@@ -474,9 +812,14 @@ mod tests {
                 if instruction.code() == Code::Out_DX_EAX {
                     outs += 1;
                 }
+                if instruction.code() == Code::Out_DX_AL {
+                    byte_outs += 1;
+                }
             }
             // Ready, progress, a page mismatch, a ledger mismatch, verified.
             assert_eq!(outs, 5, "{spec:?}");
+            // Debugcon: print_text and print_hex.
+            assert_eq!(byte_outs, 2, "{spec:?}");
         }
     }
 
@@ -514,6 +857,20 @@ mod tests {
             }),
             ProgramError::ZeroSeed
         ));
+        assert!(matches!(
+            rejected(ProgramSpec {
+                rate_bytes_per_sec: MAX_RATE_BYTES_PER_SEC + 1,
+                ..good
+            }),
+            ProgramError::Rate { rate, .. } if rate == MAX_RATE_BYTES_PER_SEC + 1
+        ));
+        assert!(matches!(
+            rejected(ProgramSpec {
+                tsc_ticks_per_batch: MAX_TSC_TICKS_PER_BATCH + 1,
+                ..good
+            }),
+            ProgramError::TscTicksPerBatch { ticks, .. } if ticks == MAX_TSC_TICKS_PER_BATCH + 1
+        ));
         assert!(good.validate().is_ok());
     }
 
@@ -547,8 +904,9 @@ mod tests {
 
         use super::super::*;
         use crate::vmm::kvm::boot::{setup_long_mode, write_boot_tables};
-        use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+        use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
         use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+        use std::time::{Duration, Instant};
         use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
         /// Bounds every phase by exits, not by time: a phase normally ends in a few dozen.
@@ -570,11 +928,18 @@ mod tests {
             vcpu: VcpuFd,
             _vm: VmFd,
             spec: ProgramSpec,
+            debugcon: DebugconLine,
+            lines: Vec<String>,
             mem: GuestMemoryMmap<()>,
         }
 
         impl TestGuest {
+            /// A guest whose VMM (this test) does not pace it.
             fn start(kvm: &Kvm, spec: ProgramSpec) -> TestGuest {
+                Self::start_with_cpuid(kvm, spec, kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
+            }
+
+            fn start_with_cpuid(kvm: &Kvm, spec: ProgramSpec, cpuid: CpuId) -> TestGuest {
                 let ram_bytes = required_memory(&spec);
                 let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram_bytes as usize)]).unwrap();
                 let vm = kvm.create_vm().unwrap();
@@ -596,31 +961,36 @@ mod tests {
                 mem.write_slice(&assemble(&spec).unwrap(), GuestAddress(CODE_ADDR))
                     .unwrap();
                 let vcpu = vm.create_vcpu(0).unwrap();
-                vcpu.set_cpuid2(&kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap())
-                    .unwrap();
+                vcpu.set_cpuid2(&cpuid).unwrap();
                 setup_long_mode(&vcpu, CODE_ADDR, STACK_TOP).unwrap();
                 TestGuest {
                     vcpu,
                     _vm: vm,
                     spec,
+                    debugcon: DebugconLine::default(),
+                    lines: Vec::new(),
                     mem,
                 }
             }
 
-            /// Runs the vCPU to its next report; any other exit fails the test with the registers.
+            /// Runs the vCPU to its next report, collecting debugcon lines on the way; any other
+            /// exit fails the test with the registers.
             fn next(&mut self) -> Report {
-                let unexpected = match self.vcpu.run().expect("KVM_RUN") {
-                    VcpuExit::IoOut(port, data) => {
-                        let value = u32::from_le_bytes(data.try_into().expect("out dx, eax writes 4 bytes"));
-                        match port {
-                            PORT_READY => return Report::Ready(value),
-                            PORT_PROGRESS => return Report::Progress(value),
-                            PORT_VERIFIED => return Report::Verified(value),
-                            PORT_MISMATCH => return Report::Mismatch(value),
-                            _ => format!("out to port {port:#x} with {value:#x}"),
+                let unexpected = loop {
+                    match self.vcpu.run().expect("KVM_RUN") {
+                        VcpuExit::IoOut(PORT_DEBUGCON, &[byte]) => self.lines.extend(self.debugcon.push(byte)),
+                        VcpuExit::IoOut(port, data) => {
+                            let value = u32::from_le_bytes(data.try_into().expect("out dx, eax writes 4 bytes"));
+                            match port {
+                                PORT_READY => return Report::Ready(value),
+                                PORT_PROGRESS => return Report::Progress(value),
+                                PORT_VERIFIED => return Report::Verified(value),
+                                PORT_MISMATCH => return Report::Mismatch(value),
+                                _ => break format!("out to port {port:#x} with {value:#x}"),
+                            }
                         }
+                        other => break format!("{other:?}"),
                     }
-                    other => format!("{other:?}"),
                 };
                 panic!(
                     "unexpected exit {unexpected}\nregs {:#x?}\nsregs {:#x?}",
@@ -631,6 +1001,20 @@ mod tests {
 
             fn header(&self, offset: u64) -> u64 {
                 self.mem.read_obj(GuestAddress(STATE_ADDR + offset)).unwrap()
+            }
+
+            fn set_header(&self, offset: u64, value: u64) {
+                self.mem.write_obj(value, GuestAddress(STATE_ADDR + offset)).unwrap();
+            }
+
+            /// Runs for `span` of wall-clock time (to the first report after it); returns the
+            /// pages written meanwhile.
+            fn pages_written_in(&mut self, span: Duration) -> u64 {
+                let (start, from) = (Instant::now(), self.header(PROGRESS_OFFSET));
+                while start.elapsed() < span {
+                    assert!(!matches!(self.next(), Report::Mismatch(_) | Report::Ready(_)));
+                }
+                self.header(PROGRESS_OFFSET) - from
             }
 
             fn ledger(&self, page: u64) -> u64 {
@@ -736,6 +1120,27 @@ mod tests {
             assert_eq!(guest.run_one_pass(), NO_MISMATCH, "{spec:?}: reported twice");
             assert_eq!(guest.header(MISMATCHES_OFFSET), 3);
             guest.assert_memory_consistent();
+
+            // The debugcon lines: ready, then one per pass with that pass's counters (the last
+            // is written after its PORT_VERIFIED exit, so run to the next report first).
+            let (passes, progress) = (guest.header(VERIFY_PASSES_OFFSET), guest.header(PROGRESS_OFFSET));
+            guest.next();
+            assert_eq!(guest.lines.len() as u64, passes + 1, "{:?}", guest.lines);
+            assert!(is_debugcon_ready_line(&guest.lines[0]));
+            let reports: Vec<DebugconReport> = guest.lines[1..]
+                .iter()
+                .map(|line| parse_debugcon_line(line).unwrap_or_else(|| panic!("{line:?}")))
+                .collect();
+            assert!(reports.iter().zip(1..).all(|(r, pass)| r.pass == pass));
+            assert!(reports.windows(2).all(|w| w[0].progress < w[1].progress));
+            assert_eq!(
+                reports.last().copied(),
+                Some(DebugconReport {
+                    pass: passes as u32,
+                    progress,
+                    mismatches: 3
+                })
+            );
             println!(
                 "{spec:?}: {} verify passes, {} mismatches, progress {}",
                 guest.header(VERIFY_PASSES_OFFSET),
@@ -763,9 +1168,91 @@ mod tests {
                         batch_pages: 16,
                         verify_every_batches: 2,
                         pattern,
+                        rate_bytes_per_sec: 0,
+                        tsc_ticks_per_batch: 0,
                     },
                 );
             }
+        }
+
+        /// A spec paced by the TSC alone at `rate` bytes/s, with batches of `batch_pages`.
+        fn paced_spec(rate: u64, batch_pages: u32, tsc_hz: u64) -> ProgramSpec {
+            let ticks = u64::from(batch_pages) * PAGE_SIZE * tsc_hz / rate;
+            ProgramSpec {
+                working_set_pages: 256,
+                batch_pages,
+                verify_every_batches: 64,
+                pattern: ProgramPattern::Random { seed: 7 },
+                rate_bytes_per_sec: rate,
+                tsc_ticks_per_batch: ticks,
+            }
+        }
+
+        /// A behaviour check, not a benchmark: with nobody else pacing it, the guest keeps near
+        /// its rate (within a factor of 3, as timing on a shared host is noisy), and a TSC that
+        /// jumps back or forward (a migration) causes neither a stall nor a burst.
+        #[test]
+        fn test_guest_paces_itself_by_the_tsc_without_a_vmm() {
+            let Ok(kvm) = Kvm::new() else {
+                println!("SKIPPED: /dev/kvm not available");
+                return;
+            };
+            // Well below what the guest manages unpaced here (some 40 MiB/s with an exit every
+            // 4 pages on a loaded host), so that the check is of the pacing, not of the host.
+            const RATE: u64 = 4 << 20;
+            let tsc_hz = crate::qemu::host_tsc_hz();
+            let spec = paced_spec(RATE, 4, tsc_hz);
+            let mut guest = TestGuest::start(&kvm, spec);
+            assert_eq!(guest.next(), Report::Ready(0));
+            let within = |pages: u64, span: Duration, what: &str| {
+                let rate = (pages * PAGE_SIZE) as f64 / span.as_secs_f64();
+                println!(
+                    "{what}: {:.1} MiB/s, target {} MiB/s",
+                    rate / f64::from(1 << 20),
+                    RATE >> 20
+                );
+                assert!(
+                    rate > RATE as f64 / 3.0 && rate < RATE as f64 * 3.0,
+                    "{what}: {rate:.0} bytes/s against {RATE}"
+                );
+            };
+            let span = Duration::from_secs(1);
+            within(guest.pages_written_in(span), span, "steady");
+
+            // The TSC jumped back by 10,000 batches, 10 s (a new QEMU): no stall.
+            let jump = 10_000 * spec.tsc_ticks_per_batch;
+            guest.set_header(TSC_DEADLINE_OFFSET, guest.header(TSC_DEADLINE_OFFSET) + jump);
+            let span = Duration::from_millis(500);
+            within(guest.pages_written_in(span), span, "after the TSC jumped back");
+
+            // It jumped forward by as much (a long downtime): no catch-up burst.
+            guest.set_header(TSC_DEADLINE_OFFSET, guest.header(TSC_DEADLINE_OFFSET) - jump);
+            within(guest.pages_written_in(span), span, "after the TSC jumped forward");
+            assert_eq!(guest.header(MISMATCHES_OFFSET), 0);
+        }
+
+        /// Under a VMM that says it paces (the kvm backend's CPUID leaf), the guest never waits
+        /// for its TSC deadline: with 5 s per batch it still writes batch after batch at once.
+        #[test]
+        fn test_guest_under_a_pacing_vmm_does_not_wait_on_the_tsc() {
+            let Ok(kvm) = Kvm::new() else {
+                println!("SKIPPED: /dev/kvm not available");
+                return;
+            };
+            let tsc_hz = crate::qemu::host_tsc_hz();
+            let batch_pages = 4;
+            // 5 s per batch.
+            let spec = paced_spec(u64::from(batch_pages) * PAGE_SIZE / 5, batch_pages, tsc_hz);
+            let cpuid = crate::vmm::kvm::guest::guest_cpuid(&kvm).unwrap();
+            let mut guest = TestGuest::start_with_cpuid(&kvm, spec, cpuid);
+            assert_eq!(guest.next(), Report::Ready(0));
+            let start = Instant::now();
+            for _ in 0..4 {
+                assert!(matches!(guest.next(), Report::Progress(_)));
+            }
+            // Waiting would take 15 s at least.
+            assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+            assert_eq!(guest.header(BATCHES_OFFSET), 4);
         }
     }
 }

@@ -6,6 +6,9 @@
 //! loop reads its commands. The kick is repeated until the reply arrives, which closes the race
 //! of a signal landing just before the thread re-enters `KVM_RUN`; the guest's own port exits
 //! (one per batch of pages) bound that race anyway.
+//!
+//! Bytes the guest writes to its debugcon port are assembled into lines (bounded), logged at
+//! debug level, and the last complete one is kept in the [`GuestReport`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -17,8 +20,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::program::{
-    MISMATCHES_OFFSET, PORT_MISMATCH, PORT_PROGRESS, PORT_READY, PORT_VERIFIED, PROGRESS_OFFSET, STATE_ADDR,
-    VERIFY_PASSES_OFFSET,
+    DebugconLine, MISMATCHES_OFFSET, PORT_DEBUGCON, PORT_MISMATCH, PORT_PROGRESS, PORT_READY, PORT_VERIFIED,
+    PROGRESS_OFFSET, STATE_ADDR, VERIFY_PASSES_OFFSET,
 };
 use super::state::{capture, restore, VcpuStateError};
 use crate::format::native::kvm::KvmVcpu;
@@ -45,6 +48,10 @@ pub struct GuestReport {
     pub ready: AtomicBool,
     /// Why the guest stopped on its own (a triple fault, an entry failure...), if it did.
     pub crash: Mutex<Option<String>>,
+    /// Lines the guest has completed on its debugcon port here.
+    pub debugcon_lines: AtomicU64,
+    /// The last of them, without its newline.
+    debugcon_last: Mutex<Option<String>>,
 }
 
 impl GuestReport {
@@ -64,6 +71,19 @@ impl GuestReport {
     /// Why the guest stopped on its own, if it did.
     pub fn crash_reason(&self) -> Option<String> {
         self.crash.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The last complete line the guest wrote to its debugcon port under this VMM, without its
+    /// newline (format in [`super::program`], "Debugcon lines"; read it with
+    /// [`super::program::parse_debugcon_line`]).
+    pub fn last_debugcon_line(&self) -> Option<String> {
+        self.debugcon_last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn debugcon_line(&self, vcpu: u32, line: String, truncated: bool) {
+        tracing::debug!(vcpu, %line, truncated, "guest debugcon");
+        *self.debugcon_last.lock().unwrap_or_else(|p| p.into_inner()) = Some(line);
+        self.debugcon_lines.fetch_add(1, Ordering::Release);
     }
 
     /// Refreshes the counters from the guest's state header.
@@ -186,6 +206,7 @@ impl VcpuThread {
                     rx,
                     running: None,
                     stopped: false,
+                    debugcon: DebugconLine::default(),
                 };
                 l.run();
             })
@@ -298,6 +319,9 @@ struct Loop {
     rx: Receiver<Command>,
     running: Option<Pace>,
     stopped: bool,
+    /// The debugcon line being written; a line cut by a migration continues, as a fragment,
+    /// wherever the guest runs next.
+    debugcon: DebugconLine,
 }
 
 impl Loop {
@@ -409,6 +433,13 @@ impl Loop {
                 // The init pass is not paced: the rate applies from the next batch.
                 if let Some(p) = &mut self.running {
                     p.from = None;
+                }
+            }
+            PORT_DEBUGCON => {
+                // isa-debugcon takes the low byte of any access, as QEMU's does.
+                let truncated = self.debugcon.truncated();
+                if let Some(line) = self.debugcon.push(value as u8) {
+                    self.report.debugcon_line(self.id, line, truncated);
                 }
             }
             other => tracing::debug!(port = other, value, "guest wrote an unknown port"),
