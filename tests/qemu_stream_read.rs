@@ -65,8 +65,10 @@ fn start(binary: PathBuf, accel: Accel, image: &[u8]) -> Qemu {
         accel,
         memory_mib: MEMORY_MIB,
         incoming: false,
+        machine: "pc".into(),
+        extra_args: Vec::new(),
     };
-    let qemu = Qemu::start(&config, image).unwrap();
+    let qemu = Qemu::start(&config, Some(image)).unwrap();
     qemu.wait_for_output(READY_LINE, TIMEOUT).unwrap();
     qemu
 }
@@ -162,8 +164,10 @@ fn small_capture() -> Option<&'static Vec<u8>> {
                 accel: Accel::Tcg,
                 memory_mib: MEMORY_MIB,
                 incoming: false,
+                machine: "pc".into(),
+                extra_args: Vec::new(),
             };
-            let mut qemu = Qemu::start(&config, &guest_image()).unwrap();
+            let mut qemu = Qemu::start(&config, Some(&guest_image())).unwrap();
             qemu.qmp().execute("stop", None).unwrap();
             let mut conn = migrate_to_listener(&mut qemu);
             let mut bytes = Vec::new();

@@ -153,8 +153,10 @@ fn test_program_runs_under_qemu_alone() {
             accel,
             memory_mib: MEMORY_MIB,
             incoming: false,
+            machine: "pc".into(),
+            extra_args: Vec::new(),
         };
-        let qemu = Qemu::start(&config, &image(&spec)).unwrap();
+        let qemu = Qemu::start(&config, Some(&image(&spec))).unwrap();
         qemu.wait_for_output(DEBUGCON_READY_LINE, Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{accel:?}: {e}: {}", qemu.stderr_tail()));
         let start = Instant::now();
