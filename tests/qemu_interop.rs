@@ -76,7 +76,8 @@ fn assert_intact(t: &RoundTrip) {
     assert_eq!(t.legs.len(), 2, "{t:?}");
     for leg in &t.legs {
         assert_eq!(leg.result, "completed", "{leg:?}");
-        assert!(leg.bytes >= RAM / 2, "a leg moved the RAM: {leg:?}");
+        // Every page written is sent at least once (the zero ones as fill records).
+        assert!(leg.bytes >= WORKING_SET, "a leg moved the RAM: {leg:?}");
     }
     assert!(t.intact, "{t:?}");
     assert_eq!(t.integrity_errors, 0);

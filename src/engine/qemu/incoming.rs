@@ -30,6 +30,10 @@ use crate::units::PageIndex;
 use crate::vm::{LoadVmState, ResumeVm, Vm};
 use crate::vmm::{Guest, MemoryCommit};
 
+/// `CPU_INTERRUPT_HARD` of QEMU's `cpu_common.interrupt_request`: an external interrupt
+/// line is raised.
+const CPU_INTERRUPT_HARD: u32 = 0x2;
+
 /// How a migration from QEMU is taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FromQemuOptions {
@@ -408,6 +412,10 @@ fn to_common(cpus: &[QemuCpu]) -> Result<Vec<VcpuState>, QemuLegError> {
         let mut c = c.clone();
         // A vCPU from TCG holds TR as available; ours must be busy (KVM on VMX needs it).
         c.tr_from_tcg();
+        // The HARD bit mirrors the interrupt line of QEMU's PIC or APIC, platform state that
+        // does not travel (the receiving side's PIC starts from reset); every other request
+        // (NMI, SMI, INIT, SIPI) is vCPU state and is refused by the conversion.
+        c.interrupt_request &= !CPU_INTERRUPT_HARD;
         out.push(c.to_common(i as u32)?);
     }
     Ok(out)

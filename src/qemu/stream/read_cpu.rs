@@ -36,6 +36,10 @@ pub const APIC_VERSION: u32 = 3;
 /// `HF_GUEST_MASK`: a nested guest is running.
 const HF_GUEST: u32 = 1 << 21;
 
+/// IA32_MISC_ENABLE, and QEMU's `MSR_IA32_MISC_ENABLE_DEFAULT` (fast strings on).
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_DEFAULT: u64 = 1;
+
 /// MSR fields: (field, first index, index step per array element).
 type MsrFields = &'static [(&'static str, u32, u32)];
 
@@ -296,6 +300,13 @@ fn cpu_from(common: &DeviceSection, cpu: &DeviceSection, apic: Option<QemuApic>)
             }
         } else if !IGNORED_SUBSECTIONS.contains(&name) {
             return Err(StreamError::UnsupportedSubsection { name: name.into() });
+        }
+    }
+    // QEMU sends these subsections only when the value differs from its default, so an absent
+    // one says the MSR holds the default (`*_needed` in target/i386/machine.c).
+    for (index, default) in [(MSR_IA32_MISC_ENABLE, MISC_ENABLE_DEFAULT)] {
+        if !msrs.iter().any(|&(i, _)| i == index) {
+            msrs.push((index, default));
         }
     }
     msrs.sort_unstable_by_key(|&(i, _)| i);

@@ -21,6 +21,7 @@ use super::state::supported_msrs;
 use super::vcpu::{GuestReport, VcpuThread};
 use crate::dirty::{AtomicBitmap, DirtyError, DirtyLogSource, PageSet};
 use crate::format::native::kvm::KvmVcpu;
+use crate::format::native::qemu as qemu_layout;
 use crate::format::{DeviceState, NativeLayout, NativeVcpu, VcpuState, VmConfig, LAPIC_REGISTER_BYTES};
 use crate::memory::GuestMemory;
 use crate::units::PAGE_SIZE;
@@ -248,6 +249,8 @@ pub struct KvmGuest {
     dirty: AtomicBitmap,
     logging: Mutex<bool>,
     demand: DemandPaging,
+    /// The MSRs this VM carries (the vCPU threads read and write these).
+    msrs: Arc<Vec<u32>>,
     vcpus: Vec<VcpuThread>,
     vm: VmFd,
     _kvm: Kvm,
@@ -360,6 +363,7 @@ impl KvmGuest {
             paused_state: Mutex::new(None),
             dirty: AtomicBitmap::new(pages),
             logging: Mutex::new(false),
+            msrs,
             vcpus,
             vm,
             _kvm: kvm,
@@ -543,7 +547,10 @@ impl Guest for KvmGuest {
                 detail: format!("{} vCPUs for a VM of {}", vcpus.len(), self.vcpus.len()),
             });
         }
+        let mut fitted = Vec::with_capacity(vcpus.len());
         for (thread, state) in self.vcpus.iter().zip(vcpus) {
+            fitted.push(fit_msrs(state, &self.msrs)?);
+            let state = fitted.last().unwrap_or(state);
             let native = match NativeVcpu::from_common(NativeLayout::Kvm, state) {
                 Ok(NativeVcpu::Kvm(k)) => k,
                 Ok(_) => unreachable!("from_common(Kvm) builds a Kvm vCPU"),
@@ -561,12 +568,17 @@ impl Guest for KvmGuest {
             // land as sent must fail here, not as a guest that misbehaves later.
             let back = thread.save().map_err(|e| VmmError::Failed(e.to_string()))?;
             if let Some(field) = first_difference(&native, &back) {
+                let field = if field == "the MSRs" {
+                    msr_difference(&native, &back)
+                } else {
+                    field.to_string()
+                };
                 return Err(VmmError::StateMismatch {
                     detail: format!("vCPU {}: KVM did not take {field} as sent", state.id),
                 });
             }
         }
-        *lock(&self.paused_state) = Some(vcpus.to_vec());
+        *lock(&self.paused_state) = Some(fitted);
         Ok(())
     }
 
@@ -650,6 +662,73 @@ impl Drop for KvmGuest {
 
 /// The first part of two vCPU states that differs, ignoring what moves on its own while the
 /// vCPU is stopped (the TSC, the APIC timer's count).
+/// `MSR_KVM_POLL_CONTROL`, whose reset value is 1 (host-side halt polling on).
+const MSR_KVM_POLL_CONTROL: u32 = 0x4b56_4d05;
+/// `IA32_MCG_CAP`: what the CPU model offers, not state the guest set.
+const MSR_MCG_CAP: u32 = 0x179;
+/// `IA32_MTRR_DEF_TYPE` and its enable bit.
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MTRR_ENABLE: u64 = 1 << 11;
+
+/// The MTRRs: variable ranges, fixed ranges, default type.
+fn is_mtrr(index: u32) -> bool {
+    matches!(index, 0x200..=0x20f | 0x250 | 0x258 | 0x259 | 0x268..=0x26f | MSR_MTRR_DEF_TYPE)
+}
+
+/// `state` with the MSRs this VM does not carry left out, when leaving them out loses
+/// nothing: another hypervisor (QEMU) sends its paravirtual, machine-check, MTRR and PMU MSRs,
+/// which a guest that never touched them holds at their reset values. One that holds anything
+/// else is refused by name, so that no state is silently dropped.
+fn fit_msrs(state: &VcpuState, carried: &[u32]) -> Result<VcpuState, VmmError> {
+    // With MTRRs disabled (MTRRdefType.E clear) the ranges have no effect, whatever they hold;
+    // KVM reports the masks of unused ranges with their address bits set.
+    let mtrrs_off = state
+        .msrs
+        .iter()
+        .find(|m| m.index == MSR_MTRR_DEF_TYPE)
+        .is_none_or(|m| m.value & MTRR_ENABLE == 0);
+    let at_reset = |index: u32, value: u64| {
+        value == 0
+            || index == MSR_MCG_CAP
+            || (index == MSR_KVM_POLL_CONTROL && value == 1)
+            || (mtrrs_off && is_mtrr(index))
+    };
+    if let Some(m) = state
+        .msrs
+        .iter()
+        .find(|m| !carried.contains(&m.index) && !at_reset(m.index, m.value))
+    {
+        return Err(VmmError::StateMismatch {
+            detail: format!(
+                "vCPU {}: MSR {:#x} = {:#x} is state the kvm backend does not carry",
+                state.id, m.index, m.value
+            ),
+        });
+    }
+    let mut fitted = state.clone();
+    fitted.msrs.retain(|m| carried.contains(&m.index));
+    Ok(fitted)
+}
+
+/// Which MSRs KVM did not take as sent, for the error.
+fn msr_difference(sent: &KvmVcpu, back: &KvmVcpu) -> String {
+    let differ: Vec<String> = sent
+        .msrs
+        .iter()
+        .filter(|m| m.index != crate::format::msr_index::TSC)
+        .filter(|m| back.msrs.iter().find(|b| b.index == m.index).map(|b| b.data) != Some(m.data))
+        .map(|m| {
+            let got = back.msrs.iter().find(|b| b.index == m.index).map(|b| b.data);
+            format!("MSR {:#x} ({:#x}, read back {got:x?})", m.index, m.data)
+        })
+        .collect();
+    if differ.is_empty() {
+        format!("the MSR list ({} sent, {} read back)", sent.msrs.len(), back.msrs.len())
+    } else {
+        differ.join(", ")
+    }
+}
+
 fn first_difference(a: &KvmVcpu, b: &KvmVcpu) -> Option<&'static str> {
     let steady = |v: &KvmVcpu| {
         let mut v = v.clone();
@@ -660,6 +739,12 @@ fn first_difference(a: &KvmVcpu, b: &KvmVcpu) -> Option<&'static str> {
         }
         if v.lapic.len() == LAPIC_REGISTER_BYTES {
             v.lapic[APIC_TIMER_CURRENT_COUNT..APIC_TIMER_CURRENT_COUNT + 4].fill(0);
+            // Registers KVM computes (version, PPR, ...) are not state a load can set.
+            qemu_layout::lapic::normalise_page(&mut v.lapic);
+        }
+        if v.xsave.len() == qemu_layout::xsave::QEMU_XSAVE_BYTES {
+            // Nor are MXCSR_MASK and the reserved bytes of the image, which KVM fills itself.
+            qemu_layout::xsave::normalise_image(&mut v.xsave);
         }
         v
     };
