@@ -17,7 +17,9 @@ pub(super) fn run(args: &DemoArgs, through: &str) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let Some(binary) = find_qemu() else {
-        eprintln!("migratory: --through {through} needs qemu-system-x86_64 on PATH (Debian: apt install qemu-system-x86)");
+        eprintln!(
+            "migratory: --through {through} needs qemu-system-x86_64 on PATH (Debian: apt install qemu-system-x86)"
+        );
         return ExitCode::FAILURE;
     };
     let accel = if through == "qemu-kvm" { Accel::Kvm } else { Accel::Tcg };
@@ -113,8 +115,13 @@ fn print(t: &RoundTrip) {
         }
     }
     for p in &t.progress {
+        let rate = p
+            .write_rate_mb_per_s
+            .zip(p.seconds)
+            .map(|(r, s)| format!(" in {s:.2} s ({r:.0} MB/s)"))
+            .unwrap_or_default();
         println!(
-            "on {}: the guest wrote {} pages and verified everything {} times",
+            "on {}: the guest wrote {} pages{rate} and completed {} verify passes",
             p.host, p.pages_written, p.verify_passes
         );
     }

@@ -36,7 +36,7 @@ enum Command {
     /// Migrate a running sim VM between two in-process hosts and print what happened.
     Demo(DemoArgs),
     /// Run a host: accept migrations over TCP and serve the HTTP control API.
-    Serve(daemon::ServeArgs),
+    Serve(Box<daemon::ServeArgs>),
     /// Measure migrations against memcpy and plain-TCP baselines taken in the same run.
     Bench(bench::BenchArgs),
     /// Run a datacenter scenario through the model in virtual time; print a summary, and write
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => demo(args),
-        Command::Serve(args) => daemon::serve(args),
+        Command::Serve(args) => daemon::serve(*args),
         Command::Bench(args) => bench::run(args),
         Command::Simulate(args) => cli::simulate::run(args),
         Command::BenchSink => match bench::sink() {

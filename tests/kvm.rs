@@ -280,7 +280,15 @@ fn test_a_daemon_moves_a_kvm_guest_to_qemu_and_takes_it_back() {
     let (mut qemu, addr) = interop::start_receiving(&config).expect("QEMU waits");
     let config_accel = config.accel;
     let accel = config_accel.name();
-    let run = k.cli(&["migrate", &id, "--to-qemu", &addr.to_string(), "--qemu-accel", accel, "--json"]);
+    let run = k.cli(&[
+        "migrate",
+        &id,
+        "--to-qemu",
+        &addr.to_string(),
+        "--qemu-accel",
+        accel,
+        "--json",
+    ]);
     run.assert_success();
     let leg: Value = serde_json::from_str(&run.stdout).expect("JSON leg");
     assert_eq!(leg["direction"], "to-qemu", "{leg}");

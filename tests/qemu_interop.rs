@@ -14,8 +14,8 @@ use migratory::engine::{EngineHandle, HostConfig, VmSpec};
 use migratory::qemu::interop;
 use migratory::qemu::round_trip::{round_trip, RoundTrip, RoundTripOptions};
 use migratory::qemu::{find_qemu, Accel, Qemu, QemuConfig};
-use migratory::vmm::kvm::program::STATE_ADDR;
 use migratory::vmm::kvm::kvm_available;
+use migratory::vmm::kvm::program::STATE_ADDR;
 use migratory::vmm::{BackendSpec, Pattern, WorkloadSpec};
 
 /// The guest of these tests: 128 MiB, 32 MiB written at 100 MB/s.
@@ -185,7 +185,10 @@ async fn test_a_stream_with_an_unknown_device_is_refused_by_name_and_qemu_keeps_
     assert!(engine.list_vms("kvm").await.expect("list").is_empty());
     tokio::task::spawn_blocking(move || {
         let failed = interop::wait_for_end(&mut qemu, Duration::from_secs(30));
-        assert!(matches!(failed, Err(interop::InteropError::Failed { .. })), "{failed:?}");
+        assert!(
+            matches!(failed, Err(interop::InteropError::Failed { .. })),
+            "{failed:?}"
+        );
         interop::wait_for_state(&mut qemu, "running", Duration::from_secs(30)).expect("QEMU resumed its VM");
     })
     .await

@@ -42,7 +42,7 @@ fn config(binary: PathBuf, accel: Accel, spec: &GuestSpec, incoming: bool) -> Qe
         memory_mib: spec.memory_mib(),
         incoming,
         machine: "pc".into(),
-            extra_args: Vec::new(),
+        extra_args: Vec::new(),
     }
 }
 

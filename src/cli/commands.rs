@@ -642,7 +642,7 @@ mod tests {
             };
             let mut migrate = migrate_args(&server, false);
             migrate.vm = id.to_string();
-            for cmd in [delete, ClientCommand::Migrate(migrate)] {
+            for cmd in [delete, ClientCommand::Migrate(Box::new(migrate))] {
                 let err = execute(cmd).unwrap_err();
                 assert!(matches!(err, CommandError::InvalidName(_)), "{id:?}: {err:?}");
                 assert!(err.to_string().starts_with("VM id"), "{err}");
@@ -656,7 +656,7 @@ mod tests {
         let server = FakeServer::start(vec![json_response(202, r#"{"id": 3}"#)]);
         let mut args = migrate_args(&server, false);
         args.bandwidth = Some(ByteSize(1_000_000_000));
-        let out = execute(ClientCommand::Migrate(args)).unwrap();
+        let out = execute(ClientCommand::Migrate(Box::new(args))).unwrap();
         assert_eq!(out, "migration 3 started: vm1 -> 127.0.0.1:7001 (precopy)\n");
         let (line, body) = sent_json(&server);
         assert_eq!(line, "POST /migrations HTTP/1.1");
@@ -674,7 +674,7 @@ mod tests {
         let mut args = migrate_args(&server, false);
         args.priority = Some(migratory::engine::Priority::High);
         args.min_bandwidth = Some(ByteSize(50_000_000));
-        execute(ClientCommand::Migrate(args)).unwrap();
+        execute(ClientCommand::Migrate(Box::new(args))).unwrap();
         let (_, body) = sent_json(&server);
         assert_eq!(body["priority"], json!("high"));
         assert_eq!(body["min_bandwidth_bytes_per_sec"], json!(50_000_000u64));
@@ -686,7 +686,7 @@ mod tests {
         let mut args = migrate_args(&server, false);
         args.compression = Some(migratory::protocol::CompressionChoice::Xbzrle);
         args.xbzrle_cache = Some(ByteSize(32 << 20));
-        execute(ClientCommand::Migrate(args)).unwrap();
+        execute(ClientCommand::Migrate(Box::new(args))).unwrap();
         let (_, body) = sent_json(&server);
         assert_eq!(body["compression"], json!("xbzrle"));
         assert_eq!(body["xbzrle_cache_bytes"], json!(32u64 << 20));
@@ -698,7 +698,7 @@ mod tests {
         let mut args = migrate_args(&server, false);
         args.announce_rounds = Some(3);
         args.announce_step_ms = Some(25);
-        execute(ClientCommand::Migrate(args)).unwrap();
+        execute(ClientCommand::Migrate(Box::new(args))).unwrap();
         let (_, body) = sent_json(&server);
         assert_eq!(
             (&body["announce_rounds"], &body["announce_step_ms"]),
@@ -714,7 +714,7 @@ mod tests {
         args.algorithm = Algorithm::Random;
         args.seed = Some(42);
         args.deadline = Some(5.0);
-        execute(ClientCommand::Migrate(args)).unwrap();
+        execute(ClientCommand::Migrate(Box::new(args))).unwrap();
         let (_, body) = sent_json(&server);
         assert_eq!(body["algorithm"], json!("random"));
         assert_eq!(

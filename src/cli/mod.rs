@@ -133,7 +133,7 @@ pub enum ClientCommand {
         action: VmAction,
     },
     /// Start a live migration of a VM to a peer host.
-    Migrate(MigrateArgs),
+    Migrate(Box<MigrateArgs>),
     /// Show one migration, or all of them.
     Status {
         /// The migration to show; all of them when absent.

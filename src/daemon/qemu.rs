@@ -61,7 +61,10 @@ pub(super) async fn to_qemu(
     }
     if let Some(ms) = b.downtime_limit_ms {
         if !(ms.is_finite() && ms > 0.0) {
-            return Err(Refusal::field("downtime_limit_ms", format!("{ms} is not a positive number")));
+            return Err(Refusal::field(
+                "downtime_limit_ms",
+                format!("{ms} is not a positive number"),
+            ));
         }
         options.policy.downtime_limit = Duration::from_secs_f64(ms / 1e3);
     }
@@ -83,9 +86,7 @@ pub(super) fn listen(
 ) -> Result<SocketAddr, String> {
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| format!("--qemu-incoming: cannot listen on {addr}: {e}"))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| format!("--qemu-incoming: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| format!("--qemu-incoming: {e}"))?;
     let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new()
         .name("migratory-qemu-in".into())

@@ -20,9 +20,9 @@ pub mod migration;
 mod operator;
 pub mod plan;
 pub mod policy;
+mod progress;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod qemu;
-mod progress;
 mod qos;
 pub mod receiver;
 pub use receiver::state as receiver_state;

@@ -104,8 +104,10 @@ pub fn send_to(qemu: &mut Qemu, to: SocketAddr, max_bandwidth: u64) -> Result<()
         "migrate-set-capabilities",
         Some(json!({ "capabilities": [ { "capability": "return-path", "state": true } ] })),
     )?;
-    qemu.qmp()
-        .execute("migrate-set-parameters", Some(json!({ "max-bandwidth": max_bandwidth })))?;
+    qemu.qmp().execute(
+        "migrate-set-parameters",
+        Some(json!({ "max-bandwidth": max_bandwidth })),
+    )?;
     qemu.qmp()
         .execute("migrate", Some(json!({ "uri": format!("tcp:{to}") })))?;
     Ok(())
@@ -160,7 +162,12 @@ pub fn guest_reports(qemu: &Qemu) -> Vec<DebugconReport> {
 }
 
 /// Waits until the guest has reported `count` more verify passes on debugcon than `after`.
-pub fn wait_for_reports(qemu: &Qemu, after: usize, count: usize, timeout: Duration) -> Result<Vec<DebugconReport>, InteropError> {
+pub fn wait_for_reports(
+    qemu: &Qemu,
+    after: usize,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<DebugconReport>, InteropError> {
     let deadline = Instant::now() + timeout;
     loop {
         let reports = guest_reports(qemu);

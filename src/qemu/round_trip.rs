@@ -99,6 +99,26 @@ pub struct HostProgress {
     pub pages_written: u64,
     /// Verify passes it completed there.
     pub verify_passes: u64,
+    /// How long it ran there, as far as this trip saw (not for the first host, where it ran
+    /// before the trip began).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// Its write rate there, MB/s (pages written × 4096 over `seconds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_rate_mb_per_s: Option<f64>,
+}
+
+impl HostProgress {
+    fn timed(host: String, pages_written: u64, verify_passes: u64, span: Duration) -> Self {
+        let seconds = span.as_secs_f64();
+        Self {
+            host,
+            pages_written,
+            verify_passes,
+            seconds: Some(seconds),
+            write_rate_mb_per_s: (seconds > 0.0).then(|| pages_written as f64 * 4096.0 / seconds / 1e6),
+        }
+    }
 }
 
 /// The outcome of a round trip.
@@ -182,7 +202,9 @@ pub async fn round_trip(
     let before = engine.vm_info(host, vm).await?;
     let ram = before.config.memory_bytes;
     if ram % (1 << 20) != 0 {
-        return Err(RoundTripError::Setup(format!("{ram} bytes of RAM: QEMU's -m takes whole MiB")));
+        return Err(RoundTripError::Setup(format!(
+            "{ram} bytes of RAM: QEMU's -m takes whole MiB"
+        )));
     }
     let config = QemuConfig {
         binary: opts.binary.clone(),
@@ -218,9 +240,16 @@ pub async fn round_trip(
         host: "kvm".into(),
         pages_written: at_leg1.stats.writes,
         verify_passes: at_leg1.stats.verify_passes,
+        seconds: None,
+        write_rate_mb_per_s: None,
     });
+    let on_qemu_since = Instant::now();
     if leg1.is_err() {
-        out.integrity_errors = engine.vm_info(host, vm).await.map(|v| v.stats.integrity_errors).unwrap_or(0);
+        out.integrity_errors = engine
+            .vm_info(host, vm)
+            .await
+            .map(|v| v.stats.integrity_errors)
+            .unwrap_or(0);
         return Ok(out);
     }
     out.vm_on = through.clone();
@@ -260,6 +289,8 @@ pub async fn round_trip(
     };
     let arrived_at = Instant::now();
     let leg2 = engine.receive_from_qemu(host, stream, back).await;
+    // QEMU ran the guest until its pause, just before this: close enough for a rate.
+    let back_at = Instant::now();
     let mut leg = leg_of(&through, "kvm", &leg2);
     let (mut qemu, ended) = blocking(move || {
         let r = interop::wait_for_end(&mut qemu, timeout);
@@ -273,15 +304,17 @@ pub async fn round_trip(
     let last = reports.last().cloned();
     let on_qemu = interop::guest_reports(&qemu);
     let qemu_last = on_qemu.last().or(last.as_ref());
-    out.progress.push(HostProgress {
-        host: through.clone(),
-        pages_written: qemu_last.map_or(0, |r| r.progress.saturating_sub(at_leg1.stats.writes)),
-        verify_passes: on_qemu.len() as u64,
-    });
+    let qemu_pages = qemu_last.map_or(0, |r| r.progress.saturating_sub(at_leg1.stats.writes));
     let arrived = match leg2 {
         Ok(r) => r,
         Err(_) => {
             // QEMU heard the failure and runs the VM again.
+            out.progress.push(HostProgress::timed(
+                through.clone(),
+                qemu_pages,
+                on_qemu.len() as u64,
+                on_qemu_since.elapsed(),
+            ));
             out.vm_on = through;
             return Ok(out);
         }
@@ -300,13 +333,32 @@ pub async fn round_trip(
     }
     // From inside: the guest keeps checking back here.
     let at_return = engine.vm_info(host, vm).await?;
+    // The guest's counter as it came back is where it stopped on QEMU.
+    out.progress.push(HostProgress::timed(
+        through.clone(),
+        at_return
+            .stats
+            .writes
+            .saturating_sub(at_leg1.stats.writes)
+            .max(qemu_pages),
+        on_qemu.len() as u64,
+        back_at.saturating_duration_since(on_qemu_since),
+    ));
     let wanted = at_return.stats.verify_passes + opts.passes_after;
-    let now = wait_for_passes(engine, host, vm, wanted, opts.timeout.saturating_sub(arrived_at.elapsed())).await?;
-    out.progress.push(HostProgress {
-        host: "kvm".into(),
-        pages_written: now.stats.writes.saturating_sub(at_return.stats.writes),
-        verify_passes: now.stats.verify_passes - at_return.stats.verify_passes,
-    });
+    let now = wait_for_passes(
+        engine,
+        host,
+        vm,
+        wanted,
+        opts.timeout.saturating_sub(arrived_at.elapsed()),
+    )
+    .await?;
+    out.progress.push(HostProgress::timed(
+        "kvm".into(),
+        now.stats.writes.saturating_sub(at_return.stats.writes),
+        now.stats.verify_passes - at_return.stats.verify_passes,
+        back_at.elapsed(),
+    ));
     out.integrity_errors = now.stats.integrity_errors;
     out.intact = out.legs.iter().all(|l| l.result == "completed")
         && out.ram_mismatched_pages.is_empty()

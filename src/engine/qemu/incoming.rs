@@ -124,8 +124,15 @@ async fn run(
             "a VM from QEMU runs on the kvm backend; this host runs {backend}"
         )));
     }
-    let io = |what: &'static str| move |e: std::io::Error| QemuLegError::Io { what, detail: e.to_string() };
-    stream.set_read_timeout(Some(options.read_timeout)).map_err(io("set the read timeout"))?;
+    let io = |what: &'static str| {
+        move |e: std::io::Error| QemuLegError::Io {
+            what,
+            detail: e.to_string(),
+        }
+    };
+    stream
+        .set_read_timeout(Some(options.read_timeout))
+        .map_err(io("set the read timeout"))?;
     stream.set_nodelay(true).map_err(io("set TCP_NODELAY"))?;
     let rp = stream.try_clone().map_err(io("clone the connection"))?;
     let reader = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, stream));

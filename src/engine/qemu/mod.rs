@@ -122,7 +122,9 @@ pub enum QemuLegError {
     #[error("QEMU could not load the migration; the VM runs on here")]
     QemuFailed,
     /// Nothing came back from QEMU after the stream was complete: QEMU may run the VM.
-    #[error("QEMU did not confirm within {waited:?} after the complete stream; the VM is paused here (it may run on QEMU)")]
+    #[error(
+        "QEMU did not confirm within {waited:?} after the complete stream; the VM is paused here (it may run on QEMU)"
+    )]
     Unconfirmed {
         /// How long we waited.
         waited: Duration,
@@ -143,8 +145,7 @@ fn record(direction: Direction, result: &Result<QemuLegReport, QemuLegError>) {
         Ok(_) => metric::result::COMPLETED,
         Err(_) => metric::result::FAILED,
     };
-    metrics::counter!(metric::QEMU_MIGRATIONS_TOTAL, "direction" => direction.name(), "result" => outcome)
-        .increment(1);
+    metrics::counter!(metric::QEMU_MIGRATIONS_TOTAL, "direction" => direction.name(), "result" => outcome).increment(1);
     if let Ok(r) = result {
         metrics::histogram!(metric::QEMU_DOWNTIME_SECONDS, "direction" => direction.name())
             .record(r.downtime.as_secs_f64());

@@ -227,7 +227,7 @@ fn precopy(guest: &dyn Guest, options: &ToQemuOptions) -> Result<Sending, QemuLe
         .start_dirty_log()
         .map_err(|e| QemuLegError::Refused(format!("dirty log: {e}")))?;
     let vm_pages = memory.page_count();
-    let mut plan = for_algorithm(options.algorithm, options.policy.clone(), &QEMU_POOL, 0);
+    let mut plan = for_algorithm(options.algorithm, options.policy, &QEMU_POOL, 0);
     let mut verdict = plan.start(vm_pages, None);
     let mut dirty = PageSet::full(vm_pages);
     let mut pages = 0u64;
@@ -331,7 +331,8 @@ fn switchover(
     s.writer.finish()?;
     // From here QEMU has everything it needs to run the VM.
     let waited = Instant::now();
-    s.rp.set_read_timeout(Some(confirm)).map_err(io("set the read timeout"))?;
+    s.rp.set_read_timeout(Some(confirm))
+        .map_err(io("set the read timeout"))?;
     loop {
         match read_return_message(&mut s.rp) {
             Ok(ReturnMessage::Shut { failed: false }) => break,

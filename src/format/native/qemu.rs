@@ -788,7 +788,10 @@ mod tests {
         assert_eq!((q.tr.flags >> 8) & 0xf, 0x9);
         q.tr_from_tcg();
         assert_eq!((q.tr.flags >> 8) & 0xf, 0xb);
-        assert_eq!(q, QemuCpu::from_common(&VcpuState::initial_long_mode(0)).expect("valid"));
+        assert_eq!(
+            q,
+            QemuCpu::from_common(&VcpuState::initial_long_mode(0)).expect("valid")
+        );
     }
 
     use super::*;
