@@ -780,20 +780,6 @@ fn dtable_from_common(d: &DescriptorTable) -> QemuSegment {
 #[cfg(test)]
 mod tests {
 
-    #[test]
-    fn test_tr_takes_tcg_s_available_type_and_back() {
-        let mut q = QemuCpu::from_common(&VcpuState::initial_long_mode(0)).expect("valid");
-        assert_eq!((q.tr.flags >> 8) & 0xf, 0xb);
-        q.tr_for_tcg();
-        assert_eq!((q.tr.flags >> 8) & 0xf, 0x9);
-        q.tr_from_tcg();
-        assert_eq!((q.tr.flags >> 8) & 0xf, 0xb);
-        assert_eq!(
-            q,
-            QemuCpu::from_common(&VcpuState::initial_long_mode(0)).expect("valid")
-        );
-    }
-
     use super::*;
     use crate::format::FormatError;
 
@@ -845,6 +831,18 @@ mod tests {
             field: field.into(),
             value,
         }
+    }
+
+    #[test]
+    fn test_tr_takes_tcg_s_available_type_and_back() {
+        let kvm = qemu();
+        let mut q = kvm.clone();
+        q.tr.flags = (q.tr.flags & !(0xf << 8)) | (0xb << 8);
+        let busy = q.clone();
+        q.tr_for_tcg();
+        assert_eq!((q.tr.flags >> 8) & 0xf, 0x9);
+        q.tr_from_tcg();
+        assert_eq!(q, busy);
     }
 
     #[test]
