@@ -15,7 +15,8 @@
 //!   an activated VM, their QEMU-style schedule, and the packet socket they leave by.
 //! * [`telemetry`]: metric names; the library records through the `metrics` facade and never
 //!   installs a recorder.
-//! * `qemu` (x86-64 Linux): QEMU as a peer to measure against, driven over QMP.
+//! * `qemu` (x86-64 Linux): QEMU as a peer: its migration stream (`qemu::stream`), the round
+//!   trip of a VM through it, and QEMU-to-QEMU migrations to measure against, driven over QMP.
 //! * [`api`]: the request and response bodies of the daemon's HTTP control API, for the daemon,
 //!   the CLI and any other client.
 //!

@@ -1,13 +1,17 @@
-//! QEMU as a peer to measure against: `qemu-system-x86_64` processes running a small guest the
-//! project builds, driven over QMP. `migratory bench --peer qemu` migrates that guest
-//! QEMU-to-QEMU on loopback, in the same run as migratory's own busy case, and sets the
-//! figures QEMU reports beside migratory's.
+//! QEMU as a peer: the hypervisor VMs move to and from in QEMU's own migration stream, and the
+//! one `migratory bench --peer qemu` measures against.
 //!
+//! * [`stream`]: QEMU's migration stream, read and written by this project's own code;
+//! * [`interop`]: driving a QEMU that sends or receives a migration of ours over QMP;
+//! * [`round_trip`]: a VM kvm → QEMU → kvm with the self-checking guest, checked;
+//! * [`digest`]: the RAM digest both sides of a switchover with QEMU compute alike;
 //! * [`guest`]: the Multiboot image that dirties a hot set at a set rate (its layout is
-//!   documented there);
+//!   documented there), for QEMU-to-QEMU comparisons;
 //! * [`process`]: one QEMU process with its QMP socket and debugcon output, killed on drop;
 //! * [`qmp`]: the QMP client;
 //! * [`migrate`] (here): one QEMU-to-QEMU migration, and the figures of [`Move`].
+//!
+//! The engine's side of a migration to or from QEMU is `engine::qemu`.
 //!
 //! x86-64 Linux only, like the kvm backend.
 

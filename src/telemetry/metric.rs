@@ -26,8 +26,6 @@ pub const ANNOUNCE_FRAMES_TOTAL: &str = "migratory_announce_frames_total";
 /// Counter: migrations to and from QEMU, by `direction` (to-qemu, from-qemu) and `result`
 /// (completed, failed).
 pub const QEMU_MIGRATIONS_TOTAL: &str = "migratory_qemu_migrations_total";
-/// Histogram: downtime of migrations to and from QEMU as this side sees it, by `direction`.
-pub const QEMU_DOWNTIME_SECONDS: &str = "migratory_qemu_downtime_seconds";
 /// Histogram: duration of each stage, by `stage` and `algorithm`.
 pub const STAGE_DURATION_SECONDS: &str = "migratory_stage_duration_seconds";
 /// Histogram: downtime (pause on the source to resume on the target), by `algorithm` and
@@ -50,7 +48,7 @@ pub const LINK_THROUGHPUT_BYTES_PER_SECOND: &str = "migratory_link_throughput_by
 /// Gauge: downtime the policy expects if it stopped now.
 pub const EXPECTED_DOWNTIME_SECONDS: &str = "migratory_expected_downtime_seconds";
 
-/// Values of the `direction` label of [`QEMU_MIGRATIONS_TOTAL`] and [`QEMU_DOWNTIME_SECONDS`].
+/// Values of the `direction` label of [`QEMU_MIGRATIONS_TOTAL`].
 pub const QEMU_DIRECTIONS: [&str; 2] = ["to-qemu", "from-qemu"];
 
 /// Values of the `algorithm` label: the algorithms' names (`protocol::Algorithm::name`, whose
@@ -192,11 +190,6 @@ pub fn describe_all() {
     describe_counter!(
         QEMU_MIGRATIONS_TOTAL,
         "Migrations to and from QEMU by direction and result"
-    );
-    describe_histogram!(
-        QEMU_DOWNTIME_SECONDS,
-        Unit::Seconds,
-        "Downtime of migrations to and from QEMU, as this side sees it"
     );
     describe_counter!(BYTES_SENT_TOTAL, Unit::Bytes, "Bytes sent by migrations");
     describe_counter!(

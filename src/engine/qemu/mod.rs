@@ -139,17 +139,13 @@ pub enum QemuLegError {
     },
 }
 
-/// Counts one QEMU leg by direction and result, and records its downtime.
+/// Counts one QEMU leg by direction and result (its figures are in its report).
 fn record(direction: Direction, result: &Result<QemuLegReport, QemuLegError>) {
     let outcome = match result {
         Ok(_) => metric::result::COMPLETED,
         Err(_) => metric::result::FAILED,
     };
     metrics::counter!(metric::QEMU_MIGRATIONS_TOTAL, "direction" => direction.name(), "result" => outcome).increment(1);
-    if let Ok(r) = result {
-        metrics::histogram!(metric::QEMU_DOWNTIME_SECONDS, "direction" => direction.name())
-            .record(r.downtime.as_secs_f64());
-    }
 }
 
 /// A host's actor and its backend's name.
