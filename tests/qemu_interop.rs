@@ -199,3 +199,68 @@ async fn test_a_stream_with_an_unknown_device_is_refused_by_name_and_qemu_keeps_
 const UNKNOWN_DEVICE: &str = "ib700";
 /// Its section's name in the stream.
 const UNKNOWN_SECTION: &str = "ib700_wdt";
+
+/// A destination that reads the whole stream and then hangs up without a word, as QEMU 7.2
+/// does when a load fails after the last byte (or as a lost answer would look): the VM may run
+/// there, so the source copy must be held paused, and come back only when the operator says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_destination_silent_after_the_whole_stream_leaves_the_vm_held_not_resumed() {
+    if !kvm_available() {
+        println!("SKIPPED: test_a_destination_silent_after_the_whole_stream_leaves_the_vm_held_not_resumed: /dev/kvm is not available");
+        return;
+    }
+    use migratory::qemu::stream::reader::{Record, StreamReader};
+    use migratory::vm::HeldReason;
+
+    let engine = engine_with_guest().await;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let silent = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("the source connects");
+        let mut reader = StreamReader::new(std::io::BufReader::new(stream));
+        reader.read_header().expect("header");
+        loop {
+            match reader.next_record().expect("a record") {
+                Record::Devices(_) => break,
+                _ => continue,
+            }
+        }
+        // The whole stream read, vCPU included: hang up without SHUT.
+    });
+    let mut options = migratory::engine::qemu::ToQemuOptions::new(addr);
+    options.confirm_timeout = Duration::from_secs(5);
+    let err = engine
+        .migrate_to_qemu("kvm", "vm", options)
+        .await
+        .expect_err("nothing confirmed it");
+    silent.join().expect("the fake destination read the stream");
+    assert!(matches!(err, QemuLegError::Unconfirmed { .. }), "{err:?}");
+    let held = engine.vm_info("kvm", "vm").await.expect("the copy is still here");
+    assert_eq!(
+        held.held.as_ref().map(|h| h.reason),
+        Some(HeldReason::CommittedUnconfirmed),
+        "{held:?}"
+    );
+    assert!(
+        !held.state.is_running(),
+        "never resumed behind the operator's back: {held:?}"
+    );
+    // Without the operator's word there is no one to ask: refused.
+    assert!(engine.resume_held("kvm", "vm", false).await.is_err());
+    let back = engine
+        .resume_held("kvm", "vm", true)
+        .await
+        .expect("the operator resumes it");
+    assert!(back.state.is_running());
+    let before = back.stats.writes;
+    let mut now = back;
+    for _ in 0..200 {
+        now = engine.vm_info("kvm", "vm").await.expect("vm");
+        if now.stats.writes > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(now.stats.writes > before, "the guest runs again: {now:?}");
+    assert_eq!(now.stats.integrity_errors, 0);
+}

@@ -40,7 +40,7 @@ pub use outgoing::ToQemuOptions;
 
 /// The machine type this engine writes and expects: QEMU 7.2's `pc` alias. The receiving QEMU
 /// must run the same one (`-machine pc-i440fx-7.2` or `-machine pc` on 7.2).
-pub const DEFAULT_MACHINE: &str = "pc-i440fx-7.2";
+pub const DEFAULT_MACHINE: &str = crate::qemu::stream::writer::PC_I440FX_7_2;
 
 /// The RAM block that holds guest memory on `pc` machines.
 pub const GUEST_RAM_BLOCK: &str = "pc.ram";
@@ -123,7 +123,7 @@ pub enum QemuLegError {
     QemuFailed,
     /// Nothing came back from QEMU after the stream was complete: QEMU may run the VM.
     #[error(
-        "QEMU did not confirm within {waited:?} after the complete stream; the VM is paused here (it may run on QEMU)"
+        "QEMU did not confirm within {waited:?} after the complete stream; the VM is held paused here as committed-unconfirmed, since it may run on QEMU: resume it with --peer-is-dead once QEMU does not, or discard it"
     )]
     Unconfirmed {
         /// How long we waited.

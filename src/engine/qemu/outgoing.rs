@@ -9,8 +9,10 @@
 //! * `SHUT(1)`, or any failure before the stream was complete: QEMU cannot run the VM (it never
 //!   had the vCPU state); this copy resumes.
 //! * nothing (the connection closed or went silent after a complete stream): QEMU may run the
-//!   VM, so this copy stays paused, never resumed behind the operator's back
-//!   ([`QemuLegError::Unconfirmed`]).
+//!   VM, so this copy is held paused as `committed-unconfirmed`, never resumed behind the
+//!   operator's back ([`QemuLegError::Unconfirmed`]): `vm resume --peer-is-dead` once QEMU is
+//!   known not to run it, `vm discard` once it does. (QEMU 7.2 answers a failed load by exiting,
+//!   without `SHUT(1)`, so a closed return path says nothing either way.)
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use actix::Addr;
 
 use super::{record, Direction, QemuLegError, QemuLegReport, DEFAULT_MACHINE, GUEST_RAM_BLOCK, MAX_QEMU_RAM_BYTES};
 use crate::dirty::PageSet;
-use crate::engine::host::{GetVm, Host, ReleaseVm};
+use crate::engine::host::{GetVm, HoldVm, Host, ReleaseVm};
 use crate::engine::plan::{for_algorithm, Next, RoundObservation, Verdict};
 use crate::engine::{EngineError, PolicyConfig};
 use crate::format::native::qemu::QemuCpu;
@@ -30,7 +32,7 @@ use crate::qemu::stream::return_path::{read_return_message, ReturnMessage};
 use crate::qemu::stream::writer::StreamWriter;
 use crate::qemu::stream::{RamBlock, StreamError, PAGE_SIZE};
 use crate::units::PageIndex;
-use crate::vm::{BeginOutgoing, EndOutgoing, GetGuest, PauseVm, ResumeVm, Vm};
+use crate::vm::{BeginOutgoing, EndOutgoing, GetGuest, HeldCopy, HeldReason, PauseVm, ResumeVm, Vm};
 use crate::vmm::Guest;
 
 /// The algorithms a QEMU target can take from this engine: QEMU's post-copy needs its own
@@ -172,8 +174,16 @@ async fn run(host: Addr<Host>, id: String, options: ToQemuOptions) -> Result<Qem
             })
         }
         Err(e @ QemuLegError::Unconfirmed { .. }) => {
-            // Paused, and left so: QEMU may be running it.
-            let _ = vm.send(EndOutgoing { moved: false }).await;
+            // Paused, and held so: QEMU may be running it. The operator resumes it
+            // (`vm resume --peer-is-dead`) once QEMU is known not to, or discards it.
+            host.do_send(HoldVm {
+                vm: id,
+                copy: HeldCopy {
+                    reason: HeldReason::CommittedUnconfirmed,
+                    detail: e.to_string(),
+                    peer: None,
+                },
+            });
             Err(e)
         }
         Err(e) => {

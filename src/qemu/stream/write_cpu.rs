@@ -13,11 +13,8 @@ use serde_json::{json, Value};
 
 pub use super::cpu_msrs::msr;
 use super::cpu_msrs::{MsrState, MISC_ENABLE_DEFAULT, POLL_CONTROL_DEFAULT};
-use super::StreamError;
+use super::{kind, StreamError};
 use crate::format::native::qemu::{QemuApic, QemuCpu, QemuSegment};
-
-/// `QEMU_VM_SUBSECTION`: opens a subsection inside a section's body.
-const QEMU_VM_SUBSECTION: u8 = 0x05;
 
 /// Section versions this module writes.
 pub const CPU_COMMON_VERSION: u32 = 1;
@@ -326,7 +323,7 @@ fn encode_section<'c>(
     let main = f.finish();
     let mut sub_desc = Vec::with_capacity(subsections.len());
     for (name, version, write) in subsections {
-        body.push(QEMU_VM_SUBSECTION);
+        body.push(kind::SUBSECTION);
         // Names are compile-time constants well under 256 bytes.
         body.push(name.len() as u8);
         body.extend_from_slice(name.as_bytes());
@@ -570,7 +567,7 @@ mod tests {
         assert_eq!(subs, ["cpu/poll_control_msr", "cpu/fpop_ip_dp", "cpu/msr_tsc_adjust"]);
         let body = &sections[1].body;
         let tail = [
-            &[QEMU_VM_SUBSECTION, 18][..],
+            &[kind::SUBSECTION, 18][..],
             b"cpu/msr_tsc_adjust",
             &[0, 0, 0, 1],
             &5u64.to_be_bytes(),

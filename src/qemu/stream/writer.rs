@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! be32 "QEVM"  be32 3                                         header()
-//! 0x07 be32 len machine-name                                  (QEMU_VM_CONFIGURATION)
+//! 0x07 be32 len machine-name                                  (kind::CONFIGURATION)
 //! 0x08 be16 1 be16 0                                          open_return_path()
 //! 0x01 be32 id u8 len "ram" be32 0 be32 4                     ram_setup(): SECTION_START
 //!      be64 (total | MEM_SIZE) { u8 len name be64 length }*  EOS  0x7e be32 id
@@ -27,7 +27,7 @@ use std::io::Write;
 use serde_json::{json, Value};
 
 use super::write_cpu::encode_cpu;
-use super::{RamBlock, StreamError, PAGE_SIZE};
+use super::{command, kind, ram_flag, RamBlock, StreamError, PAGE_SIZE, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION};
 use crate::format::native::qemu::QemuCpu;
 
 /// The first section id used. Not 0: QEMU 7.2 finds the entry a PART or END section continues
@@ -35,10 +35,6 @@ use crate::format::native::qemu::QemuCpu;
 /// holds 0, so a ram section with id 0 is taken for the first registered device (`timer`).
 pub const FIRST_SECTION_ID: u32 = 1;
 
-/// `QEMU_VM_FILE_MAGIC`.
-pub const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
-/// `QEMU_VM_FILE_VERSION`.
-pub const QEMU_VM_FILE_VERSION: u32 = 3;
 /// The machine type QEMU 7.2's `-machine pc` resolves to; the configuration must name it
 /// exactly (the alias `pc` is refused).
 pub const PC_I440FX_7_2: &str = "pc-i440fx-7.2";
@@ -48,25 +44,6 @@ pub const RAM_SECTION_VERSION: u32 = 4;
 pub const BUFFER_BYTES: usize = 256 * 1024;
 /// The longest machine name written (QEMU's are about 20 bytes).
 pub const MAX_MACHINE_NAME: usize = 256;
-
-const QEMU_VM_EOF: u8 = 0x00;
-const QEMU_VM_SECTION_START: u8 = 0x01;
-const QEMU_VM_SECTION_PART: u8 = 0x02;
-const QEMU_VM_SECTION_END: u8 = 0x03;
-const QEMU_VM_SECTION_FULL: u8 = 0x04;
-const QEMU_VM_VMDESCRIPTION: u8 = 0x06;
-const QEMU_VM_CONFIGURATION: u8 = 0x07;
-const QEMU_VM_COMMAND: u8 = 0x08;
-const QEMU_VM_SECTION_FOOTER: u8 = 0x7e;
-
-const MIG_CMD_OPEN_RETURN_PATH: u16 = 1;
-const MIG_CMD_PING: u16 = 2;
-
-const RAM_SAVE_FLAG_ZERO: u64 = 0x02;
-const RAM_SAVE_FLAG_MEM_SIZE: u64 = 0x04;
-const RAM_SAVE_FLAG_PAGE: u64 = 0x08;
-const RAM_SAVE_FLAG_EOS: u64 = 0x10;
-const RAM_SAVE_FLAG_CONTINUE: u64 = 0x20;
 
 /// Where the writer is in the stream; each method checks it, so that a call out of order is an
 /// error rather than a stream QEMU fails on much later.
@@ -148,7 +125,7 @@ impl<W: Write> StreamWriter<W> {
         }
     }
 
-    /// Magic, version and `QEMU_VM_CONFIGURATION` naming `machine`, which must be the
+    /// Magic, version and `kind::CONFIGURATION` naming `machine`, which must be the
     /// destination's machine type exactly (e.g. [`PC_I440FX_7_2`]). Flushed.
     pub fn header(&mut self, machine: &str) -> Result<(), StreamError> {
         self.expect("header", |s| s == State::New)?;
@@ -164,7 +141,7 @@ impl<W: Write> StreamWriter<W> {
             w.put(&QEMU_VM_FILE_VERSION.to_be_bytes())?;
             // vmstate_configuration: u32 len, the name; no subsection is needed for x86 (fixed
             // target page bits, no validated capabilities, no UUID check by default).
-            w.put(&[QEMU_VM_CONFIGURATION])?;
+            w.put(&[kind::CONFIGURATION])?;
             w.put(&(machine.len() as u32).to_be_bytes())?;
             w.put(machine.as_bytes())?;
             w.flush_all()
@@ -173,22 +150,22 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
-    /// `MIG_CMD_OPEN_RETURN_PATH`: the destination then answers on the same connection (see
+    /// `command::OPEN_RETURN_PATH`: the destination then answers on the same connection (see
     /// [`super::return_path`]). Right after the header, as QEMU sends it. Flushed.
     pub fn open_return_path(&mut self) -> Result<(), StreamError> {
         self.expect("open_return_path", |s| s == State::Header)?;
         self.guarded(|w| {
-            w.command(MIG_CMD_OPEN_RETURN_PATH, &[])?;
+            w.command(command::OPEN_RETURN_PATH, &[])?;
             w.flush_all()
         })
     }
 
-    /// `MIG_CMD_PING`: a destination with an open return path answers `MIG_RP_MSG_PONG` with
+    /// `command::PING`: a destination with an open return path answers `MIG_RP_MSG_PONG` with
     /// `value` once it has loaded everything before it. Between sections only. Flushed.
     pub fn ping(&mut self, value: u32) -> Result<(), StreamError> {
         self.expect("ping", |s| matches!(s, State::Header | State::Ram | State::Devices))?;
         self.guarded(|w| {
-            w.command(MIG_CMD_PING, &value.to_be_bytes())?;
+            w.command(command::PING, &value.to_be_bytes())?;
             w.flush_all()
         })
     }
@@ -227,14 +204,14 @@ impl<W: Write> StreamWriter<W> {
         self.ram_section_id = self.new_section_id();
         let id = self.ram_section_id;
         self.guarded(|w| {
-            w.section_start(QEMU_VM_SECTION_START, id, "ram", 0, RAM_SECTION_VERSION)?;
-            w.put(&(total | RAM_SAVE_FLAG_MEM_SIZE).to_be_bytes())?;
+            w.section_start(kind::SECTION_START, id, "ram", 0, RAM_SECTION_VERSION)?;
+            w.put(&(total | ram_flag::MEM_SIZE).to_be_bytes())?;
             for b in blocks {
                 w.put(&[b.name.len() as u8])?;
                 w.put(b.name.as_bytes())?;
                 w.put(&b.length.to_be_bytes())?;
             }
-            w.put(&RAM_SAVE_FLAG_EOS.to_be_bytes())?;
+            w.put(&ram_flag::EOS.to_be_bytes())?;
             w.footer(id)?;
             w.flush_all()
         })?;
@@ -244,12 +221,12 @@ impl<W: Write> StreamWriter<W> {
 
     /// Opens a ram SECTION_PART: one chunk of a pre-copy round.
     pub fn begin_round(&mut self) -> Result<(), StreamError> {
-        self.begin_pages("begin_round", QEMU_VM_SECTION_PART, false)
+        self.begin_pages("begin_round", kind::SECTION_PART, false)
     }
 
     /// Opens the ram SECTION_END: the pages sent once the source is paused.
     pub fn begin_last_pages(&mut self) -> Result<(), StreamError> {
-        self.begin_pages("begin_last_pages", QEMU_VM_SECTION_END, true)
+        self.begin_pages("begin_last_pages", kind::SECTION_END, true)
     }
 
     fn begin_pages(&mut self, call: &'static str, kind: u8, last: bool) -> Result<(), StreamError> {
@@ -287,14 +264,10 @@ impl<W: Write> StreamWriter<W> {
             });
         }
         let fill = uniform_byte(data);
-        let mut flags = if fill.is_some() {
-            RAM_SAVE_FLAG_ZERO
-        } else {
-            RAM_SAVE_FLAG_PAGE
-        };
+        let mut flags = if fill.is_some() { ram_flag::ZERO } else { ram_flag::PAGE };
         let same_block = self.last_block == Some(block);
         if same_block {
-            flags |= RAM_SAVE_FLAG_CONTINUE;
+            flags |= ram_flag::CONTINUE;
         }
         self.guarded(|w| {
             w.put(&(offset | flags).to_be_bytes())?;
@@ -317,7 +290,7 @@ impl<W: Write> StreamWriter<W> {
         };
         let id = self.ram_section_id;
         self.guarded(|w| {
-            w.put(&RAM_SAVE_FLAG_EOS.to_be_bytes())?;
+            w.put(&ram_flag::EOS.to_be_bytes())?;
             w.footer(id)?;
             w.flush_all()
         })?;
@@ -334,7 +307,7 @@ impl<W: Write> StreamWriter<W> {
         for s in sections {
             let id = self.new_section_id();
             self.guarded(|w| {
-                w.section_start(QEMU_VM_SECTION_FULL, id, s.idstr, s.instance_id, s.version_id)?;
+                w.section_start(kind::SECTION_FULL, id, s.idstr, s.instance_id, s.version_id)?;
                 w.put(&s.body)?;
                 w.footer(id)
             })?;
@@ -345,7 +318,7 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
-    /// `QEMU_VM_EOF`, then `QEMU_VM_VMDESCRIPTION` with the JSON description of the device
+    /// `kind::EOF`, then `kind::VMDESCRIPTION` with the JSON description of the device
     /// sections written (QEMU's loader reads it after EOF and would wait for it otherwise).
     /// Flushes everything; the writer accepts nothing more.
     pub fn finish(&mut self) -> Result<(), StreamError> {
@@ -358,7 +331,7 @@ impl<W: Write> StreamWriter<W> {
             limit: u64::from(u32::MAX),
         })?;
         self.guarded(|w| {
-            w.put(&[QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION])?;
+            w.put(&[kind::EOF, kind::VMDESCRIPTION])?;
             w.put(&len.to_be_bytes())?;
             w.put(text.as_bytes())?;
             w.flush_all()
@@ -428,7 +401,7 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn command(&mut self, command: u16, data: &[u8]) -> Result<(), StreamError> {
-        self.put(&[QEMU_VM_COMMAND])?;
+        self.put(&[kind::COMMAND])?;
         self.put(&command.to_be_bytes())?;
         // Command payloads here are a few bytes.
         self.put(&(data.len() as u16).to_be_bytes())?;
@@ -453,7 +426,7 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn footer(&mut self, id: u32) -> Result<(), StreamError> {
-        self.put(&[QEMU_VM_SECTION_FOOTER])?;
+        self.put(&[kind::SECTION_FOOTER])?;
         self.put(&id.to_be_bytes())
     }
 
