@@ -23,18 +23,8 @@ pub(super) fn run(args: &DemoArgs, through: &str) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let accel = if through == "qemu-kvm" { Accel::Kvm } else { Accel::Tcg };
-    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("migratory: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = super::demo_runtime() else {
+        return ExitCode::FAILURE;
     };
     let options = RoundTripOptions::new(binary, accel);
     match runtime.block_on(trip(args, &options)) {

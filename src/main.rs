@@ -166,19 +166,8 @@ fn demo(args: DemoArgs) -> ExitCode {
             }
         }
     }
-    // The demo prints its own progress; logs only when asked for with RUST_LOG.
-    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("migratory: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = demo_runtime() else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(run_demo(&args, backends));
     match result {
@@ -214,6 +203,24 @@ fn demo(args: DemoArgs) -> ExitCode {
         Err(e) => {
             eprintln!("migratory: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs on stderr when asked for with RUST_LOG (the demos print their own progress), and the
+/// runtime a demo runs on; `None` after saying why there is none.
+fn demo_runtime() -> Option<tokio::runtime::Runtime> {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("migratory: cannot start runtime: {e}");
+            None
         }
     }
 }

@@ -128,7 +128,7 @@ impl<W: Write> StreamWriter<W> {
     /// Magic, version and `kind::CONFIGURATION` naming `machine`, which must be the
     /// destination's machine type exactly (e.g. [`PC_I440FX_7_2`]). Flushed.
     pub fn header(&mut self, machine: &str) -> Result<(), StreamError> {
-        self.expect("header", |s| s == State::New)?;
+        self.require_state("header", |s| s == State::New)?;
         if machine.len() > MAX_MACHINE_NAME {
             return Err(StreamError::TooLarge {
                 what: "machine name length",
@@ -153,7 +153,7 @@ impl<W: Write> StreamWriter<W> {
     /// `command::OPEN_RETURN_PATH`: the destination then answers on the same connection (see
     /// [`super::return_path`]). Right after the header, as QEMU sends it. Flushed.
     pub fn open_return_path(&mut self) -> Result<(), StreamError> {
-        self.expect("open_return_path", |s| s == State::Header)?;
+        self.require_state("open_return_path", |s| s == State::Header)?;
         self.guarded(|w| {
             w.command(command::OPEN_RETURN_PATH, &[])?;
             w.flush_all()
@@ -163,7 +163,7 @@ impl<W: Write> StreamWriter<W> {
     /// `command::PING`: a destination with an open return path answers `MIG_RP_MSG_PONG` with
     /// `value` once it has loaded everything before it. Between sections only. Flushed.
     pub fn ping(&mut self, value: u32) -> Result<(), StreamError> {
-        self.expect("ping", |s| matches!(s, State::Header | State::Ram | State::Devices))?;
+        self.require_state("ping", |s| matches!(s, State::Header | State::Ram | State::Devices))?;
         self.guarded(|w| {
             w.command(command::PING, &value.to_be_bytes())?;
             w.flush_all()
@@ -174,7 +174,7 @@ impl<W: Write> StreamWriter<W> {
     /// destination must have each block with exactly this length; blocks it has and the list
     /// omits (firmware) keep its own contents. Flushed.
     pub fn ram_setup(&mut self, blocks: &[RamBlock]) -> Result<(), StreamError> {
-        self.expect("ram_setup", |s| s == State::Header)?;
+        self.require_state("ram_setup", |s| s == State::Header)?;
         let mut total: u64 = 0;
         for b in blocks {
             if b.name.len() > usize::from(u8::MAX) {
@@ -230,7 +230,7 @@ impl<W: Write> StreamWriter<W> {
     }
 
     fn begin_pages(&mut self, call: &'static str, kind: u8, last: bool) -> Result<(), StreamError> {
-        self.expect(call, |s| s == State::Ram)?;
+        self.require_state(call, |s| s == State::Ram)?;
         let id = self.ram_section_id;
         self.guarded(|w| {
             w.put(&[kind])?;
@@ -247,7 +247,7 @@ impl<W: Write> StreamWriter<W> {
     /// `offset`: `data` must be [`PAGE_SIZE`] bytes, `offset` page-aligned and inside the block.
     /// A page of one repeated byte is sent as that byte (`ZERO` record).
     pub fn page(&mut self, block: usize, offset: u64, data: &[u8]) -> Result<(), StreamError> {
-        self.expect("page", |s| matches!(s, State::Pages { .. }))?;
+        self.require_state("page", |s| matches!(s, State::Pages { .. }))?;
         if data.len() != PAGE_SIZE {
             return Err(StreamError::PageLength { len: data.len() });
         }
@@ -302,7 +302,7 @@ impl<W: Write> StreamWriter<W> {
     /// [`super::write_cpu`]). After the last pages, or right after the header for a stream
     /// without RAM. Flushed.
     pub fn cpu(&mut self, index: u32, cpu: &QemuCpu) -> Result<(), StreamError> {
-        self.expect("cpu", |s| matches!(s, State::Header | State::Devices))?;
+        self.require_state("cpu", |s| matches!(s, State::Header | State::Devices))?;
         let sections = encode_cpu(index, cpu)?;
         for s in sections {
             let id = self.new_section_id();
@@ -322,7 +322,7 @@ impl<W: Write> StreamWriter<W> {
     /// sections written (QEMU's loader reads it after EOF and would wait for it otherwise).
     /// Flushes everything; the writer accepts nothing more.
     pub fn finish(&mut self) -> Result<(), StreamError> {
-        self.expect("finish", |s| matches!(s, State::Header | State::Devices))?;
+        self.require_state("finish", |s| matches!(s, State::Header | State::Devices))?;
         let description = json!({ "page_size": PAGE_SIZE, "devices": self.devices });
         let text = description.to_string();
         let len = u32::try_from(text.len()).map_err(|_| StreamError::TooLarge {
@@ -351,7 +351,7 @@ impl<W: Write> StreamWriter<W> {
         &mut self.inner
     }
 
-    fn expect(&self, call: &'static str, ok: impl Fn(State) -> bool) -> Result<(), StreamError> {
+    fn require_state(&self, call: &'static str, ok: impl Fn(State) -> bool) -> Result<(), StreamError> {
         if ok(self.state) {
             Ok(())
         } else {
