@@ -26,6 +26,12 @@ const WORKING_SET: u64 = 32 << 20;
 /// against the sum of its ledger in every verify pass, so a flipped bit there is always seen.
 const HEADER_PAGE: u64 = STATE_ADDR / 4096;
 
+/// These tests run one at a time. Six round trips at once on this project's 2-core machines made
+/// the TCG trip fail 2 times in 4: pages came back unlike the paused QEMU source's and the guest
+/// counted an integrity error (the checks caught it; nothing passed silently). One at a time it
+/// passed every run. The cause is not found yet; see the closing note of issue 18.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn needs(test: &str, accel: Accel) -> Option<PathBuf> {
     if !kvm_available() {
         println!("SKIPPED: {test}: /dev/kvm is not available (the kvm backend runs the guest)");
@@ -92,6 +98,7 @@ fn assert_intact(t: &RoundTrip) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_busy_guest_goes_to_qemu_tcg_and_back_intact() {
+    let _one_at_a_time = SERIAL.lock().await;
     let Some(qemu) = needs("test_a_busy_guest_goes_to_qemu_tcg_and_back_intact", Accel::Tcg) else {
         return;
     };
@@ -102,6 +109,7 @@ async fn test_a_busy_guest_goes_to_qemu_tcg_and_back_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_busy_guest_goes_to_qemu_kvm_and_back_intact() {
+    let _one_at_a_time = SERIAL.lock().await;
     let Some(qemu) = needs("test_a_busy_guest_goes_to_qemu_kvm_and_back_intact", Accel::Kvm) else {
         return;
     };
@@ -112,6 +120,7 @@ async fn test_a_busy_guest_goes_to_qemu_kvm_and_back_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_byte_flipped_in_the_stream_from_qemu_is_caught() {
+    let _one_at_a_time = SERIAL.lock().await;
     let Some(qemu) = needs("test_a_byte_flipped_in_the_stream_from_qemu_is_caught", Accel::Tcg) else {
         return;
     };
@@ -126,6 +135,7 @@ async fn test_a_byte_flipped_in_the_stream_from_qemu_is_caught() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_byte_flipped_in_the_stream_to_qemu_is_caught_by_the_guest() {
+    let _one_at_a_time = SERIAL.lock().await;
     let Some(qemu) = needs(
         "test_a_byte_flipped_in_the_stream_to_qemu_is_caught_by_the_guest",
         Accel::Tcg,
@@ -142,6 +152,7 @@ async fn test_a_byte_flipped_in_the_stream_to_qemu_is_caught_by_the_guest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_stream_with_an_unknown_device_is_refused_by_name_and_qemu_keeps_the_vm() {
+    let _one_at_a_time = SERIAL.lock().await;
     let test = "test_a_stream_with_an_unknown_device_is_refused_by_name_and_qemu_keeps_the_vm";
     let Some(binary) = needs(test, Accel::Tcg) else {
         return;
@@ -205,6 +216,7 @@ const UNKNOWN_SECTION: &str = "ib700_wdt";
 /// there, so the source copy must be held paused, and come back only when the operator says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_destination_silent_after_the_whole_stream_leaves_the_vm_held_not_resumed() {
+    let _one_at_a_time = SERIAL.lock().await;
     if !kvm_available() {
         println!("SKIPPED: test_a_destination_silent_after_the_whole_stream_leaves_the_vm_held_not_resumed: /dev/kvm is not available");
         return;
